@@ -1,0 +1,61 @@
+"""The ``smtp-guard`` command: serve, and the admin command groups."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .common import with_config
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="smtp-guard")
+def main() -> None:
+    """smtp-guard: an SMTP smarthost that enforces suppression lists at the last hop.
+
+    \b
+    Start it:         smtp-guard serve                 (loopback, sandbox upstream)
+    With a config:    smtp-guard serve --config /etc/smtp-guard/smtp-guard.toml
+    Suppress:         smtp-guard suppress add jane@example.com --list unsubscribed
+    Explain:          smtp-guard suppress check jane+news@Example.com
+    Held mail:        smtp-guard hold list
+    Audit trail:      smtp-guard audit list --since 1h
+
+    Every command takes --config FILE (or SMTP_GUARD_CONFIG); run `smtp-guard COMMAND --help`.
+    """
+
+
+@main.command()
+@with_config
+def serve(config) -> None:  # type: ignore[no-untyped-def]
+    """Run the relay: SMTP listener, metrics listener and the hold release worker.
+
+    Stops gracefully on SIGTERM or Ctrl-C: stops accepting, lets sessions in flight finish
+    (up to [smtp] shutdown_grace seconds), and never acknowledges a half-relayed message.
+    """
+    from ..app import serve_forever
+
+    serve_forever(config)
+
+
+@main.command("hash-password")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
+              help="The password to hash (prompted when omitted).")
+def hash_password_command(password: str) -> None:
+    """Print a hash for [smtp.auth.users] (never put a plaintext password in the config)."""
+    from ..smtp.auth import hash_password
+
+    click.echo(hash_password(password))
+
+
+def _register() -> None:
+    from .audit import audit
+    from .hold import hold
+    from .suppress import suppress
+
+    main.add_command(suppress)
+    main.add_command(hold)
+    main.add_command(audit)
+
+
+_register()

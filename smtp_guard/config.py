@@ -1,0 +1,439 @@
+"""Configuration: one TOML file plus environment overrides, validated once and frozen.
+
+Every setting has a safe default, so ``smtp-guard serve`` with no file at all listens on
+loopback and captures mail into a local sandbox Maildir. Unknown keys are errors (a typo
+must never silently fall back to a default), and every error names the file, the key and
+what to write instead.
+
+Environment overrides use ``SMTP_GUARD__SECTION__KEY=value`` (double underscores separate
+levels, e.g. ``SMTP_GUARD__UPSTREAM__HOST=mx.internal``); the value is read as a TOML value
+when it parses as one (``25``, ``true``, ``["10.0.0.0/8"]``) and as a plain string otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+ENV_PREFIX = "SMTP_GUARD__"
+
+ListAction = Literal["reject", "drop", "hold"]
+UpstreamMode = Literal["smtp", "sandbox"]
+UpstreamTLS = Literal["none", "starttls", "implicit"]
+BareLineEndings = Literal["reject", "normalize"]
+LogFormat = Literal["text", "json"]
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator: where it is and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSListenConfig:
+    cert: str = ""
+    key: str = ""
+    # Refuse MAIL until the client has issued STARTTLS.
+    require: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # user name -> password hash made by ``smtp-guard hash-password`` (never plaintext).
+    users: Mapping[str, str] = field(default_factory=dict)
+    # AUTH is only offered after STARTTLS; this allows it without TLS for loopback clients only.
+    allow_plaintext_on_loopback: bool = False
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    listen: ListenAddress = ListenAddress("127.0.0.1", 2525)
+    hostname: str = ""
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 1000
+    idle_timeout: float = 300.0
+    max_sessions: int = 100
+    # What to do with a bare CR or LF inside DATA (SMTP smuggling, DESIGN.md "Known traps").
+    bare_line_endings: BareLineEndings = "reject"
+    shutdown_grace: float = 30.0
+    tls: TLSListenConfig = TLSListenConfig()
+    auth: AuthConfig = AuthConfig()
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    # "sandbox" captures mail into <data dir>/sandbox (a Maildir); nothing leaves the machine.
+    mode: UpstreamMode = "sandbox"
+    host: str = ""
+    port: int = 25
+    tls: UpstreamTLS = "none"
+    tls_verify: bool = True
+    ca_file: str = ""
+    username: str = ""
+    password: str = ""
+    helo_name: str = ""
+    max_connections: int = 10
+    connect_timeout: float = 10.0
+    command_timeout: float = 60.0
+    # Upstream connections idle longer than this are closed instead of reused.
+    idle_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "smtp-guard-data/guard.sqlite3"
+    # How often the running server looks for changes made by the CLI or API.
+    reload_interval: float = 1.0
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.path).parent
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: ListenAddress | None = ListenAddress("127.0.0.1", 9425)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: ListenAddress | None = None
+    tokens: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AddressConfig:
+    """Rules that decide which spellings of an address are the same person."""
+
+    # Drop "+tag" (or another separator's tag) from the local part before matching.
+    subaddress_separators: str = "+"
+    # Local parts are case-sensitive in RFC 5321 but not at any real mailbox provider.
+    lowercase_local_part: bool = True
+    # Domains whose mailboxes ignore dots in the local part.
+    dotless_domains: tuple[str, ...] = ("gmail.com", "googlemail.com")
+    # Domains that are aliases of one mailbox namespace, mapped to the canonical one.
+    domain_aliases: Mapping[str, str] = field(
+        default_factory=lambda: {"googlemail.com": "gmail.com"}
+    )
+
+
+@dataclass(frozen=True)
+class ListConfig:
+    action: ListAction = "reject"
+    # Seconds an entry lives by default; None means forever.
+    lifetime: float | None = None
+    description: str = ""
+
+
+DEFAULT_LISTS: Mapping[str, ListConfig] = {
+    # Order matters: when an address is on several lists the first one decides.
+    "complained": ListConfig(description="recipient reported mail as spam; never expires"),
+    "unsubscribed": ListConfig(description="recipient opted out; never expires"),
+    "invalid": ListConfig(description="address does not exist (hard bounce); never expires"),
+    "bounced": ListConfig(
+        lifetime=90 * 86400.0,
+        description="mail bounced; expires after 90 days so a fixed mailbox can receive again",
+    ),
+    "manual": ListConfig(description="added by an admin; never expires"),
+}
+
+
+@dataclass(frozen=True)
+class HoldConfig:
+    # Release worker retry schedule for held mail that the upstream deferred.
+    retry_initial: float = 60.0
+    retry_max: float = 3600.0
+    # After this long in the release queue a recipient is marked failed.
+    max_age: float = 5 * 86400.0
+    poll_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: LogFormat = "text"
+    redact_addresses: bool = False
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    flush_interval: float = 1.0
+    batch_size: int = 500
+
+
+@dataclass(frozen=True)
+class Config:
+    smtp: SMTPConfig = SMTPConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    access: AccessConfig = AccessConfig()
+    store: StoreConfig = StoreConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    admin: AdminConfig = AdminConfig()
+    addresses: AddressConfig = AddressConfig()
+    lists: Mapping[str, ListConfig] = field(default_factory=lambda: dict(DEFAULT_LISTS))
+    hold: HoldConfig = HoldConfig()
+    logging: LoggingConfig = LoggingConfig()
+    audit: AuditConfig = AuditConfig()
+    source: str = "<embedded defaults>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing helpers
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: Any, where: str) -> float | None:
+    """Read "90d", "12h", "30m", "45s", a bare number of seconds, or "never"/"" (None)."""
+    if value is None or value in ("", "never", 0):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ConfigError(f"{where}: {value!r} is not a duration; write e.g. \"90d\", \"12h\", \"30s\" or \"never\"")
+
+
+def parse_listen(value: Any, where: str) -> ListenAddress:
+    """Read "host:port" or "[v6]:port"."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected \"host:port\", got {value!r}")
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip())
+    if not match:
+        raise ConfigError(f"{where}: {value!r} is not \"host:port\" (IPv6: \"[::1]:2525\")")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: port {port} is out of range 0-65535")
+    return ListenAddress(host, port)
+
+
+def _coerce(value: Any, default: Any, annotation: str, where: str) -> Any:
+    """Check one scalar against the type of its default value."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        literal = re.match(r"Literal\[(.*)\]", annotation)
+        if literal:
+            choices = [c.strip().strip("'\"") for c in literal.group(1).split(",")]
+            if value not in choices:
+                raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        return value
+    raise ConfigError(f"{where}: unsupported value {value!r}")
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(allowed))}"
+        )
+
+
+_ALIASES = {
+    "BareLineEndings": "Literal['reject', 'normalize']",
+    "UpstreamMode": "Literal['smtp', 'sandbox']",
+    "UpstreamTLS": "Literal['none', 'starttls', 'implicit']",
+    "LogFormat": "Literal['text', 'json']",
+    "ListAction": "Literal['reject', 'drop', 'hold']",
+}
+
+
+def _build_section(cls: type, table: Mapping[str, Any], where: str) -> Any:
+    """Build a frozen section dataclass from a TOML table, field by field."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    default = cls()
+    _check_keys(table, {f.name for f in fields(cls)}, where)
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in table:
+            continue
+        raw = table[f.name]
+        key = f"{where}.{f.name}"
+        current = getattr(default, f.name)
+        annotation = _ALIASES.get(str(f.type), str(f.type))
+        if isinstance(current, ListenAddress) or "ListenAddress" in annotation:
+            values[f.name] = None if raw in ("", "off", False) else parse_listen(raw, key)
+        elif f.name in {"lifetime", "retry_initial", "retry_max", "max_age"}:
+            values[f.name] = parse_duration(raw, key)
+        elif isinstance(current, (TLSListenConfig, AuthConfig)):
+            values[f.name] = _build_section(type(current), raw, key)
+        elif isinstance(current, Mapping):
+            if not isinstance(raw, Mapping) or not all(isinstance(v, str) for v in raw.values()):
+                raise ConfigError(f"{key}: expected a table of strings, got {raw!r}")
+            values[f.name] = dict(raw)
+        elif isinstance(current, tuple):
+            if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+                raise ConfigError(f"{key}: expected a list of strings, got {raw!r}")
+            values[f.name] = tuple(raw)
+        else:
+            values[f.name] = _coerce(raw, current, annotation, key)
+    return cls(**values)
+
+
+def _build_access(table: Mapping[str, Any], where: str) -> AccessConfig:
+    _check_keys(table, {"allow_networks"}, where)
+    if "allow_networks" not in table:
+        return AccessConfig()
+    raw = table["allow_networks"]
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}.allow_networks: expected a list like [\"127.0.0.0/8\"]")
+    networks = []
+    for item in raw:
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{where}.allow_networks: {item!r} is not a network; write e.g. \"10.0.0.0/8\" or \"192.0.2.7/32\""
+            ) from None
+    return AccessConfig(allow_networks=tuple(networks))
+
+
+def _build_lists(table: Mapping[str, Any], where: str) -> dict[str, ListConfig]:
+    lists = dict(DEFAULT_LISTS)
+    for name, raw in table.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", name):
+            raise ConfigError(f"{where}.{name}: list names are lower-case letters, digits, '-' and '_'")
+        base = lists.get(name, ListConfig(description=""))
+        overridden = _build_section(ListConfig, raw, f"{where}.{name}")
+        merged = {f.name: getattr(base, f.name) for f in fields(ListConfig)}
+        merged.update({k: getattr(overridden, k) for k in raw})
+        lists[name] = ListConfig(**merged)
+    return lists
+
+
+_SECTIONS: dict[str, type] = {
+    "smtp": SMTPConfig,
+    "upstream": UpstreamConfig,
+    "store": StoreConfig,
+    "metrics": MetricsConfig,
+    "admin": AdminConfig,
+    "addresses": AddressConfig,
+    "hold": HoldConfig,
+    "logging": LoggingConfig,
+    "audit": AuditConfig,
+}
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__") if part]
+        if len(path) < 2:
+            raise ConfigError(f"environment {name}: write SMTP_GUARD__SECTION__KEY, e.g. SMTP_GUARD__UPSTREAM__HOST")
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        table = data
+        for part in path[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"environment {name}: {part} is not a table")
+        table[path[-1]] = value
+
+
+def build_config(data: Mapping[str, Any], source: str) -> Config:
+    """Validate a parsed TOML document (plus env overrides already merged) into a Config."""
+    where = source
+    _check_keys(data, set(_SECTIONS) | {"access", "lists"}, where)
+    kwargs: dict[str, Any] = {"source": source}
+    for name, cls in _SECTIONS.items():
+        if name in data:
+            kwargs[name] = _build_section(cls, data[name], f"{where}: [{name}]")
+    if "access" in data:
+        kwargs["access"] = _build_access(data["access"], f"{where}: [access]")
+    if "lists" in data:
+        kwargs["lists"] = _build_lists(data["lists"], f"{where}: [lists]")
+    config = Config(**kwargs)
+    _validate(config, where)
+    return config
+
+
+def _validate(config: Config, where: str) -> None:
+    up = config.upstream
+    if up.mode == "smtp" and not up.host:
+        raise ConfigError(
+            f"{where}: [upstream] mode = \"smtp\" needs host = \"mx.example.net\" "
+            "(or set mode = \"sandbox\" to capture mail locally)"
+        )
+    if bool(up.username) != bool(up.password):
+        raise ConfigError(f"{where}: [upstream] username and password must be set together")
+    tls = config.smtp.tls
+    if bool(tls.cert) != bool(tls.key):
+        raise ConfigError(f"{where}: [smtp.tls] cert and key must be set together")
+    for path in (tls.cert, tls.key):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{where}: [smtp.tls] file {path!r} does not exist")
+    if tls.require and not tls.enabled:
+        raise ConfigError(f"{where}: [smtp.tls] require = true needs cert and key")
+    for user, hashed in config.smtp.auth.users.items():
+        if not hashed.startswith("scrypt$"):
+            raise ConfigError(
+                f"{where}: [smtp.auth.users] {user!r} must be a hash; run `smtp-guard hash-password` and paste its output"
+            )
+    if config.smtp.max_recipients < 1 or config.smtp.max_sessions < 1 or config.smtp.max_message_size < 1:
+        raise ConfigError(f"{where}: [smtp] max_recipients, max_sessions and max_message_size must be positive")
+    if config.upstream.max_connections < 1:
+        raise ConfigError(f"{where}: [upstream] max_connections must be at least 1")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load FILE (or the embedded defaults when None), apply env overrides, validate, freeze."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    source = "<embedded defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file; copy config/smtp-guard.toml as a start") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{source}: not valid TOML: {error}") from None
+    _apply_env(data, environ)
+    return build_config(data, source)

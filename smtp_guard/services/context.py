@@ -1,0 +1,22 @@
+"""What an admin operation needs, handed in by the composition root (app.py)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..addresses import AddressNormalizer
+from ..config import Config
+from ..store.base import AuditStore, HoldStore, SuppressionStore
+
+
+@dataclass(frozen=True)
+class AdminContext:
+    config: Config
+    suppressions: SuppressionStore
+    holds: HoldStore
+    audit: AuditStore
+    normalizer: AddressNormalizer
+    actor: str  # recorded with every admin action, e.g. "cli:alice"
+    clock: Callable[[], float] = field(default=time.time)

@@ -1,0 +1,217 @@
+"""Store interfaces and the values that cross them.
+
+The SQLite implementation (``store/sqlite``) is the only code with SQL in it; a PostgreSQL
+implementation for several guard instances can join it later behind the same protocols
+(DESIGN.md, "Scale"). Everything here is plain data: frozen dataclasses and Protocols.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal, Mapping, Protocol, Sequence
+
+EntryKind = Literal["address", "domain"]
+RecipientState = Literal["held", "released", "delivered", "failed", "discarded"]
+AuditKind = Literal["decision", "admin", "delivery"]
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (locked, full, corrupt, unreachable)."""
+
+
+# --- suppressions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SuppressionEntry:
+    """One list entry. ``value`` is a normalized matching key (address) or an A-label domain."""
+
+    kind: EntryKind
+    value: str
+    list_name: str
+    reason: str = ""
+    source: str = ""
+    created_at: float = 0.0
+    expires_at: float | None = None
+    include_subdomains: bool = False
+
+    def has_expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+
+@dataclass(frozen=True)
+class DomainRule:
+    list_name: str
+    include_subdomains: bool
+
+
+@dataclass
+class SuppressionSnapshot:
+    """Everything the hot path needs, compact: sorted 64-bit key hashes with a parallel
+    array of list numbers (index into ``list_names``), plus the small domain table.
+
+    Ten million addresses cost 90 MB here instead of a gigabyte of Python strings.
+    """
+
+    hashes: array  # array('q'), sorted ascending, unique
+    lists: array  # array('B'), list number per hash
+    list_names: tuple[str, ...]
+    domains: dict[str, DomainRule]
+    seq: int  # change-log position this snapshot includes
+    next_expiry: float | None  # earliest expiry among loaded entries (reload then)
+
+
+@dataclass(frozen=True)
+class SuppressionDelta:
+    """Changes since a change-log position, each resolved to its current effective list
+    (None: no longer suppressed). ``full_reload`` means: too much changed, load a snapshot."""
+
+    seq: int
+    full_reload: bool = False
+    addresses: Mapping[int, str | None] = field(default_factory=dict)
+    domains: Mapping[str, DomainRule | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SuppressionFilter:
+    list_name: str | None = None
+    kind: EntryKind | None = None
+    source: str | None = None
+    contains: str | None = None
+    include_expired: bool = False
+
+
+class SuppressionStore(Protocol):
+    async def add(self, entries: Sequence[SuppressionEntry], *, bulk: bool = False) -> int:
+        """Insert or update entries (same kind, value and list = same entry). Returns how many
+        were new. ``bulk`` records one full-reload marker instead of one change per entry."""
+
+    async def remove(self, kind: EntryKind, value: str, list_name: str | None = None) -> int:
+        """Delete an entry from one list, or from every list when list_name is None."""
+
+    async def find(self, address_key: str | None, domains: Sequence[str], now: float) -> list[SuppressionEntry]:
+        """Entries that match an address key or any of the domains (for explaining a decision)."""
+
+    def query(self, filters: SuppressionFilter, now: float, limit: int | None = None) -> AsyncIterator[SuppressionEntry]:
+        """Entries matching the filters, oldest first."""
+
+    async def count_by_list(self, now: float) -> dict[str, int]:
+        """Live (unexpired) entries per list."""
+
+    async def load_snapshot(self, list_priority: Sequence[str], now: float) -> SuppressionSnapshot:
+        """Build the compact index from all unexpired entries. When an address is on several
+        lists, the first list in ``list_priority`` wins."""
+
+    async def changes_since(self, seq: int, list_priority: Sequence[str], now: float) -> SuppressionDelta:
+        """What changed after change-log position ``seq``."""
+
+    async def purge_expired(self, now: float) -> int:
+        """Delete expired entries; returns how many."""
+
+
+# --- hold queue -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldRecipient:
+    address: str  # exactly as validated and as it will be relayed
+    state: RecipientState
+    rule: str
+    reason: str
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    last_reply: str = ""
+
+
+@dataclass(frozen=True)
+class NewHold:
+    """A message to hold durably before the client gets its 250."""
+
+    txn_id: str
+    client: str
+    sender: str
+    mail_options: tuple[str, ...]
+    content: bytes
+    recipients: Sequence[HeldRecipient]
+
+
+@dataclass(frozen=True)
+class HeldMessage:
+    id: str
+    txn_id: str
+    created_at: float
+    client: str
+    sender: str
+    mail_options: tuple[str, ...]
+    size: int
+    recipients: tuple[HeldRecipient, ...]
+    content: bytes | None = None  # filled by get(), not by listing
+
+
+@dataclass(frozen=True)
+class HoldStats:
+    held_messages: int
+    held_recipients: int
+    oldest_held_at: float | None
+
+
+class HoldStore(Protocol):
+    async def hold(self, message: NewHold) -> str:
+        """Store durably (committed and fsync'd when this returns). Returns the hold id."""
+
+    async def list(self, state: RecipientState | None = "held", limit: int = 100) -> list[HeldMessage]: ...
+
+    async def get(self, hold_id: str) -> HeldMessage | None: ...
+
+    async def release(self, hold_id: str, now: float, recipients: Sequence[str] | None = None) -> int:
+        """Move held recipients to 'released' (due now). Returns how many moved."""
+
+    async def discard(self, hold_id: str, recipients: Sequence[str] | None = None) -> int:
+        """Move held recipients to 'discarded'; content is deleted when nobody needs it."""
+
+    async def due(self, now: float, limit: int = 50) -> list[HeldMessage]:
+        """Messages (with content) that have released recipients due for an attempt; only
+        those recipients are included."""
+
+    async def record_attempt(self, hold_id: str, address: str, state: RecipientState, reply: str,
+                             next_attempt_at: float | None) -> None:
+        """Outcome of one relay attempt for one recipient."""
+
+    async def stats(self) -> HoldStats: ...
+
+
+# --- audit ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    time: float
+    kind: AuditKind
+    verdict: str  # pass/reject/defer/hold/drop for decisions; the verb for admin actions
+    rule: str
+    reason: str
+    txn_id: str = ""
+    client: str = ""
+    sender: str = ""
+    recipient: str = ""
+    actor: str = ""  # who did an admin action (cli:user, api:token-name)
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    since: float | None = None
+    until: float | None = None
+    kind: AuditKind | None = None
+    verdict: str | None = None
+    rule_prefix: str | None = None
+    recipient: str | None = None
+    sender: str | None = None
+    txn_id: str | None = None
+
+
+class AuditStore(Protocol):
+    async def append(self, records: Sequence[AuditRecord]) -> None: ...
+
+    async def query(self, filters: AuditFilter, limit: int = 100) -> list[AuditRecord]:
+        """Newest first."""
