@@ -1,20 +1,46 @@
 """Composition root: config -> stores -> index -> pipeline -> upstream -> hold worker -> listeners.
 
-The only module that builds concrete stores, pools and servers.
+The only module that builds concrete stores, pools and servers. ``Guard`` is the running
+service (uvicorn-style: one config, start-up, time-limited graceful shutdown);
+``open_admin_context`` gives the CLI and API the same stores for one admin operation.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+import ssl
+import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from .addresses import AddressNormalizer
+from .admin.http import HTTPListener
+from .audit import AuditLog
 from .config import Config
+from .hold.worker import ReleaseWorker
+from .index import IndexReloader, SuppressionIndex
+from .logs import configure_logging
+from .metrics import Metrics
+from .policy.pipeline import Pipeline
+from .policy.suppression import SuppressionPolicy
+from .relay.base import Upstream
+from .relay.pool import SMTPUpstream
+from .relay.sandbox import SandboxUpstream
 from .services.context import AdminContext
+from .smtp.access import AccessControl
+from .smtp.auth import Authenticator
+from .smtp.handler import GuardHandler
+from .smtp.server import SMTPServer
 from .store.sqlite.audit import SQLiteAuditStore
 from .store.sqlite.db import Database
 from .store.sqlite.holds import SQLiteHoldStore
 from .store.sqlite.suppressions import SQLiteSuppressionStore
+
+log = logging.getLogger("smtp_guard")
+
+STATS_INTERVAL = 5.0
 
 
 @asynccontextmanager
@@ -29,3 +55,141 @@ async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminC
             normalizer=AddressNormalizer(config.addresses),
             actor=actor,
         )
+
+
+def build_upstream(config: Config) -> Upstream:
+    if config.upstream.mode == "sandbox":
+        return SandboxUpstream(config.store.data_dir / "sandbox")
+    return SMTPUpstream(config.upstream)
+
+
+def build_listener_tls(config: Config) -> ssl.SSLContext | None:
+    tls = config.smtp.tls
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    return context
+
+
+class Guard:
+    """The running relay. ``await start()`` binds every listener; ``await stop()`` drains."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = Metrics()
+        self._db = Database(config.store.path)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self.ready = False
+
+    async def start(self) -> None:
+        config = self.config
+        await self._db.open()
+        self.suppressions = SQLiteSuppressionStore(self._db)
+        self.holds = SQLiteHoldStore(self._db)
+        self.audit_store = SQLiteAuditStore(self._db)
+        self.normalizer = AddressNormalizer(config.addresses)
+
+        self.index = SuppressionIndex()
+        self.reloader = IndexReloader(self.index, self.suppressions, list(config.lists),
+                                      config.store.reload_interval, clock=self.clock)
+        self.reloader.on_reload = self.metrics.index_reloads.inc
+        await self.reloader.load()
+        self.pipeline = Pipeline([SuppressionPolicy(self.index, config.lists)])
+
+        self.upstream = build_upstream(config)
+        self.audit = AuditLog(self.audit_store, config.audit, on_dropped=self.metrics.audit_dropped.inc)
+        self.release_worker = ReleaseWorker(self.holds, self.upstream, config.hold, record=self.audit.record,
+                                            clock=self.clock, metrics=self.metrics)
+        handler = GuardHandler(
+            smtp_config=config.smtp, access=AccessControl(config.access.allow_networks),
+            auth_enabled=bool(config.smtp.auth.users), normalizer=self.normalizer, pipeline=self.pipeline,
+            upstream=self.upstream, holds=self.holds, audit=self.audit, metrics=self.metrics, clock=self.clock,
+        )
+        authenticator = Authenticator(config.smtp.auth.users) if config.smtp.auth.users else None
+        self.smtp = SMTPServer(handler, config.smtp, self.metrics, build_listener_tls(config), authenticator)
+        self.http = HTTPListener(self.metrics.registry, is_ready=lambda: self.ready)
+
+        self.audit.start()
+        self.reloader.start()
+        self.release_worker.start()
+        self._tasks.append(asyncio.create_task(self._stats_loop(), name="stats"))
+        if config.metrics.listen is not None:
+            await self.http.start(config.metrics.listen.host, config.metrics.listen.port)
+        await self.smtp.start()
+        self._started = True
+        self.ready = True
+        log.info("smtp-guard listening on %s:%d (upstream %r, config %s)", *self.smtp_address,
+                 self.upstream, config.source)
+
+    @property
+    def smtp_address(self) -> tuple[str, int]:
+        return self.smtp.address
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return self.http.address
+
+    async def stop(self) -> None:
+        """Stop accepting, let sessions in flight finish within the grace period, then stop
+        the workers and flush the audit trail."""
+        self.ready = False
+        if not self._started:
+            await self._db.close()
+            return
+        await self.smtp.stop(self.config.smtp.shutdown_grace)
+        await self.release_worker.stop()
+        await self.reloader.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await self.audit.stop()
+        await self.upstream.close()
+        await self.http.stop()
+        await self._db.close()
+        self._started = False
+        log.info("smtp-guard stopped")
+
+    async def _stats_loop(self) -> None:
+        while True:
+            try:
+                await self.update_stats()
+            except Exception:
+                log.exception("could not read hold/suppression statistics")
+            await asyncio.sleep(STATS_INTERVAL)
+
+    async def update_stats(self) -> None:
+        """Refresh the gauges that come from the store (hold queue, list sizes)."""
+        stats = await self.holds.stats()
+        self.metrics.hold_messages.set(stats.held_messages)
+        self.metrics.hold_recipients.set(stats.held_recipients)
+        self.metrics.hold_oldest_age.set(0 if stats.oldest_held_at is None else self.clock() - stats.oldest_held_at)
+        for list_name, count in (await self.suppressions.count_by_list(self.clock())).items():
+            self.metrics.suppression_entries.labels(list_name).set(count)
+
+
+def serve_forever(config: Config) -> None:
+    """``smtp-guard serve``: run until SIGTERM/SIGINT, then shut down gracefully."""
+    configure_logging(config.logging)
+
+    async def main() -> None:
+        guard = Guard(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await guard.start()
+        if config.upstream.mode == "sandbox":
+            log.warning("upstream is the SANDBOX: mail is captured in %s and not delivered; "
+                        "set [upstream] mode = \"smtp\" and host to relay for real", config.store.data_dir / "sandbox")
+        await stop.wait()
+        log.info("shutting down: no new sessions; up to %.0fs for sessions in flight", config.smtp.shutdown_grace)
+        await guard.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,67 @@
+"""Every Prometheus metric smtp-guard exports, declared once on an injected registry.
+
+Naming follows the Prometheus guide: ``smtp_guard_`` prefix, base units, ``_total`` for
+counters. Label values come only from closed sets (verdicts, rule ids built from configured
+list names, reply classes) — never an address, a campaign id or other unbounded text.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+MESSAGE_OUTCOMES = ("relayed", "held", "dropped", "refused", "deferred")
+UPSTREAM_ERROR_CLASSES = ("4xx", "5xx", "connection", "timeout")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.messages = Counter(
+            "smtp_guard_messages_total",
+            "Messages that reached the end of DATA, by outcome (relayed: upstream accepted; held: "
+            "stored in the hold queue; dropped: every recipient dropped; refused: 5xx; deferred: 4xx).",
+            ["outcome"], registry=r)
+        self.recipients = Counter(
+            "smtp_guard_recipients_total",
+            "Recipient decisions at RCPT time, by verdict and the rule that decided.",
+            ["verdict", "rule"], registry=r)
+        self.upstream_duration = Histogram(
+            "smtp_guard_upstream_duration_seconds",
+            "Time the upstream took to answer, by SMTP command.",
+            ["command"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.upstream_errors = Counter(
+            "smtp_guard_upstream_errors_total",
+            "Upstream failures by class: 4xx and 5xx replies, lost connections, timeouts.",
+            ["class"], registry=r)
+        self.sessions_active = Gauge(
+            "smtp_guard_sessions_active", "SMTP client sessions currently open.", registry=r)
+        self.sessions_refused = Counter(
+            "smtp_guard_sessions_refused_total",
+            "SMTP client connections refused at connect, by reason.", ["reason"], registry=r)
+        self.relay_denied = Counter(
+            "smtp_guard_relay_denied_total",
+            "MAIL commands refused because the client may not relay (network or AUTH).", registry=r)
+        self.hold_messages = Gauge(
+            "smtp_guard_hold_messages", "Messages in the hold queue with a recipient held or released.", registry=r)
+        self.hold_recipients = Gauge(
+            "smtp_guard_hold_recipients", "Recipients held or released but not yet delivered.", registry=r)
+        self.hold_oldest_age = Gauge(
+            "smtp_guard_hold_oldest_age_seconds", "Age of the oldest message in the hold queue (0 when empty).",
+            registry=r)
+        self.hold_deliveries = Counter(
+            "smtp_guard_hold_deliveries_total",
+            "Released held recipients by relay outcome (delivered, retry, failed).", ["outcome"], registry=r)
+        self.suppression_entries = Gauge(
+            "smtp_guard_suppression_entries", "Live suppression list entries, by list.", ["list"], registry=r)
+        self.index_reloads = Counter(
+            "smtp_guard_suppression_index_updates_total",
+            "Times the in-memory suppression index took changes from the store.", registry=r)
+        self.audit_dropped = Counter(
+            "smtp_guard_audit_records_dropped_total",
+            "Audit records dropped because the store stayed unavailable and the buffer was full.", registry=r)
+        for outcome in MESSAGE_OUTCOMES:
+            self.messages.labels(outcome)
+        for error_class in UPSTREAM_ERROR_CLASSES:
+            self.upstream_errors.labels(error_class)

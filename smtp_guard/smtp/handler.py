@@ -1,0 +1,272 @@
+"""The aiosmtpd handler: SMTP front -> policy pipeline -> relay (lock-step) or hold.
+
+Per recipient, at RCPT time, the pipeline decides; a recipient that passes is offered to the
+upstream at once, so the client gets the upstream's own answer for that recipient (like
+Postfix's before-queue proxy). At the end of DATA the message goes to the upstream for the
+relayed recipients and into the durable hold queue for the held ones; the client gets 250
+only when every part of that succeeded, otherwise a 4xx (or the upstream's own 5xx).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import replies
+from ..addresses import AddressNormalizer, InvalidAddress, Mailbox, key_hash, parse_mailbox
+from ..audit import AuditLog
+from ..config import SMTPConfig
+from ..metrics import Metrics
+from ..policy.base import Decision, RecipientContext, Verdict
+from ..policy.pipeline import Pipeline
+from ..relay.base import Upstream, UpstreamError, UpstreamTransaction
+from ..replies import Reply
+from ..store.base import AuditRecord, HeldRecipient, HoldStore, NewHold, StoreError
+from .access import AccessControl
+
+log = logging.getLogger("smtp_guard.smtp")
+
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+@dataclass
+class Transaction:
+    """Guard state of one mail transaction, kept on the aiosmtpd envelope."""
+
+    txn_id: str
+    sender: Mailbox | None
+    started: float
+    upstream: UpstreamTransaction | None = None
+    relayed: list[str] = field(default_factory=list)
+    held: list[tuple[str, Decision]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    refused: int = 0
+
+
+def _client_ip(session: Any) -> str:
+    peer = getattr(session, "peer", None)
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
+def _txn(envelope: Any) -> Transaction | None:
+    return getattr(envelope, "guard_txn", None)
+
+
+class GuardHandler:
+    """aiosmtpd hooks. Thin: validation, then the pipeline, then relay or hold."""
+
+    def __init__(self, *, smtp_config: SMTPConfig, access: AccessControl, auth_enabled: bool,
+                 normalizer: AddressNormalizer, pipeline: Pipeline, upstream: Upstream, holds: HoldStore,
+                 audit: AuditLog, metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+        self._config = smtp_config
+        self._access = access
+        self._auth_enabled = auth_enabled
+        self._normalizer = normalizer
+        self._pipeline = pipeline
+        self._upstream = upstream
+        self._holds = holds
+        self._audit = audit
+        self._metrics = metrics
+        self._clock = clock
+
+    # --- session -------------------------------------------------------------------------------
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        # aiosmtpd leaves host_name to a new-style EHLO hook; without it MAIL says "send HELO".
+        session.host_name = hostname
+        # aiosmtpd reads commands strictly in order, so pipelined commands are honoured as
+        # long as it is advertised (RFC 2920); enhanced codes are in every reply we send.
+        return responses[:-1] + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Fail closed and temporary; the client never sees exception text.
+        log.exception("internal error in an SMTP session; answering 451")
+        return str(replies.INTERNAL_ERROR)
+
+    # --- MAIL ----------------------------------------------------------------------------------
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        client_ip = _client_ip(session)
+        if not (self._access.is_allowed_network(client_ip) or session.authenticated):
+            self._metrics.relay_denied.inc()
+            log.info("relay denied for client %s (not in [access] allow_networks, not authenticated)", client_ip)
+            return str(replies.AUTH_REQUIRED if self._auth_enabled else replies.RELAY_DENIED)
+        if address == "<>":
+            sender = None  # null reverse-path (bounces, DSNs)
+        else:
+            try:
+                sender = parse_mailbox(address)
+            except InvalidAddress:
+                return str(replies.BAD_SENDER)
+        envelope.mail_from = "" if sender is None else sender.text
+        envelope.mail_options.extend(mail_options)
+        envelope.guard_txn = Transaction(txn_id=secrets.token_hex(6), sender=sender, started=time.monotonic())
+        return str(replies.SENDER_OK)
+
+    # --- RCPT ----------------------------------------------------------------------------------
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        txn = _txn(envelope)
+        if txn is None:  # MAIL was refused; aiosmtpd already requires MAIL first
+            return str(replies.Reply(503, "5.5.1", "Need MAIL command"))
+        if len(envelope.rcpt_tos) + txn.refused >= self._config.max_recipients:
+            self._count(Verdict.DEFER, "limits.max_recipients")
+            return str(replies.TOO_MANY_RECIPIENTS)
+        try:
+            mailbox = parse_mailbox(address)
+            key = self._normalizer.key(mailbox)
+            chain = tuple(self._normalizer.domain_chain(mailbox.domain))
+        except InvalidAddress:
+            txn.refused += 1
+            self._count(Verdict.REJECT, "address.invalid")
+            return str(replies.BAD_RECIPIENT)
+        context = RecipientContext(
+            mailbox=mailbox, key=key, key_hash=key_hash(key), domain_chain=chain,
+            sender=envelope.mail_from, client_ip=_client_ip(session), auth_user=_auth_user(session),
+        )
+        decision = self._pipeline.decide(context)
+        if decision.verdict is Verdict.PASS:
+            reply, decision = await self._relay_recipient(txn, envelope, mailbox, decision)
+        else:
+            reply = decision.reply or replies.RECIPIENT_OK
+            if decision.verdict is Verdict.HOLD:
+                txn.held.append((mailbox.text, decision))
+                envelope.rcpt_tos.append(mailbox.text)
+            elif decision.verdict is Verdict.DROP:
+                txn.dropped.append(mailbox.text)
+                envelope.rcpt_tos.append(mailbox.text)
+            else:
+                txn.refused += 1
+        self._record(txn, session, envelope, mailbox.text, decision)
+        return str(reply)
+
+    async def _relay_recipient(self, txn: Transaction, envelope: Any, mailbox: Mailbox,
+                               decision: Decision) -> tuple[Reply, Decision]:
+        """Offer a passing recipient to the upstream; its answer is the client's answer."""
+        if txn.upstream is None:
+            started = time.monotonic()
+            try:
+                txn.upstream = await self._upstream.begin(envelope.mail_from, _relayable_options(envelope))
+            except UpstreamError as error:
+                self._count_upstream_error(error.reply)
+                txn.refused += 1
+                return error.reply, _upstream_decision(error.reply, "upstream.mail")
+            finally:
+                self._metrics.upstream_duration.labels("mail").observe(time.monotonic() - started)
+        started = time.monotonic()
+        reply = await txn.upstream.rcpt(mailbox.text)
+        self._metrics.upstream_duration.labels("rcpt").observe(time.monotonic() - started)
+        if reply.is_success:
+            txn.relayed.append(mailbox.text)
+            envelope.rcpt_tos.append(mailbox.text)
+            return reply, decision
+        self._count_upstream_error(reply)
+        txn.refused += 1
+        return reply, _upstream_decision(reply, "upstream.rcpt")
+
+    # --- DATA ----------------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        txn = _txn(envelope)
+        if txn is None:
+            return str(replies.INTERNAL_ERROR)
+        content: bytes = envelope.original_content
+        try:
+            reply, outcome = await self._deliver(txn, session, envelope, content)
+        finally:
+            await self.abandon(envelope)
+        self._metrics.messages.labels(outcome).inc()
+        log.info("txn=%s client=%s from=<%s> relayed=%d held=%d dropped=%d refused=%d size=%d outcome=%s reply=%r",
+                 txn.txn_id, _client_ip(session), envelope.mail_from, len(txn.relayed), len(txn.held),
+                 len(txn.dropped), txn.refused, len(content), outcome, str(reply))
+        return str(reply)
+
+    async def _deliver(self, txn: Transaction, session: Any, envelope: Any, content: bytes) -> tuple[Reply, str]:
+        if b"\x00" in content:
+            return replies.NUL_IN_MESSAGE, "refused"
+        if _BARE_CR_OR_LF.search(content):
+            # One message in must be exactly one message out (SMTP smuggling): refuse, or turn
+            # every bare CR/LF into CRLF so the upstream sees the same line structure we saw.
+            if self._config.bare_line_endings == "reject":
+                return replies.BARE_LINE_ENDING, "refused"
+            content = _BARE_CR_OR_LF.sub(b"\r\n", content)
+        upstream_reply: Reply | None = None
+        if txn.relayed:
+            assert txn.upstream is not None
+            started = time.monotonic()
+            upstream_reply = await txn.upstream.data(content)
+            self._metrics.upstream_duration.labels("data").observe(time.monotonic() - started)
+            if not upstream_reply.is_success:
+                self._count_upstream_error(upstream_reply)
+                return upstream_reply, "deferred" if upstream_reply.is_temporary else "refused"
+        if txn.held:
+            try:
+                hold_id = await self._holds.hold(NewHold(
+                    txn_id=txn.txn_id, client=_client_ip(session), sender=envelope.mail_from,
+                    mail_options=tuple(envelope.mail_options), content=content,
+                    recipients=[HeldRecipient(address, "held", d.rule, d.reason) for address, d in txn.held],
+                ))
+            except StoreError:
+                # If the relayed part was accepted upstream, a retry duplicates it; a 250 here
+                # would lose the held part. Duplicates are the lesser harm.
+                log.exception("txn=%s could not store held message; answering 451", txn.txn_id)
+                return replies.STORE_UNAVAILABLE, "deferred"
+            log.info("txn=%s held as %s for %d recipient(s)", txn.txn_id, hold_id, len(txn.held))
+            if upstream_reply is None:
+                return replies.QUEUED_HELD, "held"
+        if upstream_reply is not None:
+            return upstream_reply, "relayed"
+        return replies.ACCEPTED_NOT_RELAYED, "dropped"
+
+    # --- transaction end -----------------------------------------------------------------------
+
+    async def abandon(self, envelope: Any) -> None:
+        """Release the upstream session of a transaction that ended (DATA, RSET, disconnect)."""
+        txn = _txn(envelope)
+        if txn is not None and txn.upstream is not None:
+            upstream, txn.upstream = txn.upstream, None
+            await upstream.finish()
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def _record(self, txn: Transaction, session: Any, envelope: Any, recipient: str, decision: Decision) -> None:
+        self._count(decision.verdict, decision.rule)
+        self._audit.record(AuditRecord(
+            time=self._clock(), kind="decision", verdict=decision.verdict.value, rule=decision.rule,
+            reason=decision.reason, txn_id=txn.txn_id, client=_client_ip(session), sender=envelope.mail_from,
+            recipient=recipient, actor=_auth_user(session) or "",
+        ))
+
+    def _count(self, verdict: Verdict, rule: str) -> None:
+        self._metrics.recipients.labels(verdict.value, rule).inc()
+
+    def _count_upstream_error(self, reply: Reply) -> None:
+        if reply in (replies.UPSTREAM_LOST, replies.UPSTREAM_UNAVAILABLE, replies.UPSTREAM_BUSY):
+            error_class = "connection"
+        elif reply is replies.UPSTREAM_TIMEOUT:
+            error_class = "timeout"
+        else:
+            error_class = "4xx" if reply.is_temporary else "5xx"
+        self._metrics.upstream_errors.labels(error_class).inc()
+
+
+def _upstream_decision(reply: Reply, rule: str) -> Decision:
+    verdict = Verdict.DEFER if reply.is_temporary else Verdict.REJECT
+    return Decision(verdict, rule, f"upstream answered {reply}", reply)
+
+
+def _auth_user(session: Any) -> str | None:
+    data = getattr(session, "auth_data", None)
+    return data if isinstance(data, str) else None
+
+
+def _relayable_options(envelope: Any) -> list[str]:
+    # BODY and SMTPUTF8 describe the content and must reach the upstream; SIZE is ours.
+    return [o for o in envelope.mail_options if o.split("=")[0] in ("BODY", "SMTPUTF8")]

@@ -1,0 +1,53 @@
+"""The audit trail on SQLite: append batches, query newest first."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..base import AuditFilter, AuditRecord
+from .db import Database
+
+_COLUMNS = "time, kind, verdict, rule, reason, txn_id, client, sender, recipient, actor"
+
+
+class SQLiteAuditStore:
+    """``AuditStore`` over a shared ``Database``."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def append(self, records: Sequence[AuditRecord]) -> None:
+        if not records:
+            return
+        async with self._db.transaction() as conn:
+            await conn.executemany(
+                f"INSERT INTO audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.time, r.kind, r.verdict, r.rule, r.reason, r.txn_id, r.client, r.sender, r.recipient, r.actor)
+                 for r in records],
+            )
+
+    async def query(self, filters: AuditFilter, limit: int = 100) -> list[AuditRecord]:
+        """Records matching every given filter, newest first. ``rule_prefix`` matches rule ids
+        by prefix ("suppression" finds "suppression.unsubscribed"); the rest match exactly."""
+        where: list[str] = []
+        parameters: list[Any] = []
+        if filters.since is not None:
+            where.append("time >= ?")
+            parameters.append(filters.since)
+        if filters.until is not None:
+            where.append("time < ?")
+            parameters.append(filters.until)
+        if filters.rule_prefix:
+            # substr() rather than LIKE: rule ids contain "_", which LIKE treats as a wildcard.
+            where.append("substr(rule, 1, ?) = ?")
+            parameters += [len(filters.rule_prefix), filters.rule_prefix]
+        for column, value in (("kind", filters.kind), ("verdict", filters.verdict), ("recipient", filters.recipient),
+                              ("sender", filters.sender), ("txn_id", filters.txn_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                parameters.append(value)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = await self._db.fetchall(
+            f"SELECT {_COLUMNS} FROM audit {clause}ORDER BY time DESC, id DESC LIMIT ?", (*parameters, limit)
+        )
+        return [AuditRecord(*row) for row in rows]
