@@ -33,6 +33,7 @@ from .smtp.access import AccessControl
 from .smtp.auth import Authenticator
 from .smtp.handler import GuardHandler
 from .smtp.server import SMTPServer
+from .store.base import AuditRecord
 from .store.sqlite.audit import SQLiteAuditStore
 from .store.sqlite.db import Database
 from .store.sqlite.holds import SQLiteHoldStore
@@ -101,8 +102,8 @@ class Guard:
 
         self.upstream = build_upstream(config)
         self.audit = AuditLog(self.audit_store, config.audit, on_dropped=self.metrics.audit_dropped.inc)
-        self.release_worker = ReleaseWorker(self.holds, self.upstream, config.hold, record=self.audit.record,
-                                            clock=self.clock, metrics=self.metrics)
+        self.release_worker = ReleaseWorker(self.holds, self.upstream, config.hold,
+                                            record=self._record_delivery, clock=self.clock)
         handler = GuardHandler(
             smtp_config=config.smtp, access=AccessControl(config.access.allow_networks),
             auth_enabled=bool(config.smtp.auth.users), normalizer=self.normalizer, pipeline=self.pipeline,
@@ -123,6 +124,10 @@ class Guard:
         self.ready = True
         log.info("smtp-guard listening on %s:%d (upstream %r, config %s)", *self.smtp_address,
                  self.upstream, config.source)
+
+    def _record_delivery(self, record: AuditRecord) -> None:
+        self.metrics.hold_deliveries.labels(record.verdict).inc()
+        self.audit.record(record)
 
     @property
     def smtp_address(self) -> tuple[str, int]:

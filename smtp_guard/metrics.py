@@ -52,7 +52,7 @@ class Metrics:
             registry=r)
         self.hold_deliveries = Counter(
             "smtp_guard_hold_deliveries_total",
-            "Released held recipients by relay outcome (delivered, retry, failed).", ["outcome"], registry=r)
+            "Released held recipients by relay outcome (delivered, deferred, failed).", ["outcome"], registry=r)
         self.suppression_entries = Gauge(
             "smtp_guard_suppression_entries", "Live suppression list entries, by list.", ["list"], registry=r)
         self.index_reloads = Counter(

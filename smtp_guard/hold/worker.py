@@ -54,8 +54,8 @@ class ReleaseWorker:
         self._record = record
         self._clock = clock
         # Outcomes the upstream produced but the store has not accepted yet (it failed just
-        # then). They are written before anything is attempted again, and their recipients are
-        # skipped meanwhile: a delivery the store missed must not be repeated.
+        # then). run_once() writes them before it attempts anything, and attempts nothing
+        # while it cannot: a delivery the store missed must not be repeated.
         self._unrecorded: dict[tuple[str, str], Outcome] = {}
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -79,13 +79,12 @@ class ReleaseWorker:
     async def run_once(self) -> int:
         """Attempt every due recipient once; returns how many recipients were attempted."""
         await self._write_unrecorded()
-        if self._unrecorded:
-            return 0
         attempted = 0
-        for message in await self._store.due(self._clock()):
+        due = await self._store.due(self._clock())
+        for message in due:
             if self._stopping.is_set():
                 break
-            recipients = [r for r in message.recipients if (message.id, r.address) not in self._unrecorded]
+            recipients = list(message.recipients)
             if message.content is None or not recipients:
                 continue
             outcomes = await self._relay(message, message.content, recipients)
@@ -124,7 +123,7 @@ class ReleaseWorker:
                 for i in accepted:
                     replies[i] = data_reply
         except Exception as error:
-            # Nobody is marked delivered: whatever this transaction got so far is retried.
+            # The transaction broke before the upstream accepted DATA: nobody is delivered.
             return [self._refused(message, r, self._failure_reply(message, error), now) for r in recipients]
         finally:
             await transaction.finish()

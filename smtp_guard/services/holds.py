@@ -117,14 +117,14 @@ async def _audit(ctx: AdminContext, message: HeldMessage, verb: str, done: str, 
     # One record per named recipient, so the recipient column (which an erasure purges and
     # `audit list --recipient` finds) holds the address, and never the free-text reason.
     rules = {r.address: r.rule for r in message.recipients}
-    targets: list[str] = chosen or [""]
+    reason = f"{done} {changed} recipient(s) of hold {message.id}"
+    if chosen:
+        reason += f" ({len(chosen)} named)"
     await ctx.audit.append([
         AuditRecord(
-            time=now, kind="admin", verdict=verb,
-            rule=rules.get(target) or ",".join(sorted(set(rules.values()))),
-            reason=f"{done} {changed} recipient(s) of hold {message.id}" if not target
-            else f"{done} recipient of hold {message.id}" if changed else f"recipient of hold {message.id} unchanged",
-            txn_id=message.id, client=message.client, sender=message.sender, recipient=target, actor=ctx.actor,
+            time=now, kind="admin", verdict=verb, rule=rules.get(target) or ",".join(sorted(set(rules.values()))),
+            reason=reason, txn_id=message.id, client=message.client, sender=message.sender, recipient=target,
+            actor=ctx.actor,
         )
-        for target in targets
+        for target in chosen or [""]
     ])

@@ -7,6 +7,7 @@ implementation for several guard instances can join it later behind the same pro
 
 from __future__ import annotations
 
+import builtins
 from array import array
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Literal, Mapping, Protocol, Sequence
@@ -160,7 +161,7 @@ class HoldStore(Protocol):
     async def hold(self, message: NewHold) -> str:
         """Store durably (committed and fsync'd when this returns). Returns the hold id."""
 
-    async def list(self, state: RecipientState | None = "held", limit: int = 100) -> list[HeldMessage]: ...
+    async def list(self, state: RecipientState | None = "held", limit: int = 100) -> builtins.list[HeldMessage]: ...
 
     async def get(self, hold_id: str) -> HeldMessage | None: ...
 
@@ -170,7 +171,7 @@ class HoldStore(Protocol):
     async def discard(self, hold_id: str, recipients: Sequence[str] | None = None) -> int:
         """Move held recipients to 'discarded'; content is deleted when nobody needs it."""
 
-    async def due(self, now: float, limit: int = 50) -> list[HeldMessage]:
+    async def due(self, now: float, limit: int = 50) -> builtins.list[HeldMessage]:
         """Messages (with content) that have released recipients due for an attempt; only
         those recipients are included."""
 

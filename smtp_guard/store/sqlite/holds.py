@@ -13,6 +13,7 @@ their address and last reply as the operator's record of what happened.
 
 from __future__ import annotations
 
+import builtins
 import secrets
 import time
 from typing import Any, Callable, Sequence
@@ -40,17 +41,22 @@ class SQLiteHoldStore:
 
     async def hold(self, message: NewHold) -> str:
         hold_id = new_hold_id()
+        now = self._clock()
         async with self._db.transaction() as conn:
             await conn.execute(
                 f"INSERT INTO held_messages ({_MESSAGE_COLUMNS}, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (hold_id, message.txn_id, self._clock(), message.client, message.sender,
+                (hold_id, message.txn_id, now, message.client, message.sender,
                  " ".join(message.mail_options), len(message.content), message.content),
             )
             # OR IGNORE: a client that names the same recipient twice gets one delivery,
             # as from any MTA.
             await conn.executemany(
                 f"INSERT OR IGNORE INTO held_recipients (hold_id, {_RECIPIENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(hold_id, r.address, r.state, r.rule, r.reason, r.attempts, r.next_attempt_at, r.last_reply)
+                [(hold_id, r.address, r.state, r.rule, r.reason, r.attempts,
+                  # A recipient held as already released is due at once; due() needs a time
+                  # to use its (state, next_attempt_at) index.
+                  now if r.state == "released" and r.next_attempt_at is None else r.next_attempt_at,
+                  r.last_reply)
                  for r in message.recipients],
             )
         return hold_id
@@ -101,12 +107,12 @@ class SQLiteHoldStore:
             await _forget_if_finished(conn, hold_id)
             return cursor.rowcount
 
-    async def due(self, now: float, limit: int = 50) -> list[HeldMessage]:
+    async def due(self, now: float, limit: int = 50) -> builtins.list[HeldMessage]:
         rows = await self._db.fetchall(
             "SELECT m.id, m.txn_id, m.created_at, m.client, m.sender, m.mail_options, m.size, m.content "
             "FROM held_messages m JOIN held_recipients r ON r.hold_id = m.id "
-            "WHERE r.state = 'released' AND COALESCE(r.next_attempt_at, 0) <= ? AND m.content IS NOT NULL "
-            "GROUP BY m.id ORDER BY MIN(COALESCE(r.next_attempt_at, 0)), m.created_at LIMIT ?",
+            "WHERE r.state = 'released' AND r.next_attempt_at <= ? AND m.content IS NOT NULL "
+            "GROUP BY m.id ORDER BY MIN(r.next_attempt_at), m.created_at LIMIT ?",
             (now, limit),
         )
         if not rows:
@@ -115,7 +121,7 @@ class SQLiteHoldStore:
         due_rows = await self._db.fetchall(
             f"SELECT hold_id, {_RECIPIENT_COLUMNS} FROM held_recipients "
             f"WHERE hold_id IN ({_placeholders(ids)}) AND state = 'released' "
-            "AND COALESCE(next_attempt_at, 0) <= ? ORDER BY hold_id, rowid",
+            "AND next_attempt_at <= ? ORDER BY hold_id, rowid",
             (*ids, now),
         )
         recipients = _group(due_rows)
@@ -143,7 +149,7 @@ class SQLiteHoldStore:
         )
         return HoldStats(held_messages=int(row[0]), held_recipients=int(row[1]), oldest_held_at=row[2])
 
-    async def _recipients(self, hold_ids: Sequence[str]) -> dict[str, list[HeldRecipient]]:
+    async def _recipients(self, hold_ids: Sequence[str]) -> dict[str, builtins.list[HeldRecipient]]:
         if not hold_ids:
             return {}
         rows = await self._db.fetchall(
