@@ -104,7 +104,9 @@ class GuardHandler:
                 sender = parse_mailbox(address)
             except InvalidAddress:
                 return str(replies.BAD_SENDER)
-        envelope.mail_from = "" if sender is None else sender.text
+        # aiosmtpd treats an empty mail_from as "no MAIL yet", so the null path stays "<>"
+        # on the envelope and becomes "" only when it is relayed or held.
+        envelope.mail_from = "<>" if sender is None else sender.text
         envelope.mail_options.extend(mail_options)
         envelope.guard_txn = Transaction(txn_id=secrets.token_hex(6), sender=sender, started=time.monotonic())
         return str(replies.SENDER_OK)
@@ -153,7 +155,7 @@ class GuardHandler:
         if txn.upstream is None:
             started = time.monotonic()
             try:
-                txn.upstream = await self._upstream.begin(envelope.mail_from, _relayable_options(envelope))
+                txn.upstream = await self._upstream.begin(_reverse_path(txn), _relayable_options(envelope))
             except UpstreamError as error:
                 self._count_upstream_error(error.reply)
                 txn.refused += 1
@@ -209,7 +211,7 @@ class GuardHandler:
         if txn.held:
             try:
                 hold_id = await self._holds.hold(NewHold(
-                    txn_id=txn.txn_id, client=_client_ip(session), sender=envelope.mail_from,
+                    txn_id=txn.txn_id, client=_client_ip(session), sender=_reverse_path(txn),
                     mail_options=tuple(envelope.mail_options), content=content,
                     recipients=[HeldRecipient(address, "held", d.rule, d.reason) for address, d in txn.held],
                 ))
@@ -260,6 +262,10 @@ class GuardHandler:
 def _upstream_decision(reply: Reply, rule: str) -> Decision:
     verdict = Verdict.DEFER if reply.is_temporary else Verdict.REJECT
     return Decision(verdict, rule, f"upstream answered {reply}", reply)
+
+
+def _reverse_path(txn: Transaction) -> str:
+    return "" if txn.sender is None else txn.sender.text
 
 
 def _auth_user(session: Any) -> str | None:
