@@ -14,6 +14,7 @@ Every path that reads or writes a list entry (SMTP front, CLI, import, API) goes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ def _is_utf8_local(local: str) -> bool:
     return not local.isascii() and re.fullmatch(r"(?:[^\x00-\x7f]|" + _ATEXT + r")+(?:\.(?:[^\x00-\x7f]|" + _ATEXT + r")+)*", local) is not None
 
 
+# The idna package is slow (tens of microseconds a call) and mail goes to few distinct domains.
+@functools.lru_cache(maxsize=65536)
 def normalize_domain(domain: str) -> str:
     """Lower-case A-label form of a domain (IDNA 2008 with UTS #46 mapping). Raises InvalidAddress."""
     domain = domain.strip().rstrip(".")

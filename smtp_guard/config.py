@@ -417,6 +417,8 @@ def _validate(config: Config, where: str) -> None:
             )
     if config.smtp.max_recipients < 1 or config.smtp.max_sessions < 1 or config.smtp.max_message_size < 1:
         raise ConfigError(f"{where}: [smtp] max_recipients, max_sessions and max_message_size must be positive")
+    if config.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{where}: [logging] level {config.logging.level!r} is not one of debug, info, warning, error")
     if config.upstream.max_connections < 1:
         raise ConfigError(f"{where}: [upstream] max_connections must be at least 1")
 

@@ -100,6 +100,9 @@ class SuppressionIndex:
                 else:
                     domains[domain] = rule
             self._domains = domains
+        if delta.next_expiry is not None:
+            current = self._snapshot.next_expiry
+            self._snapshot.next_expiry = delta.next_expiry if current is None else min(current, delta.next_expiry)
         self._snapshot.seq = delta.seq
 
 

@@ -99,6 +99,8 @@ AIOSMTPD_REWRITES: tuple[tuple[str, Reply], ...] = (
     ("503 Error: nested MAIL command", Reply(503, "5.5.1", "Nested MAIL command")),
     ("503 Error: send HELO first", Reply(503, "5.5.1", "Send HELO or EHLO first")),
     ("530 5.7.0 Authentication required", AUTH_REQUIRED),
+    ("530 Must issue a STARTTLS command first", STARTTLS_REQUIRED),
+    ("554 Command refused due to lack of security", Reply(554, "5.7.0", "Command refused due to lack of security")),
     ("555 ", Reply(555, "5.5.4", "Parameters not recognized or not implemented")),
     ("501 Syntax: MAIL", Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")),
     ("501 Syntax: RCPT", Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")),

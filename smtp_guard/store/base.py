@@ -72,6 +72,7 @@ class SuppressionDelta:
     full_reload: bool = False
     addresses: Mapping[int, str | None] = field(default_factory=dict)
     domains: Mapping[str, DomainRule | None] = field(default_factory=dict)
+    next_expiry: float | None = None  # earliest expiry among the changed entries
 
 
 @dataclass(frozen=True)

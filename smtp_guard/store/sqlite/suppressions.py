@@ -222,23 +222,29 @@ class SQLiteSuppressionStore:
         domains = list(dict.fromkeys(d for _, _, d in rows if d is not None))
         order = list_order(list_priority, ())
         addresses: dict[int, str | None] = dict.fromkeys(hashes)
+        expiries: list[float] = []
         for chunk in _chunks(hashes):
             found = await self._db.fetchall(
-                f"SELECT key_hash, list_name FROM suppressions WHERE kind = 'address' "
+                f"SELECT key_hash, list_name, expires_at FROM suppressions WHERE kind = 'address' "
                 f"AND key_hash IN ({', '.join('?' * len(chunk))}) AND {_LIVE}", (*chunk, now))
-            for hash_value, list_name in found:
+            for hash_value, list_name, expires_at in found:
                 addresses[hash_value] = _better(addresses[hash_value], list_name, order)
+                if expires_at is not None:
+                    expiries.append(expires_at)
         best: dict[str, DomainRule] = {}
         for chunk in _chunks(domains):
             found = await self._db.fetchall(
-                f"SELECT value, list_name, include_subdomains FROM suppressions WHERE kind = 'domain' "
+                f"SELECT value, list_name, include_subdomains, expires_at FROM suppressions WHERE kind = 'domain' "
                 f"AND value IN ({', '.join('?' * len(chunk))}) AND {_LIVE}", (*chunk, now))
-            for domain, list_name, subdomains in found:
+            for domain, list_name, subdomains, expires_at in found:
+                if expires_at is not None:
+                    expiries.append(expires_at)
                 current = best.get(domain)
                 if current is None or _better(current.list_name, list_name, order) != current.list_name:
                     best[domain] = DomainRule(list_name, bool(subdomains))
         rules: dict[str, DomainRule | None] = {domain: best.get(domain) for domain in domains}
-        return SuppressionDelta(seq=rows[-1][0], addresses=addresses, domains=rules)
+        return SuppressionDelta(seq=rows[-1][0], addresses=addresses, domains=rules,
+                                next_expiry=min(expiries, default=None))
 
 
 def _load_snapshot(path: Any, priority: tuple[str, ...], now: float) -> SuppressionSnapshot:

@@ -1,0 +1,279 @@
+"""Shared fixtures: real peers on loopback, port 0, started and stopped by each test.
+
+* ``sink`` — the fault-injecting aiosmtpd upstream (tests/sink.py);
+* ``start_guard`` — ``await start_guard(**overrides)`` runs a Guard relaying to ``sink``;
+* ``tls`` — a throwaway CA and server certificate (trustme), as files and SSL contexts;
+* ``postfix_sink`` — Postfix's own ``smtp-sink``, for a second, independent upstream;
+* ``wait_until`` and ``make_config`` — also importable (``from conftest import wait_until``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import pwd
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+
+import pytest
+import trustme
+
+from smtp_guard.app import Guard
+from smtp_guard.config import Config, build_config
+
+from sink import Sink
+
+SMTP_SINK_PATHS = ("/usr/sbin/smtp-sink", "/usr/bin/smtp-sink")
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01,
+                     what: str = "") -> Any:
+    """Poll ``predicate`` (sync, or returning an awaitable) until it is truthy; return its value.
+
+    Tests wait for a condition, never for a fixed time: fast when things work, and a clear
+    failure naming the condition when they do not.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(interval)
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``base``: tables merge, other values replace."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def make_config(tmp_path: Path, upstream_port: int, **overrides: Any) -> Config:
+    """A test Config: every listener on loopback port 0, fast intervals, store in ``tmp_path``,
+    relaying to 127.0.0.1:``upstream_port``. Overrides are TOML-shaped and merge deeply::
+
+        make_config(tmp_path, sink.port, smtp={"max_recipients": 2}, upstream={"tls": "starttls"})
+    """
+    data = {
+        "smtp": {"listen": "127.0.0.1:0", "hostname": "guard.test"},
+        "metrics": {"listen": "127.0.0.1:0"},
+        "store": {"path": str(tmp_path / "data" / "guard.sqlite3"), "reload_interval": 0.1},
+        "hold": {"poll_interval": 0.1},
+        "audit": {"flush_interval": 0.1},
+        "upstream": {"mode": "smtp", "host": "127.0.0.1", "port": upstream_port},
+    }
+    return build_config(_merge(data, overrides), "test")
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago, for programs that cannot be told port 0."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(name="wait_until")
+def wait_until_fixture() -> Callable[..., Awaitable[Any]]:
+    return wait_until
+
+
+@pytest.fixture(name="make_config")
+def make_config_fixture() -> Callable[..., Config]:
+    return make_config
+
+
+# --- the upstream sink and the guard -----------------------------------------------------------
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    """A fresh fault-injecting upstream for each test (faults are set on it by the test)."""
+    async with Sink() as running:
+        yield running
+
+
+@pytest.fixture
+async def start_guard(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[..., Awaitable[Guard]]]:
+    """``guard = await start_guard(**overrides)``: a running Guard relaying to ``sink``.
+
+    Every guard started is stopped at teardown (stopping one twice is harmless). Guards
+    started in one test share ``tmp_path/data`` unless given ``store={"path": ...}``.
+    """
+    started: list[Guard] = []
+
+    async def start(**overrides: Any) -> Guard:
+        guard = Guard(make_config(tmp_path, sink.port, **overrides))
+        started.append(guard)
+        await guard.start()
+        return guard
+
+    yield start
+    for guard in reversed(started):
+        await guard.stop()
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A throwaway CA and one server certificate (for localhost, 127.0.0.1, *.test names)."""
+
+    ca: trustme.CA
+    ca_file: Path
+    cert_file: Path  # server certificate chain, PEM
+    key_file: Path  # its private key, PEM
+    client_context: ssl.SSLContext = field(repr=False)  # trusts only the CA
+
+    def server_context(self) -> ssl.SSLContext:
+        """A new server-side context with the certificate loaded (for a Sink or a listener)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> TLSFiles:
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1", "guard.test", "sink.test")
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    ca_file, cert_file, key_file = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server.private_key_pem.write_to_path(str(key_file))
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
+    client_context = ssl.create_default_context(cafile=str(ca_file))
+    return TLSFiles(ca, ca_file, cert_file, key_file, client_context)
+
+
+# --- Postfix smtp-sink -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PostfixMessage:
+    """One transaction from smtp-sink's dump. smtp-sink stores text lines; ``content`` has
+    CRLF line endings restored and is otherwise what the client sent (dot-unstuffed)."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+
+
+@dataclass(frozen=True)
+class PostfixSink:
+    host: str
+    port: int
+    dump_file: Path
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def messages(self) -> list[PostfixMessage]:
+        """Parse the dump file (``-D``, records separated by the ``-S`` marker line)."""
+        if not self.dump_file.exists():
+            return []
+        return [_parse_dump_record(record) for record in self.dump_file.read_bytes().split(_DUMP_MARKER)[1:]]
+
+    def delivered_to(self) -> list[str]:
+        return [rcpt for message in self.messages() for rcpt in message.rcpt_tos]
+
+
+_DUMP_MARKER = b"\x01\n"
+
+
+def _envelope_address(args: bytes) -> str:
+    """``<a@b.test> SIZE=12`` -> ``a@b.test``."""
+    return args.split(b">", 1)[0].lstrip(b"<").decode("utf-8", "surrogateescape")
+
+
+def _parse_dump_record(record: bytes) -> PostfixMessage:
+    lines = record.split(b"\n")
+    mail_from, rcpt_tos, index = "", [], 0
+    while not lines[index].startswith(b"Received: "):
+        name, _, value = lines[index].partition(b": ")
+        if name == b"X-Mail-Args":
+            mail_from = _envelope_address(value)
+        elif name == b"X-Rcpt-Args":
+            rcpt_tos.append(_envelope_address(value))
+        index += 1
+    index += 1
+    while lines[index].startswith(b"\t"):  # the Received header's continuation lines
+        index += 1
+    body = lines[index:-2]  # smtp-sink appends an empty line after each message
+    return PostfixMessage(mail_from, rcpt_tos, b"".join(line + b"\r\n" for line in body))
+
+
+def _smtp_sink_binary() -> str:
+    for path in SMTP_SINK_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    reason = "Postfix smtp-sink is not installed (apt-get install postfix; .ci/run does this)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI must run every test")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+async def postfix_sink(tmp_path: Path) -> AsyncIterator[PostfixSink]:
+    """Postfix's ``smtp-sink`` on a free loopback port, dumping every transaction to a file.
+
+    smtp-sink refuses to run as root without ``-u``; as root it runs as ``nobody``, which
+    cannot reach pytest's private tmp_path, so its dump directory is then a fresh directory
+    in the system temp dir owned by nobody (removed at teardown).
+    """
+    binary = _smtp_sink_binary()
+    command = [binary]
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        dump_dir = Path(tempfile.mkdtemp(prefix="smtp-sink-"))
+        os.chown(dump_dir, nobody.pw_uid, nobody.pw_gid)
+        command += ["-u", "nobody"]
+    else:
+        dump_dir = tmp_path / "smtp-sink"
+        dump_dir.mkdir()
+    port = free_port()
+    running = PostfixSink("127.0.0.1", port, dump_dir / "dump")
+    command += ["-D", str(running.dump_file), "-S", r"\001\n", "-h", "smtp-sink.test", f"127.0.0.1:{port}", "64"]
+    stderr_path = tmp_path / "smtp-sink.stderr"
+    with open(stderr_path, "wb") as stderr:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        async def is_listening() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"smtp-sink exited with {process.returncode}: {stderr_path.read_text()}")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                return False
+            writer.close()
+            await writer.wait_closed()
+            return True
+
+        await wait_until(is_listening, what=f"smtp-sink listening on 127.0.0.1:{port}")
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if os.geteuid() == 0:
+            shutil.rmtree(dump_dir, ignore_errors=True)
+

@@ -1,0 +1,88 @@
+"""replies.py: every reply the guard sends is a well-formed RFC 5321 / RFC 3463 reply."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from smtp_guard import replies
+from smtp_guard.replies import Reply, rewrite_aiosmtpd_reply, upstream_reply
+
+CONSTANTS = {name: value for name, value in vars(replies).items() if isinstance(value, Reply)}
+REWRITES = {prefix: reply for prefix, reply in replies.AIOSMTPD_REWRITES}
+ALL = {**CONSTANTS, **{f"rewrite of {prefix!r}": reply for prefix, reply in REWRITES.items()}}
+
+# RFC 3463 section 3: class.subject.detail, subject 0-7, detail 0-999.
+ENHANCED = re.compile(r"([245])\.([0-7])\.(\d{1,3})")
+
+
+def test_the_table_is_not_empty() -> None:
+    assert {"OK", "SUPPRESSED", "UPSTREAM_UNAVAILABLE", "INTERNAL_ERROR"} <= set(CONSTANTS)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_reply_is_well_formed(name: str) -> None:
+    reply = ALL[name]
+    assert 200 <= reply.code <= 599 and reply.code // 10 % 10 <= 5, "RFC 5321 4.2.1 reply code"
+    match = ENHANCED.fullmatch(reply.enhanced)
+    assert match, f"{reply.enhanced!r} is not an RFC 3463 enhanced code"
+    assert match.group(1) == str(reply.code)[0], "enhanced class digit must equal the code's class digit"
+    assert reply.text and reply.text == reply.text.strip()
+    assert all(" " <= ch <= "~" for ch in reply.text), "one line of printable ASCII"
+    assert str(reply) == f"{reply.code} {reply.enhanced} {reply.text}"
+    # Exactly one of the three classes.
+    assert [reply.is_success, reply.is_temporary, reply.is_permanent].count(True) == 1
+
+
+def test_temporary_failures_are_4xx_so_the_platform_retries() -> None:
+    for name in ("UPSTREAM_UNAVAILABLE", "UPSTREAM_TIMEOUT", "UPSTREAM_LOST", "UPSTREAM_BUSY",
+                 "STORE_UNAVAILABLE", "INTERNAL_ERROR", "TOO_MANY_RECIPIENTS", "SHUTTING_DOWN"):
+        assert CONSTANTS[name].is_temporary, name
+    assert replies.SUPPRESSED.is_permanent and (replies.SUPPRESSED.code, replies.SUPPRESSED.enhanced) == (550, "5.7.1")
+
+
+def test_with_text_keeps_code_and_enhanced_code() -> None:
+    changed = replies.SUPPRESSED.with_text("Recipient unsubscribed")
+    assert changed == Reply(550, "5.7.1", "Recipient unsubscribed")
+
+
+def test_reply_without_enhanced_code_formats_without_it() -> None:
+    assert str(Reply(220, "", "ready")) == "220 ready"
+
+
+@pytest.mark.parametrize("code, message, expected", [
+    (450, "4.2.0 Mailbox busy", Reply(450, "4.2.0", "Mailbox busy")),
+    (550, "5.1.1 <x@example.com>: Recipient address rejected", Reply(550, "5.1.1", "<x@example.com>: Recipient address rejected")),
+    (554, "5.7.1 rejected", Reply(554, "5.7.1", "rejected")),
+    (250, "2.0.0 Ok: queued as 4Bc1", Reply(250, "2.0.0", "Ok: queued as 4Bc1")),
+    (421, "4.3.2 shutting down", Reply(421, "4.3.2", "shutting down")),
+    # No enhanced code from the upstream: a generic one of the same class.
+    (451, "try later", Reply(451, "4.0.0", "try later")),
+    (550, "No such user", Reply(550, "5.0.0", "No such user")),
+    (250, "Ok", Reply(250, "2.0.0", "Ok")),
+    # An enhanced code of another class is text, not an enhanced code: the class stays the code's.
+    (450, "5.1.1 odd upstream", Reply(450, "4.0.0", "5.1.1 odd upstream")),
+    # Multi-line replies fold into one line; empty text gets a placeholder.
+    (452, "4.5.3 too many\n  recipients  \n", Reply(452, "4.5.3", "too many recipients")),
+    (550, "", Reply(550, "5.0.0", "upstream reply")),
+])
+def test_upstream_reply_keeps_class_and_enhanced_code(code: int, message: str, expected: Reply) -> None:
+    reply = upstream_reply(code, message)
+    assert reply == expected
+    assert str(reply.code)[0] == reply.enhanced[0]
+
+
+@pytest.mark.parametrize("status, expected", [
+    ("552 Error: Too much mail data", replies.MESSAGE_TOO_BIG),
+    ("500 Line too long (see RFC5321 4.5.3.1.6)", replies.LINE_TOO_LONG),
+    ("503 Error: need RCPT command", REWRITES["503 Error: need RCPT command"]),
+    ("555 MAIL FROM parameters not recognized or not implemented", REWRITES["555 "]),
+])
+def test_aiosmtpd_replies_are_rewritten_with_enhanced_codes(status: str, expected: Reply) -> None:
+    assert rewrite_aiosmtpd_reply(status) == str(expected)
+
+
+def test_unknown_and_guard_replies_pass_through_rewrite_unchanged() -> None:
+    assert rewrite_aiosmtpd_reply("250 OK") == "250 OK"
+    assert rewrite_aiosmtpd_reply(str(replies.SUPPRESSED)) == str(replies.SUPPRESSED)
