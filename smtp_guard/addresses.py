@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -63,9 +64,28 @@ def parse_mailbox(text: str) -> Mailbox:
         raise InvalidAddress("local part is longer than 64 characters")
     if not (_DOT_ATOM.fullmatch(local) or _QUOTED.fullmatch(local) or _is_utf8_local(local)):
         raise InvalidAddress("local part is not a valid dot-atom or quoted string")
-    if not _ADDRESS_LITERAL.fullmatch(domain):
+    # RFC 5321 4.1.2: no whitespace and no trailing dot in an envelope domain; the lenient
+    # normalize_domain (used for admin input) must not widen what the SMTP front accepts.
+    if any(ch.isspace() for ch in domain) or domain.endswith("."):
+        raise InvalidAddress("domain is not a valid host name")
+    if domain.startswith("["):
+        _check_address_literal(domain)
+    else:
         normalize_domain(domain)  # raises InvalidAddress
     return Mailbox(text=text, local=local, domain=domain)
+
+
+def _check_address_literal(domain: str) -> None:
+    if not _ADDRESS_LITERAL.fullmatch(domain):
+        raise InvalidAddress("domain is not a valid host name or address literal")
+    inner = domain[1:-1]
+    try:
+        if inner.startswith("IPv6:"):
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        raise InvalidAddress("domain is not a valid host name or address literal") from None
 
 
 def _is_utf8_local(local: str) -> bool:

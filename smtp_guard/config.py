@@ -210,17 +210,24 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_duration(value: Any, where: str) -> float | None:
-    """Read "90d", "12h", "30m", "45s", a bare number of seconds, or "never"/"" (None)."""
-    if value is None or value in ("", "never", 0):
+def parse_duration(value: Any, where: str, *, allow_never: bool = True) -> float | None:
+    """Read "90d", "12h", "30m", "45s", a positive number of seconds, or "never" (None)."""
+    if value == "never" and allow_never:
         return None
+    seconds: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    raise ConfigError(f"{where}: {value!r} is not a duration; write e.g. \"90d\", \"12h\", \"30s\" or \"never\"")
+            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds is None:
+        never = " or \"never\"" if allow_never else ""
+        raise ConfigError(f"{where}: {value!r} is not a duration; write e.g. \"90d\", \"12h\", \"30s\"{never}")
+    if seconds <= 0:
+        never = "; write \"never\" for no expiry" if allow_never else ""
+        raise ConfigError(f"{where}: a duration must be positive, got {value!r}{never}")
+    return seconds
 
 
 def parse_listen(value: Any, where: str) -> ListenAddress:
@@ -246,10 +253,14 @@ def _coerce(value: Any, default: Any, annotation: str, where: str) -> Any:
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where}: must not be negative, got {value!r}")
         return float(value)
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where}: must not be negative, got {value!r}")
         return value
     if isinstance(default, str):
         if not isinstance(value, str):
@@ -290,14 +301,16 @@ def _build_section(cls: type, table: Mapping[str, Any], where: str) -> Any:
     for f in fields(cls):
         if f.name not in table:
             continue
-        raw = table[f.name]
         key = f"{where}.{f.name}"
         current = getattr(default, f.name)
+        raw = _resolve_env(table[f.name], current)
         annotation = _ALIASES.get(str(f.type), str(f.type))
         if isinstance(current, ListenAddress) or "ListenAddress" in annotation:
             values[f.name] = None if raw in ("", "off", False) else parse_listen(raw, key)
-        elif f.name in {"lifetime", "retry_initial", "retry_max", "max_age"}:
+        elif f.name == "lifetime":
             values[f.name] = parse_duration(raw, key)
+        elif f.name in {"retry_initial", "retry_max", "max_age"}:
+            values[f.name] = parse_duration(raw, key, allow_never=False)
         elif isinstance(current, (TLSListenConfig, AuthConfig)):
             values[f.name] = _build_section(type(current), raw, key)
         elif isinstance(current, Mapping):
@@ -314,10 +327,12 @@ def _build_section(cls: type, table: Mapping[str, Any], where: str) -> Any:
 
 
 def _build_access(table: Mapping[str, Any], where: str) -> AccessConfig:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
     _check_keys(table, {"allow_networks"}, where)
     if "allow_networks" not in table:
         return AccessConfig()
-    raw = table["allow_networks"]
+    raw = _resolve_env(table["allow_networks"], [])
     if not isinstance(raw, list):
         raise ConfigError(f"{where}.allow_networks: expected a list like [\"127.0.0.0/8\"]")
     networks = []
@@ -332,6 +347,8 @@ def _build_access(table: Mapping[str, Any], where: str) -> AccessConfig:
 
 
 def _build_lists(table: Mapping[str, Any], where: str) -> dict[str, ListConfig]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table of lists like [lists.bounced], got {table!r}")
     lists = dict(DEFAULT_LISTS)
     for name, raw in table.items():
         if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", name):
@@ -357,6 +374,21 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+@dataclass(frozen=True)
+class _EnvValue:
+    """An environment override: its raw text and its TOML reading. Which one is meant depends
+    on the setting (a password of digits stays a string), so the choice is made per field."""
+
+    raw: str
+    parsed: Any
+
+
+def _resolve_env(value: Any, default: Any) -> Any:
+    if isinstance(value, _EnvValue):
+        return value.raw if isinstance(default, str) else value.parsed
+    return value
+
+
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
@@ -365,9 +397,10 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if len(path) < 2:
             raise ConfigError(f"environment {name}: write SMTP_GUARD__SECTION__KEY, e.g. SMTP_GUARD__UPSTREAM__HOST")
         try:
-            value: Any = tomllib.loads(f"v = {raw}")["v"]
+            parsed: Any = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            value = raw
+            parsed = raw
+        value = _EnvValue(raw, parsed)
         table = data
         for part in path[:-1]:
             table = table.setdefault(part, {})

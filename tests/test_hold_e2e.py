@@ -120,7 +120,9 @@ async def test_held_mail_survives_restart_and_cli_release_delivers_exactly_once(
         assert sink.delivered_to() == ["held@example.com"]
         assert sink.messages[0].mail_from == SENDER
         assert sink.messages[0].content == content
-        # More polls find nothing due; the delivered message's content is gone from the store.
+        # More polls find nothing due (driven by hand once the worker's own loop has stopped:
+        # run_once is not meant to run beside it); the delivered content is gone from the store.
+        await guard.release_worker.stop()
         assert await guard.release_worker.run_once() == 0
         assert await guard.release_worker.run_once() == 0
         stored = await guard.holds.get(held.id)
@@ -128,6 +130,7 @@ async def test_held_mail_survives_restart_and_cli_release_delivers_exactly_once(
         assert await guard.holds.list() == []
 
     async with running_guard(tmp_path, sink.port, lists=HOLD_LISTS) as guard:
+        await guard.release_worker.stop()
         assert await guard.release_worker.run_once() == 0
         assert states(await guard.holds.get(held.id)) == {"held@example.com": "delivered"}
     assert len(sink.messages) == 1
@@ -147,6 +150,7 @@ async def test_cli_discard_means_never_delivered(tmp_path, sink):
         # Releasing now finds nothing held.
         result = await cli(config_file, "hold", "release", held.id)
         assert "Nothing to release" in result.output
+        await guard.release_worker.stop()
         assert await guard.release_worker.run_once() == 0
         assert await guard.holds.list() == []
         stored = await guard.holds.get(held.id)
@@ -154,5 +158,6 @@ async def test_cli_discard_means_never_delivered(tmp_path, sink):
         assert {r.state for r in stored.recipients} == {"discarded"}
 
     async with running_guard(tmp_path, sink.port, lists=HOLD_LISTS) as guard:
+        await guard.release_worker.stop()
         assert await guard.release_worker.run_once() == 0
     assert sink.messages == []
