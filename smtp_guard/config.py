@@ -163,6 +163,24 @@ DEFAULT_LISTS: Mapping[str, ListConfig] = {
 }
 
 
+ErasureAction = Literal["reject", "drop"]
+
+
+@dataclass(frozen=True)
+class ErasureConfig:
+    # The secret that turns addresses into tombstones; "" means <data dir>/erasure.key.
+    # Back it up: without it, tombstones cannot be matched and the guard refuses to start.
+    key_file: str = ""
+    # "reject": 550 5.7.1 so the platform learns it still holds the address; "drop": accept silently.
+    action: ErasureAction = "reject"
+
+
+@dataclass(frozen=True)
+class StreamsConfig:
+    # Headers that name the campaign or notification type a message belongs to, first found wins.
+    id_headers: tuple[str, ...] = ("X-Campaign-ID", "X-Mailgun-Campaign-Id", "X-SES-CONFIGURATION-SET", "List-Id")
+
+
 @dataclass(frozen=True)
 class HoldConfig:
     # Release worker retry schedule for held mail that the upstream deferred.
@@ -197,9 +215,15 @@ class Config:
     addresses: AddressConfig = AddressConfig()
     lists: Mapping[str, ListConfig] = field(default_factory=lambda: dict(DEFAULT_LISTS))
     hold: HoldConfig = HoldConfig()
+    erasure: ErasureConfig = ErasureConfig()
+    streams: StreamsConfig = StreamsConfig()
     logging: LoggingConfig = LoggingConfig()
     audit: AuditConfig = AuditConfig()
     source: str = "<embedded defaults>"
+
+    @property
+    def erasure_key_file(self) -> Path:
+        return Path(self.erasure.key_file) if self.erasure.key_file else self.store.data_dir / "erasure.key"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +312,7 @@ _ALIASES = {
     "UpstreamTLS": "Literal['none', 'starttls', 'implicit']",
     "LogFormat": "Literal['text', 'json']",
     "ListAction": "Literal['reject', 'drop', 'hold']",
+    "ErasureAction": "Literal['reject', 'drop']",
 }
 
 
@@ -369,6 +394,8 @@ _SECTIONS: dict[str, type] = {
     "admin": AdminConfig,
     "addresses": AddressConfig,
     "hold": HoldConfig,
+    "erasure": ErasureConfig,
+    "streams": StreamsConfig,
     "logging": LoggingConfig,
     "audit": AuditConfig,
 }

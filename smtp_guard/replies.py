@@ -58,6 +58,7 @@ SANDBOX_CAPTURED = Reply(250, "2.0.0", "Message captured by the sandbox upstream
 
 # --- recipient decisions -----------------------------------------------------------------------
 SUPPRESSED = Reply(550, "5.7.1", "Recipient is on a suppression list")
+ERASED = Reply(550, "5.7.1", "Recipient address was erased at its owner's request; delete it from your lists")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 
 # --- access ------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ it delivered byte-exact and misbehaves on purpose, chosen per test by plain attr
     sink.hang_seconds = 0.5                       # None: hang until the sink stops
     sink.disconnect_on = "data"                   # "mail", "rcpt", "data": close without replying
 
+TLS: ``Sink(tls_context=ctx)`` offers STARTTLS (``requires_tls=True`` refuses mail without it),
+``implicit_tls=True`` speaks TLS from the first byte; ``auth=(user, password)`` requires AUTH.
+
 Faults can change between transactions of one connection. ``stop()`` closes the listener and
 every client connection and waits for their sessions to end, so a test leaves nothing behind.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -37,7 +40,7 @@ class Delivered:
     mail_from: str
     rcpt_tos: list[str]
     content: bytes  # exactly the bytes received, dot-unstuffed (aiosmtpd's original_content)
-    tls: bool = False  # the transaction ran over STARTTLS
+    tls: bool = False  # the transaction ran over TLS (STARTTLS or implicit)
     login: str | None = None  # the AUTH user, if the client authenticated
 
 
@@ -59,6 +62,7 @@ class _SinkSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.raw_transport is None:  # called again with the TLS transport after STARTTLS
             self.raw_transport = transport
+            self.sink.sessions.append(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -81,11 +85,14 @@ class Sink:
     """An upstream SMTP server with per-test faults. Use ``async with Sink() as sink``."""
 
     def __init__(self, *, tls_context: ssl.SSLContext | None = None, requires_tls: bool = False,
-                 auth: tuple[str, str] | None = None, hostname: str = "sink.test") -> None:
-        if requires_tls and tls_context is None:
-            raise ValueError("requires_tls needs a tls_context")
+                 implicit_tls: bool = False, auth: tuple[str, str] | None = None,
+                 hostname: str = "sink.test") -> None:
+        if (requires_tls or implicit_tls) and tls_context is None:
+            raise ValueError("requires_tls and implicit_tls need a tls_context")
         self.tls_context = tls_context
         self.requires_tls = requires_tls
+        # SMTPS (RFC 8314): TLS from the first byte instead of STARTTLS.
+        self.implicit_tls = implicit_tls
         self.auth = auth  # (user, password) accepted by AUTH PLAIN / LOGIN; MAIL needs it when set
         self.hostname = hostname
         self.host = "127.0.0.1"
@@ -104,7 +111,7 @@ class Sink:
         self.rsets = 0
         self.failed_logins = 0  # (not auth_*: aiosmtpd treats handler auth_* names as mechanisms)
         self._server: asyncio.AbstractServer | None = None
-        self._sessions: list[_SinkSMTP] = []
+        self.sessions: list[_SinkSMTP] = []  # connected sessions (TLS handshake done, for SMTPS)
 
     def __repr__(self) -> str:
         return (f"<Sink {self.host}:{self.port} connections={self.connections} "
@@ -122,7 +129,8 @@ class Sink:
 
     async def start(self) -> Sink:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_session, self.host, 0)
+        self._server = await loop.create_server(self._new_session, self.host, 0,
+                                                ssl=self.tls_context if self.implicit_tls else None)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -132,13 +140,13 @@ class Sink:
             return
         self._server.close()
         self._server = None
-        for session in self._sessions:
-            if session.raw_transport is not None:
-                session.raw_transport.close()
-        await asyncio.gather(*(session.closed for session in self._sessions))
-        tasks = [task for session in self._sessions if (task := session.session_task()) is not None]
+        for session in self.sessions:
+            assert session.raw_transport is not None
+            session.raw_transport.abort()  # no flushing, no TLS close_notify: a peer that hangs cannot stall us
+        await asyncio.gather(*(session.closed for session in self.sessions))
+        tasks = [task for session in self.sessions if (task := session.session_task()) is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._sessions.clear()
+        self.sessions.clear()
 
     async def __aenter__(self) -> Sink:
         return await self.start()
@@ -148,14 +156,14 @@ class Sink:
 
     def _new_session(self) -> _SinkSMTP:
         self.connections += 1
-        session = _SinkSMTP(
-            self, hostname=self.hostname, enable_SMTPUTF8=True, tls_context=self.tls_context,
+        return _SinkSMTP(
+            self, hostname=self.hostname, enable_SMTPUTF8=True,
+            tls_context=None if self.implicit_tls else self.tls_context,
             require_starttls=self.requires_tls, authenticator=self._authenticate,
             # Without a TLS context a test must still be able to try AUTH over plain text.
-            auth_require_tls=self.tls_context is not None, loop=asyncio.get_running_loop(),
+            auth_require_tls=self.tls_context is not None and not self.implicit_tls,
+            loop=asyncio.get_running_loop(),
         )
-        self._sessions.append(session)
-        return session
 
     # --- faults ------------------------------------------------------------------------------
 
@@ -219,7 +227,7 @@ class Sink:
         assert envelope.mail_from is not None and envelope.original_content is not None
         self.messages.append(Delivered(
             mail_from=envelope.mail_from, rcpt_tos=list(envelope.rcpt_tos),
-            content=envelope.original_content, tls=session.ssl is not None,
+            content=envelope.original_content, tls=self.implicit_tls or session.ssl is not None,
             login=session.auth_data if session.authenticated else None,
         ))
         return self.data_reply or "250 2.0.0 OK queued"

@@ -96,3 +96,13 @@ async def test_postfix_smtp_sink_records_the_transaction(postfix_sink, wait_unti
     [message] = await wait_until(postfix_sink.messages, what="smtp-sink dump written")
     assert (message.mail_from, message.rcpt_tos, message.content) == (
         "a@shop.test", ["x@example.com", "y@example.org"], CONTENT)
+
+
+async def test_implicit_tls(tls) -> None:
+    async with Sink(tls_context=tls.server_context(), implicit_tls=True) as sink:
+        async with client_for(sink.address, use_tls=True, tls_context=tls.client_context) as client:
+            await client.sendmail("a@shop.test", ["x@example.com"], CONTENT)
+        assert sink.messages[0].tls and sink.messages[0].content == CONTENT
+        # A client that fails the handshake never becomes a session, and stop() does not wait for it.
+        with pytest.raises(aiosmtplib.SMTPConnectError):
+            await client_for(sink.address, use_tls=True).connect()

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from ..addresses import Mailbox
 from ..replies import Reply
+from ..store.base import Tombstone
 
 
 class Verdict(enum.Enum):
@@ -32,6 +33,7 @@ class Decision:
     rule: str  # stable id such as "suppression.unsubscribed"
     reason: str  # for humans
     reply: Reply | None = None  # what the client sees at RCPT (None: the default for the verdict)
+    tombstone: Tombstone | None = None  # the erasure that matched (evidence for the attempt report)
 
 
 @dataclass(frozen=True)

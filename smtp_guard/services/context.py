@@ -8,7 +8,8 @@ from typing import Callable
 
 from ..addresses import AddressNormalizer
 from ..config import Config
-from ..store.base import AuditStore, HoldStore, SuppressionStore
+from ..erasure.keys import KeyRing
+from ..store.base import AuditStore, ErasureStore, HoldStore, SuppressionStore
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,9 @@ class AdminContext:
     config: Config
     suppressions: SuppressionStore
     holds: HoldStore
-    audit: AuditStore
+    audit: AuditStore  # pseudonymizing: never stores a recipient address
+    erasure: ErasureStore
+    key_ring: KeyRing
     normalizer: AddressNormalizer
     actor: str  # recorded with every admin action, e.g. "cli:alice"
     clock: Callable[[], float] = field(default=time.time)

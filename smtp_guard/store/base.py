@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 from array import array
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal, Mapping, Protocol, Sequence
+from typing import AsyncIterator, Callable, Literal, Mapping, Protocol, Sequence
 
 EntryKind = Literal["address", "domain"]
 RecipientState = Literal["held", "released", "delivered", "failed", "discarded"]
@@ -217,3 +217,84 @@ class AuditStore(Protocol):
 
     async def query(self, filters: AuditFilter, limit: int = 100) -> list[AuditRecord]:
         """Newest first."""
+
+
+# --- erasure ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """An erased address, as a keyed hash only (HMAC-SHA256 of its erasure token)."""
+
+    id: int
+    digest: bytes
+    key_id: str
+    reference: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class PurgeCount:
+    store: str  # "suppressions", "hold_queue", "audit", "sandbox", ...
+    what: str  # "entries", "recipients", "messages", "rows", "files"
+    count: int
+
+
+@dataclass(frozen=True)
+class ErasureReceipt:
+    id: str
+    reference: str
+    created_at: float
+    tombstone_id: int
+    key_id: str
+    purged: tuple[PurgeCount, ...]
+    storage: Mapping[str, str]  # how the bytes were made unrecoverable (checkpoint, secure_delete)
+
+
+@dataclass(frozen=True)
+class ErasureAttempt:
+    """A later attempt to mail an erased address: evidence that someone upstream kept it."""
+
+    time: float
+    tombstone_id: int
+    reference: str
+    client: str
+    sender: str
+    stream: str
+    txn_id: str
+
+
+class ErasureStore(Protocol):
+    async def key_checks(self) -> dict[str, str]:
+        """key id -> check value of every key that ever made a tombstone."""
+
+    async def remember_key(self, key_id: str, check_value: str, now: float) -> None: ...
+
+    async def add_tombstone(self, digest: bytes, key_id: str, reference: str, now: float) -> tuple[Tombstone, bool]:
+        """Store a tombstone (idempotent); returns it and whether it is new."""
+
+    async def tombstones_since(self, last_id: int) -> builtins.list[Tombstone]: ...
+
+    async def find_tombstone(self, digests: Sequence[tuple[bytes, str]]) -> Tombstone | None:
+        """The tombstone with any of these (digest, key id) pairs."""
+
+    async def purge_address(self, key_hashes: Sequence[int] | None, matches: Callable[[str], bool],
+                            audit_pseudonyms: Sequence[str], tombstone_id: int) -> builtins.list[PurgeCount]:
+        """Remove every plaintext copy of one address from the database: suppression entries
+        and their change-log rows (by key hash; None: test every entry with ``matches``), held
+        recipients whose address ``matches`` (messages left without recipients are deleted),
+        and the audit pseudonyms given."""
+
+    async def make_unrecoverable(self) -> dict[str, str]:
+        """Checkpoint and truncate the WAL so deleted bytes leave the disk files."""
+
+    async def add_receipt(self, receipt: ErasureReceipt) -> None: ...
+
+    async def receipts(self, limit: int = 100) -> builtins.list[ErasureReceipt]: ...
+
+    async def receipt(self, receipt_id: str) -> ErasureReceipt | None: ...
+
+    async def record_attempts(self, attempts: Sequence[ErasureAttempt]) -> None: ...
+
+    async def attempts(self, since: float | None = None, reference: str | None = None,
+                       limit: int = 100) -> builtins.list[ErasureAttempt]: ...

@@ -87,6 +87,40 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_by_time ON audit (time);
     CREATE INDEX audit_by_recipient ON audit (recipient) WHERE recipient != '';
     """,
+    """
+    -- Verifiable erasure (DESIGN.md, first incident). No table here holds an address.
+    CREATE TABLE erasure_keys (
+        id TEXT PRIMARY KEY,
+        check_value TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE tombstones (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        digest BLOB NOT NULL,
+        key_id TEXT NOT NULL REFERENCES erasure_keys (id),
+        reference TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        UNIQUE (digest, key_id)
+    );
+    CREATE TABLE erasure_receipts (
+        id TEXT PRIMARY KEY,
+        reference TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        tombstone_id INTEGER NOT NULL REFERENCES tombstones (id),
+        body TEXT NOT NULL
+    );
+    CREATE TABLE erasure_attempts (
+        id INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        tombstone_id INTEGER NOT NULL,
+        reference TEXT NOT NULL,
+        client TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        stream TEXT NOT NULL,
+        txn_id TEXT NOT NULL
+    );
+    CREATE INDEX erasure_attempts_by_time ON erasure_attempts (time);
+    """,
 )
 
 PRAGMAS = (

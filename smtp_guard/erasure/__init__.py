@@ -1,0 +1,1 @@
+"""Verifiable erasure: keyed tombstones, their key ring, the in-memory tombstone index, file scans."""

@@ -1,0 +1,80 @@
+"""In-memory tombstone index: erased addresses as keyed digests, looked up with no I/O.
+
+Erasures are rare (thousands, not millions), so a dict of digests is compact enough. A
+lookup computes the erasure token once and one HMAC per key in the ring (usually one).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+from ..store.base import ErasureStore, Tombstone
+from .keys import ErasureKeyError, KeyRing, erasure_token
+
+log = logging.getLogger(__name__)
+
+
+class TombstoneIndex:
+    def __init__(self, ring: KeyRing, tombstones: Sequence[Tombstone] = ()) -> None:
+        self.ring = ring
+        self._by_digest: dict[bytes, Tombstone] = {}
+        self.last_id = 0
+        # Set when a tombstone arrives that no key in the ring can match: enforcement would
+        # silently stop, so the erasure policy fails closed until the key file is fixed.
+        self.broken: str | None = None
+        self.add(tombstones)
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def lookup(self, normalized_key: str) -> Tombstone | None:
+        if not self._by_digest:
+            return None
+        token = erasure_token(normalized_key)
+        return self.lookup_token(token)
+
+    def lookup_token(self, token: str) -> Tombstone | None:
+        for key in self.ring.keys:
+            tombstone = self._by_digest.get(key.tombstone(token))
+            if tombstone is not None and tombstone.key_id == key.id:
+                return tombstone
+        return None
+
+    def add(self, tombstones: Sequence[Tombstone]) -> None:
+        by_digest = dict(self._by_digest)
+        for tombstone in tombstones:
+            if self.ring.by_id(tombstone.key_id) is None:
+                self.broken = (f"tombstone {tombstone.id} was made with key {tombstone.key_id!r}, which "
+                               f"{self.ring.path} does not hold")
+            by_digest[tombstone.digest] = tombstone
+            self.last_id = max(self.last_id, tombstone.id)
+        self._by_digest = by_digest
+
+
+class TombstoneReloader:
+    """Takes new tombstones from the store; re-reads the key file when one needs a new key."""
+
+    def __init__(self, index: TombstoneIndex, store: ErasureStore,
+                 load_ring: Callable[[], KeyRing], on_change: Callable[[], None] = lambda: None) -> None:
+        self.index = index
+        self._store = store
+        self._load_ring = load_ring
+        self._on_change = on_change
+
+    async def refresh(self) -> None:
+        new = await self._store.tombstones_since(self.index.last_id)
+        if not new and self.index.broken is None:
+            return
+        if any(self.index.ring.by_id(t.key_id) is None for t in new) or self.index.broken:
+            try:
+                ring = self._load_ring()
+                ring.check_against(await self._store.key_checks())
+                self.index.ring = ring
+                self.index.broken = None
+            except ErasureKeyError as error:
+                self.index.broken = str(error)
+        self.index.add(new)
+        if self.index.broken:
+            log.error("erasure enforcement is broken, deferring all mail: %s", self.index.broken)
+        self._on_change()
