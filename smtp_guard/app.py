@@ -19,12 +19,14 @@ from .addresses import AddressNormalizer
 from .admin.http import HTTPListener
 from .audit import AuditLog
 from .config import Config
+from .erasure.index import TombstoneIndex, TombstoneReloader
+from .erasure.keys import ErasureKeyError, load_key_ring, open_key_ring
+from .erasure.pseudonyms import Pseudonymizer, PseudonymizingAuditStore
 from .hold.worker import ReleaseWorker
 from .index import IndexReloader, SuppressionIndex
 from .logs import configure_logging
 from .metrics import Metrics
-from .policy.pipeline import Pipeline
-from .policy.suppression import SuppressionPolicy
+from .policy.default import default_pipeline
 from .relay.base import Upstream
 from .relay.pool import SMTPUpstream
 from .relay.sandbox import SandboxUpstream
@@ -36,6 +38,7 @@ from .smtp.server import SMTPServer
 from .store.base import AuditRecord
 from .store.sqlite.audit import SQLiteAuditStore
 from .store.sqlite.db import Database
+from .store.sqlite.erasure import SQLiteErasureStore
 from .store.sqlite.holds import SQLiteHoldStore
 from .store.sqlite.suppressions import SQLiteSuppressionStore
 
@@ -48,12 +51,19 @@ STATS_INTERVAL = 5.0
 async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminContext]:
     """Stores for one admin operation (CLI command or API request)."""
     async with Database(config.store.path) as db:
+        erasure = SQLiteErasureStore(db)
+        # A key file that cannot verify the store's tombstones stops every admin command:
+        # acting on a store whose erasures are not enforceable would hide the problem.
+        ring = await open_key_ring(config.erasure_key_file, erasure)
+        normalizer = AddressNormalizer(config.addresses)
         yield AdminContext(
             config=config,
             suppressions=SQLiteSuppressionStore(db),
             holds=SQLiteHoldStore(db),
-            audit=SQLiteAuditStore(db),
-            normalizer=AddressNormalizer(config.addresses),
+            audit=PseudonymizingAuditStore(SQLiteAuditStore(db), Pseudonymizer(normalizer, lambda: ring)),
+            erasure=erasure,
+            key_ring=ring,
+            normalizer=normalizer,
             actor=actor,
         )
 
@@ -90,15 +100,24 @@ class Guard:
         await self._db.open()
         self.suppressions = SQLiteSuppressionStore(self._db)
         self.holds = SQLiteHoldStore(self._db)
-        self.audit_store = SQLiteAuditStore(self._db)
+        self.erasure = SQLiteErasureStore(self._db)
         self.normalizer = AddressNormalizer(config.addresses)
+
+        key_file = config.erasure_key_file
+        self.tombstones = TombstoneIndex(await open_key_ring(key_file, self.erasure),
+                                         await self.erasure.tombstones_since(0))
+        if self.tombstones.broken:
+            raise ErasureKeyError(f"{key_file}: {self.tombstones.broken}; restore the key file from backup")
+        self.tombstone_reloader = TombstoneReloader(self.tombstones, self.erasure, lambda: load_key_ring(key_file))
+        pseudonymizer = Pseudonymizer(self.normalizer, lambda: self.tombstones.ring)
+        self.audit_store = PseudonymizingAuditStore(SQLiteAuditStore(self._db), pseudonymizer)
 
         self.index = SuppressionIndex()
         self.reloader = IndexReloader(self.index, self.suppressions, list(config.lists),
                                       config.store.reload_interval, clock=self.clock)
         self.reloader.on_reload = self.metrics.index_reloads.inc
         await self.reloader.load()
-        self.pipeline = Pipeline([SuppressionPolicy(self.index, config.lists)])
+        self.pipeline = default_pipeline(config, self.tombstones, self.index)
 
         self.upstream = build_upstream(config)
         self.audit = AuditLog(self.audit_store, config.audit, on_dropped=self.metrics.audit_dropped.inc)
@@ -108,6 +127,7 @@ class Guard:
             smtp_config=config.smtp, access=AccessControl(config.access.allow_networks),
             auth_enabled=bool(config.smtp.auth.users), normalizer=self.normalizer, pipeline=self.pipeline,
             upstream=self.upstream, holds=self.holds, audit=self.audit, metrics=self.metrics, clock=self.clock,
+            record_erasure_attempts=self.erasure.record_attempts, stream_headers=config.streams.id_headers,
         )
         authenticator = Authenticator(config.smtp.auth.users) if config.smtp.auth.users else None
         self.smtp = SMTPServer(handler, config.smtp, self.metrics, build_listener_tls(config), authenticator)
@@ -117,6 +137,7 @@ class Guard:
         self.reloader.start()
         self.release_worker.start()
         self._tasks.append(asyncio.create_task(self._stats_loop(), name="stats"))
+        self._tasks.append(asyncio.create_task(self._tombstone_loop(), name="tombstones"))
         if config.metrics.listen is not None:
             await self.http.start(config.metrics.listen.host, config.metrics.listen.port)
         await self.smtp.start()
@@ -161,6 +182,14 @@ class Guard:
         self._started = False
         log.info("smtp-guard stopped")
 
+    async def _tombstone_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.store.reload_interval)
+            try:
+                await self.tombstone_reloader.refresh()
+            except Exception:
+                log.exception("tombstone refresh failed; keeping the current tombstones")
+
     async def _stats_loop(self) -> None:
         while True:
             try:
@@ -171,6 +200,7 @@ class Guard:
 
     async def update_stats(self) -> None:
         """Refresh the gauges that come from the store (hold queue, list sizes)."""
+        self.metrics.tombstones.set(len(self.tombstones))
         stats = await self.holds.stats()
         self.metrics.hold_messages.set(stats.held_messages)
         self.metrics.hold_recipients.set(stats.held_recipients)

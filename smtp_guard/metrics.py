@@ -58,6 +58,11 @@ class Metrics:
         self.index_reloads = Counter(
             "smtp_guard_suppression_index_updates_total",
             "Times the in-memory suppression index took changes from the store.", registry=r)
+        self.erasure_attempts = Counter(
+            "smtp_guard_erasure_attempts_total",
+            "Attempts to mail an erased address: evidence that an upstream system still holds it.", registry=r)
+        self.tombstones = Gauge(
+            "smtp_guard_erasure_tombstones", "Erasure tombstones enforced by this instance.", registry=r)
         self.audit_dropped = Counter(
             "smtp_guard_audit_records_dropped_total",
             "Audit records dropped because the store stayed unavailable and the buffer was full.", registry=r)

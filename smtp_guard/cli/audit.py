@@ -12,8 +12,7 @@ import click
 from ..config import Config
 from ..services.audit import BadTime, format_time, parse_time, query_audit
 from ..store.base import AuditFilter, AuditKind, AuditRecord
-from .common import admin_context, run, with_config
-from .hold import print_table
+from .common import admin_context, print_table, run, with_config
 
 KINDS: tuple[AuditKind, ...] = ("decision", "admin", "delivery")
 

@@ -6,11 +6,12 @@ import asyncio
 import functools
 import getpass
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import click
 
 from ..config import Config, ConfigError, load_config
+from ..erasure.keys import ErasureKeyError
 from ..services.context import AdminContext
 from ..store.base import StoreError
 
@@ -37,6 +38,8 @@ def run(coroutine: Awaitable[T]) -> T:
         raise click.ClickException(
             f"store error: {error}\nCheck [store] path in your config and that the file is readable and writable."
         ) from None
+    except ErasureKeyError as error:
+        raise click.ClickException(f"erasure key problem: {error}") from None
 
 
 @asynccontextmanager
@@ -63,3 +66,9 @@ def with_config(function: Callable[..., Any]) -> Callable[..., Any]:
         return function(load(config_path), **kwargs)
 
     return wrapper
+
+
+def print_table(rows: Sequence[Sequence[str]], indent: str = "") -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo(indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -11,7 +11,7 @@ from ..config import Config
 from ..services import holds as service
 from ..services.audit import format_time
 from ..store.base import HeldMessage, RecipientState
-from .common import admin_context, run, with_config
+from .common import admin_context, print_table, run, with_config
 
 STATES = ("held", "released", "delivered", "failed", "discarded")
 
@@ -209,9 +209,3 @@ def _named(recipients: Sequence[str]) -> str:
 def _states(message: HeldMessage) -> str:
     counts = Counter[str](r.state for r in message.recipients)
     return ", ".join(f"{counts[state]} {state}" for state in STATES if counts[state])
-
-
-def print_table(rows: Sequence[Sequence[str]], indent: str = "") -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo(indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

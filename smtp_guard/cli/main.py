@@ -20,6 +20,7 @@ def main() -> None:
     Explain:          smtp-guard suppress check jane+news@Example.com
     Held mail:        smtp-guard hold list
     Audit trail:      smtp-guard audit list --since 1h
+    Erase (GDPR):     smtp-guard erase jane@example.com --ref DSR-2026-0042
 
     Every command takes --config FILE (or SMTP_GUARD_CONFIG); run `smtp-guard COMMAND --help`.
     """
@@ -34,8 +35,13 @@ def serve(config) -> None:  # type: ignore[no-untyped-def]
     (up to [smtp] shutdown_grace seconds), and never acknowledges a half-relayed message.
     """
     from ..app import serve_forever
+    from ..erasure.keys import ErasureKeyError
+    from ..store.base import StoreError
 
-    serve_forever(config)
+    try:
+        serve_forever(config)
+    except (StoreError, ErasureKeyError, OSError) as error:
+        raise click.ClickException(f"cannot start: {error}") from None
 
 
 @main.command("hash-password")
@@ -50,10 +56,12 @@ def hash_password_command(password: str) -> None:
 
 def _register() -> None:
     from .audit import audit
+    from .erase import erase
     from .hold import hold
     from .suppress import suppress
 
     main.add_command(suppress)
+    main.add_command(erase)
     main.add_command(hold)
     main.add_command(audit)
 

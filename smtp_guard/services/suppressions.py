@@ -21,9 +21,10 @@ from typing import Any, Iterable, Literal, Sequence, TextIO
 
 from ..addresses import InvalidAddress, key_hash, parse_mailbox
 from ..index import SuppressionIndex
+from ..erasure.index import TombstoneIndex
+from ..erasure.keys import erasure_token
 from ..policy.base import Decision, RecipientContext
-from ..policy.pipeline import Pipeline
-from ..policy.suppression import SuppressionPolicy
+from ..policy.default import default_pipeline
 from ..store.base import (
     AuditRecord,
     DomainRule,
@@ -156,7 +157,7 @@ async def remove(ctx: AdminContext, targets: Sequence[str], list_name: str | Non
 
 
 async def check(ctx: AdminContext, address: str) -> CheckResult:
-    """Run the server's suppression decision for one recipient, as of now."""
+    """Run the server's decision (erasure, then suppression lists) for one recipient, as of now."""
     try:
         mailbox = parse_mailbox(address.strip())
         key = ctx.normalizer.key(mailbox)
@@ -166,7 +167,10 @@ async def check(ctx: AdminContext, address: str) -> CheckResult:
     now = ctx.clock()
     entries = tuple(await ctx.suppressions.find(key, chain, now))
     index = SuppressionIndex(_snapshot(entries, list(ctx.config.lists)))
-    pipeline = Pipeline([SuppressionPolicy(index, ctx.config.lists)])
+    token = erasure_token(key)
+    tombstone = await ctx.erasure.find_tombstone([(k.tombstone(token), k.id) for k in ctx.key_ring.keys])
+    tombstones = TombstoneIndex(ctx.key_ring, [tombstone] if tombstone else [])
+    pipeline = default_pipeline(ctx.config, tombstones, index)
     # The same RecipientContext the SMTP front builds at RCPT time (smtp/handler.py).
     recipient = RecipientContext(mailbox=mailbox, key=key, key_hash=key_hash(key), domain_chain=chain,
                                  sender="", client_ip="")

@@ -9,12 +9,14 @@ only when every part of that succeeded, otherwise a 4xx (or the upstream's own 5
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Awaitable, Callable, Sequence
 
 from .. import replies
 from ..addresses import AddressNormalizer, InvalidAddress, Mailbox, key_hash, parse_mailbox
@@ -25,7 +27,7 @@ from ..policy.base import Decision, RecipientContext, Verdict
 from ..policy.pipeline import Pipeline
 from ..relay.base import Upstream, UpstreamError, UpstreamTransaction
 from ..replies import Reply
-from ..store.base import AuditRecord, HeldRecipient, HoldStore, NewHold, StoreError
+from ..store.base import AuditRecord, ErasureAttempt, HeldRecipient, HoldStore, NewHold, StoreError
 from .access import AccessControl
 
 log = logging.getLogger("smtp_guard.smtp")
@@ -45,6 +47,13 @@ class Transaction:
     held: list[tuple[str, Decision]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     refused: int = 0
+    # Attempts to mail erased addresses, written when the transaction ends (with the stream
+    # id from the headers if DATA came).
+    erasure_attempts: list[ErasureAttempt] = field(default_factory=list)
+
+    @property
+    def needs_cleanup(self) -> bool:
+        return self.upstream is not None or bool(self.erasure_attempts)
 
 
 def _client_ip(session: Any) -> str:
@@ -61,7 +70,9 @@ class GuardHandler:
 
     def __init__(self, *, smtp_config: SMTPConfig, access: AccessControl, auth_enabled: bool,
                  normalizer: AddressNormalizer, pipeline: Pipeline, upstream: Upstream, holds: HoldStore,
-                 audit: AuditLog, metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+                 audit: AuditLog, metrics: Metrics,
+                 record_erasure_attempts: Callable[[Sequence[ErasureAttempt]], Awaitable[None]],
+                 stream_headers: Sequence[str], clock: Callable[[], float] = time.time) -> None:
         self._config = smtp_config
         self._access = access
         self._auth_enabled = auth_enabled
@@ -71,6 +82,8 @@ class GuardHandler:
         self._holds = holds
         self._audit = audit
         self._metrics = metrics
+        self._record_erasure_attempts = record_erasure_attempts
+        self._stream_headers = tuple(stream_headers)
         self._clock = clock
 
     # --- session -------------------------------------------------------------------------------
@@ -134,6 +147,8 @@ class GuardHandler:
             sender=envelope.mail_from, client_ip=_client_ip(session), auth_user=_auth_user(session),
         )
         decision = self._pipeline.decide(context)
+        if decision.tombstone is not None:
+            self._note_erasure_attempt(txn, session, envelope, decision)
         if decision.verdict is Verdict.PASS:
             reply, decision = await self._relay_recipient(txn, envelope, mailbox, decision)
         else:
@@ -180,6 +195,9 @@ class GuardHandler:
         if txn is None:
             return str(replies.INTERNAL_ERROR)
         content: bytes = envelope.original_content
+        if txn.erasure_attempts:
+            stream = self._stream_id(content)
+            txn.erasure_attempts = [replace(a, stream=stream) for a in txn.erasure_attempts]
         try:
             reply, outcome = await self._deliver(txn, session, envelope, content)
         finally:
@@ -230,11 +248,41 @@ class GuardHandler:
     # --- transaction end -----------------------------------------------------------------------
 
     async def abandon(self, envelope: Any) -> None:
-        """Release the upstream session of a transaction that ended (DATA, RSET, disconnect)."""
+        """End a transaction (DATA, RSET, disconnect): release its upstream session and write
+        the evidence of any attempt to mail an erased address."""
         txn = _txn(envelope)
-        if txn is not None and txn.upstream is not None:
+        if txn is None:
+            return
+        if txn.upstream is not None:
             upstream, txn.upstream = txn.upstream, None
             await upstream.finish()
+        if txn.erasure_attempts:
+            attempts, txn.erasure_attempts = txn.erasure_attempts, []
+            try:
+                await self._record_erasure_attempts(attempts)
+            except StoreError:
+                log.exception("txn=%s could not record %d erasure attempt(s)", txn.txn_id, len(attempts))
+
+    def _note_erasure_attempt(self, txn: Transaction, session: Any, envelope: Any, decision: Decision) -> None:
+        tombstone = decision.tombstone
+        assert tombstone is not None
+        self._metrics.erasure_attempts.inc()
+        # The address is never logged: the erasure reference identifies the case.
+        log.warning("txn=%s client=%s from=<%s> tried to mail an erased address (erasure reference %s)",
+                    txn.txn_id, _client_ip(session), envelope.mail_from, tombstone.reference)
+        txn.erasure_attempts.append(ErasureAttempt(
+            time=self._clock(), tombstone_id=tombstone.id, reference=tombstone.reference,
+            client=_client_ip(session), sender=envelope.mail_from, stream="", txn_id=txn.txn_id))
+
+    def _stream_id(self, content: bytes) -> str:
+        """The campaign / stream id from the first configured header present ("" if none)."""
+        head = content.split(b"\r\n\r\n", 1)[0]
+        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+        for name in self._stream_headers:
+            value = headers.get(name)
+            if value:
+                return " ".join(str(value).split())[:200]
+        return ""
 
     # --- bookkeeping ---------------------------------------------------------------------------
 

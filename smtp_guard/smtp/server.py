@@ -94,7 +94,7 @@ class GuardSMTP(SMTP):
 
     def _end_transaction(self, envelope: Any) -> None:
         txn = getattr(envelope, "guard_txn", None)
-        if txn is None or txn.upstream is None:
+        if txn is None or not txn.needs_cleanup:
             return
         task = self.loop.create_task(self._guard_handler.abandon(envelope))
         self._cleanups.add(task)

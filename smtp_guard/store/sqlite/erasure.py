@@ -119,7 +119,7 @@ class SQLiteErasureStore:
             PurgeCount("suppression_change_log", "rows", changes),
             PurgeCount("hold_queue", "recipients", len(held)),
             PurgeCount("hold_queue", "messages_deleted", emptied),
-            PurgeCount("audit", "rows_pseudonym_erased", audit_rows),
+            PurgeCount("audit", "pseudonymized_records", audit_rows),
         ]
 
     async def make_unrecoverable(self) -> dict[str, str]:
