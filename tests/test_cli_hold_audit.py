@@ -16,10 +16,12 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from smtp_guard.app import open_admin_context
 from smtp_guard.cli.audit import audit
 from smtp_guard.cli.hold import hold
+from smtp_guard.config import load_config
+from smtp_guard.erasure.pseudonyms import Pseudonymizer
 from smtp_guard.store.base import AuditFilter, AuditRecord, HeldMessage, HeldRecipient, NewHold
-from smtp_guard.store.sqlite.audit import SQLiteAuditStore
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 
@@ -29,7 +31,11 @@ CONTENT = (b"From: Shop <news@shop.test>\r\nTo: undisclosed-recipients:;\r\n"
 
 
 class Guard:
-    """The temp config file and direct access to the same store the CLI uses."""
+    """The temp config file and direct access to the same store the CLI uses.
+
+    Audit records go through the composition root's (pseudonymizing) audit store, as the server
+    and the CLI write them: the trail holds ``h:<16 hex>`` pseudonyms, never recipient addresses.
+    """
 
     def __init__(self, tmp_path: Path) -> None:
         self.db_path = tmp_path / "data" / "guard.sqlite3"
@@ -62,15 +68,22 @@ class Guard:
 
     def append_audit(self, records: Sequence[AuditRecord]) -> None:
         async def append() -> None:
-            async with Database(self.db_path) as db:
-                await SQLiteAuditStore(db).append(records)
+            async with open_admin_context(load_config(self.config), actor="test") as context:
+                await context.audit.append(records)
         asyncio.run(append())
 
     def audit(self, **filters: str) -> list[AuditRecord]:
         async def query() -> list[AuditRecord]:
-            async with Database(self.db_path) as db:
-                return await SQLiteAuditStore(db).query(AuditFilter(**filters))  # type: ignore[arg-type]
+            async with open_admin_context(load_config(self.config), actor="test") as context:
+                return await context.audit.query(AuditFilter(**filters))  # type: ignore[arg-type]
         return asyncio.run(query())
+
+    def pseudonym(self, address: str) -> str:
+        """What the audit trail stores in place of ``address``."""
+        async def pseudonym() -> str:
+            async with open_admin_context(load_config(self.config), actor="test") as context:
+                return Pseudonymizer(context.normalizer, lambda: context.key_ring).pseudonym(address)
+        return asyncio.run(pseudonym())
 
 
 @pytest.fixture
@@ -138,12 +151,17 @@ def test_release_some_then_all(guard: Guard) -> None:
     assert "Nothing to release" in output and "2 released" in output
 
     admin = guard.audit(kind="admin")
+    pseudonym = guard.pseudonym("a@example.com")
+    assert pseudonym.startswith("h:") and len(pseudonym) == 18
     assert [(r.verdict, r.recipient, r.txn_id, r.rule) for r in admin] == [
         ("hold.release", "", hold_id, "breaker.volume"),
         ("hold.release", "", hold_id, "breaker.volume"),
-        ("hold.release", "a@example.com", hold_id, "breaker.volume"),
+        ("hold.release", pseudonym, hold_id, "breaker.volume"),
     ]
     assert all(r.actor.startswith("cli:") for r in admin)
+    assert not any("a@example.com" in f"{r.recipient} {r.reason}" for r in admin)  # the trail names no one
+    # Asking for the person by address (any spelling) still finds their record.
+    assert guard.audit(kind="admin", recipient="A@Example.COM") == admin[2:]
 
 
 def test_release_unknown_recipient_lists_the_real_ones(guard: Guard) -> None:
@@ -186,17 +204,20 @@ def test_audit_list_filters_table_and_json(guard: Guard) -> None:
         AuditRecord(now - 30, "admin", "hold.release", "breaker.volume", "released 1 recipient(s)",
                     txn_id="3f2a", actor="cli:alice"),
     ])
+    old, new = guard.pseudonym("old@example.com"), guard.pseudonym("new@example.com")
     output = ok(guard.cli("audit", "list", "--since", "1h"))
-    assert "new@example.com" in output and "cli:alice" in output and "old@example.com" not in output
-    assert output.index("hold.release") < output.index("new@example.com")  # newest first
+    assert new in output and "cli:alice" in output and old not in output
+    assert "@example.com" not in output  # recipients are shown as their pseudonyms only
+    assert output.index("hold.release") < output.index(new)  # newest first
 
     records = json.loads(ok(guard.cli("audit", "list", "--rule", "suppression", "--json")))
-    assert [(r["recipient"], r["verdict"]) for r in records] == [("old@example.com", "reject")]
+    assert [(r["recipient"], r["verdict"]) for r in records] == [(old, "reject")]
     assert records[0]["time_iso"].endswith("Z")
 
     assert "3f2a" in ok(guard.cli("audit", "list", "--kind", "admin", "--txn", "3f2a"))
-    assert "new@example.com" in ok(guard.cli("audit", "list", "--recipient", "new@example.com",
-                                             "--verdict", "hold", "--sender", "news@shop.test"))
+    output = ok(guard.cli("audit", "list", "--recipient", "new@example.com",
+                          "--verdict", "hold", "--sender", "news@shop.test"))
+    assert new in output and old not in output and "new@example.com" not in output
     assert "No audit records match" in ok(guard.cli("audit", "list", "--until", "2000-01-01"))
 
 

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import json
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
 
-from smtp_guard.addresses import AddressNormalizer
+from smtp_guard.app import open_admin_context
 from smtp_guard.config import Config, StoreConfig
 from smtp_guard.services import importers
 from smtp_guard.services import suppressions as service
 from smtp_guard.services.context import AdminContext
 from smtp_guard.services.importers import BadRow, ImportFailed, ImportProgress, import_file
 from smtp_guard.store.base import AuditFilter, SuppressionEntry, SuppressionFilter
-from smtp_guard.store.sqlite.audit import SQLiteAuditStore
-from smtp_guard.store.sqlite.db import Database
-from smtp_guard.store.sqlite.holds import SQLiteHoldStore
-from smtp_guard.store.sqlite.suppressions import SQLiteSuppressionStore
 
 NOW = datetime(2024, 1, 15, tzinfo=timezone.utc).timestamp()
 DAY = 86400.0
@@ -30,10 +27,8 @@ DAY = 86400.0
 async def admin(tmp_path: Path, now: float = NOW) -> AsyncIterator[AdminContext]:
     """An AdminContext over a real SQLite file in tmp_path, with a fixed clock."""
     config = Config(store=StoreConfig(path=str(tmp_path / "guard.sqlite3")))
-    async with Database(config.store.path) as db:
-        yield AdminContext(config=config, suppressions=SQLiteSuppressionStore(db), holds=SQLiteHoldStore(db),
-                           audit=SQLiteAuditStore(db), normalizer=AddressNormalizer(config.addresses),
-                           actor="test:importer", clock=lambda: now)
+    async with open_admin_context(config, actor="test:importer") as context:
+        yield replace(context, clock=lambda: now)
 
 
 @pytest.fixture
