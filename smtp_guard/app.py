@@ -113,7 +113,7 @@ class Guard:
         self.audit_store = PseudonymizingAuditStore(SQLiteAuditStore(self._db), pseudonymizer)
 
         self.index = SuppressionIndex()
-        self.reloader = IndexReloader(self.index, self.suppressions, list(config.lists),
+        self.reloader = IndexReloader(self.index, self.suppressions, config.list_priority,
                                       config.store.reload_interval, clock=self.clock)
         self.reloader.on_reload = self.metrics.index_reloads.inc
         await self.reloader.load()

@@ -1,5 +1,8 @@
 """Configuration: one TOML file plus environment overrides, validated once and frozen.
 
+(Longer than our usual module: it is the single place that documents, in types, every
+setting of every section, and keeping one loader beats scattering validation.)
+
 Every setting has a safe default, so ``smtp-guard serve`` with no file at all listens on
 loopback and captures mail into a local sandbox Maildir. Unknown keys are errors (a typo
 must never silently fall back to a default), and every error names the file, the key and
@@ -23,6 +26,9 @@ from typing import Any, Literal, Mapping
 ENV_PREFIX = "SMTP_GUARD__"
 
 ListAction = Literal["reject", "drop", "hold"]
+ListScope = Literal["all", "marketing"]
+ProtectionAction = Literal["defer", "hold"]
+RateKey = Literal["client", "auth_user", "sender", "sender_domain", "stream", "recipient_domain"]
 UpstreamMode = Literal["smtp", "sandbox"]
 UpstreamTLS = Literal["none", "starttls", "implicit"]
 BareLineEndings = Literal["reject", "normalize"]
@@ -148,6 +154,11 @@ class ListConfig:
     # Seconds an entry lives by default; None means forever.
     lifetime: float | None = None
     description: str = ""
+    # "marketing": the list only applies to marketing mail; receipts and password resets
+    # still reach the person (DESIGN.md, "Lists have meaning").
+    scope: ListScope = "all"
+    # Decide, log, audit and count, but let the mail pass ("would have rejected").
+    shadow: bool = False
 
 
 DEFAULT_LISTS: Mapping[str, ListConfig] = {
@@ -179,6 +190,90 @@ class ErasureConfig:
 class StreamsConfig:
     # Headers that name the campaign or notification type a message belongs to, first found wins.
     id_headers: tuple[str, ...] = ("X-Campaign-ID", "X-Mailgun-Campaign-Id", "X-SES-CONFIGURATION-SET", "List-Id")
+    # Internal control headers removed before the message is relayed (or held for release).
+    strip_headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClassRule:
+    """One classification rule; every pattern given must match (regex search, case-insensitive)."""
+
+    message_class: str
+    header: str = ""  # header name whose value must match ``pattern``
+    pattern: str = ""
+    sender: str = ""  # regex on the envelope sender
+    subject: str = ""  # regex on the Subject header
+
+
+@dataclass(frozen=True)
+class ClassConfig:
+    """What a message class means for the protections."""
+
+    # Sensitive class: hold a stream after this many recipients until an admin approves
+    # (0: hold from the first recipient). -1: no approval gate.
+    approval_after: int = -1
+    # Personal/transactional class: the same body to more than this many distinct recipients
+    # trips the breaker (the "same partner id to everyone" case). 0: no fan-out detector.
+    fanout_limit: int = 0
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    default: str = "marketing"
+    rules: tuple[ClassRule, ...] = ()
+
+
+DEFAULT_CLASSES: Mapping[str, ClassConfig] = {
+    "marketing": ClassConfig(),
+    "transactional": ClassConfig(),
+}
+
+
+@dataclass(frozen=True)
+class RateLimitRule:
+    name: str
+    key: RateKey
+    rate: float  # tokens per second
+    burst: float
+    action: ProtectionAction = "defer"
+    # Only traffic matching every given condition counts against this rule.
+    match_sender: str = ""
+    match_class: str = ""
+    match_header: str = ""
+    match_pattern: str = ""
+    shadow: bool = False
+
+    @property
+    def needs_message(self) -> bool:
+        """Decidable only at the end of DATA (needs headers, class or stream)."""
+        return self.key == "stream" or bool(self.match_class or self.match_header)
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    enabled: bool = True
+    # Distinct recipients of one stream are counted over this sliding window.
+    window: float = 3600.0
+    # Trip when a stream exceeds max(floor, factor x the sender's baseline) ...
+    factor: float = 5.0
+    floor: int = 1000
+    # ... or this absolute ceiling (0: none).
+    ceiling: int = 0
+    # What happens to a tripped stream's further recipients.
+    action: ProtectionAction = "hold"
+    # A stream with no new recipient for this long is finished; its size teaches the baseline.
+    stream_idle: float = 1800.0
+    # Weight of a finished stream in the sender's baseline (exponentially decayed average).
+    learning_rate: float = 0.3
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    # Run every protection as "would have blocked": decide, log, audit, count, deliver.
+    # Erasures are always enforced (a legal obligation, not a rollout risk).
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -217,9 +312,20 @@ class Config:
     hold: HoldConfig = HoldConfig()
     erasure: ErasureConfig = ErasureConfig()
     streams: StreamsConfig = StreamsConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    classes: Mapping[str, ClassConfig] = field(default_factory=lambda: dict(DEFAULT_CLASSES))
+    rate_limits: tuple[RateLimitRule, ...] = ()
+    breaker: BreakerConfig = BreakerConfig()
+    policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
     audit: AuditConfig = AuditConfig()
     source: str = "<embedded defaults>"
+
+    @property
+    def list_priority(self) -> list[str]:
+        """Lists in decision order: lists for all mail before marketing-only lists (so that an
+        address on both is refused at RCPT), then the configured order."""
+        return sorted(self.lists, key=lambda name: self.lists[name].scope != "all")
 
     @property
     def erasure_key_file(self) -> Path:
@@ -313,6 +419,9 @@ _ALIASES = {
     "LogFormat": "Literal['text', 'json']",
     "ListAction": "Literal['reject', 'drop', 'hold']",
     "ErasureAction": "Literal['reject', 'drop']",
+    "ListScope": "Literal['all', 'marketing']",
+    "ProtectionAction": "Literal['defer', 'hold']",
+    "RateKey": "Literal['client', 'auth_user', 'sender', 'sender_domain', 'stream', 'recipient_domain']",
 }
 
 
@@ -334,7 +443,7 @@ def _build_section(cls: type, table: Mapping[str, Any], where: str) -> Any:
             values[f.name] = None if raw in ("", "off", False) else parse_listen(raw, key)
         elif f.name == "lifetime":
             values[f.name] = parse_duration(raw, key)
-        elif f.name in {"retry_initial", "retry_max", "max_age"}:
+        elif f.name in {"retry_initial", "retry_max", "max_age", "window", "stream_idle"}:
             values[f.name] = parse_duration(raw, key, allow_never=False)
         elif isinstance(current, (TLSListenConfig, AuthConfig)):
             values[f.name] = _build_section(type(current), raw, key)
@@ -396,6 +505,8 @@ _SECTIONS: dict[str, type] = {
     "hold": HoldConfig,
     "erasure": ErasureConfig,
     "streams": StreamsConfig,
+    "breaker": BreakerConfig,
+    "policy": PolicyConfig,
     "logging": LoggingConfig,
     "audit": AuditConfig,
 }
@@ -436,10 +547,110 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         table[path[-1]] = value
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smhd])\s*$")
+
+
+def parse_rate(value: Any, where: str) -> float:
+    """Read "100/s", "600/m", "10000/h", "50000/d" as tokens per second."""
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"{where}: {value!r} is not a rate; write e.g. \"600/m\" or \"10000/h\"")
+    return float(match.group(1)) / _DURATION_UNITS[match.group(2)]
+
+
+def _compile_check(pattern: str, where: str) -> None:
+    if pattern:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"{where}: {pattern!r} is not a valid regular expression: {error}") from None
+
+
+def _build_classify(table: Any, where: str) -> ClassifyConfig:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    _check_keys(table, {"default", "rules"}, where)
+    default = table.get("default", "marketing")
+    if not isinstance(default, str) or not default:
+        raise ConfigError(f"{where}.default: expected a class name")
+    rules = []
+    raw_rules = table.get("rules", [])
+    if not isinstance(raw_rules, list):
+        raise ConfigError(f"{where}.rules: expected a list of rules ([[classify.rules]])")
+    for number, raw in enumerate(raw_rules, start=1):
+        here = f"{where}.rules[{number}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{here}: expected a table")
+        _check_keys(raw, {"class", "header", "pattern", "sender", "subject"}, here)
+        if not all(isinstance(v, str) for v in raw.values()) or not raw.get("class"):
+            raise ConfigError(f"{here}: needs class = \"NAME\" and string conditions")
+        if not (raw.get("header") or raw.get("sender") or raw.get("subject")):
+            raise ConfigError(f"{here}: give at least one of header (+ pattern), sender, subject")
+        if raw.get("pattern") and not raw.get("header"):
+            raise ConfigError(f"{here}: pattern needs header = \"Header-Name\"")
+        for key in ("pattern", "sender", "subject"):
+            _compile_check(raw.get(key, ""), f"{here}.{key}")
+        rules.append(ClassRule(raw["class"], raw.get("header", ""), raw.get("pattern", ""),
+                               raw.get("sender", ""), raw.get("subject", "")))
+    return ClassifyConfig(default=default, rules=tuple(rules))
+
+
+def _build_classes(table: Any, where: str) -> dict[str, ClassConfig]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected tables like [classes.sanction], got {table!r}")
+    classes = dict(DEFAULT_CLASSES)
+    for name, raw in table.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", name):
+            raise ConfigError(f"{where}.{name}: class names are lower-case letters, digits, '-' and '_'")
+        classes[name] = _build_section(ClassConfig, raw, f"{where}.{name}")
+        if classes[name].approval_after < -1:
+            raise ConfigError(f"{where}.{name}.approval_after: -1 (no gate), 0 or more")
+    return classes
+
+
+def _build_rate_limits(raw_rules: Any, where: str) -> tuple[RateLimitRule, ...]:
+    if not isinstance(raw_rules, list):
+        raise ConfigError(f"{where}: expected a list of rules ([[rate_limits]])")
+    rules, names = [], set()
+    keys = {"name", "key", "rate", "burst", "action", "match", "shadow"}
+    for number, raw in enumerate(raw_rules, start=1):
+        here = f"{where}[{number}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{here}: expected a table")
+        _check_keys(raw, keys, here)
+        name = raw.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", name) or name in names:
+            raise ConfigError(f"{here}.name: a unique lower-case name is required (it appears in metrics)")
+        names.add(name)
+        key = raw.get("key")
+        allowed = ("client", "auth_user", "sender", "sender_domain", "stream", "recipient_domain")
+        if key not in allowed:
+            raise ConfigError(f"{here}.key: {key!r} is not one of {', '.join(allowed)}")
+        rate = parse_rate(raw.get("rate"), f"{here}.rate")
+        burst = raw.get("burst", 1)
+        if isinstance(burst, bool) or not isinstance(burst, (int, float)) or burst < 1:
+            raise ConfigError(f"{here}.burst: a number of at least 1")
+        action = raw.get("action", "defer")
+        if action not in ("defer", "hold"):
+            raise ConfigError(f"{here}.action: \"defer\" (451, the platform retries) or \"hold\" (paced release)")
+        match = raw.get("match", {})
+        if not isinstance(match, Mapping):
+            raise ConfigError(f"{here}.match: expected a table like {{ sender = \"@shop\\\\.test$\" }}")
+        _check_keys(match, {"sender", "class", "header", "pattern"}, f"{here}.match")
+        for k in ("sender", "pattern"):
+            _compile_check(match.get(k, ""), f"{here}.match.{k}")
+        shadow = raw.get("shadow", False)
+        if not isinstance(shadow, bool):
+            raise ConfigError(f"{here}.shadow: expected true or false")
+        rules.append(RateLimitRule(name, key, rate, float(burst), action, match.get("sender", ""),
+                                   match.get("class", ""), match.get("header", ""), match.get("pattern", ""), shadow))
+    return tuple(rules)
+
+
 def build_config(data: Mapping[str, Any], source: str) -> Config:
     """Validate a parsed TOML document (plus env overrides already merged) into a Config."""
     where = source
-    _check_keys(data, set(_SECTIONS) | {"access", "lists"}, where)
+    _check_keys(data, set(_SECTIONS) | {"access", "lists", "classify", "classes", "rate_limits"}, where)
     kwargs: dict[str, Any] = {"source": source}
     for name, cls in _SECTIONS.items():
         if name in data:
@@ -448,6 +659,12 @@ def build_config(data: Mapping[str, Any], source: str) -> Config:
         kwargs["access"] = _build_access(data["access"], f"{where}: [access]")
     if "lists" in data:
         kwargs["lists"] = _build_lists(data["lists"], f"{where}: [lists]")
+    if "classify" in data:
+        kwargs["classify"] = _build_classify(data["classify"], f"{where}: [classify]")
+    if "classes" in data:
+        kwargs["classes"] = _build_classes(data["classes"], f"{where}: [classes]")
+    if "rate_limits" in data:
+        kwargs["rate_limits"] = _build_rate_limits(data["rate_limits"], f"{where}: [[rate_limits]]")
     config = Config(**kwargs)
     _validate(config, where)
     return config
@@ -479,6 +696,16 @@ def _validate(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: [smtp] max_recipients, max_sessions and max_message_size must be positive")
     if config.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"{where}: [logging] level {config.logging.level!r} is not one of debug, info, warning, error")
+    known_classes = set(config.classes) | {config.classify.default}
+    for rule in config.classify.rules:
+        if rule.message_class not in config.classes:
+            raise ConfigError(f"{where}: [classify] rule names class {rule.message_class!r}; "
+                              f"define it with [classes.{rule.message_class}]")
+    for limit in config.rate_limits:
+        if limit.match_class and limit.match_class not in known_classes:
+            raise ConfigError(f"{where}: [[rate_limits]] {limit.name}: unknown class {limit.match_class!r}")
+    if not 0 < config.breaker.learning_rate <= 1 or config.breaker.factor <= 0:
+        raise ConfigError(f"{where}: [breaker] learning_rate must be in (0, 1] and factor positive")
     if config.upstream.max_connections < 1:
         raise ConfigError(f"{where}: [upstream] max_connections must be at least 1")
 

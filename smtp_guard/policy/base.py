@@ -8,8 +8,8 @@ compiles its configuration up front and only looks things up.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol
 
 from ..addresses import Mailbox
 from ..replies import Reply
@@ -34,6 +34,10 @@ class Decision:
     reason: str  # for humans
     reply: Reply | None = None  # what the client sees at RCPT (None: the default for the verdict)
     tombstone: Tombstone | None = None  # the erasure that matched (evidence for the attempt report)
+    # HOLD only: release automatically at this time (hold-and-pace); None waits for an admin.
+    release_at: float | None = None
+    # Decisions of policies in shadow mode that would have applied ("would have rejected").
+    shadowed: tuple["Decision", ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,47 @@ class RecipientContext:
     auth_user: str | None = None
 
 
+@dataclass(frozen=True)
+class MessageContext:
+    """Everything known about a message at the end of DATA, for the policies that need its
+    headers: class, stream, body. ``recipients`` are the ones still to be relayed."""
+
+    sender: str
+    client_ip: str
+    auth_user: str | None
+    headers: Mapping[str, str]  # lower-case name -> first value, unfolded
+    subject: str
+    stream: str
+    message_class: str
+    body_hash: str
+    recipients: tuple[RecipientContext, ...]
+    now: float
+
+
+@dataclass(frozen=True)
+class MessageVerdict:
+    """A message policy's opinion: about the whole message (``message``: DEFER or REJECT it
+    all), or about some recipients (HOLD or DROP them; they already got 250 at RCPT)."""
+
+    message: Decision | None = None
+    recipients: Mapping[str, Decision] = field(default_factory=dict)  # by mailbox text
+
+
 class Policy(Protocol):
+    """A recipient policy, asked at RCPT time."""
+
     name: str
+    shadow: bool
 
     def check(self, recipient: RecipientContext) -> Decision | None:
         """A decision, or None for no opinion. Must not do I/O."""
+
+
+class MessagePolicy(Protocol):
+    """A message policy, asked at the end of DATA (it needs headers, class or stream)."""
+
+    name: str
+    shadow: bool
+
+    def check_message(self, message: MessageContext) -> MessageVerdict | None:
+        """An opinion, or None. Must not do I/O; may update in-memory counters."""

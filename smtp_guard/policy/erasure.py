@@ -15,6 +15,8 @@ class ErasureEnforcementBroken(RuntimeError):
 
 class ErasurePolicy:
     name = "erasure"
+    # Never in shadow mode: an erasure is a legal obligation, not a rollout risk.
+    shadow = False
 
     def __init__(self, index: TombstoneIndex, action: ErasureAction) -> None:
         self._index = index

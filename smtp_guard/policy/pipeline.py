@@ -1,5 +1,12 @@
 """The ordered policy pipeline: first decision wins, no decision means pass.
 
+Two phases, because SMTP gives two moments to decide: recipient policies at RCPT (per
+recipient, exact replies), message policies at the end of DATA (they need headers, class or
+stream; they can refuse the whole message, or hold/drop recipients that already got 250).
+
+A policy in shadow mode is asked like any other; its decision is kept as "would have" on the
+final decision (logged, audited, counted) and the pipeline goes on as if it had said nothing.
+
 A policy that raises fails closed and temporary (451 4.3.5, like Postfix's
 ``smtpd_policy_service_default_action``): a broken policy must never let mail through, and
 must never make the platform drop it either.
@@ -8,10 +15,11 @@ must never make the platform drop it either.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from .. import replies
-from .base import Decision, Policy, RecipientContext, Verdict
+from .base import Decision, MessageContext, MessagePolicy, Policy, RecipientContext, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -19,20 +27,78 @@ PASS = Decision(Verdict.PASS, "pass", "no policy objected", replies.RECIPIENT_OK
 POLICY_ERROR_REPLY = replies.Reply(451, "4.3.5", "Policy check failed, try again later")
 
 
+def _failed(name: str) -> Decision:
+    log.exception("policy %s failed; deferring", name)
+    return Decision(Verdict.DEFER, f"{name}.error", "policy raised an error", POLICY_ERROR_REPLY)
+
+
+@dataclass
+class MessageOutcome:
+    """The message phase's result: a whole-message decision, or per-recipient ones."""
+
+    message: Decision | None = None
+    recipients: dict[str, Decision] = field(default_factory=dict)
+    shadowed: list[tuple[str, Decision]] = field(default_factory=list)  # (recipient or "", decision)
+
+
 class Pipeline:
-    def __init__(self, policies: Sequence[Policy]) -> None:
+    def __init__(self, policies: Sequence[Policy], message_policies: Sequence[MessagePolicy] = ()) -> None:
         self.policies = tuple(policies)
+        self.message_policies = tuple(message_policies)
 
     def decide(self, recipient: RecipientContext) -> Decision:
+        shadowed: list[Decision] = []
+        final = PASS
         for policy in self.policies:
             try:
                 decision = policy.check(recipient)
             except Exception:
-                log.exception("policy %s failed; deferring the recipient", policy.name)
-                return Decision(Verdict.DEFER, f"{policy.name}.error", "policy raised an error", POLICY_ERROR_REPLY)
-            if decision is not None:
-                return decision
-        return PASS
+                final = _failed(policy.name)
+                break
+            if decision is None:
+                continue
+            # A policy may shadow one of its rules itself: PASS carrying what it would have done.
+            shadowed += decision.shadowed
+            if decision.verdict is Verdict.PASS:
+                continue
+            if policy.shadow:
+                shadowed.append(replace(decision, shadowed=()))
+                continue
+            final = decision
+            break
+        return replace(final, shadowed=tuple(shadowed)) if shadowed else final
+
+    def decide_message(self, message: MessageContext) -> MessageOutcome:
+        outcome = MessageOutcome()
+        remaining = message
+        for policy in self.message_policies:
+            try:
+                verdict = policy.check_message(remaining)
+            except Exception:
+                outcome.message = _failed(policy.name)
+                return outcome
+            if verdict is None:
+                continue
+            if verdict.message is not None:
+                if policy.shadow:
+                    outcome.shadowed.append(("", verdict.message))
+                else:
+                    outcome.message = verdict.message
+                    return outcome
+            for address, decision in verdict.recipients.items():
+                outcome.shadowed += [(address, d) for d in decision.shadowed]
+            decided = {k: replace(d, shadowed=()) for k, d in verdict.recipients.items()
+                       if d.verdict is not Verdict.PASS}
+            if policy.shadow:
+                outcome.shadowed += list(decided.items())
+                continue
+            outcome.recipients.update(decided)
+            if decided:
+                # Later policies only see (and count) the recipients still to be relayed.
+                remaining = replace(remaining, recipients=tuple(
+                    r for r in remaining.recipients if r.mailbox.text not in decided))
+        return outcome
 
     def __repr__(self) -> str:
-        return f"<Pipeline {' -> '.join(p.name for p in self.policies)}>"
+        names = [p.name for p in self.policies] + [f"{p.name}@data" for p in self.message_policies]
+        return f"<Pipeline {' -> '.join(names)}>"

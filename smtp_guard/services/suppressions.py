@@ -166,7 +166,7 @@ async def check(ctx: AdminContext, address: str) -> CheckResult:
         raise InvalidTarget(address, f"is not a valid address: {error}") from None
     now = ctx.clock()
     entries = tuple(await ctx.suppressions.find(key, chain, now))
-    index = SuppressionIndex(_snapshot(entries, list(ctx.config.lists)))
+    index = SuppressionIndex(_snapshot(entries, ctx.config.list_priority))
     token = erasure_token(key)
     tombstone = await ctx.erasure.find_tombstone([(k.tombstone(token), k.id) for k in ctx.key_ring.keys])
     tombstones = TombstoneIndex(ctx.key_ring, [tombstone] if tombstone else [])

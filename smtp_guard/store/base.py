@@ -136,6 +136,8 @@ class NewHold:
     mail_options: tuple[str, ...]
     content: bytes
     recipients: Sequence[HeldRecipient]
+    stream: str = ""
+    message_class: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ class HeldMessage:
     size: int
     recipients: tuple[HeldRecipient, ...]
     content: bytes | None = None  # filled by get(), not by listing
+    stream: str = ""
+    message_class: str = ""
 
 
 @dataclass(frozen=True)

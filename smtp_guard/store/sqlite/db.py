@@ -121,6 +121,36 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX erasure_attempts_by_time ON erasure_attempts (time);
     """,
+    """
+    -- Bulk-send protection (DESIGN.md, second incident).
+    ALTER TABLE held_messages ADD COLUMN stream TEXT NOT NULL DEFAULT '';
+    ALTER TABLE held_messages ADD COLUMN message_class TEXT NOT NULL DEFAULT '';
+    CREATE INDEX held_messages_by_stream ON held_messages (stream);
+
+    -- One row per stream whose breaker or approval gate tripped. The server writes counts;
+    -- admins (CLI/API) write the decision (approved with a new ceiling, or cancelled).
+    CREATE TABLE breakers (
+        stream TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        message_class TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('tripped', 'approved', 'cancelled')),
+        threshold INTEGER NOT NULL,
+        ceiling INTEGER,
+        recipients INTEGER NOT NULL,
+        tripped_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        decided_by TEXT NOT NULL DEFAULT '',
+        decided_at REAL
+    );
+    -- Learned size of a sender's streams (exponentially decayed average of finished streams).
+    CREATE TABLE baselines (
+        sender TEXT PRIMARY KEY,
+        baseline REAL NOT NULL,
+        streams INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 )
 
 PRAGMAS = (

@@ -23,7 +23,7 @@ import aiosqlite
 from ..base import HeldMessage, HeldRecipient, HoldStats, NewHold, RecipientState
 from .db import Database
 
-_MESSAGE_COLUMNS = "id, txn_id, created_at, client, sender, mail_options, size"
+_MESSAGE_COLUMNS = "id, txn_id, created_at, client, sender, mail_options, size, stream, message_class"
 _RECIPIENT_COLUMNS = "address, state, rule, reason, attempts, next_attempt_at, last_reply"
 
 
@@ -44,9 +44,10 @@ class SQLiteHoldStore:
         now = self._clock()
         async with self._db.transaction() as conn:
             await conn.execute(
-                f"INSERT INTO held_messages ({_MESSAGE_COLUMNS}, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO held_messages ({_MESSAGE_COLUMNS}, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (hold_id, message.txn_id, now, message.client, message.sender,
-                 " ".join(message.mail_options), len(message.content), message.content),
+                 " ".join(message.mail_options), len(message.content), message.stream, message.message_class,
+                 message.content),
             )
             # OR IGNORE: a client that names the same recipient twice gets one delivery,
             # as from any MTA.
@@ -85,7 +86,7 @@ class SQLiteHoldStore:
         if row is None:
             return None
         recipients = await self._recipients([hold_id])
-        return _message(row, tuple(recipients.get(hold_id, ())), content=row[7])
+        return _message(row, tuple(recipients.get(hold_id, ())), content=row[9])
 
     async def release(self, hold_id: str, now: float, recipients: Sequence[str] | None = None) -> int:
         async with self._db.transaction() as conn:
@@ -109,7 +110,8 @@ class SQLiteHoldStore:
 
     async def due(self, now: float, limit: int = 50) -> builtins.list[HeldMessage]:
         rows = await self._db.fetchall(
-            "SELECT m.id, m.txn_id, m.created_at, m.client, m.sender, m.mail_options, m.size, m.content "
+            "SELECT m.id, m.txn_id, m.created_at, m.client, m.sender, m.mail_options, m.size, m.stream, "
+            "m.message_class, m.content "
             "FROM held_messages m JOIN held_recipients r ON r.hold_id = m.id "
             "WHERE r.state = 'released' AND r.next_attempt_at <= ? AND m.content IS NOT NULL "
             "GROUP BY m.id ORDER BY MIN(r.next_attempt_at), m.created_at LIMIT ?",
@@ -125,7 +127,7 @@ class SQLiteHoldStore:
             (*ids, now),
         )
         recipients = _group(due_rows)
-        return [_message(row, tuple(recipients.get(row[0], ())), content=row[7]) for row in rows]
+        return [_message(row, tuple(recipients.get(row[0], ())), content=row[9]) for row in rows]
 
     async def record_attempt(self, hold_id: str, address: str, state: RecipientState, reply: str,
                              next_attempt_at: float | None) -> None:
@@ -196,8 +198,9 @@ def _group(rows: Sequence[Any]) -> dict[str, list[HeldRecipient]]:
 
 
 def _message(row: Sequence[Any], recipients: tuple[HeldRecipient, ...], content: bytes | None = None) -> HeldMessage:
-    hold_id, txn_id, created_at, client, sender, mail_options, size = row[:7]
+    hold_id, txn_id, created_at, client, sender, mail_options, size, stream, message_class = row[:9]
     return HeldMessage(
         id=hold_id, txn_id=txn_id, created_at=created_at, client=client, sender=sender,
         mail_options=tuple(mail_options.split()), size=size, recipients=recipients, content=content,
+        stream=stream, message_class=message_class,
     )
