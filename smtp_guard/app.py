@@ -18,6 +18,7 @@ from typing import AsyncIterator, Callable
 from .addresses import AddressNormalizer
 from .admin.http import HTTPListener
 from .audit import AuditLog
+from .classify import MessageClassifier
 from .config import Config
 from .erasure.index import TombstoneIndex, TombstoneReloader
 from .erasure.keys import ErasureKeyError, load_key_ring, open_key_ring
@@ -127,7 +128,8 @@ class Guard:
             smtp_config=config.smtp, access=AccessControl(config.access.allow_networks),
             auth_enabled=bool(config.smtp.auth.users), normalizer=self.normalizer, pipeline=self.pipeline,
             upstream=self.upstream, holds=self.holds, audit=self.audit, metrics=self.metrics, clock=self.clock,
-            record_erasure_attempts=self.erasure.record_attempts, stream_headers=config.streams.id_headers,
+            record_erasure_attempts=self.erasure.record_attempts,
+            classifier=MessageClassifier(config.classify, config.streams), strip=config.streams.strip_headers,
         )
         authenticator = Authenticator(config.smtp.auth.users) if config.smtp.auth.users else None
         self.smtp = SMTPServer(handler, config.smtp, self.metrics, build_listener_tls(config), authenticator)

@@ -58,6 +58,10 @@ class Metrics:
         self.index_reloads = Counter(
             "smtp_guard_suppression_index_updates_total",
             "Times the in-memory suppression index took changes from the store.", registry=r)
+        self.shadow_decisions = Counter(
+            "smtp_guard_shadow_decisions_total",
+            "Decisions of policies in shadow mode: what would have been deferred, held or rejected.",
+            ["verdict", "rule"], registry=r)
         self.erasure_attempts = Counter(
             "smtp_guard_erasure_attempts_total",
             "Attempts to mail an erased address: evidence that an upstream system still holds it.", registry=r)

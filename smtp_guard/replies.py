@@ -60,6 +60,12 @@ SANDBOX_CAPTURED = Reply(250, "2.0.0", "Message captured by the sandbox upstream
 SUPPRESSED = Reply(550, "5.7.1", "Recipient is on a suppression list")
 ERASED = Reply(550, "5.7.1", "Recipient address was erased at its owner's request; delete it from your lists")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+RATE_LIMITED = Reply(451, "4.7.1", "Rate limit exceeded, try again later")
+DEFERRED = Reply(451, "4.7.1", "Deferred by policy, try again later")
+REFUSED = Reply(550, "5.7.1", "Refused by policy")
+BREAKER_DEFERRED = Reply(451, "4.7.1", "Stream paused by the volume breaker pending review, try again later")
+STREAM_CANCELLED = Reply(550, "5.7.1", "This mailing was cancelled by an administrator")
+HELD_FOR_REVIEW = Reply(250, "2.1.5", "Recipient OK (held for review)")
 
 # --- access ------------------------------------------------------------------------------------
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
@@ -85,6 +91,7 @@ UPSTREAM_BUSY = Reply(451, "4.4.5", "All upstream connections busy, try again la
 STORE_UNAVAILABLE = Reply(451, "4.3.0", "Message store unavailable, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+UPSTREAM_CHANGED = Reply(451, "4.4.0", "Upstream refused a recipient it had accepted, try again later")
 
 # The policy and relay replies above are the guard's; aiosmtpd formats a few of its own. The
 # SMTP front rewrites these (matched by prefix) so the client always gets an enhanced code.

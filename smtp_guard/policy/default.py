@@ -11,11 +11,19 @@ from ..erasure.index import TombstoneIndex
 from ..index import SuppressionIndex
 from .erasure import ErasurePolicy
 from .pipeline import Pipeline
-from .suppression import SuppressionPolicy
+from .suppression import MarketingSuppressionPolicy, SuppressionPolicy
 
 
 def default_pipeline(config: Config, tombstones: TombstoneIndex, suppressions: SuppressionIndex) -> Pipeline:
-    return Pipeline([
-        ErasurePolicy(tombstones, config.erasure.action),  # 1. erased
-        SuppressionPolicy(suppressions, config.lists),  # 2. suppressed
-    ])
+    shadow_all = config.policy.shadow
+    suppression = SuppressionPolicy(suppressions, config.lists, shadow_all=shadow_all)
+    return Pipeline(
+        [
+            ErasurePolicy(tombstones, config.erasure.action),  # 1. erased
+            suppression,  # 2. suppressed (lists for all mail)
+        ],
+        [
+            # End of DATA, once class and stream are known:
+            MarketingSuppressionPolicy(suppression, config.lists, config.classify.default),  # 2b. marketing-only lists
+        ],
+    )

@@ -9,8 +9,6 @@ only when every part of that succeeded, otherwise a 4xx (or the upstream's own 5
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import logging
 import re
 import secrets
@@ -21,10 +19,11 @@ from typing import Any, Awaitable, Callable, Sequence
 from .. import replies
 from ..addresses import AddressNormalizer, InvalidAddress, Mailbox, key_hash, parse_mailbox
 from ..audit import AuditLog
+from ..classify import MessageClassifier, strip_headers
 from ..config import SMTPConfig
 from ..metrics import Metrics
-from ..policy.base import Decision, RecipientContext, Verdict
-from ..policy.pipeline import Pipeline
+from ..policy.base import Decision, MessageContext, RecipientContext, Verdict
+from ..policy.pipeline import MessageOutcome, Pipeline
 from ..relay.base import Upstream, UpstreamError, UpstreamTransaction
 from ..replies import Reply
 from ..store.base import AuditRecord, ErasureAttempt, HeldRecipient, HoldStore, NewHold, StoreError
@@ -44,6 +43,7 @@ class Transaction:
     started: float
     upstream: UpstreamTransaction | None = None
     relayed: list[str] = field(default_factory=list)
+    relayed_contexts: dict[str, RecipientContext] = field(default_factory=dict)
     held: list[tuple[str, Decision]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     refused: int = 0
@@ -72,7 +72,8 @@ class GuardHandler:
                  normalizer: AddressNormalizer, pipeline: Pipeline, upstream: Upstream, holds: HoldStore,
                  audit: AuditLog, metrics: Metrics,
                  record_erasure_attempts: Callable[[Sequence[ErasureAttempt]], Awaitable[None]],
-                 stream_headers: Sequence[str], clock: Callable[[], float] = time.time) -> None:
+                 classifier: MessageClassifier, strip: Sequence[str] = (),
+                 clock: Callable[[], float] = time.time) -> None:
         self._config = smtp_config
         self._access = access
         self._auth_enabled = auth_enabled
@@ -83,7 +84,8 @@ class GuardHandler:
         self._audit = audit
         self._metrics = metrics
         self._record_erasure_attempts = record_erasure_attempts
-        self._stream_headers = tuple(stream_headers)
+        self._classifier = classifier
+        self._strip = tuple(strip)
         self._clock = clock
 
     # --- session -------------------------------------------------------------------------------
@@ -147,10 +149,12 @@ class GuardHandler:
             sender=envelope.mail_from, client_ip=_client_ip(session), auth_user=_auth_user(session),
         )
         decision = self._pipeline.decide(context)
+        for shadowed in decision.shadowed:
+            self._record_shadow(txn, session, envelope, mailbox.text, shadowed)
         if decision.tombstone is not None:
             self._note_erasure_attempt(txn, session, envelope, decision)
         if decision.verdict is Verdict.PASS:
-            reply, decision = await self._relay_recipient(txn, envelope, mailbox, decision)
+            reply, decision = await self._relay_recipient(txn, envelope, context, decision)
         else:
             reply = decision.reply or replies.RECIPIENT_OK
             if decision.verdict is Verdict.HOLD:
@@ -164,7 +168,7 @@ class GuardHandler:
         self._record(txn, session, envelope, mailbox.text, decision)
         return str(reply)
 
-    async def _relay_recipient(self, txn: Transaction, envelope: Any, mailbox: Mailbox,
+    async def _relay_recipient(self, txn: Transaction, envelope: Any, context: RecipientContext,
                                decision: Decision) -> tuple[Reply, Decision]:
         """Offer a passing recipient to the upstream; its answer is the client's answer."""
         if txn.upstream is None:
@@ -177,11 +181,13 @@ class GuardHandler:
                 return error.reply, _upstream_decision(error.reply, "upstream.mail")
             finally:
                 self._metrics.upstream_duration.labels("mail").observe(time.monotonic() - started)
+        mailbox = context.mailbox
         started = time.monotonic()
         reply = await txn.upstream.rcpt(mailbox.text)
         self._metrics.upstream_duration.labels("rcpt").observe(time.monotonic() - started)
         if reply.is_success:
             txn.relayed.append(mailbox.text)
+            txn.relayed_contexts[mailbox.text] = context
             envelope.rcpt_tos.append(mailbox.text)
             return reply, decision
         self._count_upstream_error(reply)
@@ -195,11 +201,13 @@ class GuardHandler:
         if txn is None:
             return str(replies.INTERNAL_ERROR)
         content: bytes = envelope.original_content
+        message = self._classifier.context(
+            content, _reverse_path(txn), _client_ip(session), _auth_user(session),
+            list(txn.relayed_contexts.values()), self._clock())
         if txn.erasure_attempts:
-            stream = self._stream_id(content)
-            txn.erasure_attempts = [replace(a, stream=stream) for a in txn.erasure_attempts]
+            txn.erasure_attempts = [replace(a, stream=message.stream) for a in txn.erasure_attempts]
         try:
-            reply, outcome = await self._deliver(txn, session, envelope, content)
+            reply, outcome = await self._deliver(txn, session, envelope, content, message)
         finally:
             await self.abandon(envelope)
         self._metrics.messages.labels(outcome).inc()
@@ -208,7 +216,8 @@ class GuardHandler:
                  len(txn.dropped), txn.refused, len(content), outcome, str(reply))
         return str(reply)
 
-    async def _deliver(self, txn: Transaction, session: Any, envelope: Any, content: bytes) -> tuple[Reply, str]:
+    async def _deliver(self, txn: Transaction, session: Any, envelope: Any, content: bytes,
+                       message: MessageContext) -> tuple[Reply, str]:
         if b"\x00" in content:
             return replies.NUL_IN_MESSAGE, "refused"
         if _BARE_CR_OR_LF.search(content):
@@ -217,6 +226,10 @@ class GuardHandler:
             if self._config.bare_line_endings == "reject":
                 return replies.BARE_LINE_ENDING, "refused"
             content = _BARE_CR_OR_LF.sub(b"\r\n", content)
+        refusal = await self._apply_message_policies(txn, session, envelope, message)
+        if refusal is not None:
+            return refusal
+        content = strip_headers(content, self._strip)
         upstream_reply: Reply | None = None
         if txn.relayed:
             assert txn.upstream is not None
@@ -231,7 +244,8 @@ class GuardHandler:
                 hold_id = await self._holds.hold(NewHold(
                     txn_id=txn.txn_id, client=_client_ip(session), sender=_reverse_path(txn),
                     mail_options=tuple(envelope.mail_options), content=content,
-                    recipients=[HeldRecipient(address, "held", d.rule, d.reason) for address, d in txn.held],
+                    recipients=[_held_recipient(address, d) for address, d in txn.held],
+                    stream=message.stream, message_class=message.message_class,
                 ))
             except StoreError:
                 # If the relayed part was accepted upstream, a retry duplicates it; a 250 here
@@ -244,6 +258,64 @@ class GuardHandler:
         if upstream_reply is not None:
             return upstream_reply, "relayed"
         return replies.ACCEPTED_NOT_RELAYED, "dropped"
+
+    async def _apply_message_policies(self, txn: Transaction, session: Any, envelope: Any,
+                                      message: MessageContext) -> tuple[Reply, str] | None:
+        """Run the end-of-DATA policies. Returns the reply when the whole message is refused;
+        otherwise takes the recipients they hold or drop out of the relayed set."""
+        if not self._pipeline.message_policies:
+            return None
+        outcome: MessageOutcome = self._pipeline.decide_message(message)
+        for address, shadowed in outcome.shadowed:
+            self._record_shadow(txn, session, envelope, address, shadowed)
+        decision = outcome.message
+        if decision is not None:
+            if decision.verdict is Verdict.REJECT and (txn.held or txn.dropped):
+                # Some recipients are already held or dropped (they got 250 at RCPT): a 5xx
+                # for the message would lie about them, so the refused ones are left out.
+                outcome.recipients = {a: replace(decision, verdict=Verdict.DROP) for a in txn.relayed}
+            else:
+                for address in txn.relayed:
+                    self._record(txn, session, envelope, address, decision)
+                reply = decision.reply or (replies.DEFERRED if decision.verdict is Verdict.DEFER else replies.REFUSED)
+                return reply, "deferred" if reply.is_temporary else "refused"
+        changed = False
+        for address, recipient_decision in outcome.recipients.items():
+            if address not in txn.relayed_contexts:
+                continue
+            changed = True
+            txn.relayed.remove(address)
+            del txn.relayed_contexts[address]
+            if recipient_decision.verdict is Verdict.HOLD:
+                txn.held.append((address, recipient_decision))
+            else:
+                txn.dropped.append(address)
+            self._record(txn, session, envelope, address, recipient_decision)
+        if changed:
+            failure = await self._restart_upstream(txn, envelope)
+            if failure is not None:
+                return failure, "deferred"
+        return None
+
+    async def _restart_upstream(self, txn: Transaction, envelope: Any) -> Reply | None:
+        """The upstream already has RCPTs for recipients now held or dropped: start its
+        transaction again with only the ones to relay (RSET, MAIL, RCPT...)."""
+        old, txn.upstream = txn.upstream, None
+        if old is not None:
+            await old.finish()
+        if not txn.relayed:
+            return None
+        try:
+            txn.upstream = await self._upstream.begin(_reverse_path(txn), _relayable_options(envelope))
+        except UpstreamError as error:
+            self._count_upstream_error(error.reply)
+            return error.reply if error.reply.is_temporary else replies.UPSTREAM_CHANGED
+        for address in txn.relayed:
+            reply = await txn.upstream.rcpt(address)
+            if not reply.is_success:
+                self._count_upstream_error(reply)
+                return replies.UPSTREAM_CHANGED
+        return None
 
     # --- transaction end -----------------------------------------------------------------------
 
@@ -274,15 +346,7 @@ class GuardHandler:
             time=self._clock(), tombstone_id=tombstone.id, reference=tombstone.reference,
             client=_client_ip(session), sender=envelope.mail_from, stream="", txn_id=txn.txn_id))
 
-    def _stream_id(self, content: bytes) -> str:
-        """The campaign / stream id from the first configured header present ("" if none)."""
-        head = content.split(b"\r\n\r\n", 1)[0]
-        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-        for name in self._stream_headers:
-            value = headers.get(name)
-            if value:
-                return " ".join(str(value).split())[:200]
-        return ""
+
 
     # --- bookkeeping ---------------------------------------------------------------------------
 
@@ -292,6 +356,18 @@ class GuardHandler:
             time=self._clock(), kind="decision", verdict=decision.verdict.value, rule=decision.rule,
             reason=decision.reason, txn_id=txn.txn_id, client=_client_ip(session), sender=envelope.mail_from,
             recipient=recipient, actor=_auth_user(session) or "",
+        ))
+
+    def _record_shadow(self, txn: Transaction, session: Any, envelope: Any, recipient: str,
+                       decision: Decision) -> None:
+        """A shadow-mode decision: logged, audited and counted as "would have", not enforced."""
+        self._metrics.shadow_decisions.labels(decision.verdict.value, decision.rule).inc()
+        log.info("txn=%s shadow: would have %s (%s: %s)", txn.txn_id, decision.verdict.value, decision.rule,
+                 decision.reason)
+        self._audit.record(AuditRecord(
+            time=self._clock(), kind="decision", verdict=f"shadow-{decision.verdict.value}", rule=decision.rule,
+            reason=f"shadow mode, not enforced: {decision.reason}", txn_id=txn.txn_id, client=_client_ip(session),
+            sender=envelope.mail_from, recipient=recipient, actor=_auth_user(session) or "",
         ))
 
     def _count(self, verdict: Verdict, rule: str) -> None:
@@ -305,6 +381,13 @@ class GuardHandler:
         else:
             error_class = "4xx" if reply.is_temporary else "5xx"
         self._metrics.upstream_errors.labels(error_class).inc()
+
+
+def _held_recipient(address: str, decision: Decision) -> HeldRecipient:
+    # Hold-and-pace: a recipient with a release time goes straight to the release worker.
+    if decision.release_at is not None:
+        return HeldRecipient(address, "released", decision.rule, decision.reason, next_attempt_at=decision.release_at)
+    return HeldRecipient(address, "held", decision.rule, decision.reason)
 
 
 def _upstream_decision(reply: Reply, rule: str) -> Decision:
