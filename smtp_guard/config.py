@@ -374,7 +374,7 @@ def parse_listen(value: Any, where: str) -> ListenAddress:
     return ListenAddress(host, port)
 
 
-def _coerce(value: Any, default: Any, annotation: str, where: str) -> Any:
+def _coerce(value: Any, default: Any, annotation: str, where: str, minimum: int = 0) -> Any:
     """Check one scalar against the type of its default value."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -389,8 +389,8 @@ def _coerce(value: Any, default: Any, annotation: str, where: str) -> Any:
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if value < 0:
-            raise ConfigError(f"{where}: must not be negative, got {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{where}: must be at least {minimum}, got {value!r}")
         return value
     if isinstance(default, str):
         if not isinstance(value, str):
@@ -456,7 +456,8 @@ def _build_section(cls: type, table: Mapping[str, Any], where: str) -> Any:
                 raise ConfigError(f"{key}: expected a list of strings, got {raw!r}")
             values[f.name] = tuple(raw)
         else:
-            values[f.name] = _coerce(raw, current, annotation, key)
+            # approval_after = -1 means "no approval gate" (TOML has no null).
+            values[f.name] = _coerce(raw, current, annotation, key, minimum=-1 if f.name == "approval_after" else 0)
     return cls(**values)
 
 

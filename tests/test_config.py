@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from smtp_guard.config import (
+    DEFAULT_CLASSES,
     DEFAULT_LISTS,
     Config,
     ConfigError,
@@ -253,11 +254,17 @@ def test_example_config_shows_every_setting() -> None:
         return gaps
 
     defaults = Config()
-    gaps = [gap for field in dataclasses.fields(Config) if field.name not in ("source", "lists")
+    # Tables of named entries and arrays of rules are checked entry by entry below or shown
+    # as commented examples (an empty array of tables cannot be written in TOML).
+    by_entry = ("source", "lists", "classes", "rate_limits")
+    gaps = [gap for field in dataclasses.fields(Config) if field.name not in by_entry
             for gap in missing(getattr(defaults, field.name), document.get(field.name, {}), field.name)]
     for name, listing in DEFAULT_LISTS.items():
         gaps += missing(listing, document.get("lists", {}).get(name, {}), f"lists.{name}")
+    for name, definition in DEFAULT_CLASSES.items():
+        gaps += missing(definition, document.get("classes", {}).get(name, {}), f"classes.{name}")
     assert gaps == []
+    assert "[[rate_limits]]" in EXAMPLE.read_text()
     assert "SMTP_GUARD__UPSTREAM__HOST" in EXAMPLE.read_text()
 
 
