@@ -48,7 +48,8 @@ class SuppressionIndex:
         snapshot = self._snapshot
         position = bisect_left(snapshot.hashes, key_hash)
         if position < len(snapshot.hashes) and snapshot.hashes[position] == key_hash:
-            return snapshot.list_names[snapshot.lists[position]]
+            list_name: str = snapshot.list_names[snapshot.lists[position]]
+            return list_name
         return None
 
     def lookup_domain(self, domain_chain: Sequence[str]) -> str | None:

@@ -115,7 +115,7 @@ class GuardSMTP(SMTP):
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(f"{replies.IDLE_TIMEOUT}\r\n".encode())  # type: ignore[attr-defined]
-        super()._timeout_cb()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def close_idle(self) -> None:
         """Shutdown: tell a session between transactions to go away (421) and close it."""

@@ -55,8 +55,8 @@ class SuppressionSnapshot:
     Ten million addresses cost 90 MB here instead of a gigabyte of Python strings.
     """
 
-    hashes: array  # array('q'), sorted ascending, unique
-    lists: array  # array('B'), list number per hash
+    hashes: "array[int]"  # array('q'), sorted ascending, unique
+    lists: "array[int]"  # array('B'), list number per hash
     list_names: tuple[str, ...]
     domains: dict[str, DomainRule]
     seq: int  # change-log position this snapshot includes

@@ -13,7 +13,7 @@ import asyncio
 import builtins
 import json
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..base import ErasureAttempt, ErasureReceipt, PurgeCount, StoreError, Tombstone
 from .db import Database
@@ -162,7 +162,8 @@ class SQLiteErasureStore:
 
     async def attempts(self, since: float | None = None, reference: str | None = None,
                        limit: int = 100) -> builtins.list[ErasureAttempt]:
-        clauses, parameters = [], []
+        clauses: list[str] = []
+        parameters: list[object] = []
         if since is not None:
             clauses.append("time >= ?")
             parameters.append(since)
@@ -185,10 +186,10 @@ def _receipt_body(receipt: ErasureReceipt) -> dict[str, object]:
     }
 
 
-def _receipt_from_body(body: dict[str, object]) -> ErasureReceipt:
-    purged = tuple(PurgeCount(p["store"], p["what"], int(p["count"])) for p in body["purged"])  # type: ignore[index, union-attr, attr-defined]
+def _receipt_from_body(body: dict[str, Any]) -> ErasureReceipt:
+    purged = tuple(PurgeCount(str(p["store"]), str(p["what"]), int(p["count"])) for p in body["purged"])
     return ErasureReceipt(
-        id=str(body["id"]), reference=str(body["reference"]), created_at=float(body["created_at"]),  # type: ignore[arg-type]
-        tombstone_id=int(body["tombstone_id"]), key_id=str(body["key_id"]), purged=purged,  # type: ignore[call-overload]
-        storage=dict(body["storage"]),  # type: ignore[call-overload]
+        id=str(body["id"]), reference=str(body["reference"]), created_at=float(body["created_at"]),
+        tombstone_id=int(body["tombstone_id"]), key_id=str(body["key_id"]), purged=purged,
+        storage={str(k): str(v) for k, v in body["storage"].items()},
     )
