@@ -184,7 +184,8 @@ async def verify(ctx: AdminContext, address: str) -> Verification:
             mailbox=mailbox, key=normalized, key_hash=key_hash(normalized),
             domain_chain=tuple(ctx.normalizer.domain_chain(mailbox.domain)), sender="", client_ip=""))
     pattern = address_pattern(mailbox, ctx.normalizer, ctx.config.addresses)
-    findings = scan_directory(ctx.config.store.data_dir, pattern)
+    packed = address_pattern(mailbox, ctx.normalizer, ctx.config.addresses, packed=True)
+    findings = scan_directory(ctx.config.store.data_dir, pattern, packed)
     return Verification(normalized, tombstone, decision, tuple(findings))
 
 

@@ -1,0 +1,220 @@
+"""The erasure key file: a missing, too-open, replaced or stale key file is a loud error —
+at start-up, in every admin command, and in a running guard (which then defers all mail) —
+never a silent end of enforcement. Rotation keeps old tombstones enforced.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from smtp_guard import replies
+from smtp_guard.app import Guard
+from smtp_guard.erasure.keys import ErasureKeyError, create_key_ring
+from smtp_guard.policy.pipeline import POLICY_ERROR_REPLY
+
+from conftest import wait_until
+from erasure_support import SENDER, accepts, cli, cli_config_for, cli_json, mail, refuses, write_cli_config
+from smtp_client import send
+
+
+def same_id_new_secret(path: Path) -> None:
+    data = json.loads(path.read_text())
+    for key in data["keys"]:
+        key["secret"] = base64.b64encode(secrets.token_bytes(32)).decode()
+    path.write_text(json.dumps(data))
+
+
+def freshly_generated(path: Path) -> None:
+    path.unlink()
+    create_key_ring(path)
+
+
+def not_json(path: Path) -> None:
+    path.write_text("{ this is not a key file")
+
+
+def too_open(path: Path) -> None:
+    path.chmod(0o644)
+
+
+def group_readable(path: Path) -> None:
+    path.chmod(0o640)
+
+
+def missing(path: Path) -> None:
+    path.unlink()
+
+
+BROKEN_KEY_FILES = [
+    pytest.param(missing, "erasure key file not found, but the store has tombstones", id="missing"),
+    pytest.param(too_open, "readable by others; run: chmod 600", id="mode-0644"),
+    pytest.param(group_readable, "readable by others; run: chmod 600", id="mode-0640"),
+    pytest.param(same_id_new_secret, "is not the key the store's tombstones were made with", id="same-id-new-secret"),
+    pytest.param(freshly_generated, "which this key file does not hold", id="freshly-generated"),
+    pytest.param(not_json, "not a valid erasure key file", id="not-json"),
+]
+
+
+async def erase_and_stop(start_guard, tmp_path: Path) -> tuple[Guard, Path]:
+    """A guard whose store has a tombstone for jane@example.com, stopped; and its CLI config."""
+    guard = await start_guard()
+    config_file = cli_config_for(tmp_path, guard)
+    await cli(config_file, "erase", "jane@example.com", "--ref", "DSR-1")
+    await guard.stop()
+    return guard, config_file
+
+
+@pytest.mark.parametrize(("breakage", "message"), BROKEN_KEY_FILES)
+async def test_broken_key_file_stops_start_up_and_every_admin_command(start_guard, tmp_path, breakage: Callable[
+        [Path], None], message: str):
+    guard, config_file = await erase_and_stop(start_guard, tmp_path)
+    key_file = guard.config.erasure_key_file
+    backup = key_file.read_bytes()
+    breakage(key_file)
+    state = key_file.read_bytes() if key_file.exists() else None
+
+    restarted = Guard(guard.config)
+    try:
+        with pytest.raises(ErasureKeyError, match=re.escape(str(key_file))) as raised:
+            await restarted.start()
+        assert message in str(raised.value)
+        assert not restarted.ready
+    finally:
+        await restarted.stop()
+
+    for command in (["erase", "verify", "jane@example.com"], ["erase", "jane@example.com", "--ref", "DSR-2"],
+                    ["suppress", "list"], ["hold", "list"], ["audit", "list"]):
+        result = await cli(config_file, *command, exit_code=1)
+        assert "erasure key problem" in result.output, (command, result.output)
+        assert str(key_file) in result.output and message in result.output, (command, result.output)
+    # Nothing "repaired" the key file behind the operator's back.
+    assert (key_file.read_bytes() if key_file.exists() else None) == state
+
+    # Restoring the backup (mode 0600) brings everything back, tombstone enforced.
+    key_file.write_bytes(backup)
+    key_file.chmod(0o600)
+    again = await start_guard()
+    assert await refuses(again, "Jane+x@EXAMPLE.com")
+    verified = await cli(config_file, "erase", "verify", "jane@example.com")
+    assert "ENFORCED" in verified.output
+
+
+async def test_key_file_is_created_private_on_first_use(start_guard, tmp_path):
+    guard = await start_guard()
+    key_file = guard.config.erasure_key_file
+    assert key_file.exists()
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert not [p for p in key_file.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+async def test_key_file_lost_while_running_does_not_stop_enforcement(start_guard, tmp_path):
+    """The ring is in memory: a key file deleted under a running guard changes nothing until
+    a tombstone needs a key the guard does not have."""
+    guard = await start_guard()
+    config_file = cli_config_for(tmp_path, guard)
+    await cli(config_file, "erase", "jane@example.com", "--ref", "DSR-1")
+    await wait_until(lambda: refuses(guard, "jane@example.com"), what="the erasure to be enforced")
+    guard.config.erasure_key_file.unlink()
+    await guard.tombstone_reloader.refresh()
+    assert await refuses(guard, "JANE@example.com")
+    assert await accepts(guard, "someone@example.com")
+
+
+async def test_rotated_key_new_erasures_use_it_and_old_ones_stay_enforced(start_guard, sink, tmp_path):
+    guard = await start_guard()
+    config_file = cli_config_for(tmp_path, guard)
+    # An audit record for carol under the first key, before any rotation.
+    assert (await send(guard.smtp_address, SENDER, ["carol@example.org"], mail(to="carol"))).data.startswith("250")
+    await guard.audit.flush()
+
+    first, = await cli_json(config_file, "erase", "jane@example.com", "--ref", "DSR-1")
+    await wait_until(lambda: refuses(guard, "jane@example.com"), what="the first erasure")
+    rotated = await cli(config_file, "erase", "rotate-key")
+    new_id = rotated.output.split("New primary erasure key ", 1)[1].split()[0]
+    assert new_id != first["key_id"]
+    assert json.loads(guard.config.erasure_key_file.read_text())["keys"][-1]["id"] == new_id
+    assert guard.config.erasure_key_file.stat().st_mode & 0o777 == 0o600
+
+    second, = await cli_json(config_file, "erase", "bob@example.org", "--ref", "DSR-2")
+    assert second["key_id"] == new_id
+    # The running guard reloads its key ring for the tombstone made with the new key.
+    await wait_until(lambda: refuses(guard, "Bob+x@example.org"), what="the running guard to load the new key")
+    assert guard.tombstones.ring.primary.id == new_id
+    assert await refuses(guard, "jane@example.com")
+    for address in ("jane@example.com", "bob@example.org"):
+        verified = await cli(config_file, "erase", "verify", address)
+        assert "ENFORCED" in verified.output and "NO COPIES" in verified.output
+
+    # carol's records, pseudonymized with the old key, are found and erased after rotation.
+    assert await accepts(guard, "carol@example.org")  # one more record, now under the new key
+    await guard.audit.flush()
+    found = json.loads((await cli(config_file, "audit", "list", "--recipient", "carol@example.org",
+                                  "--json")).stdout)
+    assert len({r["recipient"] for r in found}) == 2  # one pseudonym per key
+    await cli(config_file, "erase", "carol@example.org", "--ref", "DSR-3")
+    assert json.loads((await cli(config_file, "audit", "list", "--recipient", "carol@example.org",
+                                 "--json")).stdout) == []
+
+    # And a restart with the rotated key file enforces all three.
+    await guard.stop()
+    restarted = await start_guard()
+    for address in ("jane@example.com", "bob@example.org", "carol@example.org"):
+        assert await refuses(restarted, address)
+
+
+@pytest.mark.parametrize("guard_key_file", ["stale", "corrupted"])
+async def test_running_guard_defers_all_mail_when_a_tombstone_needs_a_key_it_cannot_load(
+        start_guard, sink, tmp_path, guard_key_file):
+    """The key was rotated on the admin host and the new key file never reached the guard:
+    a tombstone made with the new key cannot be matched there, so the guard defers every
+    recipient (451 4.3.5) instead of letting the erased address through — until the key
+    file is fixed, which it picks up on its own."""
+    guard = await start_guard()
+    store_path = guard.config.store.path
+    guard_key = guard.config.erasure_key_file
+    admin_key = tmp_path / "admin" / "erasure.key"
+    admin_key.parent.mkdir()
+    shutil.copy(guard_key, admin_key)
+    admin_key.chmod(0o600)
+    admin_config = write_cli_config(tmp_path / "admin" / "smtp-guard.toml", store_path, key_file=admin_key)
+    guard_config = cli_config_for(tmp_path, guard)
+
+    await cli(admin_config, "erase", "first@example.com", "--ref", "DSR-1")
+    await wait_until(lambda: refuses(guard, "first@example.com"), what="the first erasure (shared key)")
+    await cli(admin_config, "erase", "rotate-key")
+    new_key, = await cli_json(admin_config, "erase", "jane@example.com", "--ref", "DSR-2")
+    if guard_key_file == "corrupted":
+        not_json(guard_key)
+
+    await wait_until(lambda: refuses(guard, "jane@example.com", POLICY_ERROR_REPLY),
+                     what="the guard to defer the recipient whose tombstone it cannot match")
+    outcome = await send(guard.smtp_address, SENDER, ["jane@example.com", "someone@example.com"], mail(to="x"))
+    assert outcome.rcpt == {"jane@example.com": str(POLICY_ERROR_REPLY),
+                            "someone@example.com": str(POLICY_ERROR_REPLY)}
+    assert outcome.data is None and sink.delivered_to() == []
+    assert guard.tombstones.broken is not None and str(guard_key) in guard.tombstones.broken
+
+    # An admin command on the guard host says what is wrong.
+    result = await cli(guard_config, "erase", "verify", "jane@example.com", exit_code=1)
+    assert "erasure key problem" in result.output and str(guard_key) in result.output
+    if guard_key_file == "stale":
+        assert new_key["key_id"] in result.output
+
+    shutil.copy(admin_key, guard_key)
+    guard_key.chmod(0o600)
+    await wait_until(lambda: refuses(guard, "jane@example.com"), what="the guard to load the fixed key file")
+    assert guard.tombstones.broken is None
+    assert await refuses(guard, "first@example.com")
+    assert await accepts(guard, "someone@example.com")
+    assert (await send(guard.smtp_address, SENDER, ["jane@example.com", "someone@example.com"],
+                       mail(to="x"))).rcpt["jane@example.com"] == str(replies.ERASED)
+    assert sink.delivered_to() == ["someone@example.com"]
