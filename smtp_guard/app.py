@@ -13,11 +13,13 @@ import signal
 import ssl
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 from .addresses import AddressNormalizer
 from .admin.http import HTTPListener
 from .audit import AuditLog
+from .breaker_state import BreakerState
+from .breaker_sync import BreakerSync
 from .classify import MessageClassifier
 from .config import Config
 from .erasure.index import TombstoneIndex, TombstoneReloader
@@ -36,8 +38,9 @@ from .smtp.access import AccessControl
 from .smtp.auth import Authenticator
 from .smtp.handler import GuardHandler
 from .smtp.server import SMTPServer
-from .store.base import AuditRecord
+from .store.base import AuditRecord, Tombstone
 from .store.sqlite.audit import SQLiteAuditStore
+from .store.sqlite.breakers import SQLiteBreakerStore
 from .store.sqlite.db import Database
 from .store.sqlite.erasure import SQLiteErasureStore
 from .store.sqlite.holds import SQLiteHoldStore
@@ -56,14 +59,18 @@ async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminC
         # A key file that cannot verify the store's tombstones stops every admin command:
         # acting on a store whose erasures are not enforceable would hide the problem.
         ring = await open_key_ring(config.erasure_key_file, erasure)
+        tombstones = TombstoneIndex(ring, await erasure.tombstones_since(0))
         normalizer = AddressNormalizer(config.addresses)
         yield AdminContext(
             config=config,
             suppressions=SQLiteSuppressionStore(db),
             holds=SQLiteHoldStore(db),
-            audit=PseudonymizingAuditStore(SQLiteAuditStore(db), Pseudonymizer(normalizer, lambda: ring)),
+            breakers=SQLiteBreakerStore(db),
+            audit=PseudonymizingAuditStore(SQLiteAuditStore(db),
+                                           Pseudonymizer(normalizer, lambda: ring, tombstones.lookup_token)),
             erasure=erasure,
             key_ring=ring,
+            tombstones=tombstones,
             normalizer=normalizer,
             actor=actor,
         )
@@ -109,8 +116,9 @@ class Guard:
                                          await self.erasure.tombstones_since(0))
         if self.tombstones.broken:
             raise ErasureKeyError(f"{key_file}: {self.tombstones.broken}; restore the key file from backup")
-        self.tombstone_reloader = TombstoneReloader(self.tombstones, self.erasure, lambda: load_key_ring(key_file))
-        pseudonymizer = Pseudonymizer(self.normalizer, lambda: self.tombstones.ring)
+        self.tombstone_reloader = TombstoneReloader(self.tombstones, self.erasure, lambda: load_key_ring(key_file),
+                                                    on_new=self._sweep_after_erasure)
+        pseudonymizer = Pseudonymizer(self.normalizer, lambda: self.tombstones.ring, self.tombstones.lookup_token)
         self.audit_store = PseudonymizingAuditStore(SQLiteAuditStore(self._db), pseudonymizer)
 
         self.index = SuppressionIndex()
@@ -118,10 +126,15 @@ class Guard:
                                       config.store.reload_interval, clock=self.clock)
         self.reloader.on_reload = self.metrics.index_reloads.inc
         await self.reloader.load()
-        self.pipeline = default_pipeline(config, self.tombstones, self.index)
+        self.breaker_state = BreakerState(config.breaker)
+        self.pipeline = default_pipeline(config, self.tombstones, self.index, breakers=self.breaker_state)
 
         self.upstream = build_upstream(config)
         self.audit = AuditLog(self.audit_store, config.audit, on_dropped=self.metrics.audit_dropped.inc)
+        self.breakers = SQLiteBreakerStore(self._db)
+        self.breaker_sync = BreakerSync(self.breaker_state, self.breakers, self.holds, self.metrics,
+                                        self.audit.record, config.store.reload_interval, clock=self.clock)
+        await self.breaker_sync.load()
         self.release_worker = ReleaseWorker(self.holds, self.upstream, config.hold,
                                             record=self._record_delivery, clock=self.clock)
         handler = GuardHandler(
@@ -138,6 +151,7 @@ class Guard:
         self.audit.start()
         self.reloader.start()
         self.release_worker.start()
+        self.breaker_sync.start()
         self._tasks.append(asyncio.create_task(self._stats_loop(), name="stats"))
         self._tasks.append(asyncio.create_task(self._tombstone_loop(), name="tombstones"))
         if config.metrics.listen is not None:
@@ -147,6 +161,16 @@ class Guard:
         self.ready = True
         log.info("smtp-guard listening on %s:%d (upstream %r, config %s)", *self.smtp_address,
                  self.upstream, config.source)
+
+    async def _sweep_after_erasure(self, tombstones: Sequence[Tombstone]) -> None:
+        """Between an erasure's purge and this server learning of it, audit records about the
+        person may have been written under their pseudonym: write what is buffered (now as
+        ``erased:<id>``), then replace the pseudonym in what was already written."""
+        await self.audit.flush()
+        for tombstone in tombstones:
+            key = self.tombstones.ring.by_id(tombstone.key_id)
+            if key is not None:
+                await self.erasure.erase_pseudonyms([key.pseudonym_of_digest(tombstone.digest)], tombstone.id)
 
     def _record_delivery(self, record: AuditRecord) -> None:
         self.metrics.hold_deliveries.labels(record.verdict).inc()
@@ -169,6 +193,7 @@ class Guard:
             return
         await self.smtp.stop(self.config.smtp.shutdown_grace)
         await self.release_worker.stop()
+        await self.breaker_sync.stop()  # persists trips and counts for the next start
         await self.reloader.stop()
         for task in self._tasks:
             task.cancel()

@@ -70,6 +70,22 @@ class Metrics:
         self.audit_dropped = Counter(
             "smtp_guard_audit_records_dropped_total",
             "Audit records dropped because the store stayed unavailable and the buffer was full.", registry=r)
+        # Bulk-send protection: rule is breaker.volume, breaker.fanout or gate.<configured class>.
+        self.breaker_trips = Counter(
+            "smtp_guard_breaker_trips_total",
+            "Streams tripped by the volume breaker, fan-out detector or an approval gate (again past an "
+            "approved ceiling included), by rule and message class.", ["rule", "class"], registry=r)
+        self.breaker_recipients = Counter(
+            "smtp_guard_breaker_recipients_total",
+            "Recipients of tripped or cancelled streams, by what happened to them (hold, defer, reject), "
+            "rule and message class.", ["verdict", "rule", "class"], registry=r)
+        self.breaker_admin_actions = Counter(
+            "smtp_guard_breaker_admin_actions_total",
+            "Admin decisions on tripped streams taken up by this server (approve, cancel), by rule and "
+            "message class.", ["action", "rule", "class"], registry=r)
+        self.breakers_tripped = Gauge(
+            "smtp_guard_breakers_tripped", "Streams tripped and waiting for an admin's approval or cancellation.",
+            registry=r)
         for outcome in MESSAGE_OUTCOMES:
             self.messages.labels(outcome)
         for error_class in UPSTREAM_ERROR_CLASSES:

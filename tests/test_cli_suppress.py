@@ -120,7 +120,7 @@ def test_import_reports_bad_rows_and_counts(cli, tmp_path) -> None:
     imported = cli("import", str(data))
     assert imported.exit_code == 0, imported.output
     assert f"{data}:3: 'broken' is not an address" in imported.stderr
-    assert "(sendgrid): 2 rows read, 1 new, 0 already present, 0 already expired, 1 bad" in imported.stdout
+    assert "(sendgrid): 2 rows read, 1 new, 0 already present, 0 already expired, 0 erased (never stored again), 1 bad" in imported.stdout
     again = cli("import", str(data))
     assert "0 new, 1 already present" in again.stdout
     assert "Verdict   reject" in cli("check", "gone@example.com").output

@@ -394,10 +394,6 @@ async def test_audit_trail_holds_pseudonyms_only_and_erase_replaces_them(start_g
     assert {"suppress.add", "reject"} <= {r["verdict"] for r in others}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "smtp_guard/app.py + smtp/handler.py: decisions the running guard records after an erasure "
-    "(the refused attempts, and records still buffered in AuditLog when the erase ran) are written "
-    "with the person's pseudonym, not erased:<id>, so `audit list --recipient` finds them again"))
 async def test_records_a_running_guard_writes_after_the_erasure_carry_no_pseudonym(start_guard, sink, tmp_path):
     guard = await start_guard()
     config_file = cli_config_for(tmp_path, guard)

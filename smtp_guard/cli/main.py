@@ -19,6 +19,7 @@ def main() -> None:
     Suppress:         smtp-guard suppress add jane@example.com --list unsubscribed
     Explain:          smtp-guard suppress check jane+news@Example.com
     Held mail:        smtp-guard hold list
+    Stopped streams:  smtp-guard breaker list
     Audit trail:      smtp-guard audit list --since 1h
     Erase (GDPR):     smtp-guard erase jane@example.com --ref DSR-2026-0042
 
@@ -56,6 +57,7 @@ def hash_password_command(password: str) -> None:
 
 def _register() -> None:
     from .audit import audit
+    from .breaker import breaker
     from .erase import erase
     from .hold import hold
     from .suppress import suppress
@@ -64,6 +66,7 @@ def _register() -> None:
     main.add_command(erase)
     main.add_command(hold)
     main.add_command(audit)
+    main.add_command(breaker)
 
 
 _register()

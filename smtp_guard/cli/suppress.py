@@ -303,7 +303,8 @@ def import_command(config: Config, files: tuple[str, ...], fmt: str, list_name: 
         skipped = f", {result.skipped} skipped" if result.skipped else ""
         lists = f"; lists: {', '.join(result.lists)}" if result.lists else ""
         click.echo(f"{path} ({result.format}): {result.read} rows read, {result.new} new, "
-                   f"{result.present} already present, {result.expired} already expired, {result.bad} bad"
+                   f"{result.present} already present, {result.expired} already expired, "
+                   f"{result.erased} erased (never stored again), {result.bad} bad"
                    f"{skipped}{lists}")
     if failed:
         raise click.ClickException(f"could not import {', '.join(failed)} (see above); "

@@ -7,7 +7,7 @@ lookup computes the erasure token once and one HMAC per key in the ring (usually
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 from ..store.base import ErasureStore, Tombstone
 from .keys import ErasureKeyError, KeyRing, erasure_token
@@ -55,12 +55,12 @@ class TombstoneIndex:
 class TombstoneReloader:
     """Takes new tombstones from the store; re-reads the key file when one needs a new key."""
 
-    def __init__(self, index: TombstoneIndex, store: ErasureStore,
-                 load_ring: Callable[[], KeyRing], on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, index: TombstoneIndex, store: ErasureStore, load_ring: Callable[[], KeyRing],
+                 on_new: Callable[[Sequence[Tombstone]], Awaitable[None]] | None = None) -> None:
         self.index = index
         self._store = store
         self._load_ring = load_ring
-        self._on_change = on_change
+        self._on_new = on_new
 
     async def refresh(self) -> None:
         new = await self._store.tombstones_since(self.index.last_id)
@@ -77,4 +77,5 @@ class TombstoneReloader:
         self.index.add(new)
         if self.index.broken:
             log.error("erasure enforcement is broken, deferring all mail: %s", self.index.broken)
-        self._on_change()
+        if new and self._on_new is not None:
+            await self._on_new(new)

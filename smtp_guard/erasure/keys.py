@@ -60,9 +60,12 @@ class ErasureKey:
 
     def pseudonym(self, token: str) -> str:
         """A short keyed pseudonym for audit records, ``h:1a2b3c4d5e6f7a8b``. Derived from the
-        erasure token so that an erasure by token alone can still find and erase it."""
-        digest = hmac.new(self.secret, _AUDIT_PREFIX + bytes.fromhex(token), hashlib.sha256)
-        return f"h:{digest.hexdigest()[:16]}"
+        token's tombstone digest, so that an erasure given only a token — and a running server
+        given only the new tombstone — can still find and erase it."""
+        return self.pseudonym_of_digest(self.tombstone(token))
+
+    def pseudonym_of_digest(self, digest: bytes) -> str:
+        return "h:" + hmac.new(self.secret, _AUDIT_PREFIX + digest, hashlib.sha256).hexdigest()[:16]
 
     @property
     def check_value(self) -> str:
@@ -166,4 +169,9 @@ async def open_key_ring(path: Path, store: "ErasureStore") -> KeyRing:
     else:
         ring = load_key_ring(path)
     ring.check_against(remembered)
+    # Remember every key at once, not only when it makes a tombstone: audit pseudonyms depend
+    # on it too, and a lost key file must be a loud error from then on, never a silent new key.
+    for key in ring.keys:
+        if key.id not in remembered:
+            await store.remember_key(key.id, key.check_value, key.created_at)
     return ring

@@ -14,16 +14,20 @@ from dataclasses import replace
 from typing import Callable, Sequence
 
 from ..addresses import AddressNormalizer, InvalidAddress
-from ..store.base import AuditFilter, AuditRecord, AuditStore
+from ..store.base import AuditFilter, AuditRecord, AuditStore, Tombstone
 from .keys import KeyRing, erasure_token
 
 _ADDRESS = re.compile(r"[^\s<>\"'(),;:@\[\]]+@[A-Za-z0-9\u0080-\uffff.-]+\.[A-Za-z\u0080-\uffff]{2,}")
 
 
 class Pseudonymizer:
-    def __init__(self, normalizer: AddressNormalizer, ring: Callable[[], KeyRing]) -> None:
+    def __init__(self, normalizer: AddressNormalizer, ring: Callable[[], KeyRing],
+                 erased: Callable[[str], Tombstone | None] = lambda token: None) -> None:
         self._normalizer = normalizer
         self._ring = ring
+        # An address already erased is recorded as ``erased:<tombstone id>``: records written
+        # after the erasure (the refused attempts among them) must not bring the person back.
+        self._erased = erased
 
     def token(self, address: str) -> str | None:
         try:
@@ -39,6 +43,9 @@ class Pseudonymizer:
         if token is None:
             # Not a mailbox we accept, but it may still name a person: never store it.
             token = erasure_token(text.lower())
+        tombstone = self._erased(token)
+        if tombstone is not None:
+            return f"erased:{tombstone.id}"
         return self._ring().primary.pseudonym(token)
 
     def all_pseudonyms(self, address: str) -> list[str]:

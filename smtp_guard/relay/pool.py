@@ -86,7 +86,8 @@ class SMTPUpstream:
             options = [o for o in mail_options if o.split("=")[0].lower() in session.client.esmtp_extensions
                        or o.upper().startswith("BODY=") and "8bitmime" in session.client.esmtp_extensions]
             try:
-                await session.client.mail(sender, options=options)
+                # UTF-8 on the wire: internationalized addresses (RFC 6531) are valid input.
+                await session.client.mail(sender, options=options, encoding="utf-8")
                 return session
             except aiosmtplib.SMTPSenderRefused as error:
                 await self._reset_and_park(session)
@@ -182,7 +183,7 @@ class SMTPTransaction:
         if self._broken:
             return replies.UPSTREAM_LOST
         try:
-            response = await self._session.client.rcpt(address)
+            response = await self._session.client.rcpt(address, encoding="utf-8")
             return replies.upstream_reply(response.code, response.message)
         except aiosmtplib.SMTPResponseException as error:
             return replies.upstream_reply(error.code, error.message)

@@ -8,8 +8,9 @@ from typing import Callable
 
 from ..addresses import AddressNormalizer
 from ..config import Config
+from ..erasure.index import TombstoneIndex
 from ..erasure.keys import KeyRing
-from ..store.base import AuditStore, ErasureStore, HoldStore, SuppressionStore
+from ..store.base import AuditStore, BreakerStore, ErasureStore, HoldStore, SuppressionStore
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,10 @@ class AdminContext:
     holds: HoldStore
     audit: AuditStore  # pseudonymizing: never stores a recipient address
     erasure: ErasureStore
+    breakers: BreakerStore
     key_ring: KeyRing
+    # Erased addresses: never to be stored again (a re-import must not undo an erasure).
+    tombstones: TombstoneIndex
     normalizer: AddressNormalizer
     actor: str  # recorded with every admin action, e.g. "cli:alice"
     clock: Callable[[], float] = field(default=time.time)

@@ -95,6 +95,7 @@ class ImportResult:
     bad: int = 0
     skipped: int = 0  # rows passed over by skip_rows
     lists: tuple[str, ...] = ()  # lists the rows went to
+    erased: int = 0  # rows naming an erased address; never stored again
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class _Counts:
     expired: int = 0
     bad: int = 0
     skipped: int = 0
+    erased: int = 0
     lists: dict[str, None] = field(default_factory=dict)
 
 
@@ -167,7 +169,7 @@ async def import_file(ctx: AdminContext, path: str | os.PathLike[str], fmt: str 
         finally:
             text.detach()  # ``with raw`` closes the file
     result = ImportResult(name, detected, counts.read, counts.new, counts.present, counts.expired, counts.bad,
-                          counts.skipped, tuple(counts.lists))
+                          counts.skipped, tuple(counts.lists), counts.erased)
     if result.new or result.present:
         summary = (f"import of {name} ({detected}): {result.new} new, {result.present} already present, "
                    f"{result.bad} bad rows")
@@ -209,6 +211,10 @@ class _Rules:
             else:
                 if entry.has_expired(self.ctx.clock()):
                     counts.expired += 1
+                    return None
+                if entry.kind == "address" and self.ctx.tombstones.lookup(entry.value) is not None:
+                    # An old export must not bring an erased address back onto disk.
+                    counts.erased += 1
                     return None
                 counts.lists[entry.list_name] = None
                 return entry

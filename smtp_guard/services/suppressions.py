@@ -132,6 +132,10 @@ async def add(ctx: AdminContext, targets: Sequence[str], list_name: str, reason:
     if include_subdomains and any(t.kind == "address" for t in parsed):
         raise InvalidTarget(next(t for t in targets if not t.strip().startswith("@")),
                             "is an address; include_subdomains applies to @domain targets only")
+    for text, target in zip(targets, parsed):
+        if target.kind == "address" and ctx.tombstones.lookup(target.value) is not None:
+            raise InvalidTarget(text, "was erased; it is refused already and must not be stored again "
+                                      "(smtp-guard erase verify ADDRESS shows the erasure)")
     now = ctx.clock()
     expires_at = expiry(ctx, list_name, now, lifetime)
     entries = tuple(SuppressionEntry(t.kind, t.value, list_name, reason, source, now, expires_at,

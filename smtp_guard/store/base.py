@@ -186,6 +186,80 @@ class HoldStore(Protocol):
 
     async def stats(self) -> HoldStats: ...
 
+    async def release_stream(self, stream: str, rules: Sequence[str], now: float) -> int:
+        """Release every held recipient of the stream's messages that one of ``rules`` held
+        (an admin approved the stream). Returns how many moved."""
+
+    async def discard_stream(self, stream: str, rules: Sequence[str]) -> int:
+        """Discard every held or released recipient of the stream's messages that one of
+        ``rules`` held (an admin cancelled the stream). Returns how many moved."""
+
+    async def stream_messages(self, stream: str, limit: int = 3) -> builtins.list[HeldMessage]:
+        """Messages of the stream with a held recipient, oldest first, without content."""
+
+    async def stream_counts(self, stream: str) -> dict[RecipientState, int]:
+        """Recipients of the stream's held messages, by state."""
+
+
+# --- volume breaker and approval gates ------------------------------------------------------
+
+BreakerStatus = Literal["tripped", "approved", "cancelled"]
+
+
+@dataclass(frozen=True)
+class BreakerRecord:
+    """A stream whose volume breaker, fan-out detector or approval gate tripped. The server
+    writes the counts; an admin writes the decision (``approved`` with a ceiling, or
+    ``cancelled``), versioned by ``decided_at``."""
+
+    stream: str
+    rule: str  # "breaker.volume", "breaker.fanout", "gate.<class>"
+    sender: str
+    message_class: str
+    status: BreakerStatus
+    threshold: int  # the count the stream exceeded
+    ceiling: int | None  # set by an approval: the stream may grow to this many recipients
+    recipients: int  # distinct recipients seen (the audience size)
+    tripped_at: float
+    updated_at: float
+    decided_by: str = ""
+    decided_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A sender's usual stream size: an exponentially decayed average of finished streams."""
+
+    sender: str
+    baseline: float
+    streams: int
+    updated_at: float
+
+
+class BreakerStore(Protocol):
+    async def save(self, records: Sequence[BreakerRecord]) -> None:
+        """Server side: insert new trips and update counts. Status, rule and threshold are
+        only overwritten where the stored ``decided_at`` is the one the record carries, so a
+        server never undoes an admin decision it has not seen yet."""
+
+    async def get(self, stream: str) -> BreakerRecord | None: ...
+
+    async def list(self, status: BreakerStatus | None = None, limit: int | None = 100) -> builtins.list[BreakerRecord]:
+        """Newest trip first (every one when ``limit`` is None)."""
+
+    async def decided_since(self, since: float | None) -> builtins.list[BreakerRecord]:
+        """Records whose admin decision is at or after ``since`` (every decided one if None)."""
+
+    async def decide(self, stream: str, status: BreakerStatus, ceiling: int | None, actor: str,
+                     now: float) -> BreakerRecord | None:
+        """Admin side: record a decision. None when the stream has no breaker record."""
+
+    async def baselines(self) -> builtins.list[Baseline]: ...
+
+    async def baseline(self, sender: str) -> Baseline | None: ...
+
+    async def save_baselines(self, baselines: Sequence[Baseline]) -> None: ...
+
 
 # --- audit ------------------------------------------------------------------------------------
 
@@ -288,6 +362,9 @@ class ErasureStore(Protocol):
         and their change-log rows (by key hash; None: test every entry with ``matches``), held
         recipients whose address ``matches`` (messages left without recipients are deleted),
         and the audit pseudonyms given."""
+
+    async def erase_pseudonyms(self, pseudonyms: Sequence[str], tombstone_id: int) -> int:
+        """Replace these audit pseudonyms by ``erased:<tombstone id>``; returns rows changed."""
 
     async def make_unrecoverable(self) -> dict[str, str]:
         """Checkpoint and truncate the WAL so deleted bytes leave the disk files."""

@@ -103,17 +103,7 @@ class SQLiteErasureStore:
                     await connection.execute("DELETE FROM held_messages WHERE id = ?", (hold_id,))
                     emptied += 1
 
-            audit_rows = 0
-            for pseudonym in audit_pseudonyms:
-                # Audit records only ever hold pseudonyms (erasure/pseudonyms.py); the erased
-                # person's become a pointer to the erasure instead.
-                cursor = await connection.execute(
-                    "UPDATE audit SET recipient = ? WHERE recipient = ?", (erased_label, pseudonym))
-                audit_rows += cursor.rowcount
-                cursor = await connection.execute(
-                    "UPDATE audit SET reason = replace(reason, ?, ?) WHERE instr(reason, ?) > 0",
-                    (pseudonym, erased_label, pseudonym))
-                audit_rows += cursor.rowcount
+            audit_rows = await _erase_pseudonyms(connection, audit_pseudonyms, erased_label)
         return [
             PurgeCount("suppressions", "entries", suppressions),
             PurgeCount("suppression_change_log", "rows", changes),
@@ -121,6 +111,10 @@ class SQLiteErasureStore:
             PurgeCount("hold_queue", "messages_deleted", emptied),
             PurgeCount("audit", "pseudonymized_records", audit_rows),
         ]
+
+    async def erase_pseudonyms(self, pseudonyms: Sequence[str], tombstone_id: int) -> int:
+        async with self._db.transaction() as connection:
+            return await _erase_pseudonyms(connection, pseudonyms, f"erased:{tombstone_id}")
 
     async def make_unrecoverable(self) -> dict[str, str]:
         """Checkpoint the WAL into the main file and truncate it. A running server may hold a
@@ -175,6 +169,21 @@ class SQLiteErasureStore:
             f"SELECT time, tombstone_id, reference, client, sender, stream, txn_id FROM erasure_attempts "
             f"{where} ORDER BY time DESC, id DESC LIMIT ?", (*parameters, limit))
         return [ErasureAttempt(*row) for row in rows]
+
+
+async def _erase_pseudonyms(connection: Any, pseudonyms: Sequence[str], erased_label: str) -> int:
+    """Audit records only ever hold pseudonyms (erasure/pseudonyms.py); the erased person's
+    become a pointer to the erasure instead, in the recipient column and inside reasons."""
+    changed = 0
+    for pseudonym in pseudonyms:
+        cursor = await connection.execute("UPDATE audit SET recipient = ? WHERE recipient = ?",
+                                          (erased_label, pseudonym))
+        changed += cursor.rowcount
+        cursor = await connection.execute(
+            "UPDATE audit SET reason = replace(reason, ?, ?) WHERE instr(reason, ?) > 0",
+            (pseudonym, erased_label, pseudonym))
+        changed += cursor.rowcount
+    return int(changed)
 
 
 def _receipt_body(receipt: ErasureReceipt) -> dict[str, object]:

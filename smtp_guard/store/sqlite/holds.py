@@ -151,6 +151,57 @@ class SQLiteHoldStore:
         )
         return HoldStats(held_messages=int(row[0]), held_recipients=int(row[1]), oldest_held_at=row[2])
 
+    async def release_stream(self, stream: str, rules: Sequence[str], now: float) -> int:
+        if not rules:
+            return 0
+        async with self._db.transaction() as conn:
+            cursor = await conn.execute(
+                "UPDATE held_recipients SET state = 'released', next_attempt_at = ? "
+                f"WHERE state = 'held' AND rule IN ({_placeholders(rules)}) "
+                "AND hold_id IN (SELECT id FROM held_messages WHERE stream = ?)",
+                (now, *rules, stream),
+            )
+            return cursor.rowcount
+
+    async def discard_stream(self, stream: str, rules: Sequence[str]) -> int:
+        if not rules:
+            return 0
+        async with self._db.transaction() as conn:
+            async with conn.execute(
+                "SELECT DISTINCT r.hold_id FROM held_recipients r JOIN held_messages m ON m.id = r.hold_id "
+                f"WHERE m.stream = ? AND r.state IN ('held', 'released') AND r.rule IN ({_placeholders(rules)})",
+                (stream, *rules),
+            ) as cursor:
+                hold_ids = [row[0] for row in await cursor.fetchall()]
+            changed = 0
+            for hold_id in hold_ids:
+                cursor = await conn.execute(
+                    "UPDATE held_recipients SET state = 'discarded', next_attempt_at = NULL "
+                    f"WHERE hold_id = ? AND state IN ('held', 'released') AND rule IN ({_placeholders(rules)})",
+                    (hold_id, *rules),
+                )
+                changed += cursor.rowcount
+                await _forget_if_finished(conn, hold_id)
+            return changed
+
+    async def stream_messages(self, stream: str, limit: int = 3) -> builtins.list[HeldMessage]:
+        rows = await self._db.fetchall(
+            f"SELECT {_MESSAGE_COLUMNS} FROM held_messages m WHERE stream = ? AND EXISTS "
+            "(SELECT 1 FROM held_recipients r WHERE r.hold_id = m.id AND r.state = 'held') "
+            "ORDER BY created_at, id LIMIT ?",
+            (stream, limit),
+        )
+        recipients = await self._recipients([row[0] for row in rows])
+        return [_message(row, tuple(recipients.get(row[0], ()))) for row in rows]
+
+    async def stream_counts(self, stream: str) -> dict[RecipientState, int]:
+        rows = await self._db.fetchall(
+            "SELECT r.state, COUNT(*) FROM held_recipients r JOIN held_messages m ON m.id = r.hold_id "
+            "WHERE m.stream = ? GROUP BY r.state",
+            (stream,),
+        )
+        return {state: int(count) for state, count in rows}
+
     async def _recipients(self, hold_ids: Sequence[str]) -> dict[str, builtins.list[HeldRecipient]]:
         if not hold_ids:
             return {}
