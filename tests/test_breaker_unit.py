@@ -255,3 +255,19 @@ async def test_store_never_lets_the_server_undo_a_decision_it_has_not_seen(tmp_p
         await store.save_baselines([Baseline(SENDER, 20.0, 1, 5.0)])
         await store.save_baselines([Baseline(SENDER, 26.0, 2, 6.0)])
         assert await store.baselines() == [Baseline(SENDER, 26.0, 2, 6.0)]
+
+
+# --- the README's examples --------------------------------------------------------------------
+
+def test_readme_bulk_send_examples_are_valid_config() -> None:
+    import re
+    import tomllib
+
+    from smtp_guard.config import build_config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Bulk-send protection", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```toml\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) >= 4
+    for block in blocks:
+        build_config(tomllib.loads(block), "README.md")

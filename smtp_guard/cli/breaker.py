@@ -98,8 +98,8 @@ def show_command(config: Config, stream: str, samples: int) -> None:
         click.echo(f"  To:      {', '.join(sample.recipients)}" + (f" and {more} more" if more > 0 else ""))
         click.echo(f"  Whole message: smtp-guard hold show {sample.hold_id}")
     if r.status != "cancelled":
-        click.echo(f"\nApprove: smtp-guard breaker approve {_quoted(r.stream)} --ceiling {r.recipients}"
-                   f"    Cancel: smtp-guard breaker cancel {_quoted(r.stream)}")
+        click.echo(f"\nApprove:  smtp-guard breaker approve {_quoted(r.stream)} --ceiling {r.recipients}")
+        click.echo(f"Cancel:   smtp-guard breaker cancel {_quoted(r.stream)}")
 
 
 @breaker.command("approve")

@@ -37,7 +37,7 @@ class SQLiteBreakerStore:
         async with self._db.transaction() as conn:
             await conn.executemany(
                 f"INSERT INTO breakers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (stream) DO UPDATE SET recipients = MAX(breakers.recipients, excluded.recipients), "
+                "ON CONFLICT (stream) DO UPDATE SET recipients = excluded.recipients, "
                 f"updated_at = excluded.updated_at, {guarded}",
                 [_row(record) for record in records],
             )
