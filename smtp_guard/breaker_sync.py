@@ -22,6 +22,7 @@ from typing import Callable
 
 from .breaker_state import BreakerState
 from .metrics import Metrics
+from .periodic import Periodic
 from .policy.breaker_rules import holding_rules
 from .store.base import AuditRecord, Baseline, BreakerRecord, BreakerStore, HoldStore
 
@@ -37,17 +38,16 @@ class BreakerSync:
         self._holds = holds
         self._metrics = metrics
         self._record = record
-        self._interval = interval
         self._clock = clock
         self._cursor: float | None = None  # newest admin decision seen (the admin's clock)
         self._pending_baselines: dict[str, Baseline] = {}
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("breaker-sync", interval, self.sync,
+                              "sync failed; keeping the state in memory and trying again")
         state.observer = self
 
     def __repr__(self) -> str:
-        running = self._task is not None and not self._task.done()
-        return f"<BreakerSync running={running} {self._state!r}>"
+        return f"<BreakerSync running={self._loop.is_running} {self._state!r}>"
 
     async def load(self) -> None:
         """Trips and baselines from the store, before the server takes mail."""
@@ -58,27 +58,12 @@ class BreakerSync:
         self._metrics.breakers_tripped.set(self._state.tripped_count())
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="breaker-sync")
+        self._loop.start()
 
     async def stop(self) -> None:
         """Stop the loop and persist what is in memory (call after the listener stopped)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._loop.stop()
         await self.sync()
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.sync()
-            except Exception:
-                log.exception("breaker sync failed; keeping the state in memory and trying again")
 
     async def sync(self) -> None:
         async with self._lock:

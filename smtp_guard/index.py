@@ -13,13 +13,13 @@ when the store asks for it (bulk import) or an entry expires, a fresh snapshot i
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from array import array
 from bisect import bisect_left
 from typing import Callable, Sequence
 
+from .periodic import Periodic
 from .store.base import DomainRule, SuppressionDelta, SuppressionSnapshot, SuppressionStore
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,10 @@ class IndexReloader:
         self.index = index
         self._store = store
         self._priority = tuple(list_priority)
-        self._interval = interval
         self._clock = clock
-        self._task: asyncio.Task[None] | None = None
+        # Keep enforcing the last good index when a refresh fails; the next poll tries again.
+        self._loop = Periodic("suppression-index-reloader", interval, self.refresh,
+                              "refresh failed; keeping the current index")
         self.on_reload: Callable[[], None] = lambda: None
 
     async def load(self) -> None:
@@ -143,22 +144,7 @@ class IndexReloader:
             self.on_reload()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="suppression-index-reloader")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.refresh()
-            except Exception:
-                # Keep enforcing the last good index; the next poll tries again.
-                log.exception("suppression index refresh failed; keeping the current index")
+        await self._loop.stop()
