@@ -29,6 +29,7 @@ from .hold.worker import ReleaseWorker
 from .index import IndexReloader, SuppressionIndex
 from .logs import configure_logging
 from .metrics import Metrics
+from .periodic import Periodic
 from .policy.default import default_pipeline
 from .relay.base import Upstream
 from .relay.pool import SMTPUpstream
@@ -99,7 +100,7 @@ class Guard:
         self.clock = clock
         self.metrics = Metrics()
         self._db = Database(config.store.path)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loops: list[Periodic] = []
         self._started = False
         self.ready = False
 
@@ -152,8 +153,14 @@ class Guard:
         self.reloader.start()
         self.release_worker.start()
         self.breaker_sync.start()
-        self._tasks.append(asyncio.create_task(self._stats_loop(), name="stats"))
-        self._tasks.append(asyncio.create_task(self._tombstone_loop(), name="tombstones"))
+        self._loops = [
+            Periodic("stats", STATS_INTERVAL, self.update_stats, "could not read hold/suppression statistics",
+                     run_first=True),
+            Periodic("tombstones", config.store.reload_interval, self.tombstone_reloader.refresh,
+                     "tombstone refresh failed; keeping the current tombstones"),
+        ]
+        for loop in self._loops:
+            loop.start()
         if config.metrics.listen is not None:
             await self.http.start(config.metrics.listen.host, config.metrics.listen.port)
         await self.smtp.start()
@@ -195,35 +202,14 @@ class Guard:
         await self.release_worker.stop()
         await self.breaker_sync.stop()  # persists trips and counts for the next start
         await self.reloader.stop()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        for loop in self._loops:
+            await loop.stop()
         await self.audit.stop()
         await self.upstream.close()
         await self.http.stop()
         await self._db.close()
         self._started = False
         log.info("smtp-guard stopped")
-
-    async def _tombstone_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.store.reload_interval)
-            try:
-                await self.tombstone_reloader.refresh()
-            except Exception:
-                log.exception("tombstone refresh failed; keeping the current tombstones")
-
-    async def _stats_loop(self) -> None:
-        while True:
-            try:
-                await self.update_stats()
-            except Exception:
-                log.exception("could not read hold/suppression statistics")
-            await asyncio.sleep(STATS_INTERVAL)
 
     async def update_stats(self) -> None:
         """Refresh the gauges that come from the store (hold queue, list sizes)."""
