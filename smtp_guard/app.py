@@ -50,6 +50,7 @@ from .store.sqlite.suppressions import SQLiteSuppressionStore
 log = logging.getLogger("smtp_guard")
 
 STATS_INTERVAL = 5.0
+LIST_SIZES_INTERVAL = 60.0
 
 
 @asynccontextmanager
@@ -156,6 +157,10 @@ class Guard:
         self._loops = [
             Periodic("stats", STATS_INTERVAL, self.update_stats, "could not read hold/suppression statistics",
                      run_first=True),
+            # Counting entries scans the suppression table (seconds at ten million rows, on the
+            # connection the hold queue commits through), so list sizes are read less often.
+            Periodic("list-sizes", LIST_SIZES_INTERVAL, self.update_list_sizes, "could not count list entries",
+                     run_first=True),
             Periodic("tombstones", config.store.reload_interval, self.tombstone_reloader.refresh,
                      "tombstone refresh failed; keeping the current tombstones"),
         ]
@@ -218,6 +223,8 @@ class Guard:
         self.metrics.hold_messages.set(stats.held_messages)
         self.metrics.hold_recipients.set(stats.held_recipients)
         self.metrics.hold_oldest_age.set(0 if stats.oldest_held_at is None else self.clock() - stats.oldest_held_at)
+
+    async def update_list_sizes(self) -> None:
         for list_name, count in (await self.suppressions.count_by_list(self.clock())).items():
             self.metrics.suppression_entries.labels(list_name).set(count)
 

@@ -71,6 +71,7 @@ async def test_metrics_after_real_transactions(start_guard, sink):
     assert outcome.data == str(replies.QUEUED_HELD)
 
     await guard.update_stats()
+    await guard.update_list_sizes()
     samples = await scrape(guard)
 
     recipients = "smtp_guard_recipients_total"
