@@ -22,6 +22,7 @@ from .breaker_state import BreakerState
 from .breaker_sync import BreakerSync
 from .classify import MessageClassifier
 from .config import Config
+from .counters import InMemoryCounters
 from .erasure.index import TombstoneIndex, TombstoneReloader
 from .erasure.keys import ErasureKeyError, load_key_ring, open_key_ring
 from .erasure.pseudonyms import Pseudonymizer, PseudonymizingAuditStore
@@ -129,7 +130,10 @@ class Guard:
         self.reloader.on_reload = self.metrics.index_reloads.inc
         await self.reloader.load()
         self.breaker_state = BreakerState(config.breaker)
-        self.pipeline = default_pipeline(config, self.tombstones, self.index, breakers=self.breaker_state)
+        # Embedded, per process; a shared implementation (Redis) plugs in here (counters.py).
+        self.rate_counters = InMemoryCounters()
+        self.pipeline = default_pipeline(config, self.tombstones, self.index, breakers=self.breaker_state,
+                                         counters=self.rate_counters, clock=self.clock)
 
         self.upstream = build_upstream(config)
         self.audit = AuditLog(self.audit_store, config.audit, on_dropped=self.metrics.audit_dropped.inc)

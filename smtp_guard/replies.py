@@ -61,11 +61,19 @@ SUPPRESSED = Reply(550, "5.7.1", "Recipient is on a suppression list")
 ERASED = Reply(550, "5.7.1", "Recipient address was erased at its owner's request; delete it from your lists")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 RATE_LIMITED = Reply(451, "4.7.1", "Rate limit exceeded, try again later")
+PACED = Reply(250, "2.1.5", "Recipient OK (queued, released at the allowed rate)")
 DEFERRED = Reply(451, "4.7.1", "Deferred by policy, try again later")
 REFUSED = Reply(550, "5.7.1", "Refused by policy")
 BREAKER_DEFERRED = Reply(451, "4.7.1", "Stream paused by the volume breaker pending review, try again later")
 STREAM_CANCELLED = Reply(550, "5.7.1", "This mailing was cancelled by an administrator")
 HELD_FOR_REVIEW = Reply(250, "2.1.5", "Recipient OK (held for review)")
+
+
+def rate_limited(rule_name: str) -> Reply:
+    """451 4.7.1 naming the rate-limit rule (a configured name: lower-case letters, digits, '-'
+    and '_'), so the platform's operator can tell which limit its mail ran into."""
+    return RATE_LIMITED.with_text(f"Rate limit {rule_name} exceeded, try again later")
+
 
 # --- access ------------------------------------------------------------------------------------
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
