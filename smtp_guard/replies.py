@@ -53,6 +53,7 @@ OK = Reply(250, "2.0.0", "OK")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 QUEUED_HELD = Reply(250, "2.0.0", "Message accepted and held for review")
+QUEUED_PACED = Reply(250, "2.0.0", "Message accepted; delivery paced by a rate limit")
 ACCEPTED_NOT_RELAYED = Reply(250, "2.0.0", "Message accepted")
 SANDBOX_CAPTURED = Reply(250, "2.0.0", "Message captured by the sandbox upstream (not delivered)")
 

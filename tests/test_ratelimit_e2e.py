@@ -171,8 +171,12 @@ async def test_stream_limit_in_hold_mode_holds_the_recipients_over_the_limit(sta
     outcome = await send(guard.smtp_address, SENDER, rcpts, message(extra_headers=CAMPAIGN_HEADER))
     assert outcome.data is not None and outcome.data.startswith("250")
     assert sink.delivered_to() == ["a@example.com"]  # b and c wait for their tokens
-    await wait_until(lambda: sorted(sink.delivered_to()) == rcpts, what="held recipients released")
-    assert recipients_counted(guard, "hold", "ratelimit.campaigns") == 2
+    # The bucket is in debt: a message whose recipients are all paced says so.
+    paced = await send(guard.smtp_address, SENDER, ["d@example.com"], message(extra_headers=CAMPAIGN_HEADER))
+    assert paced.data == str(replies.QUEUED_PACED)
+    await wait_until(lambda: sorted(sink.delivered_to()) == [*rcpts, "d@example.com"],
+                     what="held recipients released")
+    assert recipients_counted(guard, "hold", "ratelimit.campaigns") == 3
 
 
 async def test_shadow_rule_delivers_everything_and_counts_what_it_would_have_deferred(start_clocked_guard, sink):

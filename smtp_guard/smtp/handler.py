@@ -254,7 +254,8 @@ class GuardHandler:
                 return replies.STORE_UNAVAILABLE, "deferred"
             log.info("txn=%s held as %s for %d recipient(s)", txn.txn_id, hold_id, len(txn.held))
             if upstream_reply is None:
-                return replies.QUEUED_HELD, "held"
+                paced = all(d.release_at is not None for _, d in txn.held)
+                return (replies.QUEUED_PACED if paced else replies.QUEUED_HELD), "held"
         if upstream_reply is not None:
             return upstream_reply, "relayed"
         return replies.ACCEPTED_NOT_RELAYED, "dropped"
