@@ -139,7 +139,8 @@ class Guard:
         self.audit = AuditLog(self.audit_store, config.audit, on_dropped=self.metrics.audit_dropped.inc)
         self.breakers = SQLiteBreakerStore(self._db)
         self.breaker_sync = BreakerSync(self.breaker_state, self.breakers, self.holds, self.metrics,
-                                        self.audit.record, config.store.reload_interval, clock=self.clock)
+                                        self.audit.record, config.store.reload_interval, clock=self.clock,
+                                        rate_limit_names=[limit.name for limit in config.rate_limits])
         await self.breaker_sync.load()
         self.release_worker = ReleaseWorker(self.holds, self.upstream, config.hold,
                                             record=self._record_delivery, clock=self.clock)

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from .breaker_state import BreakerState
 from .metrics import Metrics
 from .periodic import Periodic
-from .policy.breaker_rules import holding_rules
+from .policy.breaker_rules import cancelling_rules, holding_rules
 from .store.base import AuditRecord, Baseline, BreakerRecord, BreakerStore, HoldStore
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 class BreakerSync:
     def __init__(self, state: BreakerState, store: BreakerStore, holds: HoldStore, metrics: Metrics,
                  record: Callable[[AuditRecord], None], interval: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, rate_limit_names: Sequence[str] = ()) -> None:
+        self._rate_limit_names = tuple(rate_limit_names)
         self._state = state
         self._store = store
         self._holds = holds
@@ -92,7 +93,8 @@ class BreakerSync:
         if record.status == "approved":
             action, changed = "approve", await self._holds.release_stream(record.stream, rules, now)
         elif record.status == "cancelled":
-            action, changed = "cancel", await self._holds.discard_stream(record.stream, rules)
+            action, changed = "cancel", await self._holds.discard_stream(
+                record.stream, cancelling_rules(record.rule, record.message_class, self._rate_limit_names))
         else:
             return
         self._metrics.breaker_admin_actions.labels(action, record.rule, record.message_class).inc()

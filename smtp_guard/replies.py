@@ -52,6 +52,7 @@ def upstream_reply(code: int, message: str) -> Reply:
 OK = Reply(250, "2.0.0", "OK")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+DUPLICATE_RECIPIENT = Reply(250, "2.1.5", "Recipient OK (duplicate, delivered once)")
 QUEUED_HELD = Reply(250, "2.0.0", "Message accepted and held for review")
 QUEUED_PACED = Reply(250, "2.0.0", "Message accepted; delivery paced by a rate limit")
 ACCEPTED_NOT_RELAYED = Reply(250, "2.0.0", "Message accepted")

@@ -8,7 +8,7 @@ numbers; the breaker policy (``breaker.py``) owns what a trip means for the mail
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from ..breaker_state import BreakerState, StreamTally
 from ..config import BreakerConfig
@@ -26,6 +26,12 @@ def holding_rules(rule: str, message_class: str) -> tuple[str, ...]:
     """The rules whose holds an admin decision on a stream releases or discards: the one that
     tripped it and the others that hold for a stream (not a rate limit's or a list's holds)."""
     return tuple(dict.fromkeys((rule, gate_rule(message_class), VOLUME_RULE, FANOUT_RULE)))
+
+
+def cancelling_rules(rule: str, message_class: str, rate_limit_names: Sequence[str]) -> tuple[str, ...]:
+    """The rules whose holds a cancellation discards: the stream's own holds and its recipients
+    that were only waiting to be paced by a rate limit (a cancelled mailing must not trickle out)."""
+    return holding_rules(rule, message_class) + tuple(f"ratelimit.{name}" for name in rate_limit_names)
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,10 @@ class SMTPUpstream:
             except aiosmtplib.SMTPResponseException as error:
                 await self._reset_and_park(session)
                 raise UpstreamError(replies.upstream_reply(error.code, error.message)) from None
+            except asyncio.CancelledError:
+                # The client went away mid-command: the session is in an unknown state.
+                session.client.close()
+                raise
             except (*_CONNECTION_ERRORS, *_TIMEOUTS) as error:
                 await self._discard(session)
                 if attempt == 2 or session.transactions == 0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..classify import parse_headers
-from ..policy.breaker_rules import holding_rules
+from ..policy.breaker_rules import cancelling_rules, holding_rules
 from ..store.base import AuditRecord, Baseline, BreakerRecord, BreakerStatus, RecipientState
 from .context import AdminContext
 
@@ -116,7 +116,8 @@ async def cancel_breaker(ctx: AdminContext, stream: str) -> BreakerAction:
     decided = await ctx.breakers.decide(stream, "cancelled", record.ceiling, ctx.actor, now)
     if decided is None:
         raise BreakerNotFound(stream)
-    discarded = await ctx.holds.discard_stream(stream, holding_rules(record.rule, record.message_class))
+    discarded = await ctx.holds.discard_stream(stream, cancelling_rules(
+        record.rule, record.message_class, [limit.name for limit in ctx.config.rate_limits]))
     await _audit(ctx, decided, "breaker.cancel",
                  f"stream {stream!r} cancelled (audience {record.recipients}); discarded {discarded} held "
                  "recipient(s); further mail of the stream is refused", now)

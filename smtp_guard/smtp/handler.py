@@ -44,6 +44,7 @@ class Transaction:
     upstream: UpstreamTransaction | None = None
     relayed: list[str] = field(default_factory=list)
     relayed_contexts: dict[str, RecipientContext] = field(default_factory=dict)
+    paced_contexts: dict[str, RecipientContext] = field(default_factory=dict)  # held only to pace them
     held: list[tuple[str, Decision]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     refused: int = 0
@@ -136,6 +137,9 @@ class GuardHandler:
         if len(envelope.rcpt_tos) + txn.refused >= self._config.max_recipients:
             self._count(Verdict.DEFER, "limits.max_recipients")
             return str(replies.TOO_MANY_RECIPIENTS)
+        if address in envelope.rcpt_tos:
+            # Named twice: one delivery, as from any MTA (and never relayed once and held once).
+            return str(replies.DUPLICATE_RECIPIENT)
         try:
             mailbox = parse_mailbox(address)
             key = self._normalizer.key(mailbox)
@@ -159,6 +163,10 @@ class GuardHandler:
             reply = decision.reply or replies.RECIPIENT_OK
             if decision.verdict is Verdict.HOLD:
                 txn.held.append((mailbox.text, decision))
+                if decision.release_at is not None:
+                    # Paced, not stopped: the end-of-DATA policies (gates, breaker, marketing
+                    # lists) must still judge this recipient.
+                    txn.paced_contexts[mailbox.text] = context
                 envelope.rcpt_tos.append(mailbox.text)
             elif decision.verdict is Verdict.DROP:
                 txn.dropped.append(mailbox.text)
@@ -201,12 +209,12 @@ class GuardHandler:
         if txn is None:
             return str(replies.INTERNAL_ERROR)
         content: bytes = envelope.original_content
-        message = self._classifier.context(
-            content, _reverse_path(txn), _client_ip(session), _auth_user(session),
-            list(txn.relayed_contexts.values()), self._clock())
-        if txn.erasure_attempts:
-            txn.erasure_attempts = [replace(a, stream=message.stream) for a in txn.erasure_attempts]
         try:
+            message = self._classifier.context(
+                content, _reverse_path(txn), _client_ip(session), _auth_user(session),
+                [*txn.relayed_contexts.values(), *txn.paced_contexts.values()], self._clock())
+            if txn.erasure_attempts:
+                txn.erasure_attempts = [replace(a, stream=message.stream) for a in txn.erasure_attempts]
             reply, outcome = await self._deliver(txn, session, envelope, content, message)
         finally:
             await self.abandon(envelope)
@@ -271,17 +279,30 @@ class GuardHandler:
             self._record_shadow(txn, session, envelope, address, shadowed)
         decision = outcome.message
         if decision is not None:
+            judged = [*txn.relayed, *txn.paced_contexts]
+            # Paced recipients were only waiting for a token: a refusal of the message is theirs too.
+            txn.held = [(a, d) for a, d in txn.held if a not in txn.paced_contexts]
+            txn.paced_contexts.clear()
             if decision.verdict is Verdict.REJECT and (txn.held or txn.dropped):
-                # Some recipients are already held or dropped (they got 250 at RCPT): a 5xx
-                # for the message would lie about them, so the refused ones are left out.
+                # Some recipients are held or dropped for reasons of their own (they got 250 at
+                # RCPT): a 5xx for the message would lie about them, so the refused ones are
+                # left out (dropped, audited) and the rest is kept.
                 outcome.recipients = {a: replace(decision, verdict=Verdict.DROP) for a in txn.relayed}
+                for address in judged:
+                    if address not in txn.relayed:
+                        txn.dropped.append(address)
+                        self._record(txn, session, envelope, address, replace(decision, verdict=Verdict.DROP))
             else:
-                for address in txn.relayed:
+                for address in judged:
                     self._record(txn, session, envelope, address, decision)
                 reply = decision.reply or (replies.DEFERRED if decision.verdict is Verdict.DEFER else replies.REFUSED)
                 return reply, "deferred" if reply.is_temporary else "refused"
         changed = False
         for address, recipient_decision in outcome.recipients.items():
+            if address in txn.paced_contexts:
+                self._overrule_pacing(txn, address, recipient_decision)
+                self._record(txn, session, envelope, address, recipient_decision)
+                continue
             if address not in txn.relayed_contexts:
                 continue
             changed = True
@@ -297,6 +318,20 @@ class GuardHandler:
             if failure is not None:
                 return failure, "deferred"
         return None
+
+    @staticmethod
+    def _overrule_pacing(txn: Transaction, address: str, decision: Decision) -> None:
+        """An end-of-DATA decision on a recipient held only for pacing: a stop (gate, breaker:
+        HOLD without release time) or a drop replaces the pacing; a later release time wins."""
+        paced = dict(txn.held)[address]
+        txn.held = [(a, d) for a, d in txn.held if a != address]
+        del txn.paced_contexts[address]
+        if decision.verdict is Verdict.DROP:
+            txn.dropped.append(address)
+        elif decision.release_at is not None and paced.release_at is not None and paced.release_at > decision.release_at:
+            txn.held.append((address, paced))
+        else:
+            txn.held.append((address, decision))
 
     async def _restart_upstream(self, txn: Transaction, envelope: Any) -> Reply | None:
         """The upstream already has RCPTs for recipients now held or dropped: start its
@@ -326,15 +361,16 @@ class GuardHandler:
         txn = _txn(envelope)
         if txn is None:
             return
-        if txn.upstream is not None:
-            upstream, txn.upstream = txn.upstream, None
-            await upstream.finish()
+        # Evidence first: finishing the upstream session (an RSET) may take a while.
         if txn.erasure_attempts:
             attempts, txn.erasure_attempts = txn.erasure_attempts, []
             try:
                 await self._record_erasure_attempts(attempts)
-            except StoreError:
+            except Exception:
                 log.exception("txn=%s could not record %d erasure attempt(s)", txn.txn_id, len(attempts))
+        if txn.upstream is not None:
+            upstream, txn.upstream = txn.upstream, None
+            await upstream.finish()
 
     def _note_erasure_attempt(self, txn: Transaction, session: Any, envelope: Any, decision: Decision) -> None:
         tombstone = decision.tombstone

@@ -26,6 +26,8 @@ from .handler import GuardHandler
 
 log = logging.getLogger("smtp_guard.smtp")
 
+CLEANUP_GRACE = 10.0  # seconds shutdown waits for ended transactions to return their upstream session
+
 
 class SessionRegistry:
     """Open sessions, for the concurrency limit and graceful shutdown."""
@@ -35,6 +37,9 @@ class SessionRegistry:
         self._metrics = metrics
         self.accepting = True
         self._changed = asyncio.Event()
+        # Transaction ends (upstream session back to the pool, erasure evidence written) run as
+        # tasks; shutdown waits for them.
+        self.cleanups: set[asyncio.Task[None]] = set()
 
     def add(self, session: "GuardSMTP") -> None:
         self.sessions.add(session)
@@ -59,7 +64,6 @@ class GuardSMTP(SMTP):
         self._guard_config = config
         self._guard_metrics = metrics
         self._plaintext_auth_on_loopback = allow_plaintext_auth_on_loopback
-        self._cleanups: set[asyncio.Task[None]] = set()
         self.in_data = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -97,8 +101,8 @@ class GuardSMTP(SMTP):
         if txn is None or not txn.needs_cleanup:
             return
         task = self.loop.create_task(self._guard_handler.abandon(envelope))
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
+        self._registry.cleanups.add(task)
+        task.add_done_callback(self._registry.cleanups.discard)
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
@@ -196,5 +200,7 @@ class SMTPServer:
             if session.transport is not None:
                 log.warning("closing session still busy after %.0fs shutdown grace", grace)
                 session.transport.close()
+        if self.registry.cleanups:
+            await asyncio.wait(set(self.registry.cleanups), timeout=CLEANUP_GRACE)
         if self._server is not None:
             await self._server.wait_closed()
