@@ -84,7 +84,11 @@ class ReleaseWorker:
         for message in due:
             if self._stopping.is_set():
                 break
-            recipients = list(message.recipients)
+            # Re-read just before relaying: an admin's discard, a breaker cancel or an erasure
+            # purge may have happened since ``due`` was read (a batch takes a while).
+            current = await self._store.get(message.id)
+            still_released = {r.address for r in current.recipients if r.state == "released"} if current else set()
+            recipients = [r for r in message.recipients if r.address in still_released]
             if message.content is None or not recipients:
                 continue
             outcomes = await self._relay(message, message.content, recipients)
