@@ -69,7 +69,7 @@ def add_command(config: Config, addresses: Sequence[str], reference: str, files:
     for problem in problems:
         click.echo(problem, err=True)
     if as_json:
-        click.echo(json.dumps([service.receipt_as_dict(r) for r in receipts], indent=2))
+        click.echo(json.dumps([r.as_dict() for r in receipts], indent=2))
     else:
         for receipt in receipts:
             _print_receipt(receipt)
@@ -164,7 +164,7 @@ def receipts_command(config: Config, limit: int, as_json: bool) -> None:
     """
     receipts = run(_receipts(config, limit))
     if as_json:
-        click.echo(json.dumps([service.receipt_as_dict(r) for r in receipts], indent=2))
+        click.echo(json.dumps([r.as_dict() for r in receipts], indent=2))
         return
     if not receipts:
         click.echo("No erasures yet. Erase with: smtp-guard erase ADDRESS --ref REFERENCE")
@@ -195,7 +195,7 @@ def receipt_command(config: Config, receipt_id: str) -> None:
     found = run(_receipt(config, receipt_id))
     if found is None:
         raise click.ClickException(f"no receipt {receipt_id}; run `smtp-guard erase receipts` to see the ids")
-    click.echo(json.dumps(service.receipt_as_dict(found), indent=2))
+    click.echo(json.dumps(found.as_dict(), indent=2))
 
 
 async def _receipt(config: Config, receipt_id: str) -> ErasureReceipt | None:

@@ -213,13 +213,3 @@ async def rotate_key(ctx: AdminContext) -> str:
 def tokens(ctx: AdminContext, addresses: Iterable[str]) -> list[tuple[str, str]]:
     """(address, token) pairs, for a privacy team that wants to send tokens instead."""
     return [(address, target_from_text(ctx, address).token) for address in addresses]
-
-
-def receipt_as_dict(receipt: ErasureReceipt) -> dict[str, object]:
-    return {
-        "receipt": receipt.id, "reference": receipt.reference, "created_at": receipt.created_at,
-        "tombstone_id": receipt.tombstone_id, "key_id": receipt.key_id,
-        "purged": [{"store": p.store, "what": p.what, "count": p.count} for p in receipt.purged],
-        "storage": dict(receipt.storage),
-    }
-

@@ -328,6 +328,15 @@ class ErasureReceipt:
     purged: tuple[PurgeCount, ...]
     storage: Mapping[str, str]  # how the bytes were made unrecoverable (checkpoint, secure_delete)
 
+    def as_dict(self) -> dict[str, object]:
+        """The receipt as exported (JSON) and stored; it names no address."""
+        return {
+            "receipt": self.id, "reference": self.reference, "created_at": self.created_at,
+            "tombstone_id": self.tombstone_id, "key_id": self.key_id,
+            "purged": [{"store": p.store, "what": p.what, "count": p.count} for p in self.purged],
+            "storage": dict(self.storage),
+        }
+
 
 @dataclass(frozen=True)
 class ErasureAttempt:

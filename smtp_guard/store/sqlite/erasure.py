@@ -136,7 +136,7 @@ class SQLiteErasureStore:
             await connection.execute(
                 "INSERT INTO erasure_receipts (id, reference, created_at, tombstone_id, body) VALUES (?, ?, ?, ?, ?)",
                 (receipt.id, receipt.reference, receipt.created_at, receipt.tombstone_id,
-                 json.dumps(_receipt_body(receipt))))
+                 json.dumps(receipt.as_dict())))
 
     async def receipts(self, limit: int = 100) -> builtins.list[ErasureReceipt]:
         rows = await self._db.fetchall(
@@ -186,19 +186,10 @@ async def _erase_pseudonyms(connection: Any, pseudonyms: Sequence[str], erased_l
     return int(changed)
 
 
-def _receipt_body(receipt: ErasureReceipt) -> dict[str, object]:
-    return {
-        "id": receipt.id, "reference": receipt.reference, "created_at": receipt.created_at,
-        "tombstone_id": receipt.tombstone_id, "key_id": receipt.key_id,
-        "purged": [{"store": p.store, "what": p.what, "count": p.count} for p in receipt.purged],
-        "storage": dict(receipt.storage),
-    }
-
-
 def _receipt_from_body(body: dict[str, Any]) -> ErasureReceipt:
     purged = tuple(PurgeCount(str(p["store"]), str(p["what"]), int(p["count"])) for p in body["purged"])
     return ErasureReceipt(
-        id=str(body["id"]), reference=str(body["reference"]), created_at=float(body["created_at"]),
+        id=str(body["receipt"]), reference=str(body["reference"]), created_at=float(body["created_at"]),
         tombstone_id=int(body["tombstone_id"]), key_id=str(body["key_id"]), purged=purged,
         storage={str(k): str(v) for k, v in body["storage"].items()},
     )
