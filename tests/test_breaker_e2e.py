@@ -7,6 +7,7 @@ through the real CLI. client -> guard -> hold queue (real SQLite) -> release wor
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -129,7 +130,11 @@ async def test_sanction_stream_cancelled_is_never_delivered(tmp_path, sink):
         assert "member25@users.example" in shown  # the first held recipient, as a sample
 
         output = await admin(config_file, "breaker", "cancel", STREAM, "--yes")
-        assert "discarded 4975 held recipient(s)" in output
+        # The CLI discards what is held; a running server that takes the decision up first
+        # sweeps too, so the CLI's own count can be lower — the store says what happened.
+        assert re.search(r"discarded \d+ held recipient\(s\)", output)
+        counts = await guard.holds.stream_counts(STREAM)
+        assert counts.get("held", 0) == 0 and counts.get("discarded") == 5000 - APPROVAL_AFTER
         await wait_until(lambda: guard.breaker_state.trips[STREAM].status == "cancelled",
                          what="the server to take the cancellation up")
 
@@ -165,7 +170,7 @@ async def test_sanction_stream_approved_delivers_each_held_recipient_exactly_onc
         await wait_until(lambda: guard.breakers.get(STREAM), what="the trip to reach the store")
 
         output = await admin(config_file, "breaker", "approve", STREAM, "--ceiling", "6000")
-        assert "released 4975 held recipient(s)" in output
+        assert re.search(r"released \d+ held recipient\(s\)", output)  # the server may sweep first
         await wait_until(lambda: len(sink.delivered_to()) >= 5000, timeout=30,
                          what="the release worker to deliver every held recipient")
         await wait_until(lambda: guard.breaker_state.trips[STREAM].status == "approved")
