@@ -31,6 +31,10 @@ from ..store.base import AuditRecord, HeldMessage, HeldRecipient, HoldStore, Rec
 
 log = logging.getLogger(__name__)
 
+# How long a claimed recipient is hidden from other workers; longer than any one attempt can
+# take, so that only a crashed attempt is ever retried by someone else.
+CLAIM_LEASE = 900.0
+
 AUDIT_RULE = "hold.release"
 
 
@@ -84,11 +88,11 @@ class ReleaseWorker:
         for message in due:
             if self._stopping.is_set():
                 break
-            # Re-read just before relaying: an admin's discard, a breaker cancel or an erasure
-            # purge may have happened since ``due`` was read (a batch takes a while).
-            current = await self._store.get(message.id)
-            still_released = {r.address for r in current.recipients if r.state == "released"} if current else set()
-            recipients = [r for r in message.recipients if r.address in still_released]
+            # Claim just before relaying: an admin's discard, a breaker cancel or an erasure purge
+            # may have happened since ``due`` was read, and another worker may be on it too.
+            claimed = set(await self._store.claim(
+                message.id, [r.address for r in message.recipients], self._clock(), CLAIM_LEASE))
+            recipients = [r for r in message.recipients if r.address in claimed]
             if message.content is None or not recipients:
                 continue
             outcomes = await self._relay(message, message.content, recipients)

@@ -180,6 +180,11 @@ class HoldStore(Protocol):
         """Messages (with content) that have released recipients due for an attempt; only
         those recipients are included."""
 
+    async def claim(self, hold_id: str, addresses: Sequence[str], now: float, lease: float) -> builtins.list[str]:
+        """Take the recipients that are still released and due for one attempt, hiding them
+        from other workers for ``lease`` seconds (a crashed attempt is retried after it).
+        Returns the addresses claimed."""
+
     async def record_attempt(self, hold_id: str, address: str, state: RecipientState, reply: str,
                              next_attempt_at: float | None) -> None:
         """Outcome of one relay attempt for one recipient."""

@@ -129,6 +129,19 @@ class SQLiteHoldStore:
         recipients = _group(due_rows)
         return [_message(row, tuple(recipients.get(row[0], ())), content=row[9]) for row in rows]
 
+    async def claim(self, hold_id: str, addresses: Sequence[str], now: float, lease: float) -> builtins.list[str]:
+        # Moving next_attempt_at past the lease hides the rows from every other due(): in this
+        # process, another worker process or another instance on the same store.
+        if not addresses:
+            return []
+        async with self._db.transaction() as conn:
+            async with conn.execute(
+                f"UPDATE held_recipients SET next_attempt_at = ? WHERE hold_id = ? AND address IN "
+                f"({_placeholders(addresses)}) AND state = 'released' AND next_attempt_at <= ? RETURNING address",
+                (now + lease, hold_id, *addresses, now),
+            ) as cursor:
+                return [row[0] for row in await cursor.fetchall()]
+
     async def record_attempt(self, hold_id: str, address: str, state: RecipientState, reply: str,
                              next_attempt_at: float | None) -> None:
         # A retry must not undo an admin's discard that happened while the attempt was in
