@@ -44,7 +44,6 @@ class StreamTally:
     stream: str
     sender: str
     message_class: str
-    first_seen: float
     last_seen: float
     size: int = 0  # distinct recipients since the stream started: the audience size
     overflow: int = 0  # new recipients counted but not remembered (past the cap)
@@ -111,7 +110,7 @@ class BreakerState:
             size = 0
             if trip is not None and (trip.status != "approved" or now - trip.updated_at < self.config.stream_idle):
                 size = trip.recipients
-            tally = self.tallies[stream] = StreamTally(stream, sender, message_class, now, now, size=size)
+            tally = self.tallies[stream] = StreamTally(stream, sender, message_class, now, size=size)
         return tally
 
     def add_body(self, stream: str, body_hash: str, key_hash: int, now: float, cap: int) -> int:

@@ -49,7 +49,6 @@ def upstream_reply(code: int, message: str) -> Reply:
 
 
 # --- success -----------------------------------------------------------------------------------
-OK = Reply(250, "2.0.0", "OK")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 DUPLICATE_RECIPIENT = Reply(250, "2.1.5", "Recipient OK (duplicate, delivered once)")
@@ -100,7 +99,6 @@ UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to upstream lost, try again late
 UPSTREAM_BUSY = Reply(451, "4.4.5", "All upstream connections busy, try again later")
 STORE_UNAVAILABLE = Reply(451, "4.3.0", "Message store unavailable, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
-NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 UPSTREAM_CHANGED = Reply(451, "4.4.0", "Upstream refused a recipient it had accepted, try again later")
 
 # The policy and relay replies above are the guard's; aiosmtpd formats a few of its own. The

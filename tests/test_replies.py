@@ -18,7 +18,7 @@ ENHANCED = re.compile(r"([245])\.([0-7])\.(\d{1,3})")
 
 
 def test_the_table_is_not_empty() -> None:
-    assert {"OK", "SUPPRESSED", "UPSTREAM_UNAVAILABLE", "INTERNAL_ERROR"} <= set(CONSTANTS)
+    assert {"RECIPIENT_OK", "SUPPRESSED", "UPSTREAM_UNAVAILABLE", "INTERNAL_ERROR"} <= set(CONSTANTS)
 
 
 @pytest.mark.parametrize("name", sorted(ALL))

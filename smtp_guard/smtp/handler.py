@@ -42,8 +42,8 @@ class Transaction:
     sender: Mailbox | None
     started: float
     upstream: UpstreamTransaction | None = None
-    relayed: list[str] = field(default_factory=list)
-    relayed_contexts: dict[str, RecipientContext] = field(default_factory=dict)
+    # Recipients the upstream accepted at RCPT, in order (a dict: RCPT refuses duplicates).
+    relayed: dict[str, RecipientContext] = field(default_factory=dict)
     paced_contexts: dict[str, RecipientContext] = field(default_factory=dict)  # held only to pace them
     held: list[tuple[str, Decision]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
@@ -194,8 +194,7 @@ class GuardHandler:
         reply = await txn.upstream.rcpt(mailbox.text)
         self._metrics.upstream_duration.labels("rcpt").observe(time.monotonic() - started)
         if reply.is_success:
-            txn.relayed.append(mailbox.text)
-            txn.relayed_contexts[mailbox.text] = context
+            txn.relayed[mailbox.text] = context
             envelope.rcpt_tos.append(mailbox.text)
             return reply, decision
         self._count_upstream_error(reply)
@@ -212,7 +211,7 @@ class GuardHandler:
         try:
             message = self._classifier.context(
                 content, _reverse_path(txn), _client_ip(session), _auth_user(session),
-                [*txn.relayed_contexts.values(), *txn.paced_contexts.values()], self._clock())
+                [*txn.relayed.values(), *txn.paced_contexts.values()], self._clock())
             if txn.erasure_attempts:
                 txn.erasure_attempts = [replace(a, stream=message.stream) for a in txn.erasure_attempts]
             reply, outcome = await self._deliver(txn, session, envelope, content, message)
@@ -303,11 +302,10 @@ class GuardHandler:
                 self._overrule_pacing(txn, address, recipient_decision)
                 self._record(txn, session, envelope, address, recipient_decision)
                 continue
-            if address not in txn.relayed_contexts:
+            if address not in txn.relayed:
                 continue
             changed = True
-            txn.relayed.remove(address)
-            del txn.relayed_contexts[address]
+            del txn.relayed[address]
             if recipient_decision.verdict is Verdict.HOLD:
                 txn.held.append((address, recipient_decision))
             else:
