@@ -29,6 +29,7 @@ from ..store.base import (
     AuditRecord,
     DomainRule,
     EntryKind,
+    list_order,
     SuppressionEntry,
     SuppressionFilter,
     SuppressionSnapshot,
@@ -185,7 +186,7 @@ def _snapshot(entries: Iterable[SuppressionEntry], priority: Sequence[str]) -> S
     """A tiny index snapshot of the given entries, built by the store's rule: the first list
     in the configured priority wins, unconfigured lists come after, by name."""
     entries = list(entries)
-    order = tuple(priority) + tuple(sorted({e.list_name for e in entries} - set(priority)))
+    order = list_order(priority, (e.list_name for e in entries))
     rank = {name: i for i, name in enumerate(order)}
     best: dict[int, int] = {}
     domains: dict[str, DomainRule] = {}

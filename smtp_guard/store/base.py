@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 from array import array
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Literal, Mapping, Protocol, Sequence
+from typing import AsyncIterator, Callable, Iterable, Literal, Mapping, Protocol, Sequence
 
 EntryKind = Literal["address", "domain"]
 RecipientState = Literal["held", "released", "delivered", "failed", "discarded"]
@@ -39,6 +39,14 @@ class SuppressionEntry:
 
     def has_expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
+
+
+def list_order(priority: Sequence[str], names: Iterable[str]) -> tuple[str, ...]:
+    """All list names, most important first: the priority order, then the others by name.
+    When an address is on several lists, the first one decides (the store's snapshot and
+    ``suppress check`` both rank by this)."""
+    known = tuple(dict.fromkeys(priority))
+    return known + tuple(sorted(set(names) - set(known)))
 
 
 @dataclass(frozen=True)

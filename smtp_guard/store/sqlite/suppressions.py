@@ -26,6 +26,7 @@ from ...addresses import key_hash
 from ..base import (
     DomainRule,
     EntryKind,
+    list_order,
     StoreError,
     SuppressionDelta,
     SuppressionEntry,
@@ -52,12 +53,6 @@ _UPSERT = (
     "WHERE reason IS NOT excluded.reason OR source IS NOT excluded.source "
     "OR expires_at IS NOT excluded.expires_at OR include_subdomains IS NOT excluded.include_subdomains"
 )
-
-
-def list_order(priority: Sequence[str], names: Iterable[str]) -> tuple[str, ...]:
-    """All list names, most important first: the priority order, then the others by name."""
-    known = tuple(dict.fromkeys(priority))
-    return known + tuple(sorted(set(names) - set(known)))
 
 
 class SQLiteSuppressionStore:
