@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
+from ..addresses import AddressNormalizer, InvalidAddress
+
 if TYPE_CHECKING:
     from ..store.base import ErasureStore
 
@@ -43,6 +45,14 @@ ErasureKeyError = KeyError_
 def erasure_token(normalized_key: str) -> str:
     """The erasure token of a normalized address: SHA-256, hex."""
     return hashlib.sha256(normalized_key.encode("utf-8")).hexdigest()
+
+
+def address_token(normalizer: AddressNormalizer, address: str) -> str | None:
+    """The erasure token of an address as given, or None if it is not a valid mailbox."""
+    try:
+        return erasure_token(normalizer.key(address))
+    except InvalidAddress:
+        return None
 
 
 def is_token(text: str) -> bool:

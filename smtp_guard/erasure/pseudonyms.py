@@ -13,9 +13,9 @@ import re
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from ..addresses import AddressNormalizer, InvalidAddress
+from ..addresses import AddressNormalizer
 from ..store.base import AuditFilter, AuditRecord, AuditStore, Tombstone
-from .keys import KeyRing, erasure_token
+from .keys import KeyRing, address_token, erasure_token
 
 _ADDRESS = re.compile(r"[^\s<>\"'(),;:@\[\]]+@[A-Za-z0-9\u0080-\uffff.-]+\.[A-Za-z\u0080-\uffff]{2,}")
 
@@ -30,10 +30,7 @@ class Pseudonymizer:
         self._erased = erased
 
     def token(self, address: str) -> str | None:
-        try:
-            return erasure_token(self._normalizer.key(address))
-        except InvalidAddress:
-            return None
+        return address_token(self._normalizer, address)
 
     def pseudonym(self, text: str) -> str:
         """The pseudonym of an address; other values (domains, labels) unchanged."""

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 from ..addresses import InvalidAddress, key_hash, parse_mailbox
 from ..erasure.index import TombstoneIndex
-from ..erasure.keys import erasure_token, is_token, rotate
+from ..erasure.keys import address_token, erasure_token, is_token, rotate
 from ..erasure.scan import Finding, address_pattern, scan_directory
 from ..policy.base import Decision, RecipientContext
 from ..policy.erasure import ErasurePolicy
@@ -65,13 +65,6 @@ def targets_from_file(ctx: AdminContext, path: Path) -> tuple[list[ErasureTarget
     return targets, problems
 
 
-def token_of(ctx: AdminContext, address: str) -> str | None:
-    try:
-        return erasure_token(ctx.normalizer.key(address))
-    except InvalidAddress:
-        return None
-
-
 async def erase(ctx: AdminContext, targets: Sequence[ErasureTarget], reference: str) -> list[ErasureReceipt]:
     if not reference.strip():
         raise ErasureInputError("an erasure needs a reference (--ref), e.g. the ticket number of the request")
@@ -105,7 +98,7 @@ async def _tombstone(ctx: AdminContext, token: str, reference: str) -> Tombstone
 
 async def _purge(ctx: AdminContext, target: ErasureTarget, tombstone: Tombstone) -> list[PurgeCount]:
     def matches(text: str) -> bool:
-        return token_of(ctx, text) == target.token
+        return address_token(ctx.normalizer, text) == target.token
 
     key_hashes = [key_hash(target.normalized)] if target.normalized else None
     counts = await ctx.erasure.purge_address(key_hashes, matches, ctx.key_ring.pseudonyms(target.token),
