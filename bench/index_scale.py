@@ -37,21 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Measure the code of the checkout this file lives in, whatever an editable install points at.
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-
-def code_version() -> str:
-    """Which smtp-guard is measured: checkout path, commit, and whether smtp_guard/ has local edits."""
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "smtp_guard"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", ""
-    return f"{REPO} @ {commit or 'unknown commit'}{' + uncommitted changes in smtp_guard/' if dirty else ''}"
+from checkout import code_version, cpu_model  # also puts this checkout first on sys.path
 
 # Share of each list in the generated data (realistic-ish ESP export mix).
 LIST_MIX = (("unsubscribed", 70), ("invalid", 20), ("complained", 10))
@@ -89,11 +75,6 @@ def reset_peak() -> bool:
         return False
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def human(n: float) -> str:

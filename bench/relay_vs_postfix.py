@@ -56,21 +56,7 @@ POSTFIX = "/usr/sbin/postfix"
 SENDER = "from@bench.test"
 RECIPIENT = "to@bench.test"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# Measure the code of the checkout this file lives in, whatever an editable install points at.
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-
-def code_version() -> str:
-    """Which smtp-guard is measured: checkout path, commit, and whether smtp_guard/ has local edits."""
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "smtp_guard"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", ""
-    return f"{REPO} @ {commit or 'unknown commit'}{' + uncommitted changes in smtp_guard/' if dirty else ''}"
+from checkout import REPO, code_version, cpu_model  # also puts this checkout first on sys.path
 
 
 # --- small helpers -------------------------------------------------------------------------------
@@ -109,14 +95,6 @@ def require(path: str, package: str) -> str:
     return path
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _stat_fields(pid: int) -> list[str] | None:
