@@ -39,6 +39,16 @@ class ConfigError(Exception):
     """A configuration problem, phrased for the operator: where it is and how to fix it."""
 
 
+def _duration(default: float | None, *, never: bool = False) -> Any:
+    """A duration setting: "90d", "12h", "30s" or seconds; with ``never``, also "never" (None)."""
+    return field(default=default, metadata={"duration": "never" if never else "positive"})
+
+
+def _at_least(default: int, minimum: int) -> Any:
+    """An integer setting whose smallest value is not 0 (e.g. -1 meaning "off": TOML has no null)."""
+    return field(default=default, metadata={"minimum": minimum})
+
+
 @dataclass(frozen=True)
 class ListenAddress:
     host: str
@@ -152,7 +162,7 @@ class AddressConfig:
 class ListConfig:
     action: ListAction = "reject"
     # Seconds an entry lives by default; None means forever.
-    lifetime: float | None = None
+    lifetime: float | None = _duration(None, never=True)
     description: str = ""
     # "marketing": the list only applies to marketing mail; receipts and password resets
     # still reach the person (DESIGN.md, "Lists have meaning").
@@ -211,7 +221,7 @@ class ClassConfig:
 
     # Sensitive class: hold a stream after this many recipients until an admin approves
     # (0: hold from the first recipient). -1: no approval gate.
-    approval_after: int = -1
+    approval_after: int = _at_least(-1, minimum=-1)
     # Personal/transactional class: the same body to more than this many distinct recipients
     # trips the breaker (the "same partner id to everyone" case). 0: no fan-out detector.
     fanout_limit: int = 0
@@ -254,7 +264,7 @@ class RateLimitRule:
 class BreakerConfig:
     enabled: bool = True
     # Distinct recipients of one stream are counted over this sliding window.
-    window: float = 3600.0
+    window: float = _duration(3600.0)
     # Trip when a stream exceeds max(floor, factor x the sender's baseline) ...
     factor: float = 5.0
     floor: int = 1000
@@ -263,7 +273,7 @@ class BreakerConfig:
     # What happens to a tripped stream's further recipients.
     action: ProtectionAction = "hold"
     # A stream with no new recipient for this long is finished; its size teaches the baseline.
-    stream_idle: float = 1800.0
+    stream_idle: float = _duration(1800.0)
     # Weight of a finished stream in the sender's baseline (exponentially decayed average).
     learning_rate: float = 0.3
     shadow: bool = False
@@ -279,10 +289,10 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class HoldConfig:
     # Release worker retry schedule for held mail that the upstream deferred.
-    retry_initial: float = 60.0
-    retry_max: float = 3600.0
+    retry_initial: float = _duration(60.0)
+    retry_max: float = _duration(3600.0)
     # After this long in the release queue a recipient is marked failed.
-    max_age: float = 5 * 86400.0
+    max_age: float = _duration(5 * 86400.0)
     poll_interval: float = 1.0
 
 
@@ -441,10 +451,8 @@ def _build_section(cls: type, table: Mapping[str, Any], where: str) -> Any:
         annotation = _ALIASES.get(str(f.type), str(f.type))
         if isinstance(current, ListenAddress) or "ListenAddress" in annotation:
             values[f.name] = None if raw in ("", "off", False) else parse_listen(raw, key)
-        elif f.name == "lifetime":
-            values[f.name] = parse_duration(raw, key)
-        elif f.name in {"retry_initial", "retry_max", "max_age", "window", "stream_idle"}:
-            values[f.name] = parse_duration(raw, key, allow_never=False)
+        elif "duration" in f.metadata:
+            values[f.name] = parse_duration(raw, key, allow_never=f.metadata["duration"] == "never")
         elif isinstance(current, (TLSListenConfig, AuthConfig)):
             values[f.name] = _build_section(type(current), raw, key)
         elif isinstance(current, Mapping):
@@ -456,8 +464,7 @@ def _build_section(cls: type, table: Mapping[str, Any], where: str) -> Any:
                 raise ConfigError(f"{key}: expected a list of strings, got {raw!r}")
             values[f.name] = tuple(raw)
         else:
-            # approval_after = -1 means "no approval gate" (TOML has no null).
-            values[f.name] = _coerce(raw, current, annotation, key, minimum=-1 if f.name == "approval_after" else 0)
+            values[f.name] = _coerce(raw, current, annotation, key, minimum=f.metadata.get("minimum", 0))
     return cls(**values)
 
 
@@ -604,8 +611,6 @@ def _build_classes(table: Any, where: str) -> dict[str, ClassConfig]:
         if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", name):
             raise ConfigError(f"{where}.{name}: class names are lower-case letters, digits, '-' and '_'")
         classes[name] = _build_section(ClassConfig, raw, f"{where}.{name}")
-        if classes[name].approval_after < -1:
-            raise ConfigError(f"{where}.{name}.approval_after: -1 (no gate), 0 or more")
     return classes
 
 
