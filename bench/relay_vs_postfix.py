@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import pwd
-import re
 import shutil
 import signal
 import socket

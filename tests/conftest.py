@@ -18,6 +18,8 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
@@ -109,17 +111,30 @@ async def sink() -> AsyncIterator[Sink]:
         yield running
 
 
+@asynccontextmanager
+async def running_guard(tmp_path: Path, upstream_port: int, clock: Callable[[], float] = time.time,
+                        **overrides: Any) -> AsyncIterator[Guard]:
+    """A Guard on the test store in ``tmp_path/data``, stopped on the way out (for tests that
+    stop and start guards on one store themselves, e.g. across a restart)."""
+    guard = Guard(make_config(tmp_path, upstream_port, **overrides), clock=clock)
+    try:
+        await guard.start()
+        yield guard
+    finally:
+        await guard.stop()
+
+
 @pytest.fixture
 async def start_guard(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[..., Awaitable[Guard]]]:
-    """``guard = await start_guard(**overrides)``: a running Guard relaying to ``sink``.
+    """``guard = await start_guard(clock=..., **overrides)``: a running Guard relaying to ``sink``.
 
     Every guard started is stopped at teardown (stopping one twice is harmless). Guards
     started in one test share ``tmp_path/data`` unless given ``store={"path": ...}``.
     """
     started: list[Guard] = []
 
-    async def start(**overrides: Any) -> Guard:
-        guard = Guard(make_config(tmp_path, sink.port, **overrides))
+    async def start(clock: Callable[[], float] = time.time, **overrides: Any) -> Guard:
+        guard = Guard(make_config(tmp_path, sink.port, **overrides), clock=clock)
         started.append(guard)
         await guard.start()
         return guard

@@ -9,18 +9,17 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
 from smtp_guard.cli.main import main
 from smtp_guard.store.base import AuditFilter
 
-from conftest import make_config, wait_until
+from conftest import running_guard, wait_until
 from smtp_client import message, send
 
 SENDER = "notices@platform.test"
@@ -42,17 +41,6 @@ class Clock:
 
     def __call__(self) -> float:
         return time.time() + self.offset
-
-
-@asynccontextmanager
-async def running_guard(tmp_path: Path, upstream_port: int, clock: Clock | None = None,
-                        **overrides: Any) -> AsyncIterator[Guard]:
-    guard = Guard(make_config(tmp_path, upstream_port, **overrides), **({"clock": clock} if clock else {}))
-    try:
-        await guard.start()
-        yield guard
-    finally:
-        await guard.stop()
 
 
 def write_config(tmp_path: Path, guard: Guard) -> Path:

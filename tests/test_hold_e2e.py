@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
 
 from click.testing import CliRunner, Result
 
@@ -19,7 +17,7 @@ from smtp_guard.app import Guard
 from smtp_guard.cli.main import main
 from smtp_guard.store.base import HeldMessage, SuppressionEntry
 
-from conftest import make_config, wait_until
+from conftest import running_guard, wait_until
 from smtp_client import message, send
 
 SENDER = "news@shop.test"
@@ -31,17 +29,6 @@ async def put_on_list(guard: Guard, address: str, list_name: str = "manual") -> 
     await guard.suppressions.add([SuppressionEntry("address", guard.normalizer.key(address), list_name,
                                                    reason="test", source="test", created_at=time.time())])
     await guard.reloader.refresh()
-
-
-@asynccontextmanager
-async def running_guard(tmp_path: Path, upstream_port: int, **overrides: Any) -> AsyncIterator[Guard]:
-    """A Guard on the test store in ``tmp_path/data``, stopped on the way out."""
-    guard = Guard(make_config(tmp_path, upstream_port, **overrides))
-    try:
-        await guard.start()
-        yield guard
-    finally:
-        await guard.stop()
 
 
 def write_cli_config(tmp_path: Path, guard: Guard) -> Path:

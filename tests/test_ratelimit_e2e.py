@@ -8,8 +8,6 @@ the release worker's pacing is what it proves.
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -17,8 +15,7 @@ from smtp_guard import replies
 from smtp_guard.app import Guard
 from smtp_guard.store.base import AuditFilter
 
-from conftest import make_config
-from sink import Delivered, Sink
+from sink import Delivered
 from smtp_client import message, send
 
 SENDER = "news@shop.test"
@@ -46,28 +43,12 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-async def start_clocked_guard(tmp_path: Path, sink: Sink, clock: Clock) -> AsyncIterator[Callable[..., Awaitable[Guard]]]:
-    """Like ``start_guard``, with the test's ``clock`` injected; every guard is stopped."""
-    started: list[Guard] = []
-
-    async def start(**overrides: Any) -> Guard:
-        guard = Guard(make_config(tmp_path, sink.port, **overrides), clock=clock)
-        started.append(guard)
-        await guard.start()
-        return guard
-
-    yield start
-    for guard in reversed(started):
-        await guard.stop()
-
-
 def recipients_counted(guard: Guard, verdict: str, rule: str) -> float:
     return guard.metrics.recipients.labels(verdict, rule)._value.get()
 
 
-async def test_over_the_limit_is_451_and_the_same_rcpt_passes_after_the_window(start_clocked_guard, sink, clock):
-    guard = await start_clocked_guard(rate_limits=[PER_DOMAIN])
+async def test_over_the_limit_is_451_and_the_same_rcpt_passes_after_the_window(start_guard, sink, clock):
+    guard = await start_guard(clock=clock, rate_limits=[PER_DOMAIN])
     rcpts = ["a@example.com", "b@example.com", "c@example.com", "d@example.org"]
     outcome = await send(guard.smtp_address, SENDER, rcpts, message())
     assert outcome.rcpt["c@example.com"] == str(replies.rate_limited("per-domain")) == \
@@ -94,9 +75,9 @@ async def test_over_the_limit_is_451_and_the_same_rcpt_passes_after_the_window(s
     assert "example.com" not in records[0].reason  # key values stay out of reasons and logs
 
 
-async def test_rule_matching_a_sender_leaves_other_senders_alone(start_clocked_guard, sink):
+async def test_rule_matching_a_sender_leaves_other_senders_alone(start_guard, sink, clock):
     rule = {**PER_DOMAIN, "burst": 1, "match": {"sender": "@shop\\.test$"}}
-    guard = await start_clocked_guard(rate_limits=[rule])
+    guard = await start_guard(clock=clock, rate_limits=[rule])
     shop = await send(guard.smtp_address, SENDER, ["a@example.com", "b@example.com"], message())
     assert shop.rcpt["b@example.com"] == str(replies.rate_limited("per-domain"))
     other = await send(guard.smtp_address, "billing@bank.test", ["a@example.com", "b@example.com"], message())
@@ -139,8 +120,8 @@ async def test_hold_and_pace_delivers_everything_no_faster_than_the_limit(start_
     assert guard.metrics.hold_recipients._value.get() == 0
 
 
-async def test_stream_limit_defers_the_whole_marketing_message_not_the_receipt(start_clocked_guard, sink, clock):
-    guard = await start_clocked_guard(rate_limits=[CAMPAIGNS], classify=TRANSACTIONAL_RULE)
+async def test_stream_limit_defers_the_whole_marketing_message_not_the_receipt(start_guard, sink, clock):
+    guard = await start_guard(clock=clock, rate_limits=[CAMPAIGNS], classify=TRANSACTIONAL_RULE)
     newsletter = message(subject="Spring sale", extra_headers=CAMPAIGN_HEADER)
     first = await send(guard.smtp_address, SENDER, ["a@example.com", "b@example.com"], newsletter)
     assert first.data is not None and first.data.startswith("250")  # the burst
@@ -179,8 +160,8 @@ async def test_stream_limit_in_hold_mode_holds_the_recipients_over_the_limit(sta
     assert recipients_counted(guard, "hold", "ratelimit.campaigns") == 3
 
 
-async def test_shadow_rule_delivers_everything_and_counts_what_it_would_have_deferred(start_clocked_guard, sink):
-    guard = await start_clocked_guard(rate_limits=[{**PER_DOMAIN, "shadow": True}])
+async def test_shadow_rule_delivers_everything_and_counts_what_it_would_have_deferred(start_guard, sink, clock):
+    guard = await start_guard(clock=clock, rate_limits=[{**PER_DOMAIN, "shadow": True}])
     rcpts = ["a@example.com", "b@example.com", "c@example.com"]
     outcome = await send(guard.smtp_address, SENDER, rcpts, message())
     assert outcome.accepted == rcpts
@@ -192,8 +173,8 @@ async def test_shadow_rule_delivers_everything_and_counts_what_it_would_have_def
     assert [r.rule for r in records] == ["ratelimit.per-domain"]
 
 
-async def test_global_shadow_mode_covers_message_phase_limits(start_clocked_guard, sink):
-    guard = await start_clocked_guard(rate_limits=[CAMPAIGNS, {**PER_DOMAIN, "action": "hold"}],
+async def test_global_shadow_mode_covers_message_phase_limits(start_guard, sink, clock):
+    guard = await start_guard(clock=clock, rate_limits=[CAMPAIGNS, {**PER_DOMAIN, "action": "hold"}],
                                       policy={"shadow": True})
     newsletter = message(subject="Spring sale", extra_headers=CAMPAIGN_HEADER)
     for rcpts in (["a@example.com", "b@example.com"], ["c@example.com"]):
