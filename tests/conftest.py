@@ -29,6 +29,7 @@ import trustme
 
 from smtp_guard.app import Guard
 from smtp_guard.config import Config, build_config
+from smtp_guard.store.sqlite.db import Database
 
 from sink import Sink
 
@@ -90,6 +91,26 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    """A real SQLite store file in ``tmp_path``, migrated and open."""
+    async with Database(tmp_path / "guard.sqlite3") as database:
+        yield database
+
+
+class ManualClock:
+    """A clock that moves only when the test moves it (inject it where code takes ``clock``)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @pytest.fixture(name="wait_until")

@@ -17,20 +17,14 @@ from smtp_guard.store.base import Baseline, BreakerRecord
 from smtp_guard.store.sqlite.breakers import SQLiteBreakerStore
 from smtp_guard.store.sqlite.db import Database
 
+from conftest import ManualClock
+
 SENDER = "news@shop.test"
 CLASSES = {
     "marketing": ClassConfig(),
     "transactional": ClassConfig(fanout_limit=5),
     "sanction": ClassConfig(approval_after=3),
 }
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def recipients(count: int, start: int = 0, domain: str = "example.com") -> list[str]:
@@ -65,7 +59,7 @@ def verdicts(verdict: MessageVerdict | None) -> dict[str, str]:
 # --- approval gates ---------------------------------------------------------------------------
 
 def test_gate_lets_the_first_n_through_and_holds_the_rest_of_the_stream() -> None:
-    clock = Clock()
+    clock = ManualClock(1_000_000.0)
     check, state = policy()
     first = recipients(5)
     assert verdicts(check.check_message(message(first, clock.now, message_class="sanction"))) == {
@@ -110,7 +104,7 @@ def test_ten_times_the_baseline_trips_and_within_the_baseline_does_not() -> None
 
 
 def test_repeated_recipients_count_once_and_the_window_slides() -> None:
-    clock = Clock()
+    clock = ManualClock(1_000_000.0)
     check, state = policy()
     assert check.check_message(message(recipients(8), clock.now)) is None
     assert check.check_message(message(recipients(8), clock.now)) is None  # same people: still 8
@@ -212,7 +206,7 @@ def test_a_shadowed_gate_does_not_hide_an_enforced_breaker() -> None:
 # --- baselines --------------------------------------------------------------------------------
 
 def test_idle_streams_teach_the_baseline_and_undecided_trips_do_not() -> None:
-    clock = Clock()
+    clock = ManualClock(1_000_000.0)
     check, state = policy(learning_rate=0.5)
     check.check_message(message(recipients(8), clock.now, stream="a"))
     check.check_message(message(recipients(30), clock.now, stream="b"))  # trips, nobody decided

@@ -5,13 +5,14 @@ from __future__ import annotations
 import sqlite3
 from contextlib import closing
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
 from smtp_guard.store.base import HeldRecipient, NewHold
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
+
+from conftest import ManualClock
 
 CONTENT = b"From: news@shop.test\r\nSubject: Spring sale\r\n\r\nHello\r\n"
 T0 = 1_700_000_000.0
@@ -25,27 +26,13 @@ def new_hold(*addresses: str, rule: str = "breaker.volume", content: bytes = CON
     )
 
 
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    async with Database(tmp_path / "guard.sqlite3") as database:
-        yield database
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(db: Database, clock: Clock) -> SQLiteHoldStore:
+def store(db: Database, clock: ManualClock) -> SQLiteHoldStore:
     return SQLiteHoldStore(db, clock=clock)
 
 
@@ -56,7 +43,7 @@ def states(message) -> dict[str, str]:  # type: ignore[no-untyped-def]
 async def test_hold_is_durable_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "guard.sqlite3"
     async with Database(path) as db:
-        hold_id = await SQLiteHoldStore(db, clock=Clock()).hold(new_hold("a@example.com", "b@example.com"))
+        hold_id = await SQLiteHoldStore(db, clock=ManualClock(T0)).hold(new_hold("a@example.com", "b@example.com"))
     # A separate plain connection sees it: hold() returned only after COMMIT.
     with closing(sqlite3.connect(path)) as raw:
         assert raw.execute("SELECT COUNT(*) FROM held_recipients WHERE hold_id = ?", (hold_id,)).fetchone() == (2,)
@@ -83,7 +70,7 @@ async def test_duplicate_recipient_held_once(store: SQLiteHoldStore) -> None:
     assert message is not None and len(message.recipients) == 1
 
 
-async def test_list_filters_by_state_newest_first_without_content(store: SQLiteHoldStore, clock: Clock) -> None:
+async def test_list_filters_by_state_newest_first_without_content(store: SQLiteHoldStore, clock: ManualClock) -> None:
     first = await store.hold(new_hold("a@example.com"))
     clock.now += 10
     second = await store.hold(new_hold("b@example.com", "c@example.com"))
@@ -102,7 +89,7 @@ async def test_get_unknown_is_none(store: SQLiteHoldStore) -> None:
     assert await store.get("0123456789abcdef") is None
 
 
-async def test_release_all_or_some_and_due(store: SQLiteHoldStore, clock: Clock) -> None:
+async def test_release_all_or_some_and_due(store: SQLiteHoldStore, clock: ManualClock) -> None:
     hold_id = await store.hold(new_hold("a@example.com", "b@example.com", "c@example.com"))
     assert await store.due(clock.now) == []
 
@@ -119,7 +106,7 @@ async def test_release_all_or_some_and_due(store: SQLiteHoldStore, clock: Clock)
     assert [r.address for r in due[0].recipients] == ["a@example.com", "b@example.com", "c@example.com"]
 
 
-async def test_record_attempt_retry_is_not_due_until_its_time(store: SQLiteHoldStore, clock: Clock) -> None:
+async def test_record_attempt_retry_is_not_due_until_its_time(store: SQLiteHoldStore, clock: ManualClock) -> None:
     hold_id = await store.hold(new_hold("a@example.com", "b@example.com"))
     await store.release(hold_id, clock.now)
     await store.record_attempt(hold_id, "a@example.com", "released", "451 4.3.0 busy", clock.now + 60)
@@ -132,7 +119,7 @@ async def test_record_attempt_retry_is_not_due_until_its_time(store: SQLiteHoldS
     assert (recipient.attempts, recipient.last_reply) == (1, "451 4.3.0 busy")
 
 
-async def test_content_deleted_when_last_recipient_finishes(store: SQLiteHoldStore, clock: Clock) -> None:
+async def test_content_deleted_when_last_recipient_finishes(store: SQLiteHoldStore, clock: ManualClock) -> None:
     hold_id = await store.hold(new_hold("a@example.com", "b@example.com"))
     await store.release(hold_id, clock.now)
     await store.record_attempt(hold_id, "a@example.com", "delivered", "250 2.0.0 queued", None)
@@ -150,7 +137,7 @@ async def test_content_deleted_when_last_recipient_finishes(store: SQLiteHoldSto
 
 
 async def test_discard_some_then_all_deletes_content_and_addresses(
-        store: SQLiteHoldStore, db: Database, clock: Clock) -> None:
+        store: SQLiteHoldStore, db: Database, clock: ManualClock) -> None:
     secret = b"Subject: x\r\n\r\nDISTINCTIVE-BODY-MARKER\r\n"
     hold_id = await store.hold(new_hold("a@example.com", "b@example.com", "c@example.com", content=secret))
     await store.release(hold_id, clock.now, ["c@example.com"])
@@ -175,7 +162,7 @@ async def test_discard_some_then_all_deletes_content_and_addresses(
         assert b"b@example.com" not in data, path
 
 
-async def test_retry_after_discard_does_not_resurrect(store: SQLiteHoldStore, clock: Clock) -> None:
+async def test_retry_after_discard_does_not_resurrect(store: SQLiteHoldStore, clock: ManualClock) -> None:
     hold_id = await store.hold(new_hold("a@example.com", "b@example.com"))
     await store.release(hold_id, clock.now)
     await store.discard(hold_id, ["a@example.com"])
@@ -185,7 +172,7 @@ async def test_retry_after_discard_does_not_resurrect(store: SQLiteHoldStore, cl
     assert message is not None and states(message)["a@example.com"] == "discarded"
 
 
-async def test_stats_count_held_and_released(store: SQLiteHoldStore, clock: Clock) -> None:
+async def test_stats_count_held_and_released(store: SQLiteHoldStore, clock: ManualClock) -> None:
     empty = await store.stats()
     assert (empty.held_messages, empty.held_recipients, empty.oldest_held_at) == (0, 0, None)
     first = await store.hold(new_hold("a@example.com", "b@example.com"))
@@ -200,7 +187,7 @@ async def test_stats_count_held_and_released(store: SQLiteHoldStore, clock: Cloc
     assert (stats.held_messages, stats.held_recipients, stats.oldest_held_at) == (0, 0, None)
 
 
-async def test_recipient_held_as_released_is_due_at_once(store: SQLiteHoldStore, clock: Clock) -> None:
+async def test_recipient_held_as_released_is_due_at_once(store: SQLiteHoldStore, clock: ManualClock) -> None:
     hold_id = await store.hold(NewHold(
         txn_id="txn-2", client="127.0.0.1", sender="", mail_options=(), content=CONTENT,
         recipients=[HeldRecipient("a@example.com", "released", "ratelimit.sender", "paced release")]))

@@ -20,6 +20,8 @@ from smtp_guard.store.base import AuditRecord, HeldRecipient, NewHold, Recipient
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 
+from conftest import ManualClock
+
 T0 = 1_700_000_000.0
 CONTENT = b"From: news@shop.test\r\nSubject: Spring sale\r\n\r\nHello\r\n.leading dot\r\n"
 HOLD = HoldConfig(retry_initial=60.0, retry_max=300.0, max_age=86400.0, poll_interval=0.01)
@@ -51,14 +53,6 @@ class Sink:
         return [recipient for _, recipient, _ in self.delivered]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 async def sink() -> AsyncIterator[tuple[Sink, int]]:
     handler = Sink()
@@ -80,7 +74,7 @@ class Harness:
         self.store = store
         self.upstream = upstream
         self.sink = sink
-        self.clock = Clock()
+        self.clock = ManualClock(T0)
         self.audit: list[AuditRecord] = []
         self.worker = ReleaseWorker(store, upstream, HOLD, record=self.audit.append, clock=self.clock)
 

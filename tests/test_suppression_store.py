@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
@@ -14,29 +13,15 @@ from smtp_guard.store.sqlite import suppressions as sqlite_suppressions
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.suppressions import SQLiteSuppressionStore
 
+from conftest import ManualClock
+
 PRIORITY = ("complained", "unsubscribed", "invalid", "bounced", "manual")
 NOW = 1_700_000_000.0
 
 
-class Clock:
-    """A settable clock for the store's change-log stamps."""
-
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    async with Database(tmp_path / "guard.sqlite3") as database:
-        yield database
-
-
 @pytest.fixture
 def store(db: Database) -> SQLiteSuppressionStore:
-    return SQLiteSuppressionStore(db, clock=Clock())
+    return SQLiteSuppressionStore(db, clock=ManualClock(NOW))
 
 
 def address(value: str, list_name: str = "unsubscribed", **fields: object) -> SuppressionEntry:
