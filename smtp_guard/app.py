@@ -54,25 +54,35 @@ STATS_INTERVAL = 5.0
 LIST_SIZES_INTERVAL = 60.0
 
 
+async def load_tombstones(config: Config, erasure: SQLiteErasureStore) -> TombstoneIndex:
+    """Every tombstone, with a key ring that can verify them: a missing, replaced or too-open
+    key file stops here (ErasureKeyError) — for the server and for every admin command, since
+    acting on a store whose erasures are not enforceable would hide the problem."""
+    return TombstoneIndex(await open_key_ring(config.erasure_key_file, erasure), await erasure.tombstones_since(0))
+
+
+def pseudonymizing_audit_store(db: Database, normalizer: AddressNormalizer,
+                               tombstones: TombstoneIndex) -> PseudonymizingAuditStore:
+    """The audit store as everyone writes to it: recipients only as pseudonyms (or erased:<id>)."""
+    pseudonymizer = Pseudonymizer(normalizer, lambda: tombstones.ring, tombstones.lookup_token)
+    return PseudonymizingAuditStore(SQLiteAuditStore(db), pseudonymizer)
+
+
 @asynccontextmanager
 async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminContext]:
     """Stores for one admin operation (CLI command or API request)."""
     async with Database(config.store.path) as db:
         erasure = SQLiteErasureStore(db)
-        # A key file that cannot verify the store's tombstones stops every admin command:
-        # acting on a store whose erasures are not enforceable would hide the problem.
-        ring = await open_key_ring(config.erasure_key_file, erasure)
-        tombstones = TombstoneIndex(ring, await erasure.tombstones_since(0))
+        tombstones = await load_tombstones(config, erasure)
         normalizer = AddressNormalizer(config.addresses)
         yield AdminContext(
             config=config,
             suppressions=SQLiteSuppressionStore(db),
             holds=SQLiteHoldStore(db),
             breakers=SQLiteBreakerStore(db),
-            audit=PseudonymizingAuditStore(SQLiteAuditStore(db),
-                                           Pseudonymizer(normalizer, lambda: ring, tombstones.lookup_token)),
+            audit=pseudonymizing_audit_store(db, normalizer, tombstones),
             erasure=erasure,
-            key_ring=ring,
+            key_ring=tombstones.ring,
             tombstones=tombstones,
             normalizer=normalizer,
             actor=actor,
@@ -115,14 +125,12 @@ class Guard:
         self.normalizer = AddressNormalizer(config.addresses)
 
         key_file = config.erasure_key_file
-        self.tombstones = TombstoneIndex(await open_key_ring(key_file, self.erasure),
-                                         await self.erasure.tombstones_since(0))
+        self.tombstones = await load_tombstones(config, self.erasure)
         if self.tombstones.broken:
             raise ErasureKeyError(f"{key_file}: {self.tombstones.broken}; restore the key file from backup")
         self.tombstone_reloader = TombstoneReloader(self.tombstones, self.erasure, lambda: load_key_ring(key_file),
                                                     on_new=self._sweep_after_erasure)
-        pseudonymizer = Pseudonymizer(self.normalizer, lambda: self.tombstones.ring, self.tombstones.lookup_token)
-        self.audit_store = PseudonymizingAuditStore(SQLiteAuditStore(self._db), pseudonymizer)
+        self.audit_store = pseudonymizing_audit_store(self._db, self.normalizer, self.tombstones)
 
         self.index = SuppressionIndex()
         self.reloader = IndexReloader(self.index, self.suppressions, config.list_priority,
