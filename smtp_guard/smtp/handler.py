@@ -40,7 +40,6 @@ class Transaction:
 
     txn_id: str
     sender: Mailbox | None
-    started: float
     upstream: UpstreamTransaction | None = None
     # Recipients the upstream accepted at RCPT, in order (a dict: RCPT refuses duplicates).
     relayed: dict[str, RecipientContext] = field(default_factory=dict)
@@ -124,7 +123,7 @@ class GuardHandler:
         # on the envelope and becomes "" only when it is relayed or held.
         envelope.mail_from = "<>" if sender is None else sender.text
         envelope.mail_options.extend(mail_options)
-        envelope.guard_txn = Transaction(txn_id=secrets.token_hex(6), sender=sender, started=time.monotonic())
+        envelope.guard_txn = Transaction(txn_id=secrets.token_hex(6), sender=sender)
         return str(replies.SENDER_OK)
 
     # --- RCPT ----------------------------------------------------------------------------------
