@@ -50,6 +50,7 @@ def upstream_reply(code: int, message: str) -> Reply:
 
 # --- success -----------------------------------------------------------------------------------
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 DUPLICATE_RECIPIENT = Reply(250, "2.1.5", "Recipient OK (duplicate, delivered once)")
 QUEUED_HELD = Reply(250, "2.0.0", "Message accepted and held for review")
@@ -99,6 +100,8 @@ UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to upstream lost, try again late
 UPSTREAM_BUSY = Reply(451, "4.4.5", "All upstream connections busy, try again later")
 STORE_UNAVAILABLE = Reply(451, "4.3.0", "Message store unavailable, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
+# A policy that raised: fail closed and temporary (Postfix smtpd_policy_service_default_action).
+POLICY_FAILED = Reply(451, "4.3.5", "Policy check failed, try again later")
 UPSTREAM_CHANGED = Reply(451, "4.4.0", "Upstream refused a recipient it had accepted, try again later")
 
 # The policy and relay replies above are the guard's; aiosmtpd formats a few of its own. The
@@ -110,7 +113,7 @@ AIOSMTPD_REWRITES: tuple[tuple[str, Reply], ...] = (
     ("500 Command line too long", Reply(500, "5.5.2", "Command line too long")),
     ("500 Error: bad syntax", Reply(500, "5.5.2", "Syntax error")),
     ("553 5.1.3 Error: malformed address", Reply(553, "5.1.3", "Malformed address")),
-    ("503 Error: need MAIL command", Reply(503, "5.5.1", "Need MAIL command")),
+    ("503 Error: need MAIL command", NEED_MAIL),
     ("503 Error: need RCPT command", Reply(503, "5.5.1", "Need RCPT command")),
     ("503 Error: nested MAIL command", Reply(503, "5.5.1", "Nested MAIL command")),
     ("503 Error: send HELO first", Reply(503, "5.5.1", "Send HELO or EHLO first")),

@@ -18,7 +18,6 @@ import pytest
 from smtp_guard import replies
 from smtp_guard.app import Guard
 from smtp_guard.erasure.keys import ErasureKeyError, create_key_ring
-from smtp_guard.policy.pipeline import POLICY_ERROR_REPLY
 
 from conftest import wait_until
 from erasure_support import SENDER, accepts, cli, cli_config_for, cli_json, mail, refuses, write_cli_config
@@ -194,11 +193,11 @@ async def test_running_guard_defers_all_mail_when_a_tombstone_needs_a_key_it_can
     if guard_key_file == "corrupted":
         not_json(guard_key)
 
-    await wait_until(lambda: refuses(guard, "jane@example.com", POLICY_ERROR_REPLY),
+    await wait_until(lambda: refuses(guard, "jane@example.com", replies.POLICY_FAILED),
                      what="the guard to defer the recipient whose tombstone it cannot match")
     outcome = await send(guard.smtp_address, SENDER, ["jane@example.com", "someone@example.com"], mail(to="x"))
-    assert outcome.rcpt == {"jane@example.com": str(POLICY_ERROR_REPLY),
-                            "someone@example.com": str(POLICY_ERROR_REPLY)}
+    assert outcome.rcpt == {"jane@example.com": str(replies.POLICY_FAILED),
+                            "someone@example.com": str(replies.POLICY_FAILED)}
     assert outcome.data is None and sink.delivered_to() == []
     assert guard.tombstones.broken is not None and str(guard_key) in guard.tombstones.broken
 

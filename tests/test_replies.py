@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,9 @@ def test_aiosmtpd_replies_are_rewritten_with_enhanced_codes(status: str, expecte
 def test_unknown_and_guard_replies_pass_through_rewrite_unchanged() -> None:
     assert rewrite_aiosmtpd_reply("250 OK") == "250 OK"
     assert rewrite_aiosmtpd_reply(str(replies.SUPPRESSED)) == str(replies.SUPPRESSED)
+
+
+def test_every_reply_constant_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    undocumented = sorted(name for name, reply in CONSTANTS.items() if f"`{reply}`" not in readme)
+    assert undocumented == []

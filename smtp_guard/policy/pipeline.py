@@ -24,12 +24,11 @@ from .base import Decision, MessageContext, MessagePolicy, Policy, RecipientCont
 log = logging.getLogger(__name__)
 
 PASS = Decision(Verdict.PASS, "pass", "no policy objected", replies.RECIPIENT_OK)
-POLICY_ERROR_REPLY = replies.Reply(451, "4.3.5", "Policy check failed, try again later")
 
 
 def _failed(name: str) -> Decision:
     log.exception("policy %s failed; deferring", name)
-    return Decision(Verdict.DEFER, f"{name}.error", "policy raised an error", POLICY_ERROR_REPLY)
+    return Decision(Verdict.DEFER, f"{name}.error", "policy raised an error", replies.POLICY_FAILED)
 
 
 @dataclass

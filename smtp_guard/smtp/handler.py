@@ -132,7 +132,7 @@ class GuardHandler:
                           rcpt_options: list[str]) -> str:
         txn = _txn(envelope)
         if txn is None:  # MAIL was refused; aiosmtpd already requires MAIL first
-            return str(replies.Reply(503, "5.5.1", "Need MAIL command"))
+            return str(replies.NEED_MAIL)
         if len(envelope.rcpt_tos) + txn.refused >= self._config.max_recipients:
             self._count(Verdict.DEFER, "limits.max_recipients")
             return str(replies.TOO_MANY_RECIPIENTS)
