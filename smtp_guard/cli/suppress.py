@@ -6,6 +6,7 @@ prints results and turns service errors into messages that say what to type next
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Awaitable, Sequence, TypeVar
 
 import click
@@ -252,7 +253,7 @@ async def _export(config: Config, filters: SuppressionFilter, output: str, fmt: 
             service.require_list(ctx, filters.list_name)
         chosen: service.ExportFormat = "jsonl" if fmt == "jsonl" else "csv"
         if output == "-":
-            return await service.export(ctx, filters, click.get_text_stream("stdout"), chosen)
+            return await service.export(ctx, filters, sys.stdout, chosen)
         try:
             # newline="": the csv module writes its own CRLF line ends (RFC 4180).
             with open(output, "w", encoding="utf-8", newline="") as file:
@@ -318,7 +319,7 @@ def _import_one(config: Config, path: str, fmt: str, list_name: str | None, sour
                 skip_rows: int) -> importers.ImportResult:
     """One file with a progress bar over its bytes; on Ctrl-C, say how to resume."""
     committed = skip_rows
-    with click.progressbar(length=1, label=f"Importing {path}", file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=1, label=f"Importing {path}", file=sys.stderr) as bar:
 
         def on_progress(progress: importers.ImportProgress) -> None:
             nonlocal committed
