@@ -30,7 +30,7 @@ ListScope = Literal["all", "marketing"]
 ProtectionAction = Literal["defer", "hold"]
 RateKey = Literal["client", "auth_user", "sender", "sender_domain", "stream", "recipient_domain"]
 UpstreamMode = Literal["smtp", "sandbox"]
-UpstreamTLS = Literal["none", "starttls", "implicit"]
+UpstreamTLS = Literal["none", "opportunistic", "starttls", "implicit"]
 BareLineEndings = Literal["reject", "normalize"]
 LogFormat = Literal["text", "json"]
 
@@ -76,6 +76,12 @@ class AuthConfig:
     users: Mapping[str, str] = field(default_factory=dict)
     # AUTH is only offered after STARTTLS; this allows it without TLS for loopback clients only.
     allow_plaintext_on_loopback: bool = False
+    # Password guessing: after this many failed AUTH attempts a session is closed (421 4.7.0) ...
+    max_failures_per_session: int = 3
+    # ... and a client address with this many failures within failure_window is refused AUTH
+    # (454 4.7.0) until the window has passed.
+    max_failures_per_client: int = 10
+    failure_window: float = _duration(600.0)
 
 
 @dataclass(frozen=True)
@@ -84,11 +90,22 @@ class SMTPConfig:
     hostname: str = ""
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 1000
-    idle_timeout: float = 300.0
+    # Longest wait for the client's next command (421 4.4.2 after it).
+    idle_timeout: float = _duration(300.0)
+    # Longest wait between two reads inside DATA: a slow but steady client finishes, a stalled
+    # one is cut (421 4.4.2). Like Postfix's smtpd_timeout, per read, not per message.
+    data_timeout: float = _duration(300.0)
+    # Longest life of one session, however busy (421 4.4.2 at the next command).
+    session_timeout: float = _duration(3600.0)
     max_sessions: int = 100
-    # What to do with a bare CR or LF inside DATA (SMTP smuggling, DESIGN.md "Known traps").
+    # What to do with a bare CR or LF inside DATA (SMTP smuggling). A bare CR or LF inside a
+    # command line is always refused (500 5.5.2).
     bare_line_endings: BareLineEndings = "reject"
-    shutdown_grace: float = 30.0
+    # Text after "220 <hostname>" in the greeting; it names no software on purpose.
+    banner: str = "ESMTP"
+    # Add a Received: trace header to relayed and held mail (RFC 5321 section 4.4 asks a relay to).
+    received_header: bool = True
+    shutdown_grace: float = _duration(30.0)
     tls: TLSListenConfig = TLSListenConfig()
     auth: AuthConfig = AuthConfig()
 
@@ -106,10 +123,10 @@ class UpstreamConfig:
     password: str = ""
     helo_name: str = ""
     max_connections: int = 10
-    connect_timeout: float = 10.0
-    command_timeout: float = 60.0
+    connect_timeout: float = _duration(10.0)
+    command_timeout: float = _duration(60.0)
     # Upstream connections idle longer than this are closed instead of reused.
-    idle_timeout: float = 30.0
+    idle_timeout: float = _duration(30.0)
 
 
 @dataclass(frozen=True)
@@ -124,7 +141,7 @@ class AccessConfig:
 class StoreConfig:
     path: str = "smtp-guard-data/guard.sqlite3"
     # How often the running server looks for changes made by the CLI or API.
-    reload_interval: float = 1.0
+    reload_interval: float = _duration(1.0)
 
     @property
     def data_dir(self) -> Path:
@@ -293,19 +310,22 @@ class HoldConfig:
     retry_max: float = _duration(3600.0)
     # After this long in the release queue a recipient is marked failed.
     max_age: float = _duration(5 * 86400.0)
-    poll_interval: float = 1.0
+    poll_interval: float = _duration(1.0)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: LogFormat = "text"
-    redact_addresses: bool = False
+    # Addresses in log lines appear as the audit trail's keyed pseudonyms (p:…@domain). true writes
+    # them in plaintext, which BREAKS THE ERASURE GUARANTEE: an erased address then survives in
+    # journald or wherever the logs go, out of the guard's reach.
+    plaintext_addresses: bool = False
 
 
 @dataclass(frozen=True)
 class AuditConfig:
-    flush_interval: float = 1.0
+    flush_interval: float = _duration(1.0)
     batch_size: int = 500
 
 
@@ -425,7 +445,7 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
 _ALIASES = {
     "BareLineEndings": "Literal['reject', 'normalize']",
     "UpstreamMode": "Literal['smtp', 'sandbox']",
-    "UpstreamTLS": "Literal['none', 'starttls', 'implicit']",
+    "UpstreamTLS": "Literal['none', 'opportunistic', 'starttls', 'implicit']",
     "LogFormat": "Literal['text', 'json']",
     "ListAction": "Literal['reject', 'drop', 'hold']",
     "ErasureAction": "Literal['reject', 'drop']",

@@ -62,7 +62,7 @@ def configure_logging(config: LoggingConfig) -> None:
         handler.setFormatter(JSONFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    if config.redact_addresses:
+    if not config.plaintext_addresses:
         handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

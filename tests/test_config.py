@@ -132,7 +132,7 @@ def test_metrics_listener_can_be_turned_off(value: str) -> None:
     ({"smtp": {"max_recipients": "10"}}, "[smtp].max_recipients: expected an integer"),
     ({"smtp": {"max_recipients": 0}}, "must be positive"),
     ({"smtp": {"bare_line_endings": "ignore"}}, "'ignore' is not one of reject, normalize"),
-    ({"upstream": {"tls": "ssl"}}, "is not one of none, starttls, implicit"),
+    ({"upstream": {"tls": "ssl"}}, "is not one of none, opportunistic, starttls, implicit"),
     ({"upstream": {"tls_verify": "yes"}}, "expected true or false"),
     ({"upstream": {"max_connections": 0}}, "max_connections must be at least 1"),
     ({"upstream": {"username": "relay"}}, "username and password must be set together"),
