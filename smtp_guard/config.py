@@ -720,7 +720,7 @@ def build_config(data: Mapping[str, Any], source: str, *, base_dir: Path | None 
         kwargs["classes"] = _build_classes(data["classes"], f"{where}: [classes]")
     if "rate_limits" in data:
         kwargs["rate_limits"] = _build_rate_limits(data["rate_limits"], f"{where}: [[rate_limits]]")
-    config = _resolve_paths(Config(**kwargs), base_dir)
+    config: Config = _resolve_paths(Config(**kwargs), base_dir)
     if not config.store.path:
         store = replace(config.store, path=default_store_path(os.environ if environ is None else environ))
         config = replace(config, store=store)
@@ -730,7 +730,7 @@ def build_config(data: Mapping[str, Any], source: str, *, base_dir: Path | None 
 
 def _resolve_paths(section: Any, base_dir: Path | None) -> Any:
     """Every path setting (declared with ``_path``) made absolute against ``base_dir``."""
-    if base_dir is None or not is_dataclass(section):
+    if base_dir is None or not is_dataclass(section) or isinstance(section, type):
         return section
     changes: dict[str, Any] = {}
     for f in fields(section):
