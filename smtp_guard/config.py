@@ -134,6 +134,8 @@ class UpstreamConfig:
     command_timeout: float = _duration(60.0)
     # Upstream connections idle longer than this are closed instead of reused.
     idle_timeout: float = _duration(30.0)
+    # How often /readyz checks that the upstream accepts a connection (connect, greeting, QUIT).
+    probe_interval: float = _duration(10.0)
 
 
 @dataclass(frozen=True)

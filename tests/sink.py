@@ -107,6 +107,9 @@ class Sink:
         # What the sink saw.
         self.messages: list[Delivered] = []
         self.connections = 0
+        # Connections that said EHLO/HELO: the guard's relay sessions (its readiness probes only
+        # connect, read the greeting and QUIT).
+        self.smtp_sessions = 0
         self.transactions_started = 0  # MAIL commands accepted
         self.rsets = 0
         self.failed_logins = 0  # (not auth_*: aiosmtpd treats handler auth_* names as mechanisms)
@@ -191,6 +194,9 @@ class Sink:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
+        if not getattr(server, "greeted", False):  # once per connection, not again after STARTTLS
+            server.greeted = True  # type: ignore[attr-defined]
+            self.smtp_sessions += 1
         if self.auth is None:  # do not advertise AUTH the sink would refuse anyway
             responses = [line for line in responses if not line.startswith("250-AUTH")]
         return responses

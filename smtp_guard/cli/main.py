@@ -35,13 +35,11 @@ def serve(config) -> None:  # type: ignore[no-untyped-def]
     Stops gracefully on SIGTERM or Ctrl-C: stops accepting, lets sessions in flight finish
     (up to [smtp] shutdown_grace seconds), and never acknowledges a half-relayed message.
     """
-    from ..app import serve_forever
-    from ..erasure.keys import ErasureKeyError
-    from ..store.base import StoreError
+    from ..app import StartupError, serve_forever
 
     try:
         serve_forever(config)
-    except (StoreError, ErasureKeyError, OSError) as error:
+    except StartupError as error:
         raise click.ClickException(f"cannot start: {error}") from None
 
 
