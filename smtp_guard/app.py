@@ -231,11 +231,6 @@ class Guard:
                                   "could not count list entries", run_first=True))
         self._start_loop(Periodic("tombstones", config.store.reload_interval, self.tombstone_reloader.refresh,
                                   "tombstone refresh failed; keeping the current tombstones"))
-        # Probed once before start() returns, so /readyz is true from the first request.
-        await asyncio.gather(self._probe_store(), self._probe_upstream())
-        self._start_loop(Periodic("store-probe", PROBE_INTERVAL, self._probe_store, "store probe failed"))
-        self._start_loop(Periodic("upstream-probe", config.upstream.probe_interval, self._probe_upstream,
-                                  "upstream probe failed"))
         self.breaker_sync.start()
         run.push_async_callback(self.breaker_sync.stop)  # persists trips and counts for the next start
         self.release_worker.start()
@@ -248,6 +243,12 @@ class Guard:
             await self.smtp.start()
         run.push_async_callback(self._stop_smtp)
         self.readiness.set("listener", None)
+        # Probed once before start() returns (after binding, so that a slow upstream never
+        # delays a start-up error), so /readyz tells the truth from its first answer.
+        await asyncio.gather(self._probe_store(), self._probe_upstream())
+        self._start_loop(Periodic("store-probe", PROBE_INTERVAL, self._probe_store, "store probe failed"))
+        self._start_loop(Periodic("upstream-probe", config.upstream.probe_interval, self._probe_upstream,
+                                  "upstream probe failed"))
         log.info("smtp-guard listening on %s:%d (upstream %r, config %s)", *self.smtp_address,
                  self.upstream, config.source)
 

@@ -131,8 +131,12 @@ class Sink:
     # --- life cycle --------------------------------------------------------------------------
 
     async def start(self) -> Sink:
+        return await self.start_on(0)
+
+    async def start_on(self, port: int) -> Sink:
+        """Listen on ``port`` (0: any free one); a stopped sink can come back on its old port."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_session, self.host, 0,
+        self._server = await loop.create_server(self._new_session, self.host, port, reuse_address=True,
                                                 ssl=self.tls_context if self.implicit_tls else None)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
