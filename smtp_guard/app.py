@@ -14,6 +14,7 @@ import signal
 import ssl
 import time
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
 from .addresses import AddressNormalizer
@@ -37,7 +38,7 @@ from .readiness import Readiness, probe_store, probe_upstream
 from .relay.base import Upstream
 from .relay.pool import SMTPUpstream
 from .relay.sandbox import SandboxUpstream
-from .services.context import AdminContext
+from .services.context import AdminContext, StoreNotFound
 from .smtp.access import AccessControl
 from .smtp.auth import Authenticator
 from .smtp.handler import GuardHandler
@@ -51,6 +52,10 @@ from .store.sqlite.holds import SQLiteHoldStore
 from .store.sqlite.suppressions import SQLiteSuppressionStore
 
 log = logging.getLogger("smtp_guard")
+
+# Where packages and the image put the guard's config: named in an admin command's error when
+# it ran on the embedded defaults and found no store.
+WELL_KNOWN_CONFIGS = (Path("/etc/smtp-guard/smtp-guard.toml"),)
 
 STATS_INTERVAL = 5.0
 PROBE_INTERVAL = 2.0  # how often readiness checks that the store answers
@@ -71,9 +76,21 @@ def pseudonymizing_audit_store(db: Database, normalizer: AddressNormalizer,
     return PseudonymizingAuditStore(SQLiteAuditStore(db), pseudonymizer)
 
 
+async def init_store(config: Config) -> bool:
+    """Create the store and the erasure key where the config says, as the guard's first start
+    would (``smtp-guard init``). Returns False when the store already existed."""
+    existed = Path(config.store.path).is_file()
+    async with Database(config.store.path) as db:
+        await load_tombstones(config, SQLiteErasureStore(db))
+    return not existed
+
+
 @asynccontextmanager
 async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminContext]:
-    """Stores for one admin operation (CLI command or API request)."""
+    """Stores for one admin operation (CLI command or API request), on the store the guard
+    created (StoreNotFound when there is none)."""
+    if not Path(config.store.path).is_file():
+        raise StoreNotFound(config, WELL_KNOWN_CONFIGS)
     async with Database(config.store.path) as db:
         erasure = SQLiteErasureStore(db)
         tombstones = await load_tombstones(config, erasure)

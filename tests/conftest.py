@@ -316,3 +316,13 @@ async def postfix_sink(tmp_path: Path) -> AsyncIterator[PostfixSink]:
         if os.geteuid() == 0:
             shutil.rmtree(dump_dir, ignore_errors=True)
 
+
+def create_store(config_file: Path) -> None:
+    """Create the store a config names, as the guard's first start would (``smtp-guard init``):
+    admin commands never create one."""
+    from click.testing import CliRunner
+
+    from smtp_guard.cli.main import main
+
+    result = CliRunner().invoke(main, ["init", "--config", str(config_file)], env={"SMTP_GUARD_CONFIG": None})
+    assert result.exit_code == 0, result.output
