@@ -160,7 +160,7 @@ class Guard:
             classifier=MessageClassifier(config.classify, config.streams), strip=config.streams.strip_headers,
         )
         authenticator = Authenticator(config.smtp.auth.users) if config.smtp.auth.users else None
-        self.smtp = SMTPServer(handler, config.smtp, self.metrics, build_listener_tls(config), authenticator)
+        self.smtp = SMTPServer(handler, config.smtp, self.metrics, build_listener_tls(config), authenticator, self.clock)
         self.http = HTTPListener(self.metrics.registry, is_ready=lambda: self.ready)
 
         self.audit.start()
