@@ -133,6 +133,9 @@ AIOSMTPD_REWRITES: tuple[tuple[str, Reply], ...] = (
     ("555 ", Reply(555, "5.5.4", "Parameters not recognized or not implemented")),
     ("501 Syntax: MAIL", Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")),
     ("501 Syntax: RCPT", Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")),
+    ("503 Already authenticated", Reply(503, "5.5.1", "Already authenticated")),
+    ("501 Not enough value", Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")),
+    ("501 Too many values", Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")),
 )
 
 

@@ -101,6 +101,17 @@ async def test_injected_rcpt_after_accepted_mail_is_not_relayed(start_guard, sin
     assert sink.connections == 0
 
 
+async def test_too_long_line_ending_in_bare_lf_does_not_smuggle_the_next_piece(start_guard, sink):
+    guard = await start_guard()
+    async with raw(guard.smtp_address) as stream:
+        await greet(stream)
+        long_mail = b"MAIL FROM:<" + b"a" * 3000 + b"@x.test>\n"
+        assert await replies_to(stream, long_mail + b"RCPT TO:<b@evil.test>\r\n", 2) == [
+            "500 5.5.2 Command line too long", str(replies.BAD_COMMAND_LINE)]
+        assert await command(stream, b"QUIT") == "221 Bye"
+    assert sink.connections == 0
+
+
 async def test_client_using_bare_lf_throughout_gets_an_answer_to_every_line(start_guard, sink):
     guard = await start_guard()
     async with raw(guard.smtp_address) as stream:

@@ -117,7 +117,7 @@ class CommandLineReader:
                 raise
             if self._overrun:  # the tail of a too-long line, which aiosmtpd refuses itself
                 self._overrun = False
-                self._in_broken_line = False
+                self._in_broken_line = not line.endswith(b"\r\n")
                 return line
             if self._is_clean(line):
                 await self._before_command()
