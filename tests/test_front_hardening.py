@@ -20,6 +20,7 @@ import pytest
 
 from smtp_guard import replies
 from smtp_guard.smtp.auth import AuthThrottle, hash_password
+from smtp_guard.store.base import SuppressionEntry
 
 from conftest import ManualClock, wait_until
 from sink import Sink
@@ -308,8 +309,9 @@ RECEIVED = re.compile(
 
 async def test_received_header_on_relayed_and_held_mail(start_guard, sink):
     guard = await start_guard(lists={"manual": {"action": "hold"}})
-    from test_hold_e2e import put_on_list  # one way to put an address on a list
-    await put_on_list(guard, "held@example.com")
+    await guard.suppressions.add([SuppressionEntry("address", guard.normalizer.key("held@example.com"), "manual",
+                                                   reason="test", source="test", created_at=time.time())])
+    await guard.reloader.refresh()
     content = message(subject="Traced")
     async with raw(guard.smtp_address) as stream:
         await greet(stream)
