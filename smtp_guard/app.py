@@ -231,7 +231,7 @@ class Guard:
         authenticator = Authenticator(config.smtp.auth.users) if config.smtp.auth.users else None
         with _setting("[smtp.tls] cert and key", OSError, ssl.SSLError):
             tls = build_listener_tls(config)
-        self.smtp = SMTPServer(handler, config.smtp, self.metrics, tls, authenticator)
+        self.smtp = SMTPServer(handler, config.smtp, self.metrics, tls, authenticator, self.clock)
         self.http = HTTPListener(self.metrics.registry, self.readiness)
 
         # Stopped in reverse order: the audit trail is flushed after the last decision.

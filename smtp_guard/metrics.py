@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 MESSAGE_OUTCOMES = ("relayed", "held", "dropped", "refused", "deferred")
 UPSTREAM_ERROR_CLASSES = ("4xx", "5xx", "connection", "timeout")
+AUTH_FAILURE_OUTCOMES = ("invalid", "throttled")
 
 
 class Metrics:
@@ -43,6 +44,11 @@ class Metrics:
         self.relay_denied = Counter(
             "smtp_guard_relay_denied_total",
             "MAIL commands refused because the client may not relay (network or AUTH).", registry=r)
+        self.auth_failures = Counter(
+            "smtp_guard_auth_failures_total",
+            "Failed SMTP AUTH attempts, by outcome (invalid: credentials checked and wrong; throttled: "
+            "refused without a check because the client address failed too often recently).",
+            ["outcome"], registry=r)
         self.hold_messages = Gauge(
             "smtp_guard_hold_messages", "Messages in the hold queue with a recipient held or released.", registry=r)
         self.hold_recipients = Gauge(
@@ -90,3 +96,5 @@ class Metrics:
             self.messages.labels(outcome)
         for error_class in UPSTREAM_ERROR_CLASSES:
             self.upstream_errors.labels(error_class)
+        for auth_outcome in AUTH_FAILURE_OUTCOMES:
+            self.auth_failures.labels(auth_outcome)

@@ -84,12 +84,22 @@ STARTTLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many concurrent sessions, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for message data, closing connection")
+SESSION_TIMEOUT = Reply(421, "4.4.2", "Session time limit reached, closing connection")
+# Password guessing (RFC 4954 section 6 codes): the session ends after too many failures, and a
+# client address with too many recent failures is refused AUTH without a password check.
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_TOO_MANY_FAILURES = Reply(421, "4.7.0", "Too many failed authentication attempts, closing connection")
+AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed authentication attempts from your address, try again later")
 
 # --- syntax and limits -------------------------------------------------------------------------
 BAD_SENDER = Reply(553, "5.1.7", "Sender address is not valid")
 BAD_RECIPIENT = Reply(553, "5.1.3", "Recipient address is not valid")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long (RFC 5321 4.5.3.1.6)")
+# A command line must end in CRLF and hold neither CR, LF nor NUL elsewhere (RFC 5321 2.3.8):
+# what follows a bare LF may be an injected command, so no part of such a line is executed.
+BAD_COMMAND_LINE = Reply(500, "5.5.2", "Command line contains a bare CR, bare LF or NUL; send CRLF line endings")
 BARE_LINE_ENDING = Reply(554, "5.6.0", "Message contains a bare CR or LF; send CRLF line endings")
 NUL_IN_MESSAGE = Reply(554, "5.6.0", "Message contains a NUL byte")
 
@@ -123,6 +133,9 @@ AIOSMTPD_REWRITES: tuple[tuple[str, Reply], ...] = (
     ("555 ", Reply(555, "5.5.4", "Parameters not recognized or not implemented")),
     ("501 Syntax: MAIL", Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")),
     ("501 Syntax: RCPT", Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")),
+    ("503 Already authenticated", Reply(503, "5.5.1", "Already authenticated")),
+    ("501 Not enough value", Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")),
+    ("501 Too many values", Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")),
 )
 
 

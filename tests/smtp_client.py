@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -72,6 +73,17 @@ def message(subject: str = "Hello", body: str = "Hi there.\r\n", sender: str = "
             extra_headers: str = "") -> bytes:
     return (f"From: Shop <{sender}>\r\nTo: you@example.com\r\nSubject: {subject}\r\n"
             f"Message-ID: <{subject.replace(' ', '.')}@shop.test>\r\n{extra_headers}\r\n{body}").encode()
+
+
+_TRACE = re.compile(rb"Received: from [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+
+
+def without_trace(content: bytes) -> bytes:
+    """The message as the client sent it: ``content`` minus the Received: header the guard
+    puts first on what it relays and holds (asserted to be there)."""
+    match = _TRACE.match(content)
+    assert match, f"no Received: header first in {content[:80]!r}"
+    return content[match.end():]
 
 
 async def read_reply(reader) -> str:  # type: ignore[no-untyped-def]

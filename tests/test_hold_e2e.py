@@ -18,7 +18,7 @@ from smtp_guard.cli.main import main
 from smtp_guard.store.base import HeldMessage, SuppressionEntry
 
 from conftest import running_guard, wait_until
-from smtp_client import message, send
+from smtp_client import message, send, without_trace
 
 SENDER = "news@shop.test"
 HOLD_LISTS = {"manual": {"action": "hold"}}
@@ -69,7 +69,7 @@ async def test_held_and_normal_recipient_in_one_message(start_guard, sink):
     assert held[0].recipients[0].rule == "suppression.manual"
     assert held[0].sender == SENDER
     stored = await guard.holds.get(held[0].id)
-    assert stored is not None and stored.content == content
+    assert stored is not None and without_trace(stored.content) == content
 
 
 async def test_only_held_recipients_answers_queued_held(start_guard, sink):
@@ -106,7 +106,7 @@ async def test_held_mail_survives_restart_and_cli_release_delivers_exactly_once(
         await wait_until(delivered_in_store, what="the release worker to record the delivery")
         assert sink.delivered_to() == ["held@example.com"]
         assert sink.messages[0].mail_from == SENDER
-        assert sink.messages[0].content == content
+        assert without_trace(sink.messages[0].content) == content
         # More polls find nothing due (driven by hand once the worker's own loop has stopped:
         # run_once is not meant to run beside it); the delivered content is gone from the store.
         await guard.release_worker.stop()

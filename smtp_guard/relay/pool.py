@@ -13,7 +13,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import aiosmtplib
 
@@ -37,10 +37,20 @@ class _Session:
 
 def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=config.ca_file or None)
-    if not config.tls_verify:
+    # Opportunistic TLS encrypts without authenticating (Postfix's "may" does not verify either):
+    # a certificate that fails verification would only send the same mail in plaintext instead.
+    if not config.tls_verify or config.tls == "opportunistic":
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+class _TLSHandshakeFailed(Exception):
+    """Opportunistic STARTTLS was offered but could not be completed."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error
 
 
 def _failure_reply(error: BaseException) -> Reply:
@@ -116,31 +126,56 @@ class SMTPUpstream:
 
     async def _connect(self) -> _Session:
         config = self._config
+        if config.tls != "opportunistic":
+            return await self._open(start_tls=config.tls == "starttls")
+        # "opportunistic" (Postfix smtp_tls_security_level = may): STARTTLS when the upstream
+        # advertises it, plaintext when it does not. A failed STARTTLS is retried once in
+        # plaintext on a new connection, as Postfix does: whoever can break the handshake can
+        # as well strip STARTTLS from the EHLO reply, so refusing would add no protection, only
+        # an outage. Use tls = "starttls" when TLS is required.
+        try:
+            return await self._open(start_tls=False, opportunistic=True)
+        except _TLSHandshakeFailed as failure:
+            log.warning("STARTTLS with upstream %s:%d failed (%r); sending in plaintext (tls = \"opportunistic\")",
+                        config.host, config.port, failure.error)
+            return await self._open(start_tls=False)
+
+    async def _open(self, start_tls: bool, opportunistic: bool = False) -> _Session:
+        config = self._config
         client = aiosmtplib.SMTP(
             hostname=config.host,
             port=config.port,
             local_hostname=config.helo_name or None,
             timeout=config.command_timeout,
             use_tls=config.tls == "implicit",
-            start_tls=config.tls == "starttls",
+            start_tls=start_tls,
             tls_context=self._tls,
         )
         try:
             await client.connect(timeout=config.connect_timeout)
+            if opportunistic:
+                await _starttls_if_offered(client)
             if config.username:
                 await client.login(config.username, config.password)
+        except _TLSHandshakeFailed:
+            await _quietly_close(client)
+            raise
         except aiosmtplib.SMTPAuthenticationError as error:
             await _quietly_close(client)
             log.error("upstream %s:%d refused our credentials (%s %s); check [upstream] username/password",
                       config.host, config.port, error.code, error.message)
             raise UpstreamError(replies.UPSTREAM_UNAVAILABLE, "upstream authentication failed") from None
         except (aiosmtplib.SMTPException, *_CONNECTION_ERRORS, *_TIMEOUTS, ssl.SSLError) as error:
-            await _quietly_close(client)
-            log.warning("cannot connect to upstream %s:%d: %r", config.host, config.port, error)
-            reply = replies.UPSTREAM_TIMEOUT if isinstance(error, _TIMEOUTS) else replies.UPSTREAM_UNAVAILABLE
-            raise UpstreamError(reply, f"connect failed: {error!r}") from None
+            await self._close_after_connect_failure(client, error)
         self.connects += 1
         return _Session(client, idle_since=self._clock())
+
+    async def _close_after_connect_failure(self, client: aiosmtplib.SMTP, error: BaseException) -> NoReturn:
+        config = self._config
+        await _quietly_close(client)
+        log.warning("cannot connect to upstream %s:%d: %r", config.host, config.port, error)
+        reply = replies.UPSTREAM_TIMEOUT if isinstance(error, _TIMEOUTS) else replies.UPSTREAM_UNAVAILABLE
+        raise UpstreamError(reply, f"connect failed: {error!r}") from None
 
     async def _reset_and_park(self, session: _Session) -> None:
         try:
@@ -216,6 +251,16 @@ class SMTPTransaction:
             return
         self._finished = True
         await self._upstream.finish(self._session, reusable=not self._broken)
+
+
+async def _starttls_if_offered(client: aiosmtplib.SMTP) -> None:
+    await client.ehlo()
+    if not client.supports_extension("starttls"):
+        return
+    try:
+        await client.starttls()
+    except (aiosmtplib.SMTPException, ssl.SSLError, *_CONNECTION_ERRORS, *_TIMEOUTS) as error:
+        raise _TLSHandshakeFailed(error) from None
 
 
 async def _quietly_close(client: aiosmtplib.SMTP) -> None:

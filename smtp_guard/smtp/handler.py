@@ -28,6 +28,7 @@ from ..relay.base import Upstream, UpstreamError, UpstreamTransaction
 from ..replies import Reply
 from ..store.base import AuditRecord, ErasureAttempt, HeldRecipient, HoldStore, NewHold, StoreError
 from .access import AccessControl
+from .trace import protocol_name, received_header
 
 log = logging.getLogger("smtp_guard.smtp")
 
@@ -213,7 +214,8 @@ class GuardHandler:
                 [*txn.relayed.values(), *txn.paced_contexts.values()], self._clock())
             if txn.erasure_attempts:
                 txn.erasure_attempts = [replace(a, stream=message.stream) for a in txn.erasure_attempts]
-            reply, outcome = await self._deliver(txn, session, envelope, content, message)
+            trace = self._trace(server, session, txn)
+            reply, outcome = await self._deliver(txn, session, envelope, content, message, trace)
         finally:
             await self.abandon(envelope)
         self._metrics.messages.labels(outcome).inc()
@@ -222,8 +224,18 @@ class GuardHandler:
                  len(txn.dropped), txn.refused, len(content), outcome, str(reply))
         return str(reply)
 
+    def _trace(self, server: Any, session: Any, txn: Transaction) -> bytes:
+        """The headers the guard adds to what it relays and holds (empty when switched off)."""
+        if not self._config.received_header:
+            return b""
+        protocol = protocol_name(extended=bool(session.extended_smtp), tls=session.ssl is not None,
+                                 authenticated=bool(session.authenticated))
+        return received_header(helo=session.host_name or "", client_ip=_client_ip(session),
+                               hostname=server.hostname, protocol=protocol, txn_id=txn.txn_id,
+                               when=self._clock())
+
     async def _deliver(self, txn: Transaction, session: Any, envelope: Any, content: bytes,
-                       message: MessageContext) -> tuple[Reply, str]:
+                       message: MessageContext, trace: bytes = b"") -> tuple[Reply, str]:
         if b"\x00" in content:
             return replies.NUL_IN_MESSAGE, "refused"
         if _BARE_CR_OR_LF.search(content):
@@ -235,7 +247,9 @@ class GuardHandler:
         refusal = await self._apply_message_policies(txn, session, envelope, message)
         if refusal is not None:
             return refusal
-        content = strip_headers(content, self._strip)
+        # The guard's own headers go on here, after stripping and before anything (such as a
+        # DKIM signature) is computed over the content, so upstream and hold queue get the same bytes.
+        content = trace + strip_headers(content, self._strip)
         upstream_reply: Reply | None = None
         if txn.relayed:
             assert txn.upstream is not None

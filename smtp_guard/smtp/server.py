@@ -5,7 +5,11 @@
 * telling the handler when a transaction ends without DATA (RSET, new EHLO, disconnect),
   so its upstream session goes back to the pool;
 * rewriting aiosmtpd's own fixed replies to ones with enhanced status codes;
-* a 421 on idle timeout instead of a silent close.
+* command lines checked before aiosmtpd parses them (``CommandLineReader``);
+* three clocks instead of aiosmtpd's one: ``idle_timeout`` between a reply and the next
+  command, ``data_timeout`` between two reads inside DATA, ``session_timeout`` for the whole
+  session — each a 421 4.4.2 instead of a silent close;
+* AUTH failures counted per session and per client address (``AuthThrottle``).
 """
 
 from __future__ import annotations
@@ -13,15 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any, Callable
+import time
+from typing import Any, Awaitable, Callable
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 from .. import replies
 from ..config import SMTPConfig
 from ..metrics import Metrics
 from .access import AccessControl
-from .auth import Authenticator
+from .auth import Authenticator, AuthThrottle
 from .handler import GuardHandler
 
 log = logging.getLogger("smtp_guard.smtp")
@@ -55,22 +60,98 @@ class SessionRegistry:
         await self._changed.wait()
 
 
+class CommandLineReader:
+    """aiosmtpd's stream reader, with every command line checked before aiosmtpd parses it.
+
+    aiosmtpd reads a command up to the first LF, so ``MAIL FROM:<a@x>\nRCPT TO:<b@evil>\r\n``
+    runs as two commands: what a buggy or hostile platform meant as one line smuggles in a
+    second (Postfix refuses bare newlines since 3.9, ``smtpd_forbid_bare_newline``). Here a
+    line ending in a bare LF, every further piece of it up to the CRLF that ends it, and a
+    line with a CR or NUL anywhere before its CRLF are each answered by ``refuse`` and never
+    handed to aiosmtpd. A client using bare LF throughout gets a refusal per line, so it is
+    never left waiting for a reply.
+
+    aiosmtpd reads DATA lines with ``readuntil(b"\r\n")``: those pass unchecked (the handler
+    refuses or normalizes bare CR/LF in the content, ``[smtp] bare_line_endings``).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, refuse: Callable[[], Awaitable[None]],
+                 before_command: Callable[[], Awaitable[None]]) -> None:
+        self._reader = reader
+        self._refuse = refuse
+        self._before_command = before_command
+        self._in_broken_line = False  # the last piece read ended in a bare LF
+        self._overrun = False  # aiosmtpd is discarding the rest of a too-long line
+
+    # aiosmtpd swaps the transport and drops buffered plaintext at STARTTLS (RFC 3207 4.2).
+    @property
+    def _transport(self) -> Any:
+        return self._reader._transport  # type: ignore[attr-defined]
+
+    @_transport.setter
+    def _transport(self, transport: Any) -> None:
+        self._reader._transport = transport  # type: ignore[attr-defined]
+
+    @property
+    def _buffer(self) -> bytearray:
+        return self._reader._buffer  # type: ignore[attr-defined,no-any-return]
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self._reader.read(n)
+
+    async def readline(self) -> bytes:
+        # Only AUTH reads a line this way (the client's answer to a 334 challenge). A broken
+        # line becomes one that is not base64, so aiosmtpd answers it with its one
+        # "501 5.5.2 Can't decode base64" and the exchange fails.
+        line = await self._reader.readline()
+        return line if self._is_clean(line) else b"\x00\r\n"
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        if separator != b"\n":
+            return await self._reader.readuntil(separator)
+        while True:
+            try:
+                line = await self._reader.readuntil(separator)
+            except asyncio.LimitOverrunError:
+                self._overrun = True
+                raise
+            if self._overrun:  # the tail of a too-long line, which aiosmtpd refuses itself
+                self._overrun = False
+                self._in_broken_line = not line.endswith(b"\r\n")
+                return line
+            if self._is_clean(line):
+                await self._before_command()
+                return line
+            await self._refuse()
+
+    def _is_clean(self, line: bytes) -> bool:
+        continues_broken_line = self._in_broken_line
+        self._in_broken_line = not line.endswith(b"\r\n")
+        return not (continues_broken_line or self._in_broken_line or b"\r" in line[:-2] or b"\x00" in line)
+
+
 class GuardSMTP(SMTP):
     def __init__(self, handler: GuardHandler, registry: SessionRegistry, config: SMTPConfig,
-                 metrics: Metrics, allow_plaintext_auth_on_loopback: bool, **kwargs: Any) -> None:
+                 metrics: Metrics, allow_plaintext_auth_on_loopback: bool, auth_throttle: AuthThrottle,
+                 **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._guard_handler = handler
         self._registry = registry
         self._guard_config = config
         self._guard_metrics = metrics
         self._plaintext_auth_on_loopback = allow_plaintext_auth_on_loopback
-        self.in_data = False
+        self._auth_throttle = auth_throttle
+        self._auth_failures = 0
+        self._session_deadline = float("inf")
+        self.in_data = False  # inside the DATA command, from the command to its reply
+        self._reading_data = False  # between the 354 and the final dot: data_timeout applies
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
         super().connection_made(transport)
         if not first:
             return  # the STARTTLS upgrade of an existing session
+        self._session_deadline = self.loop.time() + self._guard_config.session_timeout
         peer = transport.get_extra_info("peername")
         if self._plaintext_auth_on_loopback and isinstance(peer, tuple) and AccessControl.is_loopback(str(peer[0])):
             self._auth_require_tls = False
@@ -85,6 +166,26 @@ class GuardSMTP(SMTP):
             transport.close()
             return
         self._registry.add(self)
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        checked = CommandLineReader(reader, self._refuse_command_line, self._check_session_deadline)
+        super()._cb_client_connected(checked, writer)  # type: ignore[arg-type]
+
+    async def _refuse_command_line(self) -> None:
+        await self.push(str(replies.BAD_COMMAND_LINE))
+
+    async def _check_session_deadline(self) -> None:
+        """Before each command: past ``session_timeout`` the session ends, however busy it is."""
+        if self.loop.time() < self._session_deadline:
+            return
+        self._close_with(replies.SESSION_TIMEOUT)
+        # connection_lost cancels aiosmtpd's session task, which is waiting here.
+        await self.loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if self._reading_data:
+            self._reset_timeout(self._guard_config.data_timeout)
+        super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._end_transaction(self.envelope)
@@ -108,6 +209,20 @@ class GuardSMTP(SMTP):
         if isinstance(status, str):
             status = replies.rewrite_aiosmtpd_reply(status)
         await super().push(status)
+        # The client's turn: after 354 it owes message data (data_timeout between reads, see
+        # data_received), after any other reply its next command (idle_timeout).
+        self._reading_data = str(status).startswith("354")
+        if self.transport is not None:
+            self._reset_timeout(self._guard_config.data_timeout if self._reading_data else None)
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command == "DATA":
+            # The final dot is in: from here the guard is working, not the client, and the
+            # upstream's own timeouts bound that work. The clock restarts with the reply.
+            self._reading_data = False
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+        return await super()._call_handler_hook(command, *args)
 
     async def smtp_DATA(self, arg: str) -> None:
         self.in_data = True
@@ -116,16 +231,45 @@ class GuardSMTP(SMTP):
         finally:
             self.in_data = False
 
+    async def smtp_AUTH(self, arg: str) -> None:
+        await super().smtp_AUTH(arg)
+        if self._auth_failures >= self._guard_config.auth.max_failures_per_session:
+            # The reply (421) is out; the connection goes with it.
+            if self.transport is not None:
+                self.transport.close()
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        # Every credential check passes here (PLAIN and LOGIN, initial response or challenge).
+        client_ip = _client_ip(self.session)
+        if self._auth_throttle.is_throttled(client_ip):
+            outcome, result = "throttled", AuthResult(success=False, handled=False,
+                                                      message=str(replies.AUTH_THROTTLED))
+        else:
+            result = super()._authenticate(mechanism, auth_data)
+            if result.success:
+                return result
+            outcome = "invalid"
+            self._auth_throttle.record_failure(client_ip)
+        self._guard_metrics.auth_failures.labels(outcome).inc()
+        self._auth_failures += 1
+        log.info("AUTH %s failed for client %s (%s, %d in this session)", mechanism, client_ip, outcome,
+                 self._auth_failures)
+        if self._auth_failures >= self._guard_config.auth.max_failures_per_session:
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_TOO_MANY_FAILURES))
+        return result
+
     def _timeout_cb(self) -> None:
+        self._close_with(replies.DATA_TIMEOUT if self._reading_data else replies.IDLE_TIMEOUT)
+
+    def _close_with(self, reply: replies.Reply) -> None:
+        """Say why (a 421), then close; connection_lost cleans up."""
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(f"{replies.IDLE_TIMEOUT}\r\n".encode())  # type: ignore[attr-defined]
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
+            self.transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
+            self.transport.close()
 
     def close_idle(self) -> None:
         """Shutdown: tell a session between transactions to go away (421) and close it."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(f"{replies.SHUTTING_DOWN}\r\n".encode())  # type: ignore[attr-defined]
-            self.transport.close()
+        self._close_with(replies.SHUTTING_DOWN)
 
     @property
     def is_idle(self) -> bool:
@@ -134,16 +278,24 @@ class GuardSMTP(SMTP):
                                      or not getattr(self.envelope, "rcpt_tos", None))
 
 
+def _client_ip(session: Any) -> str:
+    peer = getattr(session, "peer", None)
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
 class SMTPServer:
     """Listening socket plus the sessions it spawned, with a time-limited graceful shutdown."""
 
     def __init__(self, handler: GuardHandler, config: SMTPConfig, metrics: Metrics,
-                 tls_context: ssl.SSLContext | None, authenticator: Authenticator | None) -> None:
+                 tls_context: ssl.SSLContext | None, authenticator: Authenticator | None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._handler = handler
         self._config = config
         self._metrics = metrics
         self._tls = tls_context
         self._authenticator = authenticator
+        # One throttle for every session: failures are counted per client address.
+        self.auth_throttle = AuthThrottle(config.auth.max_failures_per_client, config.auth.failure_window, clock)
         self.registry = SessionRegistry(metrics)
         self._server: asyncio.base_events.Server | None = None
 
@@ -154,7 +306,9 @@ class SMTPServer:
             return GuardSMTP(
                 self._handler, self.registry, config, self._metrics,
                 allow_plaintext_auth_on_loopback=config.auth.allow_plaintext_on_loopback,
+                auth_throttle=self.auth_throttle,
                 hostname=config.hostname or None,
+                ident=config.banner,  # aiosmtpd's default names itself: "Python SMTP 1.4.6"
                 data_size_limit=config.max_message_size,
                 enable_SMTPUTF8=True,
                 decode_data=False,
