@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import IO, Any
@@ -62,7 +63,7 @@ class PseudonymFilter(logging.Filter):
         if self._pseudonymizer is None:
             return WITHHELD
         try:
-            return self._pseudonymizer.pseudonym(address)
+            return self._pseudonymizer.pseudonym(_unescaped(address))
         except Exception:
             return WITHHELD
 
@@ -70,8 +71,8 @@ class PseudonymFilter(logging.Filter):
         try:
             message = record.getMessage()
         except Exception:
-            # logging would print the raw arguments to stderr ("--- Logging error ---").
-            message = f"{record.msg} (log arguments could not be formatted)"
+            # logging itself would print the raw arguments to stderr ("--- Logging error ---").
+            message = f"{record.msg} (arguments that did not fit: {record.args!r})"
         record.msg, record.args = self.redact(message), None
         if record.exc_info:
             # Rendered here, redacted, and the live exception dropped, so that no formatter
@@ -97,6 +98,17 @@ class PseudonymFilter(logging.Filter):
         if value is None or isinstance(value, (bool, int, float)):
             return value
         return self.redact(str(value))
+
+
+def _unescaped(address: str) -> str:
+    """An address shown inside a bytes repr (``j\\xc3\\xb6rg@…``, as aiosmtpd logs command lines)
+    as the text it stands for, so that it gets the same pseudonym as its decoded spelling."""
+    if "\\x" not in address:
+        return address
+    try:
+        return re.sub(r"\\x([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), address).encode("latin-1").decode()
+    except UnicodeError:
+        return address
 
 
 class JSONFormatter(logging.Formatter):
