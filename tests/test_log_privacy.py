@@ -9,10 +9,13 @@ filter alone, on the inputs a regular expression gets wrong.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import re
+import signal
+import sys
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -172,6 +175,41 @@ async def test_a_probe_before_and_after_erasure_is_logged_under_the_new_name(tmp
             await wait_until(lambda: refuses(guard, ERASED), what="the guard to enforce the erasure")
             assert f"recip: erased:{receipt['tombstone_id']}" in stream.getvalue()
     assert ERASED not in stream.getvalue()
+
+
+async def test_serve_logs_pseudonyms_from_its_first_message(tmp_path, sink):
+    """``smtp-guard serve`` as a process, its stderr as journald would get it: the wiring in
+    serve_forever hands the pseudonymizer to the log filter before the first mail is taken."""
+    config_file = tmp_path / "guard.toml"
+    config_file.write_text(
+        f'[smtp]\nlisten = "127.0.0.1:0"\nhostname = "guard.test"\n\n[metrics]\nlisten = "127.0.0.1:0"\n\n'
+        f'[store]\npath = "{tmp_path / "data" / "guard.sqlite3"}"\n\n'
+        f'[upstream]\nmode = "smtp"\nhost = "127.0.0.1"\nport = {sink.port}\n\n[logging]\nlevel = "debug"\n')
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from smtp_guard.cli.main import main; main()", "serve", "--config", str(config_file),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+    try:
+        def listening() -> tuple[str, int] | None:
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", stderr_path.read_text("utf-8"))
+            if process.returncode is not None:
+                raise AssertionError(stderr_path.read_text("utf-8"))
+            return ("127.0.0.1", int(found.group(1))) if found else None
+
+        address = await wait_until(listening, timeout=20, what="smtp-guard serve to listen")
+        outcome = await send(address, SENDER, [DELIVERED, IDN], mail(to=DELIVERED))
+        assert outcome.data is not None and outcome.data.startswith("250")
+        await wait_until(lambda: "outcome=" in stderr_path.read_text("utf-8"), what="the outcome line")
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 20)
+    text = stderr_path.read_text("utf-8")
+    assert "smtp-guard stopped" in text
+    assert not contains_any(text, SPELLINGS), contains_any(text, SPELLINGS)
+    assert re.search(r"from=<h:[0-9a-f]{16}> relayed=2 ", text)
+    assert WITHHELD not in text
 
 
 # --- the filter alone ----------------------------------------------------------------------------
