@@ -30,7 +30,7 @@ from .erasure.keys import ErasureKeyError, load_key_ring, open_key_ring
 from .erasure.pseudonyms import Pseudonymizer, PseudonymizingAuditStore
 from .hold.worker import ReleaseWorker
 from .index import IndexReloader, SuppressionIndex
-from .logs import configure_logging
+from .logs import PseudonymFilter, configure_logging
 from .metrics import Metrics
 from .periodic import Periodic
 from .policy.default import default_pipeline
@@ -156,9 +156,11 @@ class Guard:
     raises StartupError naming the setting, so a broken start never leaves a half-alive process.
     """
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time,
+                 log_pseudonyms: PseudonymFilter | None = None) -> None:
         self.config = config
         self.clock = clock
+        self._log_pseudonyms = log_pseudonyms
         self.metrics = Metrics()
         self.readiness = Readiness()
         self._db = Database(config.store.path)
@@ -195,6 +197,8 @@ class Guard:
         self.tombstone_reloader = TombstoneReloader(self.tombstones, self.erasure, lambda: load_key_ring(key_file),
                                                     on_new=self._sweep_after_erasure)
         self.audit_store = pseudonymizing_audit_store(self._db, self.normalizer, self.tombstones)
+        if self._log_pseudonyms is not None:  # logs name people as the audit trail does, from here on
+            self._log_pseudonyms.use(self.audit_store.pseudonymizer)
 
         self.index = SuppressionIndex()
         self.reloader = IndexReloader(self.index, self.suppressions, config.list_priority,
@@ -327,10 +331,10 @@ class Guard:
 
 def serve_forever(config: Config) -> None:
     """``smtp-guard serve``: run until SIGTERM/SIGINT, then shut down gracefully."""
-    configure_logging(config.logging)
+    log_pseudonyms = configure_logging(config.logging)
 
     async def main() -> None:
-        guard = Guard(config)
+        guard = Guard(config, log_pseudonyms=log_pseudonyms)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

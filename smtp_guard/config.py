@@ -341,7 +341,7 @@ class HoldConfig:
 class LoggingConfig:
     level: str = "info"
     format: LogFormat = "text"
-    # Addresses in log lines appear as the audit trail's keyed pseudonyms (p:…@domain). true writes
+    # Addresses in log lines appear as the audit trail's keyed pseudonyms (h:…, erased:<id>). true writes
     # them in plaintext, which BREAKS THE ERASURE GUARANTEE: an erased address then survives in
     # journald or wherever the logs go, out of the guard's reach.
     plaintext_addresses: bool = False

@@ -17,7 +17,22 @@ from ..addresses import AddressNormalizer
 from ..store.base import AuditFilter, AuditRecord, AuditStore, Tombstone
 from .keys import KeyRing, address_token, erasure_token
 
-_ADDRESS = re.compile(r"[^\s<>\"'(),;:@\[\]]+@[A-Za-z0-9\u0080-\uffff.-]+\.[A-Za-z\u0080-\uffff]{2,}")
+# Anything shaped like an address inside free text (a reply, an exception, a log line). Wider
+# than what the SMTP front accepts, on purpose: a quoted local part ("jane doe"@…), a UTF-8 or
+# A-label domain (…@пример.рф, …@example.xn--p1ai), an address literal (…@[192.0.2.1]) and a
+# dotless domain (…@localhost) all name a person, and so does a UTF-8 domain shown escaped in
+# a bytes repr (aiosmtpd logs b'RCPT TO:<j\xc3\xb6rg@b\xc3\xbccher.example>'). A false
+# positive only hides a token.
+_LABEL = r"(?:[A-Za-z0-9_-]|[^\x00-\x7f\s]|\\x[0-9A-Fa-f]{2}|\\u[0-9A-Fa-f]{4})+"
+ADDRESS_IN_TEXT = re.compile(
+    r"(?:\"(?:[^\"\\\r\n]|\\.)*\"|[^\s<>\"'(),;:@\[\]]+)"
+    rf"@(?:\[[^\]\s]*\]|{_LABEL}(?:\.{_LABEL})*)"
+)
+
+
+def replace_addresses(text: str, replacement: Callable[[str], str]) -> str:
+    """``text`` with every address in it (per ADDRESS_IN_TEXT) replaced by ``replacement(address)``."""
+    return ADDRESS_IN_TEXT.sub(lambda match: replacement(match.group(0)), text) if "@" in text else text
 
 
 class Pseudonymizer:
@@ -50,7 +65,7 @@ class Pseudonymizer:
         return self._ring().pseudonyms(token)
 
     def redact(self, text: str) -> str:
-        return _ADDRESS.sub(lambda match: self.pseudonym(match.group(0)), text) if "@" in text else text
+        return replace_addresses(text, self.pseudonym)
 
     def record(self, record: AuditRecord) -> AuditRecord:
         return replace(record, recipient=self.pseudonym(record.recipient), reason=self.redact(record.reason))
@@ -62,6 +77,12 @@ class PseudonymizingAuditStore:
     def __init__(self, store: AuditStore, pseudonymizer: Pseudonymizer) -> None:
         self._store = store
         self._pseudonymizer = pseudonymizer
+
+    @property
+    def pseudonymizer(self) -> Pseudonymizer:
+        """The one that writes this trail: logs use it too, so a log line and an audit record
+        name a person by the same pseudonym."""
+        return self._pseudonymizer
 
     async def append(self, records: Sequence[AuditRecord]) -> None:
         await self._store.append([self._pseudonymizer.record(r) for r in records])
