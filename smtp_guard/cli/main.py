@@ -23,6 +23,8 @@ def main() -> None:
     Audit trail:      smtp-guard audit list --since 1h
     Erase (GDPR):     smtp-guard erase jane@example.com --ref DSR-2026-0042
 
+    New config:       smtp-guard config example > guard.toml && smtp-guard config check --config guard.toml
+
     Every command takes --config FILE (or SMTP_GUARD_CONFIG); run `smtp-guard COMMAND --help`.
     """
 
@@ -77,6 +79,7 @@ def hash_password_command(password: str) -> None:
 def _register() -> None:
     from .audit import audit
     from .breaker import breaker
+    from .config import config
     from .erase import erase
     from .hold import hold
     from .suppress import suppress
@@ -86,6 +89,7 @@ def _register() -> None:
     main.add_command(hold)
     main.add_command(audit)
     main.add_command(breaker)
+    main.add_command(config)
 
 
 _register()

@@ -1,0 +1,105 @@
+"""``smtp-guard config check``: the settings that are valid but dangerous, in words.
+
+Loading already refuses what can never be right (unknown keys, an upstream host beside the
+sandbox, an allow-list open to the world without its override). What is left here is legal
+and sometimes meant — a lab upstream without certificate checks, shadow mode during a
+rollout — so it is said plainly, once, before the guard runs with it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class Danger:
+    setting: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.setting}: {self.text}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def dangers(config: Config) -> list[Danger]:
+    """Every dangerous setting of ``config``, most serious first."""
+    found: list[Danger] = []
+
+    def warn(setting: str, text: str) -> None:
+        found.append(Danger(setting, text))
+
+    if config.access.allow_open_relay and config.access.open_networks():
+        warn("[access] allow_open_relay", "the relay is open to "
+             f"{', '.join(map(str, config.access.open_networks()))}: anyone there can send mail through it")
+    if config.logging.plaintext_addresses:
+        warn("[logging] plaintext_addresses", "logs carry addresses in plaintext, so an erased address survives "
+             "wherever the logs go: this breaks the erasure guarantee")
+    if config.policy.shadow:
+        warn("[policy] shadow", "every protection only logs what it would have done; suppressed recipients "
+             "ARE mailed (erasures are still enforced)")
+    for name, listing in config.lists.items():
+        if listing.shadow and not config.policy.shadow:
+            warn(f"[lists.{name}] shadow", f"entries of {name!r} are logged, not enforced: they ARE mailed")
+    if config.breaker.shadow or not config.breaker.enabled:
+        state = "disabled" if not config.breaker.enabled else "in shadow mode"
+        warn("[breaker]", f"the volume breaker is {state}: a send far larger than usual is not stopped")
+    if config.upstream.mode == "sandbox":
+        warn("[upstream] mode", "\"sandbox\": mail is captured in the data directory and never delivered")
+    else:
+        up = config.upstream
+        if up.tls in ("none", "opportunistic") and not _is_loopback(up.host):
+            warn("[upstream] tls", f"{up.tls!r}: mail to {up.host} may cross the network unencrypted; "
+                 "use \"starttls\" or \"implicit\"")
+        if up.tls in ("starttls", "implicit") and not up.tls_verify:
+            warn("[upstream] tls_verify", "false: the upstream's certificate is not checked, so anyone on "
+                 "the path can pose as it")
+    listen = config.smtp.listen
+    if not _is_loopback(listen.host) and not config.smtp.tls.enabled:
+        warn("[smtp] listen", f"{listen} is reachable from the network without STARTTLS ([smtp.tls] cert "
+             "and key): mail and AUTH passwords travel in plaintext")
+    if config.smtp.auth.users and not config.smtp.tls.enabled:
+        warn("[smtp.auth] users", "AUTH needs TLS, and [smtp.tls] has no certificate: AUTH is offered only "
+             "to loopback clients with allow_plaintext_on_loopback, to nobody else")
+    if config.smtp.bare_line_endings == "normalize":
+        warn("[smtp] bare_line_endings", "\"normalize\": a message with bare CR or LF is rewritten instead of "
+             "refused (use only for a platform that cannot be fixed)")
+    if not config.smtp.received_header:
+        warn("[smtp] received_header", "false: relayed mail carries no trace of this hop (RFC 5321 "
+             "section 4.4 asks a relay for one)")
+    for name, where in (("[metrics] listen", config.metrics.listen), ("[admin] listen", config.admin.listen)):
+        if where is not None and not _is_loopback(where.host):
+            warn(name, f"{where} is reachable from the network; restrict it with a firewall")
+    _warn_files(config, warn)
+    return found
+
+
+def _warn_files(config: Config, warn: Callable[[str, str], None]) -> None:
+    """The data directory and key file: readable by the guard's user only."""
+    store = Path(config.store.path)
+    if not store.exists():
+        warn("[store] path", f"{store} does not exist yet; `smtp-guard serve` or `smtp-guard init` creates it "
+             "(admin commands never do)")
+    for path, expected in ((store.parent, 0o700), (config.erasure_key_file, 0o600), (store, 0o600)):
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            continue
+        if mode & 0o077:
+            warn("[store] path" if path != config.erasure_key_file else "[erasure] key_file",
+                 f"{path} has mode {mode:04o}; it holds addresses or secrets: chmod {expected:04o} {path}")
+
