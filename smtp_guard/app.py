@@ -20,6 +20,7 @@ from .admin.http import HTTPListener
 from .audit import AuditLog
 from .breaker_state import BreakerState
 from .breaker_sync import BreakerSync
+from .change_sync import ChangeSync
 from .classify import MessageClassifier
 from .config import Config
 from .counters import InMemoryCounters
@@ -43,6 +44,7 @@ from .smtp.server import SMTPServer
 from .store.base import AuditRecord, Tombstone
 from .store.sqlite.audit import SQLiteAuditStore
 from .store.sqlite.breakers import SQLiteBreakerStore
+from .store.sqlite.changes import SQLiteChangeStore
 from .store.sqlite.db import Database
 from .store.sqlite.erasure import SQLiteErasureStore
 from .store.sqlite.holds import SQLiteHoldStore
@@ -86,6 +88,7 @@ async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminC
             tombstones=tombstones,
             normalizer=normalizer,
             actor=actor,
+            changes=SQLiteChangeStore(db),
         )
 
 
@@ -181,6 +184,11 @@ class Guard:
             loop.start()
         if config.metrics.listen is not None:
             await self.http.start(config.metrics.listen.host, config.metrics.listen.port)
+        # Read-your-writes: registered and up to date before the first client connects.
+        self.change_sync = ChangeSync(SQLiteChangeStore(self._db), [
+            self.reloader.refresh, self.tombstone_reloader.refresh, self.breaker_sync.sync,
+        ], config.store.change_poll_interval)
+        await self.change_sync.start()
         await self.smtp.start()
         self._started = True
         self.ready = True
@@ -217,6 +225,7 @@ class Guard:
             await self._db.close()
             return
         await self.smtp.stop(self.config.smtp.shutdown_grace)
+        await self.change_sync.stop()  # admins stop waiting for this process
         await self.release_worker.stop()
         await self.breaker_sync.stop()  # persists trips and counts for the next start
         await self.reloader.stop()

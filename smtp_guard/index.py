@@ -13,6 +13,7 @@ when the store asks for it (bulk import) or an entry expires, a fresh snapshot i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from array import array
@@ -120,6 +121,8 @@ class IndexReloader:
         self._loop = Periodic("suppression-index-reloader", interval, self.refresh,
                               "refresh failed; keeping the current index")
         self.on_reload: Callable[[], None] = lambda: None
+        # Two refreshes at once could apply an older delta over a newer one.
+        self._lock = asyncio.Lock()
 
     async def load(self) -> None:
         started = time.monotonic()
@@ -131,6 +134,10 @@ class IndexReloader:
 
     async def refresh(self) -> None:
         """Apply what changed since the last look (one poll)."""
+        async with self._lock:  # the periodic loop and change-sync both call this
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         now = self._clock()
         expiry = self.index.next_expiry
         if expiry is not None and expiry <= now:

@@ -10,7 +10,7 @@ from ..addresses import AddressNormalizer
 from ..config import Config
 from ..erasure.index import TombstoneIndex
 from ..erasure.keys import KeyRing
-from ..store.base import AuditStore, BreakerStore, ErasureStore, HoldStore, SuppressionStore
+from ..store.base import AuditStore, BreakerStore, ChangeStore, ErasureStore, HoldStore, SuppressionStore
 
 
 @dataclass(frozen=True)
@@ -26,4 +26,6 @@ class AdminContext:
     tombstones: TombstoneIndex
     normalizer: AddressNormalizer
     actor: str  # recorded with every admin action, e.g. "cli:alice"
+    # Change generation and running guards: services.propagation.in_force after a change.
+    changes: ChangeStore
     clock: Callable[[], float] = field(default=time.time)
