@@ -172,7 +172,7 @@ async def main() -> None:
         for interval in INTERVALS:
             used = await idle_cpu(directory, interval, args.seconds)
             print(f"   change_poll_interval {interval:g} s: {used:.2f} %  (poll loop: {used - baseline:+.2f} %; "
-                  f"the polls alone: {figures["poll_cpu_us"] / interval / 1e4:.2f} %)")
+                  f"the polls alone: {figures['poll_cpu_us'] / interval / 1e4:.2f} %)")
 
         print(f"\n4. in_force (bump, then wait for the guard), {args.confirmations} changes per interval:")
         for interval in (0.1, 0.25):
