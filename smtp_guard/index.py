@@ -5,9 +5,10 @@ address, so ten million addresses cost about 90 MB, and the arrays are flat buff
 later version can place in shared memory for several worker processes. Lookups are a binary
 search — no disk or network I/O on the hot path.
 
-Changes made by the CLI or API reach a running server through the store's change log: the
-reload loop (``IndexReloader``) applies them to a copy-on-write overlay dict and swaps the
-reference, so a lookup never sees a half-applied update. Past ``MAX_OVERLAY`` changes, or
+Changes made by the CLI or API reach a running server through the store's change log:
+``IndexReloader.refresh`` — run by its own periodic loop, and at once when an admin change
+moves the store's change generation (``change_sync.py``) — applies them to a copy-on-write
+overlay dict and swaps the reference, so a lookup never sees a half-applied update. Past ``MAX_OVERLAY`` changes, or
 when the store asks for it (bulk import) or an entry expires, a fresh snapshot is loaded.
 """
 
