@@ -116,6 +116,7 @@ class Guard:
         self.metrics = Metrics()
         self._db = Database(config.store.path)
         self._loops: list[Periodic] = []
+        self.change_sync: ChangeSync | None = None
         self._started = False
         self.ready = False
 
@@ -222,10 +223,13 @@ class Guard:
         the workers and flush the audit trail."""
         self.ready = False
         if not self._started:
+            if self.change_sync is not None:  # the start failed after registering
+                await self.change_sync.stop()
             await self._db.close()
             return
         await self.smtp.stop(self.config.smtp.shutdown_grace)
-        await self.change_sync.stop()  # admins stop waiting for this process
+        if self.change_sync is not None:
+            await self.change_sync.stop()  # admins stop waiting for this process
         await self.release_worker.stop()
         await self.breaker_sync.stop()  # persists trips and counts for the next start
         await self.reloader.stop()

@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Awaitable, Callable, Sequence
 
 from .periodic import Periodic
-from .store.base import ChangeStore, GuardInstance
+from .store.base import ChangeStore, GuardInstance, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,17 @@ class ChangeSync:
         self._loop.start()
 
     async def stop(self) -> None:
-        """Stop polling and remove this process from the store (after the listener stopped)."""
+        """Stop polling and remove this process from the store (after the listener stopped).
+        A store that cannot be written does not stop the shutdown: admins then see this
+        process fall silent and stop waiting for it after a few seconds."""
         await self._loop.stop()
         if self._registered:
             self._registered = False
-            await self._store.remove(self.instance.id)
+            try:
+                await self._store.remove(self.instance.id)
+            except StoreError as error:
+                log.warning("change-sync: could not remove guard %s from the store (%s); admin commands "
+                            "will report it as silent until they forget it", self.instance.name, error)
 
     async def poll(self) -> None:
         generation = await self._store.generation()

@@ -10,6 +10,7 @@ and only then did the command return. No test waits between the command and the 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -27,6 +28,7 @@ from smtp_guard.store.base import GuardInstance
 from smtp_guard.store.sqlite.changes import SQLiteChangeStore
 from smtp_guard.store.sqlite.db import Database
 
+from conftest import make_config
 from smtp_client import dialogue, message, send
 
 SENDER = "news@shop.test"
@@ -247,4 +249,17 @@ async def test_failed_refresh_keeps_heartbeat_and_old_generation(store: SQLiteCh
     await sync.poll()  # retried
     assert sync.applied_generation == generation == (await store.instances())[0].applied_generation
     await sync.stop()
+    assert await store.instances() == []
+
+
+async def test_failed_start_leaves_no_guard_row(sink, tmp_path, store):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = taken.getsockname()
+        # (no metrics listener: stopping what a failed start had opened is not this test's concern)
+        guard = Guard(make_config(tmp_path, sink.port, smtp={"listen": f"{host}:{port}"}, metrics={"listen": ""}))
+        with pytest.raises(OSError):
+            await guard.start()  # registered, then the SMTP listener cannot bind
+    await guard.stop()
     assert await store.instances() == []
