@@ -28,7 +28,7 @@ from smtp_guard.store.base import GuardInstance
 from smtp_guard.store.sqlite.changes import SQLiteChangeStore
 from smtp_guard.store.sqlite.db import Database
 
-from conftest import make_config
+from conftest import make_config, wait_until
 from smtp_client import dialogue, message, send
 
 SENDER = "news@shop.test"
@@ -127,6 +127,21 @@ async def test_breaker_cancel_then_send_at_once_is_refused(start_guard, sink, tm
     assert "In force on 1 running guard." in result.output
     outcome = await send(guard.smtp_address, SENDER, ["m9@users.example"], notice)
     assert outcome.data == str(replies.STREAM_CANCELLED)
+
+
+async def test_hold_release_and_discard_report_the_running_guard(start_guard, sink, tmp_path):
+    guard = await start_guard(lists={"manual": {"action": "hold"}}, **SLOW_RELOAD)
+    config_file = write_cli_config(tmp_path, guard, '[lists.manual]\naction = "hold"\n')
+    await cli(config_file, "suppress", "add", "a@example.com", "b@example.com", "--list", "manual")
+    outcome = await send(guard.smtp_address, SENDER, ["a@example.com", "b@example.com"], message())
+    assert outcome.data == str(replies.QUEUED_HELD)
+    [held] = await guard.holds.list()
+
+    result = await cli(config_file, "hold", "discard", held.id, "--recipient", "b@example.com", "--yes", "--wait")
+    assert "In force on 1 running guard." in result.output
+    result = await cli(config_file, "hold", "release", held.id, "--wait")
+    assert "In force on 1 running guard." in result.output
+    await wait_until(lambda: sink.delivered_to() == ["a@example.com"], what="the release worker to deliver a only")
 
 
 # --- who confirms, who does not --------------------------------------------------------------------
