@@ -8,12 +8,14 @@ service (uvicorn-style: one config, start-up, time-limited graceful shutdown);
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import ssl
 import time
-from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 from .addresses import AddressNormalizer
 from .admin.http import HTTPListener
@@ -33,15 +35,16 @@ from .logs import configure_logging
 from .metrics import Metrics
 from .periodic import Periodic
 from .policy.default import default_pipeline
+from .readiness import Readiness, probe_store, probe_upstream
 from .relay.base import Upstream
 from .relay.pool import SMTPUpstream
 from .relay.sandbox import SandboxUpstream
-from .services.context import AdminContext
+from .services.context import AdminContext, StoreNotFound
 from .smtp.access import AccessControl
 from .smtp.auth import Authenticator
 from .smtp.handler import GuardHandler
 from .smtp.server import SMTPServer
-from .store.base import AuditRecord, Tombstone
+from .store.base import AuditRecord, StoreError, Tombstone
 from .store.sqlite.audit import SQLiteAuditStore
 from .store.sqlite.breakers import SQLiteBreakerStore
 from .store.sqlite.changes import SQLiteChangeStore
@@ -52,7 +55,12 @@ from .store.sqlite.suppressions import SQLiteSuppressionStore
 
 log = logging.getLogger("smtp_guard")
 
+# Where packages and the image put the guard's config: named in an admin command's error when
+# it ran on the embedded defaults and found no store.
+WELL_KNOWN_CONFIGS = (Path("/etc/smtp-guard/smtp-guard.toml"),)
+
 STATS_INTERVAL = 5.0
+PROBE_INTERVAL = 2.0  # how often readiness checks that the store answers
 LIST_SIZES_INTERVAL = 60.0
 
 
@@ -70,9 +78,21 @@ def pseudonymizing_audit_store(db: Database, normalizer: AddressNormalizer,
     return PseudonymizingAuditStore(SQLiteAuditStore(db), pseudonymizer)
 
 
+async def init_store(config: Config) -> bool:
+    """Create the store and the erasure key where the config says, as the guard's first start
+    would (``smtp-guard init``). Returns False when the store already existed."""
+    existed = Path(config.store.path).is_file()
+    async with Database(config.store.path) as db:
+        await load_tombstones(config, SQLiteErasureStore(db))
+    return not existed
+
+
 @asynccontextmanager
 async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminContext]:
-    """Stores for one admin operation (CLI command or API request)."""
+    """Stores for one admin operation (CLI command or API request), on the store the guard
+    created (StoreNotFound when there is none)."""
+    if not Path(config.store.path).is_file():
+        raise StoreNotFound(config, WELL_KNOWN_CONFIGS)
     async with Database(config.store.path) as db:
         erasure = SQLiteErasureStore(db)
         tombstones = await load_tombstones(config, erasure)
@@ -107,31 +127,74 @@ def build_listener_tls(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+class StartupError(Exception):
+    """The guard cannot start; the message names the setting to fix (one line)."""
+
+
+@contextmanager
+def _setting(name: str, *errors: type[BaseException]) -> Iterator[None]:
+    """Turn a start-up failure into a StartupError that names the setting behind it."""
+    try:
+        yield
+    except StartupError:
+        raise
+    except errors as error:
+        raise StartupError(f"{name}: {_one_line(error)}") from error
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+        return "address already in use; stop the other process or choose another port"
+    if isinstance(error, OSError) and error.errno == errno.EADDRNOTAVAIL:
+        return "no such address on this machine; listen on one of its own addresses"
+    if isinstance(error, OSError) and error.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges; files need the guard's user)"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 class Guard:
-    """The running relay. ``await start()`` binds every listener; ``await stop()`` drains."""
+    """The running relay. ``await start()`` binds every listener; ``await stop()`` drains.
+
+    A start that fails part way stops what it had started (open store, background loops) and
+    raises StartupError naming the setting, so a broken start never leaves a half-alive process.
+    """
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
         self.metrics = Metrics()
+        self.readiness = Readiness()
         self._db = Database(config.store.path)
-        self._loops: list[Periodic] = []
-        self.change_sync: ChangeSync | None = None
-        self._started = False
-        self.ready = False
+        # Everything started is registered here; stop() unwinds it in reverse order.
+        self._running = AsyncExitStack()
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness.is_ready
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._running.aclose()
+            raise
+
+    async def _start(self) -> None:
         config = self.config
-        await self._db.open()
+        run = self._running
+        with _setting(f"[store] path {config.store.path}", StoreError, OSError):
+            await self._db.open()
+        run.push_async_callback(self._db.close)
         self.suppressions = SQLiteSuppressionStore(self._db)
         self.holds = SQLiteHoldStore(self._db)
         self.erasure = SQLiteErasureStore(self._db)
         self.normalizer = AddressNormalizer(config.addresses)
 
         key_file = config.erasure_key_file
-        self.tombstones = await load_tombstones(config, self.erasure)
-        if self.tombstones.broken:
-            raise ErasureKeyError(f"{key_file}: {self.tombstones.broken}; restore the key file from backup")
+        with _setting(f"[erasure] key_file {key_file}", ErasureKeyError, OSError):
+            self.tombstones = await load_tombstones(config, self.erasure)
+            if self.tombstones.broken:
+                raise ErasureKeyError(f"{self.tombstones.broken}; restore the key file from backup")
         self.tombstone_reloader = TombstoneReloader(self.tombstones, self.erasure, lambda: load_key_ring(key_file),
                                                     on_new=self._sweep_after_erasure)
         self.audit_store = pseudonymizing_audit_store(self._db, self.normalizer, self.tombstones)
@@ -140,20 +203,25 @@ class Guard:
         self.reloader = IndexReloader(self.index, self.suppressions, config.list_priority,
                                       config.store.reload_interval, clock=self.clock)
         self.reloader.on_reload = self.metrics.index_reloads.inc
-        await self.reloader.load()
+        with _setting(f"[store] path {config.store.path}", StoreError):
+            await self.reloader.load()
+        self.readiness.set("index", None)
         self.breaker_state = BreakerState(config.breaker)
         # Embedded, per process; a shared implementation (Redis) plugs in here (counters.py).
         self.rate_counters = InMemoryCounters()
         self.pipeline = default_pipeline(config, self.tombstones, self.index, breakers=self.breaker_state,
                                          counters=self.rate_counters, clock=self.clock)
 
-        self.upstream = build_upstream(config)
+        with _setting(f"[store] path {config.store.path} (sandbox Maildir)", OSError):
+            self.upstream = build_upstream(config)
+        run.push_async_callback(self.upstream.close)
         self.audit = AuditLog(self.audit_store, config.audit, on_dropped=self.metrics.audit_dropped.inc)
         self.breakers = SQLiteBreakerStore(self._db)
         self.breaker_sync = BreakerSync(self.breaker_state, self.breakers, self.holds, self.metrics,
                                         self.audit.record, config.store.reload_interval, clock=self.clock,
                                         rate_limit_names=[limit.name for limit in config.rate_limits])
-        await self.breaker_sync.load()
+        with _setting(f"[store] path {config.store.path}", StoreError):
+            await self.breaker_sync.load()
         self.release_worker = ReleaseWorker(self.holds, self.upstream, config.hold,
                                             record=self._record_delivery, clock=self.clock)
         handler = GuardHandler(
@@ -164,37 +232,67 @@ class Guard:
             classifier=MessageClassifier(config.classify, config.streams), strip=config.streams.strip_headers,
         )
         authenticator = Authenticator(config.smtp.auth.users) if config.smtp.auth.users else None
-        self.smtp = SMTPServer(handler, config.smtp, self.metrics, build_listener_tls(config), authenticator)
-        self.http = HTTPListener(self.metrics.registry, is_ready=lambda: self.ready)
+        with _setting("[smtp.tls] cert and key", OSError, ssl.SSLError):
+            tls = build_listener_tls(config)
+        self.smtp = SMTPServer(handler, config.smtp, self.metrics, tls, authenticator)
+        self.http = HTTPListener(self.metrics.registry, self.readiness)
 
+        # Stopped in reverse order: the audit trail is flushed after the last decision.
         self.audit.start()
+        run.push_async_callback(self.audit.stop)
         self.reloader.start()
-        self.release_worker.start()
+        run.push_async_callback(self.reloader.stop)
+        self._start_loop(Periodic(
+            "stats", STATS_INTERVAL, self.update_stats, "could not read hold/suppression statistics",
+            run_first=True))
+        # Counting entries scans the suppression table (seconds at ten million rows, on the
+        # connection the hold queue commits through), so list sizes are read less often.
+        self._start_loop(Periodic("list-sizes", LIST_SIZES_INTERVAL, self.update_list_sizes,
+                                  "could not count list entries", run_first=True))
+        self._start_loop(Periodic("tombstones", config.store.reload_interval, self.tombstone_reloader.refresh,
+                                  "tombstone refresh failed; keeping the current tombstones"))
         self.breaker_sync.start()
-        self._loops = [
-            Periodic("stats", STATS_INTERVAL, self.update_stats, "could not read hold/suppression statistics",
-                     run_first=True),
-            # Counting entries scans the suppression table (seconds at ten million rows, on the
-            # connection the hold queue commits through), so list sizes are read less often.
-            Periodic("list-sizes", LIST_SIZES_INTERVAL, self.update_list_sizes, "could not count list entries",
-                     run_first=True),
-            Periodic("tombstones", config.store.reload_interval, self.tombstone_reloader.refresh,
-                     "tombstone refresh failed; keeping the current tombstones"),
-        ]
-        for loop in self._loops:
-            loop.start()
+        run.push_async_callback(self.breaker_sync.stop)  # persists trips and counts for the next start
+        self.release_worker.start()
+        run.push_async_callback(self.release_worker.stop)
         if config.metrics.listen is not None:
-            await self.http.start(config.metrics.listen.host, config.metrics.listen.port)
-        # Read-your-writes: registered and up to date before the first client connects.
+            with _setting(f"[metrics] listen {config.metrics.listen}", OSError):
+                await self.http.start(config.metrics.listen.host, config.metrics.listen.port)
+            run.push_async_callback(self.http.stop)
+        # Read-your-writes: registered and up to date before the first client connects; removed
+        # after the listener stopped (the exit stack unwinds in reverse order).
         self.change_sync = ChangeSync(SQLiteChangeStore(self._db), [
             self.reloader.refresh, self.tombstone_reloader.refresh, self.breaker_sync.sync,
         ], config.store.change_poll_interval)
+        run.push_async_callback(self.change_sync.stop)
         await self.change_sync.start()
-        await self.smtp.start()
-        self._started = True
-        self.ready = True
+        with _setting(f"[smtp] listen {config.smtp.listen}", OSError):
+            await self.smtp.start()
+        run.push_async_callback(self._stop_smtp)
+        self.readiness.set("listener", None)
+        # Probed once before start() returns (after binding, so that a slow upstream never
+        # delays a start-up error), so /readyz tells the truth from its first answer.
+        await asyncio.gather(self._probe_store(), self._probe_upstream())
+        self._start_loop(Periodic("store-probe", PROBE_INTERVAL, self._probe_store, "store probe failed"))
+        self._start_loop(Periodic("upstream-probe", config.upstream.probe_interval, self._probe_upstream,
+                                  "upstream probe failed"))
         log.info("smtp-guard listening on %s:%d (upstream %r, config %s)", *self.smtp_address,
                  self.upstream, config.source)
+
+    def _start_loop(self, loop: Periodic) -> None:
+        loop.start()
+        self._running.push_async_callback(loop.stop)
+
+    async def _stop_smtp(self) -> None:
+        self.readiness.set("listener", "shutting down")
+        await self.smtp.stop(self.config.smtp.shutdown_grace)
+
+    async def _probe_store(self) -> None:
+        self.readiness.set("store", await probe_store(self.holds.stats))
+
+    async def _probe_upstream(self) -> None:
+        self.readiness.set("upstream", await probe_upstream(self.config.upstream,
+                                                            self.config.store.data_dir / "sandbox"))
 
     async def _sweep_after_erasure(self, tombstones: Sequence[Tombstone]) -> None:
         """Between an erasure's purge and this server learning of it, audit records about the
@@ -221,25 +319,7 @@ class Guard:
     async def stop(self) -> None:
         """Stop accepting, let sessions in flight finish within the grace period, then stop
         the workers and flush the audit trail."""
-        self.ready = False
-        if not self._started:
-            if self.change_sync is not None:  # the start failed after registering
-                await self.change_sync.stop()
-            await self._db.close()
-            return
-        await self.smtp.stop(self.config.smtp.shutdown_grace)
-        if self.change_sync is not None:
-            await self.change_sync.stop()  # admins stop waiting for this process
-        await self.release_worker.stop()
-        await self.breaker_sync.stop()  # persists trips and counts for the next start
-        await self.reloader.stop()
-        for loop in self._loops:
-            await loop.stop()
-        await self.audit.stop()
-        await self.upstream.close()
-        await self.http.stop()
-        await self._db.close()
-        self._started = False
+        await self._running.aclose()
         log.info("smtp-guard stopped")
 
     async def update_stats(self) -> None:

@@ -19,7 +19,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -44,6 +44,13 @@ def _duration(default: float | None, *, never: bool = False) -> Any:
     return field(default=default, metadata={"duration": "never" if never else "positive"})
 
 
+def _path(default: str = "") -> Any:
+    """A file path setting. Relative paths in a config file are relative to that file's
+    directory, never to the directory a command happens to run in (where a CLI command would
+    otherwise open, or create, a different store than the server's)."""
+    return field(default=default, metadata={"path": True})
+
+
 def _at_least(default: int, minimum: int) -> Any:
     """An integer setting whose smallest value is not 0 (e.g. -1 meaning "off": TOML has no null)."""
     return field(default=default, metadata={"minimum": minimum})
@@ -60,8 +67,8 @@ class ListenAddress:
 
 @dataclass(frozen=True)
 class TLSListenConfig:
-    cert: str = ""
-    key: str = ""
+    cert: str = _path()
+    key: str = _path()
     # Refuse MAIL until the client has issued STARTTLS.
     require: bool = False
 
@@ -118,7 +125,7 @@ class UpstreamConfig:
     port: int = 25
     tls: UpstreamTLS = "none"
     tls_verify: bool = True
-    ca_file: str = ""
+    ca_file: str = _path()
     username: str = ""
     password: str = ""
     helo_name: str = ""
@@ -127,6 +134,8 @@ class UpstreamConfig:
     command_timeout: float = _duration(60.0)
     # Upstream connections idle longer than this are closed instead of reused.
     idle_timeout: float = _duration(30.0)
+    # How often /readyz checks that the upstream accepts a connection (connect, greeting, QUIT).
+    probe_interval: float = _duration(10.0)
 
 
 @dataclass(frozen=True)
@@ -135,11 +144,26 @@ class AccessConfig:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
+    # Networks wider than /8 (IPv4) or /16 (IPv6) make the guard an open relay for much of
+    # the internet and are refused unless this is true.
+    allow_open_relay: bool = False
+
+    def open_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The allowed networks wide enough to count as "the world"."""
+        return [n for n in self.allow_networks if n.prefixlen < (8 if n.version == 4 else 16)]
+
+
+def default_store_path(environ: Mapping[str, str]) -> str:
+    """Where the store lives when no setting names it: the user's data directory (XDG), the
+    same for the server and every admin command wherever they are started."""
+    base = environ.get("XDG_DATA_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "share")
+    return str(Path(base) / "smtp-guard" / "guard.sqlite3")
 
 
 @dataclass(frozen=True)
 class StoreConfig:
-    path: str = "smtp-guard-data/guard.sqlite3"
+    # "": default_store_path() (~/.local/share/smtp-guard/guard.sqlite3).
+    path: str = _path()
     # How often the running server looks for changes made by the CLI or API.
     reload_interval: float = _duration(1.0)
     # How often each guard process reads the change generation: an admin change is in force on
@@ -213,7 +237,7 @@ ErasureAction = Literal["reject", "drop"]
 class ErasureConfig:
     # The secret that turns addresses into tombstones; "" means <data dir>/erasure.key.
     # Back it up: without it, tombstones cannot be matched and the guard refuses to start.
-    key_file: str = ""
+    key_file: str = _path()
     # "reject": 550 5.7.1 so the platform learns it still holds the address; "drop": accept silently.
     action: ErasureAction = "reject"
 
@@ -364,6 +388,7 @@ class Config:
 
     @property
     def erasure_key_file(self) -> Path:
+        # Empty: beside the store, so that one directory holds (and backs up) the guard's state.
         return Path(self.erasure.key_file) if self.erasure.key_file else self.store.data_dir / "erasure.key"
 
 
@@ -496,9 +521,11 @@ def _build_section(cls: type, table: Mapping[str, Any], where: str) -> Any:
 def _build_access(table: Mapping[str, Any], where: str) -> AccessConfig:
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: expected a table, got {table!r}")
-    _check_keys(table, {"allow_networks"}, where)
+    _check_keys(table, {"allow_networks", "allow_open_relay"}, where)
+    allow_open_relay = _coerce(_resolve_env(table.get("allow_open_relay", False), False), False, "bool",
+                               f"{where}.allow_open_relay")
     if "allow_networks" not in table:
-        return AccessConfig()
+        return AccessConfig(allow_open_relay=allow_open_relay)
     raw = _resolve_env(table["allow_networks"], [])
     if not isinstance(raw, list):
         raise ConfigError(f"{where}.allow_networks: expected a list like [\"127.0.0.0/8\"]")
@@ -510,7 +537,7 @@ def _build_access(table: Mapping[str, Any], where: str) -> AccessConfig:
             raise ConfigError(
                 f"{where}.allow_networks: {item!r} is not a network; write e.g. \"10.0.0.0/8\" or \"192.0.2.7/32\""
             ) from None
-    return AccessConfig(allow_networks=tuple(networks))
+    return AccessConfig(allow_networks=tuple(networks), allow_open_relay=allow_open_relay)
 
 
 def _build_lists(table: Mapping[str, Any], where: str) -> dict[str, ListConfig]:
@@ -678,8 +705,12 @@ def _build_rate_limits(raw_rules: Any, where: str) -> tuple[RateLimitRule, ...]:
     return tuple(rules)
 
 
-def build_config(data: Mapping[str, Any], source: str) -> Config:
-    """Validate a parsed TOML document (plus env overrides already merged) into a Config."""
+def build_config(data: Mapping[str, Any], source: str, *, base_dir: Path | None = None,
+                 environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document (plus env overrides already merged) into a Config.
+
+    Relative paths are resolved against ``base_dir`` (the config file's directory); an empty
+    ``[store] path`` becomes the user's data directory."""
     where = source
     _check_keys(data, set(_SECTIONS) | {"access", "lists", "classify", "classes", "rate_limits"}, where)
     kwargs: dict[str, Any] = {"source": source}
@@ -696,9 +727,28 @@ def build_config(data: Mapping[str, Any], source: str) -> Config:
         kwargs["classes"] = _build_classes(data["classes"], f"{where}: [classes]")
     if "rate_limits" in data:
         kwargs["rate_limits"] = _build_rate_limits(data["rate_limits"], f"{where}: [[rate_limits]]")
-    config = Config(**kwargs)
+    config: Config = _resolve_paths(Config(**kwargs), base_dir)
+    if not config.store.path:
+        store = replace(config.store, path=default_store_path(os.environ if environ is None else environ))
+        config = replace(config, store=store)
     _validate(config, where)
     return config
+
+
+def _resolve_paths(section: Any, base_dir: Path | None) -> Any:
+    """Every path setting (declared with ``_path``) made absolute against ``base_dir``."""
+    if base_dir is None or not is_dataclass(section) or isinstance(section, type):
+        return section
+    changes: dict[str, Any] = {}
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("path") and value and not Path(value).is_absolute():
+            changes[f.name] = str(base_dir / value)
+        elif is_dataclass(value):
+            resolved = _resolve_paths(value, base_dir)
+            if resolved is not value:
+                changes[f.name] = resolved
+    return replace(section, **changes) if changes else section
 
 
 def _validate(config: Config, where: str) -> None:
@@ -707,6 +757,20 @@ def _validate(config: Config, where: str) -> None:
         raise ConfigError(
             f"{where}: [upstream] mode = \"smtp\" needs host = \"mx.example.net\" "
             "(or set mode = \"sandbox\" to capture mail locally)"
+        )
+    if up.mode == "sandbox" and up.host:
+        # An operator who names an upstream means to relay to it: answering 250 while
+        # capturing everything locally would be a silent outage.
+        raise ConfigError(
+            f"{where}: [upstream] host = {up.host!r} is set but mode is \"sandbox\", so mail would be "
+            "captured locally and never delivered; add mode = \"smtp\" to relay to it, or remove host"
+        )
+    wide = config.access.open_networks()
+    if wide and not config.access.allow_open_relay:
+        raise ConfigError(
+            f"{where}: [access] allow_networks {', '.join(map(str, wide))} opens the relay to much of the "
+            "internet; list the sending platform's networks instead (e.g. \"10.1.2.0/24\"), or set "
+            "allow_open_relay = true if that is really meant"
         )
     if bool(up.username) != bool(up.password):
         raise ConfigError(f"{where}: [upstream] username and password must be set together")
@@ -752,8 +816,17 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
             with open(path, "rb") as handle:
                 data = tomllib.load(handle)
         except FileNotFoundError:
-            raise ConfigError(f"{source}: no such file; copy config/smtp-guard.toml as a start") from None
+            raise ConfigError(f"{source}: no such file; `smtp-guard config example > {source}` writes a "
+                              "commented one to start from") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{source}: is a directory; --config takes the TOML file") from None
+        except PermissionError:
+            raise ConfigError(f"{source}: permission denied; run as the guard's user or fix the file's "
+                              "permissions") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{source}: not valid TOML: {error}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
     _apply_env(data, environ)
-    return build_config(data, source)
+    base_dir = None if path is None else Path(path).absolute().parent
+    return build_config(data, source, base_dir=base_dir, environ=environ)

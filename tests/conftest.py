@@ -83,7 +83,10 @@ def make_config(tmp_path: Path, upstream_port: int, **overrides: Any) -> Config:
         "audit": {"flush_interval": 0.1},
         "upstream": {"mode": "smtp", "host": "127.0.0.1", "port": upstream_port},
     }
-    return build_config(_merge(data, overrides), "test")
+    merged = _merge(data, overrides)
+    if merged["upstream"].get("mode") == "sandbox":  # a host beside the sandbox is refused
+        merged["upstream"] = {k: v for k, v in merged["upstream"].items() if k not in ("host", "port")}
+    return build_config(merged, "test")
 
 
 def free_port() -> int:
@@ -313,3 +316,13 @@ async def postfix_sink(tmp_path: Path) -> AsyncIterator[PostfixSink]:
         if os.geteuid() == 0:
             shutil.rmtree(dump_dir, ignore_errors=True)
 
+
+def create_store(config_file: Path) -> None:
+    """Create the store a config names, as the guard's first start would (``smtp-guard init``):
+    admin commands never create one."""
+    from click.testing import CliRunner
+
+    from smtp_guard.cli.main import main
+
+    result = CliRunner().invoke(main, ["init", "--config", str(config_file)], env={"SMTP_GUARD_CONFIG": None})
+    assert result.exit_code == 0, result.output

@@ -107,6 +107,9 @@ class Sink:
         # What the sink saw.
         self.messages: list[Delivered] = []
         self.connections = 0
+        # Connections that said EHLO/HELO: the guard's relay sessions (its readiness probes only
+        # connect, read the greeting and QUIT).
+        self.smtp_sessions = 0
         self.transactions_started = 0  # MAIL commands accepted
         self.rsets = 0
         self.failed_logins = 0  # (not auth_*: aiosmtpd treats handler auth_* names as mechanisms)
@@ -128,8 +131,12 @@ class Sink:
     # --- life cycle --------------------------------------------------------------------------
 
     async def start(self) -> Sink:
+        return await self.start_on(0)
+
+    async def start_on(self, port: int) -> Sink:
+        """Listen on ``port`` (0: any free one); a stopped sink can come back on its old port."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_session, self.host, 0,
+        self._server = await loop.create_server(self._new_session, self.host, port, reuse_address=True,
                                                 ssl=self.tls_context if self.implicit_tls else None)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -191,6 +198,9 @@ class Sink:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
+        if not getattr(server, "greeted", False):  # once per connection, not again after STARTTLS
+            server.greeted = True  # type: ignore[attr-defined]
+            self.smtp_sessions += 1
         if self.auth is None:  # do not advertise AUTH the sink would refuse anyway
             responses = [line for line in responses if not line.startswith("250-AUTH")]
         return responses

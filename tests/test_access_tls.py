@@ -55,7 +55,7 @@ async def test_mail_without_auth_is_refused(start_guard, sink, tls):
     guard = await start_guard(**listener(tls))
     outcome = await send(guard.smtp_address, SENDER, ["a@example.com"], message())
     assert outcome.mail == str(replies.AUTH_REQUIRED)
-    assert sink.connections == 0
+    assert sink.smtp_sessions == 0
 
 
 async def test_auth_only_after_starttls_then_relayed(start_guard, sink, tls):
@@ -94,7 +94,7 @@ async def test_wrong_password_is_535_and_still_no_relay(start_guard, sink, tls):
     finally:
         await close(client)
     assert outcome.mail == str(replies.AUTH_REQUIRED)
-    assert sink.connections == 0
+    assert sink.smtp_sessions == 0
 
 
 async def test_plaintext_auth_on_loopback_when_allowed(start_guard, sink, tls):

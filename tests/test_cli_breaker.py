@@ -22,6 +22,8 @@ from smtp_guard.store.sqlite.breakers import SQLiteBreakerStore
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 
+from conftest import create_store
+
 T = TypeVar("T")
 SENDER = "notices@platform.test"
 STREAM = "news@platform.test|policy violation: earnings forfeited"
@@ -36,6 +38,7 @@ class Store:
         self.db_path = tmp_path / "data" / "guard.sqlite3"
         self.config = tmp_path / "smtp-guard.toml"
         self.config.write_text(f'[store]\npath = "{self.db_path}"\n')
+        create_store(self.config)
 
     def run(self, action: Callable[[Database], Awaitable[T]]) -> T:
         async def go() -> T:

@@ -25,6 +25,8 @@ from smtp_guard.store.base import AuditFilter, AuditRecord, HeldMessage, HeldRec
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 
+from conftest import create_store
+
 GROUPS: dict[str, click.Group] = {"hold": hold, "audit": audit}
 CONTENT = (b"From: Shop <news@shop.test>\r\nTo: undisclosed-recipients:;\r\n"
            b"Subject: =?utf-8?q?Verst=C3=B6=C3=9Fe?= and account notice\r\n\r\nBody line\r\n")
@@ -41,6 +43,7 @@ class Guard:
         self.db_path = tmp_path / "data" / "guard.sqlite3"
         self.config = tmp_path / "smtp-guard.toml"
         self.config.write_text(f'[store]\npath = "{self.db_path}"\n')
+        create_store(self.config)
         self.runner = CliRunner()
 
     def cli(self, group: str, *args: str, input: str | None = None) -> Result:

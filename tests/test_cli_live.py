@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from smtp_guard import replies
-from smtp_guard.app import Guard
+from smtp_guard.app import Guard, StartupError
 from smtp_guard.change_sync import ChangeSync
 from smtp_guard.cli.common import NOT_CONFIRMED
 from smtp_guard.cli.main import main
@@ -149,6 +149,7 @@ async def test_hold_release_and_discard_report_the_running_guard(start_guard, si
 async def test_no_running_guard_is_said_and_fails_with_wait(tmp_path):
     config_file = tmp_path / "smtp-guard.toml"
     config_file.write_text(f'[store]\npath = "{tmp_path / "data" / "guard.sqlite3"}"\n')
+    await cli(config_file, "init")  # the store a guard would have created, no guard running
     result = await cli(config_file, "suppress", "add", "x@example.com", "--list", "manual")
     assert "No running guard uses this store" in result.output
     assert "the change applies when one starts" in result.output
@@ -272,9 +273,8 @@ async def test_failed_start_leaves_no_guard_row(sink, tmp_path, store):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         host, port = taken.getsockname()
-        # (no metrics listener: stopping what a failed start had opened is not this test's concern)
-        guard = Guard(make_config(tmp_path, sink.port, smtp={"listen": f"{host}:{port}"}, metrics={"listen": ""}))
-        with pytest.raises(OSError):
+        guard = Guard(make_config(tmp_path, sink.port, smtp={"listen": f"{host}:{port}"}))
+        with pytest.raises(StartupError):
             await guard.start()  # registered, then the SMTP listener cannot bind
     await guard.stop()
     assert await store.instances() == []

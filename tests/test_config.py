@@ -18,6 +18,7 @@ from smtp_guard.config import (
     ConfigError,
     ListConfig,
     ListenAddress,
+    StoreConfig,
     build_config,
     load_config,
 )
@@ -42,8 +43,9 @@ def config_error(data: dict[str, Any]) -> str:
 # --- defaults -----------------------------------------------------------------------------------
 
 def test_embedded_defaults_are_loopback_and_sandbox() -> None:
-    config = load_config(None, environ={})
-    assert config == Config() and config.source == "<embedded defaults>"
+    config = load_config(None, environ={"HOME": "/home/ops"})
+    assert config == dataclasses.replace(Config(), store=StoreConfig(path="/home/ops/.local/share/smtp-guard/guard.sqlite3"))
+    assert config.source == "<embedded defaults>"
     assert config.smtp.listen == ListenAddress("127.0.0.1", 2525)
     assert config.metrics.listen == ListenAddress("127.0.0.1", 9425)
     assert config.admin.listen is None
@@ -78,8 +80,14 @@ def test_unknown_key_names_file_and_key(tmp_path: Path, text: str, key: str) -> 
 
 
 def test_missing_file_and_bad_toml_are_explained(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no such file; copy config/smtp-guard.toml"):
+    with pytest.raises(ConfigError, match=r"no such file; `smtp-guard config example > .*missing.toml` writes"):
         load_config(tmp_path / "missing.toml", environ={})
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path, environ={})
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'[smtp]\nhostname = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad, environ={})
     with pytest.raises(ConfigError, match="guard.toml: not valid TOML"):
         load_config(write(tmp_path, "[smtp\n"), environ={})
 
@@ -238,6 +246,7 @@ def test_example_config_loads_and_equals_the_defaults_it_documents() -> None:
     config = load_config(EXAMPLE, environ={})
     assert config.source == str(EXAMPLE)
     assert dataclasses.replace(config, source=Config().source) == load_config(None, environ={})
+    assert config.store.path == load_config(None, environ={}).store.path  # "" -> the user's data dir
 
 
 def test_example_config_shows_every_setting() -> None:
@@ -274,3 +283,65 @@ def test_docker_config_listens_on_all_interfaces_and_stores_under_var_lib() -> N
     assert config.metrics.listen == ListenAddress("0.0.0.0", 9425)
     assert config.store.path == "/var/lib/smtp-guard/guard.sqlite3"
     assert not any(network.prefixlen == 0 for network in config.access.allow_networks), "never an open relay"
+
+
+# --- one store, one truth -------------------------------------------------------------------------
+
+def test_relative_paths_are_relative_to_the_config_file_not_the_working_directory(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    etc = tmp_path / "etc" / "smtp-guard"
+    etc.mkdir(parents=True)
+    (etc / "cert.pem").write_text("x")
+    (etc / "key.pem").write_text("x")
+    config_file = etc / "guard.toml"
+    config_file.write_text('[store]\npath = "data/guard.sqlite3"\n[erasure]\nkey_file = "keys/erasure.key"\n'
+                           '[smtp.tls]\ncert = "cert.pem"\nkey = "key.pem"\n[upstream]\nca_file = "/abs/ca.pem"\n')
+    monkeypatch.chdir(tmp_path)  # anywhere else: the answer must not change
+    config = load_config(config_file, environ={})
+    assert config.store.path == str(etc / "data" / "guard.sqlite3")
+    assert config.erasure_key_file == etc / "keys" / "erasure.key"
+    assert config.smtp.tls.cert == str(etc / "cert.pem") and config.smtp.tls.key == str(etc / "key.pem")
+    assert config.upstream.ca_file == "/abs/ca.pem"
+    monkeypatch.chdir(etc)
+    assert load_config("guard.toml", environ={}).store.path == config.store.path
+
+
+def test_default_store_is_the_users_data_directory_wherever_the_command_runs(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, environ={"HOME": "/home/ops"}).store.path == "/home/ops/.local/share/smtp-guard/guard.sqlite3"
+    assert load_config(None, environ={"XDG_DATA_HOME": "/srv/xdg"}).store.path == "/srv/xdg/smtp-guard/guard.sqlite3"
+    assert load_config(None, environ={"HOME": "/h"}).erasure_key_file == Path("/h/.local/share/smtp-guard/erasure.key")
+
+
+# --- dangerous settings are refused ---------------------------------------------------------------
+
+def test_upstream_host_without_smtp_mode_is_refused() -> None:
+    message = config_error({"upstream": {"host": "mx.internal.example"}})
+    assert "[upstream] host = 'mx.internal.example' is set but mode is \"sandbox\"" in message
+    assert "mode = \"smtp\"" in message
+    assert build_config({"upstream": {"host": "mx.internal.example", "mode": "smtp"}}, "t").upstream.mode == "smtp"
+
+
+@pytest.mark.parametrize("network", ["0.0.0.0/0", "::/0", "0.0.0.0/1", "10.0.0.0/7"])
+def test_an_allow_list_open_to_the_world_is_refused_unless_overridden(network: str) -> None:
+    message = config_error({"access": {"allow_networks": [network]}})
+    assert "opens the relay to much of the internet" in message and "allow_open_relay = true" in message
+    config = build_config({"access": {"allow_networks": [network], "allow_open_relay": True}}, "t")
+    assert config.access.allow_open_relay
+
+
+def test_private_networks_are_fine() -> None:
+    config = build_config({"access": {"allow_networks": ["10.0.0.0/8", "192.168.0.0/16", "fd00::/16"]}}, "t")
+    assert len(config.access.allow_networks) == 3
+
+
+def test_every_time_setting_accepts_a_duration() -> None:
+    config = build_config({"smtp": {"idle_timeout": "5m", "data_timeout": "90s", "session_timeout": "2h",
+                                    "shutdown_grace": "1m"},
+                           "upstream": {"connect_timeout": "15s", "command_timeout": "2m", "idle_timeout": "20s"},
+                           "store": {"reload_interval": "1s"},
+                           "hold": {"poll_interval": "2s"}, "audit": {"flush_interval": "3s"}}, "t")
+    assert (config.smtp.idle_timeout, config.smtp.data_timeout, config.smtp.session_timeout) == (300, 90, 7200)
+    assert (config.upstream.connect_timeout, config.upstream.command_timeout) == (15, 120)
+    assert config.hold.poll_interval == 2 and config.audit.flush_interval == 3 and config.smtp.shutdown_grace == 60

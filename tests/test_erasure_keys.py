@@ -16,8 +16,8 @@ from typing import Callable
 import pytest
 
 from smtp_guard import replies
-from smtp_guard.app import Guard
-from smtp_guard.erasure.keys import ErasureKeyError, create_key_ring
+from smtp_guard.app import Guard, StartupError
+from smtp_guard.erasure.keys import create_key_ring
 
 from conftest import wait_until
 from erasure_support import SENDER, accepts, cli, cli_config_for, cli_json, mail, refuses, write_cli_config
@@ -82,9 +82,9 @@ async def test_broken_key_file_stops_start_up_and_every_admin_command(start_guar
 
     restarted = Guard(guard.config)
     try:
-        with pytest.raises(ErasureKeyError, match=re.escape(str(key_file))) as raised:
+        with pytest.raises(StartupError, match=re.escape(f"[erasure] key_file {key_file}: ")) as raised:
             await restarted.start()
-        assert message in str(raised.value)
+        assert message in str(raised.value) and "\n" not in str(raised.value)
         assert not restarted.ready
     finally:
         await restarted.stop()

@@ -78,7 +78,7 @@ async def test_only_held_recipients_answers_queued_held(start_guard, sink):
     outcome = await send(guard.smtp_address, SENDER, ["held@example.com"], message())
     assert outcome.data == str(replies.QUEUED_HELD)
     assert sink.messages == []
-    assert sink.connections == 0  # nothing to relay: the upstream is not even contacted
+    assert sink.smtp_sessions == 0  # nothing to relay: the upstream is not even contacted
     assert [states(m) for m in await guard.holds.list()] == [{"held@example.com": "held"}]
 
 

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 
 import pytest
 
-from smtp_guard.app import open_admin_context
+from smtp_guard.app import init_store, open_admin_context
 from smtp_guard.config import Config, StoreConfig
 from smtp_guard.services import importers
 from smtp_guard.services import suppressions as service
@@ -27,6 +27,7 @@ DAY = 86400.0
 async def admin(tmp_path: Path, now: float = NOW) -> AsyncIterator[AdminContext]:
     """An AdminContext over a real SQLite file in tmp_path, with a fixed clock."""
     config = Config(store=StoreConfig(path=str(tmp_path / "guard.sqlite3")))
+    await init_store(config)
     async with open_admin_context(config, actor="test:importer") as context:
         yield replace(context, clock=lambda: now)
 

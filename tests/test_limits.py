@@ -83,7 +83,7 @@ async def test_line_too_long_in_data_then_next_transaction_works(start_guard, si
         assert (await read_reply(reader)).startswith("250")
         await command(reader, writer, b"QUIT")
     assert sink.delivered_to() == ["b@example.com"]
-    assert sink.connections == 1
+    assert sink.smtp_sessions == 1
 
 
 async def test_size_parameter_above_limit_is_552(start_guard, sink):
@@ -94,7 +94,7 @@ async def test_size_parameter_above_limit_is_552(start_guard, sink):
     ])
     assert answers[1] == str(replies.MESSAGE_TOO_BIG)
     assert answers[2] == str(replies.SENDER_OK)
-    assert sink.connections == 0
+    assert sink.smtp_sessions == 0
 
 
 async def test_nul_byte_in_data_is_refused(start_guard, sink):
@@ -121,4 +121,4 @@ async def test_upstream_pool_bound_queues_concurrent_transactions(start_guard, s
     assert first.data is not None and first.data.startswith("250")
     assert second.data is not None and second.data.startswith("250")
     assert sorted(sink.delivered_to()) == ["a@example.com", "b@example.com"]
-    assert sink.connections == 1
+    assert sink.smtp_sessions == 1

@@ -110,10 +110,13 @@ async def test_metrics_after_real_transactions(start_guard, sink):
     assert all(name.startswith("smtp_guard_") for name, _ in samples)
 
 
+READY = "ready\nindex: ok\nlistener: ok\nstore: ok\nupstream: ok\n"
+
+
 async def test_health_and_readiness_through_shutdown(start_guard, sink):
     guard = await start_guard(smtp={"shutdown_grace": 10.0})
     assert await get(guard, "/healthz") == (200, "ok\n")
-    assert await get(guard, "/readyz") == (200, "ready\n")
+    assert await get(guard, "/readyz") == (200, READY)
 
     # A transaction in flight keeps the shutdown going, so readiness can be seen to drop.
     host, port = guard.smtp_address

@@ -17,7 +17,7 @@ T0 = 1_700_000_000.0
 
 
 def rules(*raw: dict[str, Any]) -> tuple[RateLimitRule, ...]:
-    return build_config({"upstream": {"host": "mx.test"}, "rate_limits": list(raw)}, "test").rate_limits
+    return build_config({"rate_limits": list(raw)}, "test").rate_limits
 
 
 def rcpt(address: str, sender: str = "news@shop.test", client_ip: str = "192.0.2.1",

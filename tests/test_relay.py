@@ -150,7 +150,7 @@ async def test_upstream_sessions_are_reused(start_guard, sink):
         outcome = await send(guard.smtp_address, SENDER, [f"r{n}@example.com"], message())
         assert outcome.data is not None and outcome.data.startswith("250")
     assert len(sink.messages) == 3
-    assert sink.connections == 1
+    assert sink.smtp_sessions == 1
 
 
 async def test_oversize_message_552(start_guard, sink):

@@ -5,16 +5,16 @@ Kept off the SMTP port so a scrape or a load balancer's probe never competes wit
 
 from __future__ import annotations
 
-from typing import Callable
-
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ..readiness import Readiness
+
 
 class HTTPListener:
-    def __init__(self, registry: CollectorRegistry, is_ready: Callable[[], bool]) -> None:
+    def __init__(self, registry: CollectorRegistry, readiness: Readiness) -> None:
         self._registry = registry
-        self._is_ready = is_ready
+        self._readiness = readiness
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         app = web.Application()
@@ -32,10 +32,11 @@ class HTTPListener:
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        # Readiness: store open, index loaded, SMTP listening, not shutting down.
-        if self._is_ready():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+        # Readiness: index loaded, SMTP listening (not shutting down), the store answers and the
+        # upstream accepted its last probe. One line per check says what to fix.
+        ready = self._readiness.is_ready
+        lines = ["ready" if ready else "not ready", *map(str, self._readiness.checks())]
+        return web.Response(status=200 if ready else 503, text="\n".join(lines) + "\n")
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)

@@ -14,7 +14,7 @@ import click
 from ..config import Config, ConfigError, load_config
 from ..erasure.keys import ErasureKeyError
 from ..services import propagation
-from ..services.context import AdminContext
+from ..services.context import AdminContext, StoreNotFound
 from ..store.base import StoreError
 
 T = TypeVar("T")
@@ -25,7 +25,8 @@ NOT_CONFIRMED = 3
 
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="SMTP_GUARD_CONFIG",
-    show_envvar=True, help="Config file (TOML). Default: embedded defaults, store in ./smtp-guard-data/.",
+    show_envvar=True,
+    help="The guard's config file (TOML). Default: embedded defaults, store in ~/.local/share/smtp-guard/.",
 )
 
 
@@ -46,6 +47,8 @@ def run(coroutine: Awaitable[T]) -> T:
         ) from None
     except ErasureKeyError as error:
         raise click.ClickException(f"erasure key problem: {error}") from None
+    except StoreNotFound as error:
+        raise click.ClickException(str(error)) from None
 
 
 @asynccontextmanager

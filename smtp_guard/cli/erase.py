@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import click
 
+from ..addresses import AddressNormalizer
 from ..config import Config
 from ..services import erasure as service
 from ..services.audit import BadTime, format_time, parse_time
@@ -258,17 +259,12 @@ def token_command(config: Config, addresses: Sequence[str]) -> None:
     Example:
       smtp-guard erase token Jane.Doe+news@Example.com
     """
-    pairs = run(_tokens(config, addresses))
+    try:
+        pairs = service.tokens(AddressNormalizer(config.addresses), addresses)
+    except service.ErasureInputError as error:
+        raise click.UsageError(str(error)) from None
     for address, token in pairs:
         click.echo(f"{token}  {address}")
-
-
-async def _tokens(config: Config, addresses: Sequence[str]) -> list[tuple[str, str]]:
-    async with admin_context(config) as ctx:
-        try:
-            return service.tokens(ctx, addresses)
-        except service.ErasureInputError as error:
-            raise click.UsageError(str(error)) from None
 
 
 @erase.command("rotate-key")

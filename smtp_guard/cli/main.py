@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from .common import with_config
+from .common import run, with_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -35,14 +35,33 @@ def serve(config) -> None:  # type: ignore[no-untyped-def]
     Stops gracefully on SIGTERM or Ctrl-C: stops accepting, lets sessions in flight finish
     (up to [smtp] shutdown_grace seconds), and never acknowledges a half-relayed message.
     """
-    from ..app import serve_forever
-    from ..erasure.keys import ErasureKeyError
-    from ..store.base import StoreError
+    from ..app import StartupError, serve_forever
 
     try:
         serve_forever(config)
-    except (StoreError, ErasureKeyError, OSError) as error:
+    except StartupError as error:
         raise click.ClickException(f"cannot start: {error}") from None
+
+
+@main.command()
+@with_config
+def init(config) -> None:  # type: ignore[no-untyped-def]
+    """Create the store and erasure key the guard will use, without starting it.
+
+    The guard creates them at its first start; admin commands never do (a second, empty store
+    would take changes no running guard enforces). Run this to import lists before the first
+    start. Safe to repeat: an existing store is left as it is.
+
+    \b
+    Example:
+      smtp-guard init --config /etc/smtp-guard/smtp-guard.toml
+      smtp-guard suppress import unsubscribes.csv --list unsubscribed --config /etc/smtp-guard/smtp-guard.toml
+    """
+    from ..app import init_store
+
+    created = run(init_store(config))
+    state = "Created" if created else "Store already exists:"
+    click.echo(f"{state} {config.store.path} (erasure key {config.erasure_key_file}; back both up).")
 
 
 @main.command("hash-password")

@@ -35,7 +35,7 @@ class _Session:
     transactions: int = 0
 
 
-def _tls_context(config: UpstreamConfig) -> ssl.SSLContext:
+def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=config.ca_file or None)
     if not config.tls_verify:
         context.check_hostname = False
@@ -58,7 +58,7 @@ class SMTPUpstream:
         self._idle: list[_Session] = []
         self._slots = asyncio.Semaphore(config.max_connections)
         self._in_use = 0
-        self._tls = _tls_context(config) if config.tls != "none" else None
+        self._tls = tls_context(config) if config.tls != "none" else None
         self.connects = 0
 
     def __repr__(self) -> str:

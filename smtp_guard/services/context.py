@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 from ..addresses import AddressNormalizer
 from ..config import Config
@@ -29,3 +30,18 @@ class AdminContext:
     # Change generation and running guards: services.propagation.in_force after a change.
     changes: ChangeStore
     clock: Callable[[], float] = field(default=time.time)
+
+
+class StoreNotFound(Exception):
+    """An admin command was pointed at a store that does not exist. It never creates one: a
+    second, empty store would take changes that no running guard enforces."""
+
+    def __init__(self, config: Config, well_known_configs: Sequence[Path] = ()) -> None:
+        path = config.store.path
+        hints = [f"--config {known}" for known in well_known_configs
+                 if known.is_file() and config.source == "<embedded defaults>"]
+        hint = f" (did you mean {' or '.join(hints)}?)" if hints else ""
+        super().__init__(
+            f"no store at {path} ([store] path from {config.source}){hint}. Admin commands never create "
+            "one: point this command at the guard's own config (--config FILE or SMTP_GUARD_CONFIG), "
+            "or start the guard once with that config (smtp-guard serve --config FILE) to create it.")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ..addresses import InvalidAddress, key_hash, parse_mailbox
+from ..addresses import AddressNormalizer, InvalidAddress, key_hash, parse_mailbox
 from ..erasure.index import TombstoneIndex
 from ..erasure.keys import address_token, erasure_token, is_token, rotate
 from ..erasure.scan import Finding, address_pattern, scan_directory
@@ -39,11 +39,16 @@ class ErasureTarget:
 
 
 def target_from_text(ctx: AdminContext, text: str) -> ErasureTarget:
+    return target_of(ctx.normalizer, text)
+
+
+def target_of(normalizer: AddressNormalizer, text: str) -> ErasureTarget:
+    """An address or a 64-hex token, as the erasure target it names."""
     value = text.strip()
     if is_token(value):
         return ErasureTarget(token=value.lower())
     try:
-        normalized = ctx.normalizer.key(value)
+        normalized = normalizer.key(value)
     except InvalidAddress as error:
         raise ErasureInputError(f"{value!r} is neither an address nor a 64-hex erasure token: {error}") from None
     return ErasureTarget(token=erasure_token(normalized), address=value, normalized=normalized)
@@ -203,6 +208,7 @@ async def rotate_key(ctx: AdminContext) -> str:
     return ring.primary.id
 
 
-def tokens(ctx: AdminContext, addresses: Iterable[str]) -> list[tuple[str, str]]:
-    """(address, token) pairs, for a privacy team that wants to send tokens instead."""
-    return [(address, target_from_text(ctx, address).token) for address in addresses]
+def tokens(normalizer: AddressNormalizer, addresses: Iterable[str]) -> list[tuple[str, str]]:
+    """(address, token) pairs, for a privacy team that wants to send tokens instead. Needs no
+    store and no key: the token is the same everywhere."""
+    return [(address, target_of(normalizer, address).token) for address in addresses]
