@@ -22,6 +22,7 @@ from .admin.http import HTTPListener
 from .audit import AuditLog
 from .breaker_state import BreakerState
 from .breaker_sync import BreakerSync
+from .change_sync import ChangeSync
 from .classify import MessageClassifier
 from .config import Config
 from .counters import InMemoryCounters
@@ -46,6 +47,7 @@ from .smtp.server import SMTPServer
 from .store.base import AuditRecord, StoreError, Tombstone
 from .store.sqlite.audit import SQLiteAuditStore
 from .store.sqlite.breakers import SQLiteBreakerStore
+from .store.sqlite.changes import SQLiteChangeStore
 from .store.sqlite.db import Database
 from .store.sqlite.erasure import SQLiteErasureStore
 from .store.sqlite.holds import SQLiteHoldStore
@@ -106,6 +108,7 @@ async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminC
             tombstones=tombstones,
             normalizer=normalizer,
             actor=actor,
+            changes=SQLiteChangeStore(db),
         )
 
 
@@ -260,6 +263,13 @@ class Guard:
             with _setting(f"[metrics] listen {config.metrics.listen}", OSError):
                 await self.http.start(config.metrics.listen.host, config.metrics.listen.port)
             run.push_async_callback(self.http.stop)
+        # Read-your-writes: registered and up to date before the first client connects; removed
+        # after the listener stopped (the exit stack unwinds in reverse order).
+        self.change_sync = ChangeSync(SQLiteChangeStore(self._db), [
+            self.reloader.refresh, self.tombstone_reloader.refresh, self.breaker_sync.sync,
+        ], config.store.change_poll_interval)
+        run.push_async_callback(self.change_sync.stop)
+        await self.change_sync.start()
         with _setting(f"[smtp] listen {config.smtp.listen}", OSError):
             await self.smtp.start()
         run.push_async_callback(self._stop_smtp)

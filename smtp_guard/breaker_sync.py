@@ -1,6 +1,7 @@
 """Keeps the in-memory breaker state and the store in step, off the hot path.
 
-Every ``[store] reload_interval`` (and once more at shutdown) it:
+Every ``[store] reload_interval``, at once when an admin change moves the store's change
+generation (``change_sync.py``), and once more at shutdown, it:
 
 1. writes new trips, re-trips and audience sizes to ``breakers``;
 2. reads admin decisions (approve with a ceiling, cancel) made since the last one it saw and

@@ -166,6 +166,11 @@ class StoreConfig:
     path: str = _path()
     # How often the running server looks for changes made by the CLI or API.
     reload_interval: float = _duration(1.0)
+    # How often each guard process reads the change generation: an admin change is in force on
+    # a guard at most this long (plus its refresh) after the command committed it.
+    change_poll_interval: float = _duration(0.1)
+    # How long an admin command waits for every running guard to confirm its change.
+    confirm_timeout: float = _duration(5.0)
 
     @property
     def data_dir(self) -> Path:

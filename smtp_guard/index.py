@@ -5,14 +5,16 @@ address, so ten million addresses cost about 90 MB, and the arrays are flat buff
 later version can place in shared memory for several worker processes. Lookups are a binary
 search — no disk or network I/O on the hot path.
 
-Changes made by the CLI or API reach a running server through the store's change log: the
-reload loop (``IndexReloader``) applies them to a copy-on-write overlay dict and swaps the
-reference, so a lookup never sees a half-applied update. Past ``MAX_OVERLAY`` changes, or
+Changes made by the CLI or API reach a running server through the store's change log:
+``IndexReloader.refresh`` — run by its own periodic loop, and at once when an admin change
+moves the store's change generation (``change_sync.py``) — applies them to a copy-on-write
+overlay dict and swaps the reference, so a lookup never sees a half-applied update. Past ``MAX_OVERLAY`` changes, or
 when the store asks for it (bulk import) or an entry expires, a fresh snapshot is loaded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from array import array
@@ -120,6 +122,8 @@ class IndexReloader:
         self._loop = Periodic("suppression-index-reloader", interval, self.refresh,
                               "refresh failed; keeping the current index")
         self.on_reload: Callable[[], None] = lambda: None
+        # Two refreshes at once could apply an older delta over a newer one.
+        self._lock = asyncio.Lock()
 
     async def load(self) -> None:
         started = time.monotonic()
@@ -131,6 +135,10 @@ class IndexReloader:
 
     async def refresh(self) -> None:
         """Apply what changed since the last look (one poll)."""
+        async with self._lock:  # the periodic loop and change-sync both call this
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         now = self._clock()
         expiry = self.index.next_expiry
         if expiry is not None and expiry <= now:

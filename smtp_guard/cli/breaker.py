@@ -9,7 +9,7 @@ from ..config import Config
 from ..services import breakers as service
 from ..services.audit import format_time
 from ..store.base import BreakerStatus
-from .common import admin_context, print_table, run, with_config
+from .common import admin_context, confirm_in_force, print_table, run, wait_option, with_config
 
 STATUSES = ("tripped", "approved", "cancelled")
 
@@ -106,13 +106,15 @@ def show_command(config: Config, stream: str, samples: int) -> None:
 @click.argument("stream")
 @click.option("--ceiling", type=click.IntRange(min=0), required=True,
               help="The stream may grow to this many distinct recipients; past it, it trips again.")
+@wait_option
 @with_config
-def approve_command(config: Config, stream: str, ceiling: int) -> None:
+def approve_command(config: Config, stream: str, ceiling: int, wait: bool) -> None:
     """Approve a stopped stream: release its held mail for delivery and let it grow to CEILING
     recipients.
 
-    The running server's release worker delivers the released recipients (each exactly once)
-    within a second or two, and takes the new ceiling up within [store] reload_interval.
+    When the command returns, every guard running on this store applies the new ceiling (or
+    the command says which one did not confirm it, see --wait); the release worker delivers
+    the released recipients (each exactly once) within a second or two.
 
     \b
     Example:
@@ -121,15 +123,18 @@ def approve_command(config: Config, stream: str, ceiling: int) -> None:
     action = run(_approve(config, stream, ceiling))
     click.echo(f"Approved stream {stream!r} up to {ceiling} recipients; released {action.changed} held "
                f"recipient(s) for delivery. Follow with `smtp-guard breaker show {_quoted(stream)}`.")
+    confirm_in_force(config, wait)
 
 
 @breaker.command("cancel")
 @click.argument("stream")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@wait_option
 @with_config
-def cancel_command(config: Config, stream: str, yes: bool) -> None:
+def cancel_command(config: Config, stream: str, yes: bool, wait: bool) -> None:
     """Cancel a stopped stream: its held mail is discarded (never delivered) and further mail
-    of the stream is refused with 550 5.7.1.
+    of the stream is refused with 550 5.7.1 by every running guard when the command returns
+    (or the command says which one did not confirm it, see --wait).
 
     \b
     Example:
@@ -144,6 +149,7 @@ def cancel_command(config: Config, stream: str, yes: bool) -> None:
     action = run(_cancel(config, stream))
     click.echo(f"Cancelled stream {stream!r}; discarded {action.changed} held recipient(s). Further mail of it "
                "is refused with 550 5.7.1.")
+    confirm_in_force(config, wait)
 
 
 async def _list(config: Config, status: BreakerStatus | None, limit: int) -> list[service.BreakerSummary]:

@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: the --config option every command takes, and error translation."""
+"""Shared CLI plumbing: the --config option every command takes, error translation, and the
+"in force" report every changing command ends with."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ import click
 
 from ..config import Config, ConfigError, load_config
 from ..erasure.keys import ErasureKeyError
+from ..services import propagation
 from ..services.context import AdminContext, StoreNotFound
 from ..store.base import StoreError
 
 T = TypeVar("T")
+
+# Exit status of a changing command with --wait whose change is stored but not confirmed by
+# every running guard (1 stays "the command failed, nothing was changed").
+NOT_CONFIRMED = 3
 
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="SMTP_GUARD_CONFIG",
@@ -69,6 +75,50 @@ def with_config(function: Callable[..., Any]) -> Callable[..., Any]:
         return function(load(config_path), **kwargs)
 
     return wrapper
+
+
+wait_option = click.option(
+    "--wait", is_flag=True,
+    help=f"Exit with status {NOT_CONFIRMED} unless every guard running on this store confirmed the change "
+         "within [store] confirm_timeout (also when no guard runs on it). Without it the command waits as "
+         "long and says the same, but exits 0.")
+
+
+def confirm_in_force(config: Config, wait: bool) -> None:
+    """After a change committed: wait for the running guards, say who enforces it, and with
+    ``--wait`` exit NOT_CONFIRMED unless all do. Written to standard error, so ``--json``
+    output stays clean."""
+    result = run(_in_force(config))
+    for line in in_force_lines(result, config.store.path):
+        click.echo(line, err=True)
+    if wait and not result.is_confirmed:
+        click.echo(f"Exit status {NOT_CONFIRMED}: the change is stored but not confirmed by every running guard.",
+                   err=True)
+        click.get_current_context().exit(NOT_CONFIRMED)
+
+
+async def _in_force(config: Config) -> propagation.Propagation:
+    async with admin_context(config) as ctx:
+        return await propagation.in_force(ctx)
+
+
+def in_force_lines(result: propagation.Propagation, store_path: str) -> list[str]:
+    lines = []
+    for instance in result.unconfirmed:
+        lines.append(f"Not confirmed in {result.timeout:g}s by guard {instance.name} (last heartbeat "
+                     f"{result.heartbeat_age(instance):.1f}s ago): it may not enforce this change yet.")
+    for instance in result.silent:
+        lines.append(f"Guard {instance.name} has sent no heartbeat for {result.heartbeat_age(instance):.0f}s "
+                     "(killed, or hung): not waited for; if it still runs, it does not enforce this change.")
+    running = len(result.confirmed) + len(result.unconfirmed)
+    if not running:
+        lines.append(f"No running guard uses this store ({store_path}); the change applies when one starts. "
+                     "If a guard is running, it uses another store: compare its [store] path with this one.")
+    elif result.unconfirmed:
+        lines.append(f"In force on {len(result.confirmed)} of {running} running guard{'s' if running != 1 else ''}.")
+    else:
+        lines.append(f"In force on {running} running guard{'s' if running != 1 else ''}.")
+    return lines
 
 
 def print_table(rows: Sequence[Sequence[str]], indent: str = "") -> None:

@@ -14,7 +14,7 @@ from ..config import Config
 from ..services import erasure as service
 from ..services.audit import BadTime, format_time, parse_time
 from ..store.base import ErasureReceipt
-from .common import admin_context, print_table, run, with_config
+from .common import admin_context, confirm_in_force, print_table, run, wait_option, with_config
 
 
 class _EraseGroup(click.Group):
@@ -53,12 +53,14 @@ def erase() -> None:
               help="File with one address or token per line (# comments allowed).")
 @click.option("--token", "tokens", multiple=True, help="An erasure token (64 hex) instead of an address.")
 @click.option("--json", "as_json", is_flag=True, help="Print the receipts as JSON.")
+@wait_option
 @with_config
 def add_command(config: Config, addresses: Sequence[str], reference: str, files: Sequence[Path],
-                tokens: Sequence[str], as_json: bool) -> None:
+                tokens: Sequence[str], as_json: bool, wait: bool) -> None:
     """Erase ADDRESSES (or --token / --file entries) under one reference.
 
-    Each erasure is enforced by a running server within a second or two, before any list.
+    When the command returns, every guard running on this store refuses the erased addresses
+    (before any list), or the command says which one did not confirm it (see --wait).
 
     \b
     Example:
@@ -76,6 +78,8 @@ def add_command(config: Config, addresses: Sequence[str], reference: str, files:
             _print_receipt(receipt)
         if receipts:
             click.echo("Prove it: smtp-guard erase verify ADDRESS   (scans every file in the data directory)")
+    if receipts:
+        confirm_in_force(config, wait)
     if problems:
         raise click.ClickException(f"{len(problems)} entr{'y' if len(problems) == 1 else 'ies'} not erased (see above)")
 

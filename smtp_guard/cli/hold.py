@@ -11,7 +11,7 @@ from ..config import Config
 from ..services import holds as service
 from ..services.audit import format_time
 from ..store.base import HeldMessage, RecipientState
-from .common import admin_context, print_table, run, with_config
+from .common import admin_context, confirm_in_force, print_table, run, wait_option, with_config
 
 STATES = ("held", "released", "delivered", "failed", "discarded")
 
@@ -106,12 +106,14 @@ def show_command(config: Config, hold_id: str, raw: bool) -> None:
 @click.argument("hold_id")
 @click.option("--recipient", "recipients", multiple=True, metavar="ADDR",
               help="Release only this recipient (repeat for several). Default: every held recipient.")
+@wait_option
 @with_config
-def release_command(config: Config, hold_id: str, recipients: tuple[str, ...]) -> None:
+def release_command(config: Config, hold_id: str, recipients: tuple[str, ...], wait: bool) -> None:
     """Release held recipients for delivery.
 
-    The running server's release worker delivers them within a second or two ([hold]
-    poll_interval) and retries if the upstream defers.
+    The release worker of a running guard delivers them within a second or two ([hold]
+    poll_interval) and retries if the upstream defers. The command ends by saying which
+    running guards confirmed the change (see --wait).
 
     \b
     Example:
@@ -125,6 +127,7 @@ def release_command(config: Config, hold_id: str, recipients: tuple[str, ...]) -
         return
     click.echo(f"Released {action.changed} recipient(s) of hold {hold_id}. The running server's release worker "
                f"delivers them within a second or two; follow with `smtp-guard hold show {hold_id}`.")
+    confirm_in_force(config, wait)
 
 
 @hold.command("discard")
@@ -132,11 +135,14 @@ def release_command(config: Config, hold_id: str, recipients: tuple[str, ...]) -
 @click.option("--recipient", "recipients", multiple=True, metavar="ADDR",
               help="Discard only this recipient (repeat for several). Default: every waiting recipient.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@wait_option
 @with_config
-def discard_command(config: Config, hold_id: str, recipients: tuple[str, ...], yes: bool) -> None:
+def discard_command(config: Config, hold_id: str, recipients: tuple[str, ...], yes: bool, wait: bool) -> None:
     """Discard held (or released, not yet delivered) recipients: they never get the message.
 
-    The message content is deleted once no recipient waits for it.
+    The message content is deleted once no recipient waits for it. No delivery attempt starts
+    after the command returns; one that a release worker had already started finishes (`hold
+    show` then says delivered).
 
     \b
     Example:
@@ -156,6 +162,7 @@ def discard_command(config: Config, hold_id: str, recipients: tuple[str, ...], y
                    f"({_states(action.message)}). See `smtp-guard hold show {hold_id}`.")
         return
     click.echo(f"Discarded {action.changed} recipient(s) of hold {hold_id}.")
+    confirm_in_force(config, wait)
 
 
 async def _list(config: Config, state: RecipientState | None, limit: int) -> list[HeldMessage]:

@@ -15,7 +15,7 @@ from ..config import Config, ConfigError, parse_duration
 from ..services import importers
 from ..services import suppressions as service
 from ..store.base import EntryKind, SuppressionEntry, SuppressionFilter
-from .common import admin_context, run, with_config
+from .common import admin_context, confirm_in_force, run, wait_option, with_config
 
 T = TypeVar("T")
 
@@ -80,13 +80,15 @@ def _filter_options(function: Any) -> Any:
 @click.option("--expires-in", metavar="DURATION",
               help="Lifetime such as 30d, 12h or never. Default: the list's lifetime from the config.")
 @click.option("--include-subdomains", is_flag=True, help="For @domain targets: also match every subdomain.")
+@wait_option
 @with_config
 def add_command(config: Config, targets: tuple[str, ...], list_name: str, reason: str, source: str,
-                expires_in: str | None, include_subdomains: bool) -> None:
+                expires_in: str | None, include_subdomains: bool, wait: bool) -> None:
     """Put addresses or @domains on a list.
 
     An entry that is already on the list gets the new reason, source and expiry.
-    A running server enforces the change within [store] reload_interval (1 s by default).
+    When the command returns, every guard running on this store enforces the change, or the
+    command says which one did not confirm it (see --wait).
 
     \b
     Examples:
@@ -104,6 +106,7 @@ def add_command(config: Config, targets: tuple[str, ...], list_name: str, reason
     example = first.value if first.kind == "address" else f"someone@{first.value}"
     click.echo(f"Added {result.new} new entr{'y' if result.new == 1 else 'ies'}"
                f"{f', updated {updated} existing' if updated else ''}. Verify: smtp-guard suppress check {example}")
+    confirm_in_force(config, wait)
 
 
 def _lifetime(expires_in: str | None) -> float | None:
@@ -125,11 +128,13 @@ async def _add(config: Config, targets: Sequence[str], list_name: str, reason: s
 @suppress.command("remove")
 @click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
 @click.option("--list", "list_name", metavar="NAME", help="Remove from this list only. Default: from every list.")
+@wait_option
 @with_config
-def remove_command(config: Config, targets: tuple[str, ...], list_name: str | None) -> None:
+def remove_command(config: Config, targets: tuple[str, ...], list_name: str | None, wait: bool) -> None:
     """Take addresses or @domains off a list, or off every list.
 
-    They can be mailed again as soon as the running server has reloaded (about a second).
+    When the command returns, every guard running on this store lets them be mailed again, or
+    the command says which one did not confirm it (see --wait).
 
     \b
     Examples:
@@ -145,6 +150,8 @@ def remove_command(config: Config, targets: tuple[str, ...], list_name: str | No
         else:
             click.echo(f"{shown}: not on {where} (see `smtp-guard suppress list --contains {target.value}`)")
     click.echo(f"Removed {result.total} entr{'y' if result.total == 1 else 'ies'}.")
+    if result.total:
+        confirm_in_force(config, wait)
 
 
 async def _remove(config: Config, targets: Sequence[str], list_name: str | None) -> service.RemoveResult:
@@ -275,13 +282,17 @@ async def _export(config: Config, filters: SuppressionFilter, output: str, fmt: 
 @click.option("--source", metavar="TEXT", help="Source of the entries. Default: the format (or import:FILE for csv).")
 @click.option("--skip-rows", type=click.IntRange(min=0), default=0,
               help="Skip this many data rows first: resume an interrupted import where it stopped.")
+@wait_option
 @with_config
 def import_command(config: Config, files: tuple[str, ...], fmt: str, list_name: str | None, source: str | None,
-                   skip_rows: int) -> None:
+                   skip_rows: int, wait: bool) -> None:
     """Import suppression exports (CSV, SendGrid, Mailchimp, SES).
 
     Safe to repeat (an entry already present is not added twice). Bad rows are printed to
-    standard error as FILE:LINE: reason and skipped; the good rows are kept.
+    standard error as FILE:LINE: reason and skipped; the good rows are kept. When the command
+    returns, every guard running on this store enforces the imported entries, or the command
+    says which one did not confirm it in time (a very large import takes a guard a few
+    seconds to load; see --wait).
 
     \b
     Examples:
@@ -307,6 +318,8 @@ def import_command(config: Config, files: tuple[str, ...], fmt: str, list_name: 
                    f"{result.present} already present, {result.expired} already expired, "
                    f"{result.erased} erased (never stored again), {result.bad} bad"
                    f"{skipped}{lists}")
+    if imported:  # entries already present may have a new expiry
+        confirm_in_force(config, wait)
     if failed:
         raise click.ClickException(f"could not import {', '.join(failed)} (see above); "
                                    "fix the file or choose its layout with --format, then run the command again")

@@ -6,6 +6,7 @@ lookup computes the erasure token once and one HMAC per key in the ring (usually
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Awaitable, Callable, Sequence
 
@@ -61,8 +62,14 @@ class TombstoneReloader:
         self._store = store
         self._load_ring = load_ring
         self._on_new = on_new
+        # One refresh at a time: two could both take the same new tombstones and sweep twice.
+        self._lock = asyncio.Lock()
 
     async def refresh(self) -> None:
+        async with self._lock:  # the periodic loop and change-sync both call this
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         new = await self._store.tombstones_since(self.index.last_id)
         if not new and self.index.broken is None:
             return

@@ -11,7 +11,7 @@ from ..addresses import AddressNormalizer
 from ..config import Config
 from ..erasure.index import TombstoneIndex
 from ..erasure.keys import KeyRing
-from ..store.base import AuditStore, BreakerStore, ErasureStore, HoldStore, SuppressionStore
+from ..store.base import AuditStore, BreakerStore, ChangeStore, ErasureStore, HoldStore, SuppressionStore
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class AdminContext:
     tombstones: TombstoneIndex
     normalizer: AddressNormalizer
     actor: str  # recorded with every admin action, e.g. "cli:alice"
+    # Change generation and running guards: services.propagation.in_force after a change.
+    changes: ChangeStore
     clock: Callable[[], float] = field(default=time.time)
 
 

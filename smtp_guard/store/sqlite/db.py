@@ -151,6 +151,23 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    """
+    -- Read-your-writes: an admin change, once committed, moves the store-wide change generation
+    -- (one row); every running guard process has a row saying which generation it has applied.
+    CREATE TABLE change_generation (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        generation INTEGER NOT NULL
+    );
+    INSERT INTO change_generation (id, generation) VALUES (1, 0);
+    CREATE TABLE guard_instances (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        applied_generation INTEGER  -- NULL until the instance's first refresh
+    );
+    """,
 )
 
 PRAGMAS = (
