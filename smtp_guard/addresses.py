@@ -18,6 +18,7 @@ import functools
 import hashlib
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import idna
@@ -27,11 +28,13 @@ from .config import AddressConfig
 # RFC 5321 4.1.2: atext for dot-atom local parts.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
-# Quoted local part: printable ASCII only (RFC 5321 qtextSMTP / quoted-pairSMTP). Control
-# characters, which aiosmtpd lets through, are refused: they have no business in an envelope.
-_QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
+# Quoted local part: printable ASCII (RFC 5321 qtextSMTP / quoted-pairSMTP), widened by
+# RFC 6531 section 3.3 to non-ASCII UTF-8. Control characters, which aiosmtpd lets through,
+# are refused before this is tried (see _is_forbidden): they have no business in an envelope.
+_QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*"')
 _LDH_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-_ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:[0-9A-Fa-f:.]+|\d{1,3}(?:\.\d{1,3}){3})\]")
+# The "IPv6:" tag is case-insensitive (RFC 5234 2.3), and keys carry it in lower case.
+_ADDRESS_LITERAL = re.compile(r"\[(?:(?i:IPv6):[0-9A-Fa-f:.]+|\d{1,3}(?:\.\d{1,3}){3})\]")
 
 MAX_LOCAL_PART = 64
 MAX_ADDRESS = 254
@@ -54,7 +57,7 @@ def parse_mailbox(text: str) -> Mailbox:
     """Validate an envelope mailbox (no angle brackets). Raises InvalidAddress."""
     if not text or len(text) > MAX_ADDRESS:
         raise InvalidAddress("address is empty or longer than 254 characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+    if any(_is_forbidden(ch) for ch in text):
         raise InvalidAddress("address contains control characters")
     at = text.rfind("@")
     if at <= 0 or at == len(text) - 1:
@@ -75,17 +78,33 @@ def parse_mailbox(text: str) -> Mailbox:
     return Mailbox(text=text, local=local, domain=domain)
 
 
+# Never in an envelope: C0 and C1 controls and DEL (Cc; NEL U+0085 is a line break to many
+# readers), lone surrogates (Cs: not encodable, the relay could not write them), and the line
+# and paragraph separators U+2028/U+2029 (Zl, Zp). The SMTPUTF8 rule below admits any other
+# non-ASCII character, so this is the one place they are kept out.
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def _is_forbidden(ch: str) -> bool:
+    return ch < "\x20" or (ch >= "\x7f" and unicodedata.category(ch) in _FORBIDDEN_CATEGORIES)
+
+
 def _check_address_literal(domain: str) -> None:
     if not _ADDRESS_LITERAL.fullmatch(domain):
         raise InvalidAddress("domain is not a valid host name or address literal")
     inner = domain[1:-1]
     try:
-        if inner.startswith("IPv6:"):
+        if inner[:5].lower() == "ipv6:":
             ipaddress.IPv6Address(inner[5:])
         else:
             ipaddress.IPv4Address(inner)
     except ValueError:
         raise InvalidAddress("domain is not a valid host name or address literal") from None
+
+
+def _is_unquoted_local(local: str) -> bool:
+    """The local part can be written without quotes (a dot-atom, ASCII or SMTPUTF8)."""
+    return _DOT_ATOM.fullmatch(local) is not None or _is_utf8_local(local)
 
 
 def _is_utf8_local(local: str) -> bool:
@@ -130,19 +149,26 @@ class AddressNormalizer:
         """The matching key of an address, e.g. ``Jo.Doe+news@GoogleMail.com`` -> ``jodoe@gmail.com``."""
         mailbox = address if isinstance(address, Mailbox) else parse_mailbox(address)
         domain = self.domain(mailbox.domain)
+        # Work on the local part's content: quotes are spelling (RFC 5321 4.1.2), not identity.
         local = mailbox.local
         if local.startswith('"'):
-            # A quoted local part that needs no quoting is the same mailbox unquoted (RFC 5321 4.1.2).
-            unquoted = re.sub(r"\\(.)", r"\1", local[1:-1])
-            local = unquoted if _DOT_ATOM.fullmatch(unquoted) else local
-        if self._separators and not local.startswith('"'):
+            local = re.sub(r"\\(.)", r"\1", local[1:-1])
+        # A local part that needs quotes (a space, a second "@") keeps its tag: it is not an
+        # ordinary user name with a sub-address.
+        if self._separators and _is_unquoted_local(local):
             cut = min((i for i in (local.find(s) for s in self._separators) if i > 0), default=-1)
-            if cut > 0:
+            # "a.+tag" is the mailbox "a.", quoted below; a tag is kept when those quotes would
+            # not fit in the 64 characters of a local part.
+            if cut > 0 and (_is_unquoted_local(local[:cut]) or cut + 2 <= MAX_LOCAL_PART):
                 local = local[:cut]
         if self._lowercase:
             local = local.lower()
         if domain in self._dotless:
             local = local.replace(".", "")
+        # A key is stored, exported and imported again, so it must be a mailbox whose key is
+        # itself: quoted exactly when its content needs it ("a.+tag" is the mailbox "a.").
+        if not _is_unquoted_local(local):
+            local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
         return f"{local}@{domain}"
 
     def domain_chain(self, domain: str) -> list[str]:

@@ -16,6 +16,7 @@ when it parses as one (``25``, ``true``, ``["10.0.0.0/8"]``) and as a plain stri
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -411,7 +412,7 @@ def parse_duration(value: Any, where: str, *, allow_never: bool = True) -> float
         match = _DURATION.match(value)
         if match:
             seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):
         never = " or \"never\"" if allow_never else ""
         raise ConfigError(f"{where}: {value!r} is not a duration; write e.g. \"90d\", \"12h\", \"30s\"{never}")
     if seconds <= 0:
@@ -424,7 +425,7 @@ def parse_listen(value: Any, where: str) -> ListenAddress:
     """Read "host:port" or "[v6]:port"."""
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected \"host:port\", got {value!r}")
-    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip())
+    match = re.fullmatch(r"\[([^\]]+)\]:([0-9]{1,6})|([^:\[\]]+):([0-9]{1,6})", value.strip())
     if not match:
         raise ConfigError(f"{where}: {value!r} is not \"host:port\" (IPv6: \"[::1]:2525\")")
     host = match.group(1) or match.group(3)
@@ -441,7 +442,7 @@ def _coerce(value: Any, default: Any, annotation: str, where: str, minimum: int 
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if value < 0:
             raise ConfigError(f"{where}: must not be negative, got {value!r}")
@@ -466,6 +467,10 @@ def _coerce(value: Any, default: Any, annotation: str, where: str, minimum: int 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
+    variables = [name for key in unknown for name in _env_names(table[key])]
+    if variables:
+        raise ConfigError(f"environment {', '.join(variables)}: unknown key(s) {', '.join(unknown)} in {where}; "
+                          f"known keys are {', '.join(sorted(allowed))}")
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(allowed))}"
@@ -495,12 +500,15 @@ def _build_section(cls: type, table: Mapping[str, Any], where: str) -> Any:
     for f in fields(cls):
         if f.name not in table:
             continue
-        key = f"{where}.{f.name}"
+        # A value from the environment is reported under its variable, the thing to fix.
+        key = f"environment {table[f.name].name}" if isinstance(table[f.name], _EnvValue) else f"{where}.{f.name}"
         current = getattr(default, f.name)
         raw = _resolve_env(table[f.name], current)
         annotation = _ALIASES.get(str(f.type), str(f.type))
         if isinstance(current, ListenAddress) or "ListenAddress" in annotation:
-            values[f.name] = None if raw in ("", "off", False) else parse_listen(raw, key)
+            # Only an optional listener (metrics, admin) can be turned off; SMTP cannot.
+            off = "None" in annotation and raw in ("", "off", False)
+            values[f.name] = None if off else parse_listen(raw, key)
         elif "duration" in f.metadata:
             values[f.name] = parse_duration(raw, key, allow_never=f.metadata["duration"] == "never")
         elif isinstance(current, (TLSListenConfig, AuthConfig)):
@@ -579,6 +587,14 @@ class _EnvValue:
 
     raw: str
     parsed: Any
+    name: str  # the variable, named in errors
+
+
+def _env_names(value: Any) -> list[str]:
+    """The environment variables that put ``value`` (a setting or a whole table) there."""
+    if isinstance(value, _EnvValue):
+        return [value.name]
+    return [name for item in value.values() for name in _env_names(item)] if isinstance(value, dict) else []
 
 
 def _resolve_env(value: Any, default: Any) -> Any:
@@ -596,9 +612,9 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
             raise ConfigError(f"environment {name}: write SMTP_GUARD__SECTION__KEY, e.g. SMTP_GUARD__UPSTREAM__HOST")
         try:
             parsed: Any = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
+        except (tomllib.TOMLDecodeError, RecursionError):  # RecursionError: "[[[[…" nested too deep
             parsed = raw
-        value = _EnvValue(raw, parsed)
+        value = _EnvValue(raw, parsed, name)
         table = data
         for part in path[:-1]:
             table = table.setdefault(part, {})
@@ -613,7 +629,7 @@ _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smhd])\s*$")
 def parse_rate(value: Any, where: str) -> float:
     """Read "100/s", "600/m", "10000/h", "50000/d" as tokens per second."""
     match = _RATE.match(value) if isinstance(value, str) else None
-    if not match or float(match.group(1)) <= 0:
+    if not match or not 0 < float(match.group(1)) < math.inf:
         raise ConfigError(f"{where}: {value!r} is not a rate; write e.g. \"600/m\" or \"10000/h\"")
     return float(match.group(1)) / _DURATION_UNITS[match.group(2)]
 
@@ -686,7 +702,7 @@ def _build_rate_limits(raw_rules: Any, where: str) -> tuple[RateLimitRule, ...]:
             raise ConfigError(f"{here}.key: {key!r} is not one of {', '.join(allowed)}")
         rate = parse_rate(raw.get("rate"), f"{here}.rate")
         burst = raw.get("burst", 1)
-        if isinstance(burst, bool) or not isinstance(burst, (int, float)) or burst < 1:
+        if isinstance(burst, bool) or not isinstance(burst, (int, float)) or not 1 <= burst < math.inf:
             raise ConfigError(f"{here}.burst: a number of at least 1")
         action = raw.get("action", "defer")
         if action not in ("defer", "hold"):
@@ -695,6 +711,8 @@ def _build_rate_limits(raw_rules: Any, where: str) -> tuple[RateLimitRule, ...]:
         if not isinstance(match, Mapping):
             raise ConfigError(f"{here}.match: expected a table like {{ sender = \"@shop\\\\.test$\" }}")
         _check_keys(match, {"sender", "class", "header", "pattern"}, f"{here}.match")
+        if not all(isinstance(v, str) for v in match.values()):
+            raise ConfigError(f"{here}.match: expected strings, got {dict(match)!r}")
         for k in ("sender", "pattern"):
             _compile_check(match.get(k, ""), f"{here}.match.{k}")
         shadow = raw.get("shadow", False)
@@ -778,7 +796,7 @@ def _validate(config: Config, where: str) -> None:
     if bool(tls.cert) != bool(tls.key):
         raise ConfigError(f"{where}: [smtp.tls] cert and key must be set together")
     for path in (tls.cert, tls.key):
-        if path and not Path(path).is_file():
+        if path and ("\x00" in path or not Path(path).is_file()):  # is_file() raises on a NUL
             raise ConfigError(f"{where}: [smtp.tls] file {path!r} does not exist")
     if tls.require and not tls.enabled:
         raise ConfigError(f"{where}: [smtp.tls] require = true needs cert and key")
@@ -823,6 +841,8 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
         except PermissionError:
             raise ConfigError(f"{source}: permission denied; run as the guard's user or fix the file's "
                               "permissions") from None
+        except OSError as error:
+            raise ConfigError(f"{source}: cannot read: {error.strerror or error}") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{source}: not valid TOML: {error}") from None
         except UnicodeDecodeError as error:

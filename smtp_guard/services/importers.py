@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -255,14 +256,30 @@ def parse_time(text: str, what: str) -> float:
     except ValueError:
         pass
     else:
-        return number / 1000 if number > 1e11 else number
+        epoch = number / 1000 if number > 1e11 else number
+        # "nan" and "inf" parse as floats; SQLite stores NaN as NULL and no export can write
+        # either, so a time must be a date the calendar (years 1-9999) can show.
+        if math.isfinite(epoch) and _is_calendar_time(epoch):
+            return epoch
+        raise RowError(f"{what} {text!r} is not a date (write 2024-05-01T12:30:00Z or epoch seconds)")
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        epoch = moment.timestamp()
+        if not _is_calendar_time(epoch):
+            raise ValueError(text)
+    except (ValueError, OverflowError):  # OverflowError: 9999-12-31T23:59:59-14:00 is past year 9999 in UTC
         raise RowError(f"{what} {text!r} is not a date (write 2024-05-01T12:30:00Z or epoch seconds)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
+    return epoch
+
+
+def _is_calendar_time(epoch: float) -> bool:
+    try:
+        datetime.fromtimestamp(epoch, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return False
+    return True
 
 
 # --- reading the formats ----------------------------------------------------------------------
@@ -318,17 +335,19 @@ def _column(columns: Sequence[str], path: str, wanted: str, fmt: str) -> int:
 
 
 def _records(reader: CSVReader, path: str) -> Iterator[tuple[int, list[str]] | BadRow]:
-    """Data rows with their line numbers; blank lines are skipped, unparsable ones reported."""
+    """Data rows with the line each starts on (``line_num`` is where a row ends, and a quoted
+    field may span lines); blank lines are skipped, unparsable ones reported."""
     while True:
+        start = reader.line_num + 1
         try:
             cells = next(reader)
         except StopIteration:
             return
         except csv.Error as error:
-            yield BadRow(path, reader.line_num, f"not valid CSV: {error}")
+            yield BadRow(path, start, f"not valid CSV: {error}")
             continue
         if cells and any(cell.strip() for cell in cells):
-            yield reader.line_num, cells
+            yield start, cells
 
 
 def _cell(cells: Sequence[str], index: int | None) -> str:
@@ -500,6 +519,12 @@ def _ses_json_rows(text: TextIO, path: str) -> RowSource:
                 return
             more()
             continue
+        except (ValueError, RecursionError) as error:
+            # More data cannot help: a number past Python's 4300-digit limit, or nesting deeper
+            # than the recursion limit. Neither is an SES summary.
+            why = "nested too deeply" if isinstance(error, RecursionError) else "a number too long"
+            yield BadRow(path, line, f"not valid JSON ({why}); the rest of the file is not read")
+            return
         if isinstance(item, dict):
             yield _ses_row(line, item.get("EmailAddress"), item.get("Reason"), item.get("LastUpdateTime"), path)
         else:
