@@ -2,7 +2,7 @@
 """Suppression index at scale, next to Postfix's own lookup table built from the same addresses.
 
     python3 bench/index_scale.py [--addresses N]          # default 1,000,000 (< 2 min, 2 cores)
-    python3 bench/index_scale.py --addresses 10000000     # the DESIGN.md claim: ten million
+    python3 bench/index_scale.py --addresses 10000000     # the docs/design.md claim: ten million
 
 1. **fill**: N address entries into a fresh SQLite store through the real
    ``SQLiteSuppressionStore.add(..., bulk=True)``, in batches (the path ``suppress import``

@@ -4,7 +4,7 @@ Two different things happen to an address and they must never be confused:
 
 * **validation** (``parse_mailbox``): is this a syntactically valid RFC 5321 mailbox we may
   relay? The envelope is validated once, here, and exactly the validated string is relayed
-  (DESIGN.md, "Known traps": aiosmtpd, smtplib and aiosmtplib each parse differently).
+  (docs/design.md, "Known traps": aiosmtpd, smtplib and aiosmtplib each parse differently).
 * **normalization** (``AddressNormalizer.key``): which spelling of the address is the same
   person? Used only for matching against suppression lists and tombstones — never relayed.
 

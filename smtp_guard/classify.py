@@ -116,7 +116,7 @@ class MessageClassifier:
 
 def strip_headers(content: bytes, names: Sequence[str]) -> bytes:
     """Remove the named header fields (with their folded continuation lines); bytes otherwise
-    unchanged (DESIGN.md: the guard only adds or removes configured headers)."""
+    unchanged (docs/design.md: the guard only adds or removes configured headers)."""
     if not names:
         return content
     wanted = {n.lower().encode() for n in names}

@@ -212,7 +212,7 @@ class ListConfig:
     lifetime: float | None = _duration(None, never=True)
     description: str = ""
     # "marketing": the list only applies to marketing mail; receipts and password resets
-    # still reach the person (DESIGN.md, "Lists have meaning").
+    # still reach the person (docs/design.md, "Lists have meaning").
     scope: ListScope = "all"
     # Decide, log, audit and count, but let the mail pass ("would have rejected").
     shadow: bool = False

@@ -1,4 +1,4 @@
-"""Rate-limit counters: token buckets behind a small interface (DESIGN.md, "Scale").
+"""Rate-limit counters: token buckets behind a small interface (docs/design.md, "Scale").
 
 A bucket holds up to ``burst`` tokens and refills at ``rate`` tokens per second; an absent
 bucket is a full one. Policies call the interface synchronously with the time (``now``) they

@@ -1,4 +1,4 @@
-"""Erasure end to end (DESIGN.md, first incident; "Erasure is verifiable").
+"""Erasure end to end (docs/design.md, first incident; "Erasure is verifiable").
 
 Real loopback SMTP, real SQLite files, the real CLI: a running guard with traffic history for
 an address (audit decisions, suppression entries, held mail, sandbox captures), then

@@ -92,7 +92,7 @@ class VolumeRule:
 
 class GateRule:
     """A sensitive class: each stream sends at most ``approval_after`` recipients before an
-    admin has seen the audience and samples (DESIGN.md, second incident)."""
+    admin has seen the audience and samples (docs/design.md, second incident)."""
 
     def __init__(self, message_class: str, approval_after: int, shadow: bool) -> None:
         self.rule = gate_rule(message_class)

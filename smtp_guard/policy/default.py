@@ -1,4 +1,4 @@
-"""The pipeline, in one place: the decision order of DESIGN.md ("Decisions, per recipient").
+"""The pipeline, in one place: the decision order of docs/design.md ("Decisions, per recipient").
 
 Both the server (app.py) and ``suppress check`` build their pipeline here, so what the CLI
 explains is what the server enforces; reordering is a one-line diff.

@@ -72,7 +72,7 @@ class SuppressionPolicy:
 
 class MarketingSuppressionPolicy:
     """Lists scoped to marketing mail, applied at the end of DATA once the class is known: an
-    unsubscribed person still gets receipts and password resets (DESIGN.md)."""
+    unsubscribed person still gets receipts and password resets (docs/design.md)."""
 
     name = "suppression.marketing"
     shadow = False

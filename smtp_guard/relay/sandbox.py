@@ -1,6 +1,6 @@
 """Sandbox upstream: captures mail into a local Maildir instead of relaying it anywhere.
 
-Staging runs real campaigns through the guard with nothing leaving the machine (DESIGN.md,
+Staging runs real campaigns through the guard with nothing leaving the machine (docs/design.md,
 second incident: test and production separated). Each message is written to ``tmp/``,
 fsync'd, renamed into ``new/`` and the directory fsync'd before the client gets its 250,
 with the envelope recorded in two prepended headers (the only bytes added).

@@ -1,4 +1,4 @@
-"""Relay access control: who may send through the guard (DESIGN.md: not an open relay)."""
+"""Relay access control: who may send through the guard (docs/design.md: not an open relay)."""
 
 from __future__ import annotations
 

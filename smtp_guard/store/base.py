@@ -2,7 +2,7 @@
 
 The SQLite implementation (``store/sqlite``) is the only code with SQL in it; a PostgreSQL
 implementation for several guard instances can join it later behind the same protocols
-(DESIGN.md, "Scale"). Everything here is plain data: frozen dataclasses and Protocols.
+(docs/design.md, "Scale"). Everything here is plain data: frozen dataclasses and Protocols.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_by_recipient ON audit (recipient) WHERE recipient != '';
     """,
     """
-    -- Verifiable erasure (DESIGN.md, first incident). No table here holds an address.
+    -- Verifiable erasure (docs/design.md, first incident). No table here holds an address.
     CREATE TABLE erasure_keys (
         id TEXT PRIMARY KEY,
         check_value TEXT NOT NULL,
@@ -122,7 +122,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX erasure_attempts_by_time ON erasure_attempts (time);
     """,
     """
-    -- Bulk-send protection (DESIGN.md, second incident).
+    -- Bulk-send protection (docs/design.md, second incident).
     ALTER TABLE held_messages ADD COLUMN stream TEXT NOT NULL DEFAULT '';
     ALTER TABLE held_messages ADD COLUMN message_class TEXT NOT NULL DEFAULT '';
     CREATE INDEX held_messages_by_stream ON held_messages (stream);

@@ -3,7 +3,7 @@
 A recipient moves ``held`` -> ``released`` (an admin approved it) -> ``delivered`` or
 ``failed``, or ``held``/``released`` -> ``discarded``. Every write is one transaction on a
 WAL database with ``synchronous=FULL``, so when ``hold()`` returns the message is on disk
-and the client may get its 250 (DESIGN.md, "The relay never loses mail").
+and the client may get its 250 (docs/design.md, "The relay never loses mail").
 
 Once no recipient of a message waits for delivery any more, the guard stops being a copy of
 it: the content is deleted, and so are the addresses of recipients it was never sent to
