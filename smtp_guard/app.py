@@ -139,7 +139,9 @@ def _setting(name: str, *errors: type[BaseException]) -> Iterator[None]:
     except StartupError:
         raise
     except errors as error:
-        raise StartupError(f"{name}: {_one_line(error)}") from error
+        text = _one_line(error)
+        value = name.split(" ", 2)[-1]  # "[section] key VALUE": the path or address itself
+        raise StartupError(f"{name}: {text.removeprefix(f'{value}: ')}") from error
 
 
 def _one_line(error: BaseException) -> str:
