@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import AsyncIterator, Sequence
 
 import aiosmtplib
 
@@ -110,3 +112,20 @@ async def dialogue(address: tuple[str, int], commands: Sequence[bytes]) -> list[
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@asynccontextmanager
+async def raw(address: tuple[str, int]) -> AsyncIterator[Stream]:
+    """A plain TCP connection to the guard, for bytes no SMTP client library would send."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except ConnectionError:
+            pass  # the guard closed it first

@@ -13,8 +13,7 @@ import email.utils
 import re
 import ssl
 import time
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -24,27 +23,11 @@ from smtp_guard.store.base import SuppressionEntry
 
 from conftest import ManualClock, wait_until
 from sink import Sink
-from smtp_client import message, read_reply, send, without_trace
+from smtp_client import Stream, message, raw, read_reply, send, without_trace
 
 SENDER = "news@shop.test"
 USER, PASSWORD = "platform", "s3cret"
 PASSWORD_HASH = hash_password(PASSWORD)
-
-Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-@asynccontextmanager
-async def raw(address: tuple[str, int]) -> AsyncIterator[Stream]:
-    reader, writer = await asyncio.open_connection(*address)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except ConnectionError:
-            pass  # the guard closed it first
-
 
 async def command(stream: Stream, line: bytes) -> str:
     reader, writer = stream

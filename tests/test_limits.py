@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from smtp_guard import replies
 
 from conftest import wait_until
-from smtp_client import dialogue, message, read_reply, send
+from smtp_client import dialogue, message, raw, read_reply, send
 
 SENDER = "news@shop.test"
-
-
-@asynccontextmanager
-async def raw(address: tuple[str, int]) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection(*address)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except ConnectionError:
-            pass  # the guard closed it first
 
 
 async def command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes) -> str:
