@@ -282,8 +282,11 @@ class Guard:
         self._start_loop(Periodic("store-probe", PROBE_INTERVAL, self._probe_store, "store probe failed"))
         self._start_loop(Periodic("upstream-probe", config.upstream.probe_interval, self._probe_upstream,
                                   "upstream probe failed"))
-        log.info("smtp-guard listening on %s:%d (upstream %r, config %s)", *self.smtp_address,
-                 self.upstream, config.source)
+        up = config.upstream
+        upstream = ("the sandbox (captured, not delivered)" if up.mode == "sandbox"
+                    else f"{up.host}:{up.port} (tls {up.tls})")
+        log.info("smtp-guard listening on %s:%d, relaying to %s; store %s; config %s", *self.smtp_address,
+                 upstream, config.store.path, config.source)
 
     def _start_loop(self, loop: Periodic) -> None:
         loop.start()
