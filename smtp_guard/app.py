@@ -71,7 +71,7 @@ def pseudonymizing_audit_store(db: Database, normalizer: AddressNormalizer,
 @asynccontextmanager
 async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminContext]:
     """Stores for one admin operation (CLI command or API request)."""
-    async with Database(config.store.path) as db:
+    async with Database(config.store.path, config.store.busy_timeout) as db:
         erasure = SQLiteErasureStore(db)
         tombstones = await load_tombstones(config, erasure)
         normalizer = AddressNormalizer(config.addresses)
@@ -111,7 +111,7 @@ class Guard:
         self.config = config
         self.clock = clock
         self.metrics = Metrics()
-        self._db = Database(config.store.path)
+        self._db = Database(config.store.path, config.store.busy_timeout)
         self._loops: list[Periodic] = []
         self._started = False
         self.ready = False

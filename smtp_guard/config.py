@@ -142,6 +142,9 @@ class StoreConfig:
     path: str = "smtp-guard-data/guard.sqlite3"
     # How often the running server looks for changes made by the CLI or API.
     reload_interval: float = _duration(1.0)
+    # How long a write waits for another writer (a CLI import, a second process) before the
+    # mail that needed it gets 451 4.3.0; well below the clients' own timeouts.
+    busy_timeout: float = _duration(5.0)
 
     @property
     def data_dir(self) -> Path:
