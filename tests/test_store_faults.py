@@ -101,10 +101,11 @@ async def test_a_read_in_flight_never_makes_a_write_fail_while_another_process_w
                 other.execute("BEGIN IMMEDIATE")
                 other.execute("UPDATE held_messages SET client = client")
                 asyncio.get_running_loop().call_later(0.05, other.execute, "COMMIT")
+                # Tasks start in order: the reads' cursors are open when the write's BEGIN runs.
                 reads = [asyncio.create_task(db.fetchall("SELECT address FROM held_recipients")) for _ in range(3)]
-                await holds.release(hold_id, time.time(), ["r0@example.com"])  # waits, never raises
-                await holds.discard(hold_id, ["r1@example.com"])
-                assert all(len(rows) == 50 for rows in await asyncio.gather(*reads))
+                write = asyncio.create_task(holds.release(hold_id, time.time(), ["r0@example.com"]))
+                *rows, released = await asyncio.gather(*reads, write)  # the write waits, never raises
+                assert released == 1 and all(len(found) == 50 for found in rows)
                 await db.execute("UPDATE held_recipients SET state = 'held' WHERE hold_id = ?", (hold_id,))
         finally:
             other.close()
