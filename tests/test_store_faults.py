@@ -20,14 +20,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 import pytest
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
+from smtp_guard.breaker_state import BreakerState
+from smtp_guard.breaker_sync import BreakerSync
+from smtp_guard.config import BreakerConfig
+from smtp_guard.metrics import Metrics
 from smtp_guard.relay.sandbox import SandboxUpstream
-from smtp_guard.store.base import AuditFilter, AuditRecord, HeldRecipient, NewHold, StoreBusy, StoreFull, SuppressionEntry
+from smtp_guard.store.base import AuditFilter, AuditRecord, BreakerRecord, HeldRecipient, NewHold, StoreBusy, StoreFull, SuppressionEntry
+from smtp_guard.store.sqlite.breakers import SQLiteBreakerStore
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 
@@ -272,3 +277,45 @@ async def test_sandbox_answers_452_on_a_full_disk_and_captures_again_after(small
     await transaction.rcpt("someone@example.com")
     assert await transaction.data(b"Subject: x\r\n\r\nx\r\n") == replies.SANDBOX_CAPTURED
     assert len(list((small_disk / "sandbox" / "new").iterdir())) == 1
+
+
+# --- background sweeps are retried ------------------------------------------------------------
+
+class FlakyHolds:
+    """The real hold store, whose next ``discard_stream`` fails as under a locked store."""
+
+    def __init__(self, holds: SQLiteHoldStore) -> None:
+        self._holds = holds
+        self.failures = 1
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._holds, name)
+
+    async def discard_stream(self, stream: str, rules: Sequence[str]) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise StoreBusy("the store stayed busy for 0.2s")
+        return await self._holds.discard_stream(stream, rules)
+
+
+async def test_a_cancellation_sweep_that_failed_is_retried_at_the_next_sync(tmp_path):
+    """The breaker sync applies an admin's cancel and discards the stream's holds; when the
+    store fails at that moment the sweep must not be lost with the decision already taken."""
+    async with Database(tmp_path / "guard.sqlite3") as db:
+        breakers, holds = SQLiteBreakerStore(db), SQLiteHoldStore(db)
+        trip = BreakerRecord(stream="s", rule="breaker.volume", sender=SENDER, message_class="marketing",
+                             status="tripped", threshold=10, ceiling=None, recipients=11, tripped_at=1.0,
+                             updated_at=1.0)
+        await breakers.save([trip])
+        await holds.hold(NewHold(**{**new_hold().__dict__, "stream": "s", "message_class": "marketing",
+                                    "recipients": [HeldRecipient("a@example.com", "held", "breaker.volume", "t")]}))
+        state = BreakerState(BreakerConfig())
+        sync = BreakerSync(state, breakers, FlakyHolds(holds), Metrics(), lambda record: None, interval=60)
+        await sync.load()
+        await breakers.decide("s", "cancelled", None, "cli:ann", time.time())
+        with pytest.raises(StoreBusy):
+            await sync.sync()
+        assert state.trips["s"].status == "cancelled"
+        assert (await holds.stream_counts("s")) == {"held": 1}
+        await sync.sync()
+        assert (await holds.stream_counts("s")) == {"discarded": 1}
