@@ -284,7 +284,8 @@ class Database:
         connection = self.connection
         deadline = time.monotonic() + self.busy_timeout
         try:
-            await asyncio.wait_for(self._lock.acquire(), timeout=self.busy_timeout)
+            async with asyncio.timeout(self.busy_timeout):
+                await self._lock.acquire()
         except TimeoutError:
             raise StoreBusy(f"the store at {self.path} stayed busy for {self.busy_timeout:g}s") from None
         try:
