@@ -82,7 +82,7 @@ async def init_store(config: Config) -> bool:
     """Create the store and the erasure key where the config says, as the guard's first start
     would (``smtp-guard init``). Returns False when the store already existed."""
     existed = Path(config.store.path).is_file()
-    async with Database(config.store.path) as db:
+    async with Database(config.store.path, config.store.busy_timeout) as db:
         await load_tombstones(config, SQLiteErasureStore(db))
     return not existed
 
@@ -93,7 +93,7 @@ async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminC
     created (StoreNotFound when there is none)."""
     if not Path(config.store.path).is_file():
         raise StoreNotFound(config, WELL_KNOWN_CONFIGS)
-    async with Database(config.store.path) as db:
+    async with Database(config.store.path, config.store.busy_timeout) as db:
         erasure = SQLiteErasureStore(db)
         tombstones = await load_tombstones(config, erasure)
         normalizer = AddressNormalizer(config.addresses)
@@ -168,7 +168,7 @@ class Guard:
         self._log_pseudonyms = log_pseudonyms
         self.metrics = Metrics()
         self.readiness = Readiness()
-        self._db = Database(config.store.path)
+        self._db = Database(config.store.path, config.store.busy_timeout)
         # Everything started is registered here; stop() unwinds it in reverse order.
         self._running = AsyncExitStack()
 

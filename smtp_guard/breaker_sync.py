@@ -43,6 +43,7 @@ class BreakerSync:
         self._clock = clock
         self._cursor: float | None = None  # newest admin decision seen (the admin's clock)
         self._pending_baselines: dict[str, Baseline] = {}
+        self._untaken: dict[str, BreakerRecord] = {}  # decisions applied whose holds are not swept yet
         self._lock = asyncio.Lock()
         self._loop = Periodic("breaker-sync", interval, self.sync,
                               "sync failed; keeping the state in memory and trying again")
@@ -80,7 +81,12 @@ class BreakerSync:
                 assert record.decided_at is not None
                 self._cursor = max(self._cursor or record.decided_at, record.decided_at)
                 if self._state.apply(record) is not None:
-                    await self._take_up(record, now)
+                    self._untaken[record.stream] = record
+            # A sweep that failed (store locked or full) is tried again at the next sync: the
+            # decision is already in force here, but mail held meanwhile still waits for it.
+            for stream, record in list(self._untaken.items()):
+                await self._take_up(record, now)
+                del self._untaken[stream]
             for baseline in self._state.finish_idle(now):
                 self._pending_baselines[baseline.sender] = baseline
             if self._pending_baselines:

@@ -172,6 +172,9 @@ class StoreConfig:
     change_poll_interval: float = _duration(0.1)
     # How long an admin command waits for every running guard to confirm its change.
     confirm_timeout: float = _duration(5.0)
+    # How long a write waits for another writer (a CLI import, a second process) before the
+    # mail that needed it gets 451 4.3.0; well below the clients' own timeouts.
+    busy_timeout: float = _duration(5.0)
 
     @property
     def data_dir(self) -> Path:

@@ -108,7 +108,10 @@ UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream mail server unavailable, tr
 UPSTREAM_TIMEOUT = Reply(451, "4.4.2", "Upstream mail server timed out, try again later")
 UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to upstream lost, try again later")
 UPSTREAM_BUSY = Reply(451, "4.4.5", "All upstream connections busy, try again later")
+# The store stayed locked past [store] busy_timeout, or could not be written at all.
 STORE_UNAVAILABLE = Reply(451, "4.3.0", "Message store unavailable, try again later")
+# The disk holding the hold queue or the sandbox is full: RFC 3463 4.3.1, RFC 5321 452.
+STORE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 # A policy that raised: fail closed and temporary (Postfix smtpd_policy_service_default_action).
 POLICY_FAILED = Reply(451, "4.3.5", "Policy check failed, try again later")

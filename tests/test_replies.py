@@ -38,9 +38,11 @@ def test_reply_is_well_formed(name: str) -> None:
 
 def test_temporary_failures_are_4xx_so_the_platform_retries() -> None:
     for name in ("UPSTREAM_UNAVAILABLE", "UPSTREAM_TIMEOUT", "UPSTREAM_LOST", "UPSTREAM_BUSY",
-                 "STORE_UNAVAILABLE", "INTERNAL_ERROR", "TOO_MANY_RECIPIENTS", "SHUTTING_DOWN"):
+                 "STORE_UNAVAILABLE", "STORE_FULL", "INTERNAL_ERROR", "TOO_MANY_RECIPIENTS", "SHUTTING_DOWN"):
         assert CONSTANTS[name].is_temporary, name
     assert replies.SUPPRESSED.is_permanent and (replies.SUPPRESSED.code, replies.SUPPRESSED.enhanced) == (550, "5.7.1")
+    assert (replies.STORE_UNAVAILABLE.code, replies.STORE_UNAVAILABLE.enhanced) == (451, "4.3.0")
+    assert (replies.STORE_FULL.code, replies.STORE_FULL.enhanced) == (452, "4.3.1")  # RFC 3463: mail system full
 
 
 def test_with_text_keeps_code_and_enhanced_code() -> None:

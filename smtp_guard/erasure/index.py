@@ -64,6 +64,7 @@ class TombstoneReloader:
         self._on_new = on_new
         # One refresh at a time: two could both take the same new tombstones and sweep twice.
         self._lock = asyncio.Lock()
+        self._unswept: list[Tombstone] = []
 
     async def refresh(self) -> None:
         async with self._lock:  # the periodic loop and change-sync both call this
@@ -72,6 +73,7 @@ class TombstoneReloader:
     async def _refresh(self) -> None:
         new = await self._store.tombstones_since(self.index.last_id)
         if not new and self.index.broken is None:
+            await self._sweep()
             return
         if any(self.index.ring.by_id(t.key_id) is None for t in new) or self.index.broken:
             try:
@@ -84,5 +86,12 @@ class TombstoneReloader:
         self.index.add(new)
         if self.index.broken:
             log.error("erasure enforcement is broken, deferring all mail: %s", self.index.broken)
-        if new and self._on_new is not None:
-            await self._on_new(new)
+        self._unswept += new
+        await self._sweep()
+
+    async def _sweep(self) -> None:
+        """Hand new tombstones to ``on_new``; kept and handed again next time if it fails
+        (e.g. the store is locked), so no erasure misses its sweep."""
+        if self._unswept and self._on_new is not None:
+            await self._on_new(list(self._unswept))
+        self._unswept.clear()

@@ -132,12 +132,15 @@ def load_key_ring(path: Path) -> KeyRing:
 
 
 def _write_key_file(path: Path, keys: tuple[ErasureKey, ...]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+        os.chmod(path.parent, 0o700)  # mkdir's mode is filtered by the umask
     payload = json.dumps({"keys": [
         {"id": k.id, "created_at": k.created_at, "secret": base64.b64encode(k.secret).decode()} for k in keys
     ]}, indent=2)
     temporary = path.with_name(path.name + ".tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a left-over temporary file keeps its old mode through O_TRUNC
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
         handle.write(payload)
         handle.flush()

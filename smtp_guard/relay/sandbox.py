@@ -3,12 +3,17 @@
 Staging runs real campaigns through the guard with nothing leaving the machine (docs/design.md,
 second incident: test and production separated). Each message is written to ``tmp/``,
 fsync'd, renamed into ``new/`` and the directory fsync'd before the client gets its 250,
-with the envelope recorded in two prepended headers (the only bytes added).
+with the envelope recorded in two prepended headers (the only bytes added). A full disk is
+answered 452 4.3.1 and any other write failure 451 4.3.0; a partly written file is removed.
+
+The captured mail holds addresses: the Maildir's directories are 0700 and its files 0600,
+whatever the umask.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import time
@@ -25,8 +30,9 @@ _sequence = count()
 class SandboxUpstream:
     def __init__(self, maildir: Path) -> None:
         self.maildir = maildir
-        for sub in ("tmp", "new", "cur"):
-            (maildir / sub).mkdir(parents=True, exist_ok=True)
+        for directory in (maildir, *(maildir / sub for sub in ("tmp", "new", "cur"))):
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
 
     def __repr__(self) -> str:
         return f"<SandboxUpstream {self.maildir}>"
@@ -43,11 +49,16 @@ class SandboxUpstream:
         name = f"{time.time():.6f}.{os.getpid()}_{next(_sequence)}.{socket.gethostname()}"
         temporary = self.maildir / "tmp" / name
         final = self.maildir / "new" / name
-        with open(temporary, "wb") as handle:
-            handle.write(envelope + content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temporary, final)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(envelope + content)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
         directory = os.open(self.maildir / "new", os.O_RDONLY)
         try:
             os.fsync(directory)
@@ -69,7 +80,9 @@ class SandboxTransaction:
     async def data(self, content: bytes) -> Reply:
         try:
             await asyncio.to_thread(self._upstream.deliver, self._sender, self._recipients, content)
-        except OSError:
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                return replies.STORE_FULL
             return replies.STORE_UNAVAILABLE
         return replies.SANDBOX_CAPTURED
 

@@ -26,7 +26,8 @@ from ..policy.base import Decision, MessageContext, RecipientContext, Verdict
 from ..policy.pipeline import MessageOutcome, Pipeline
 from ..relay.base import Upstream, UpstreamError, UpstreamTransaction
 from ..replies import Reply
-from ..store.base import AuditRecord, ErasureAttempt, HeldRecipient, HoldStore, NewHold, StoreError
+from ..store.base import (AuditRecord, ErasureAttempt, HeldRecipient, HoldStore, NewHold, StoreBusy, StoreError,
+                          StoreFull)
 from .access import AccessControl
 from .trace import protocol_name, received_header
 
@@ -267,11 +268,17 @@ class GuardHandler:
                     recipients=[_held_recipient(address, d) for address, d in txn.held],
                     stream=message.stream, message_class=message.message_class,
                 ))
-            except StoreError:
+            except StoreError as error:
                 # If the relayed part was accepted upstream, a retry duplicates it; a 250 here
-                # would lose the held part. Duplicates are the lesser harm.
-                log.exception("txn=%s could not store held message; answering 451", txn.txn_id)
-                return replies.STORE_UNAVAILABLE, "deferred"
+                # would lose the held part. Duplicates are the lesser harm. Nothing was stored:
+                # a full disk or a store locked past [store] busy_timeout is temporary.
+                reply = replies.STORE_FULL if isinstance(error, StoreFull) else replies.STORE_UNAVAILABLE
+                if isinstance(error, (StoreFull, StoreBusy)):
+                    log.error("txn=%s could not store held message (%s); answering %s", txn.txn_id, error,
+                              reply.code)
+                else:
+                    log.exception("txn=%s could not store held message; answering %s", txn.txn_id, reply.code)
+                return reply, "deferred"
             log.info("txn=%s held as %s for %d recipient(s)", txn.txn_id, hold_id, len(txn.held))
             if upstream_reply is None:
                 paced = all(d.release_at is not None for _, d in txn.held)

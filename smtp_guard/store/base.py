@@ -21,6 +21,16 @@ class StoreError(Exception):
     """The store could not do what was asked (locked, full, corrupt, unreachable)."""
 
 
+class StoreBusy(StoreError):
+    """Another writer held the store for longer than ``[store] busy_timeout``. Temporary: the
+    same call succeeds once the other writer lets go."""
+
+
+class StoreFull(StoreError):
+    """The disk (or file system) holding the store is full. Temporary: the same call succeeds
+    once space is freed; nothing was written."""
+
+
 # --- suppressions -----------------------------------------------------------------------------
 
 

@@ -3,20 +3,48 @@
 Durability: WAL journal with ``synchronous=FULL``, so a COMMIT has been fsync'd to the WAL
 when it returns — the guarantee the hold queue needs before the client gets its 250.
 ``secure_delete`` is on so that deleted rows are overwritten, not left in free pages (erasure).
+
+Concurrency: one aiosqlite connection is shared by every coroutine of a process, and every
+statement on it — reads included — runs under one lock, from execute to the last fetched
+row. A read cursor left open while another coroutine's ``BEGIN IMMEDIATE`` runs makes that
+BEGIN an upgrade of an open read transaction, which SQLite answers with SQLITE_BUSY at once,
+without waiting ``busy_timeout``, whenever another process holds the write lock (or
+SQLITE_BUSY_SNAPSHOT when it has committed since the read began): the ``database is locked``
+the breaker sync used to hit while the CLI wrote. Waiting for the lock and for SQLite's busy
+handler together take at most ``busy_timeout``; past it a call fails with ``StoreBusy``.
+
+Errors: sqlite errors are translated where they enter — SQLITE_FULL (or ENOSPC) becomes
+``StoreFull``, SQLITE_BUSY/LOCKED ``StoreBusy``, anything else ``StoreError``.
+
+Privacy: the store holds addresses, so its directory is created 0700 and the database file
+0600 before SQLite opens it; SQLite gives the ``-wal`` and ``-shm`` files the database
+file's mode. A store found readable by others is tightened at open, with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import sqlite3
+import stat
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable
 
 import aiosqlite
 
-from ..base import StoreError
+from ..base import StoreBusy, StoreError, StoreFull
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUSY_TIMEOUT = 5.0
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
+# Files next to the database that SQLite creates with the database file's mode.
+_COMPANIONS = ("-wal", "-shm", "-journal")
 
 # Each entry upgrades the schema by one version (PRAGMA user_version). Never edit a shipped
 # migration; append a new one.
@@ -175,13 +203,79 @@ PRAGMAS = (
     "PRAGMA synchronous = FULL",
     "PRAGMA foreign_keys = ON",
     "PRAGMA secure_delete = ON",
-    "PRAGMA busy_timeout = 10000",
 )
 
 
-def connect_sync(path: str | os.PathLike[str]) -> sqlite3.Connection:
+def _busy_pragma(seconds: float) -> str:
+    return f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}"
+
+
+def store_error(error: sqlite3.Error | OSError, context: str = "") -> StoreError:
+    """The StoreError for a sqlite or OS error, keeping SQLite's own message."""
+    text = f"{context}: {error}" if context else str(error)
+    name = getattr(error, "sqlite_errorname", "") or ""
+    if name == "SQLITE_FULL" or (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return StoreFull(text)
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StoreBusy(text)
+    return StoreError(text)
+
+
+def prepare_files(path: Path) -> None:
+    """Create the store's directory (0700) and database file (0600) before SQLite does, so
+    their modes do not depend on the umask; tighten an existing store that others can read."""
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=DIRECTORY_MODE, exist_ok=True)
+        os.chmod(directory, DIRECTORY_MODE)  # mkdir's mode is filtered by the umask
+    elif _is_open_to_others(directory) and _is_dedicated(directory, path):
+        log.warning("store directory %s was accessible to other users (mode %o); set it to 0700",
+                    directory, stat.S_IMODE(directory.stat().st_mode))
+        os.chmod(directory, DIRECTORY_MODE)
+    elif _is_open_to_others(directory):
+        # Not only the guard's files in it (e.g. /var/lib): changing it could break others.
+        log.warning("store directory %s is accessible to other users; give the store a directory of "
+                    "its own, mode 0700 (the store files themselves are 0600)", directory)
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        pass
+    else:
+        try:
+            os.fchmod(descriptor, FILE_MODE)
+        finally:
+            os.close(descriptor)
+    for file in (path, *(path.with_name(path.name + suffix) for suffix in _COMPANIONS)):
+        tighten_file(file)
+
+
+def tighten_file(file: Path) -> None:
+    """Mode 0600 for a store file that others can read or write (with a warning)."""
+    try:
+        mode = stat.S_IMODE(file.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("store file %s was accessible to other users (mode %o); set it to 0600", file, mode)
+        os.chmod(file, FILE_MODE)
+
+
+def _is_open_to_others(path: Path) -> bool:
+    return bool(path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+
+
+def _is_dedicated(directory: Path, path: Path) -> bool:
+    """Whether the directory holds nothing but the guard's own files (store, sandbox, key)."""
+    return directory.stat().st_uid == os.geteuid() and all(
+        name.startswith(path.name) or name in ("sandbox", "erasure.key", "erasure.key.tmp")
+        for name in os.listdir(directory))
+
+
+def connect_sync(path: str | os.PathLike[str], busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> sqlite3.Connection:
     """A plain sqlite3 connection with the same settings (for bulk work in a thread)."""
     connection = sqlite3.connect(path, isolation_level=None)
+    # The busy timeout first: the other pragmas already need the database's locks.
+    connection.execute(_busy_pragma(busy_timeout))
     for pragma in PRAGMAS:
         connection.execute(pragma)
     return connection
@@ -190,45 +284,71 @@ def connect_sync(path: str | os.PathLike[str]) -> sqlite3.Connection:
 class Database:
     """One aiosqlite connection, migrated on open. Sub-stores share it."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         self.path = Path(path)
+        self.busy_timeout = busy_timeout
         self._connection: aiosqlite.Connection | None = None
-        # The connection is shared by concurrent coroutines: a multi-statement transaction
-        # holds this lock so no other coroutine's statement lands inside it.
-        self._write_lock = asyncio.Lock()
+        # Every use of the shared connection, reads included, holds this lock (module docstring).
+        self._lock = asyncio.Lock()
+        self._busy_setting = busy_timeout  # the connection's current PRAGMA busy_timeout
+
+    def __repr__(self) -> str:
+        return f"<Database {self.path} busy_timeout={self.busy_timeout}s locked={self._lock.locked()}>"
+
+    @asynccontextmanager
+    async def _locked(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection, alone, within ``busy_timeout`` of asking (lock wait included)."""
+        connection = self.connection
+        deadline = time.monotonic() + self.busy_timeout
+        try:
+            async with asyncio.timeout(self.busy_timeout):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise StoreBusy(f"the store at {self.path} stayed busy for {self.busy_timeout:g}s") from None
+        try:
+            # SQLite's busy handler gets what is left of the time, so the total stays bounded.
+            remaining = max(0.0, deadline - time.monotonic())
+            wanted = self.busy_timeout if remaining > self.busy_timeout - 0.05 else remaining
+            if wanted != self._busy_setting:
+                await connection.execute(_busy_pragma(wanted))
+                self._busy_setting = wanted
+            yield connection
+        finally:
+            self._lock.release()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); sqlite errors become StoreError."""
-        async with self._write_lock:
-            connection = self.connection
+        async with self._locked() as connection:
             try:
                 await connection.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as error:
-                raise StoreError(str(error)) from error
+                raise store_error(error) from error
             try:
                 yield connection
             except BaseException as error:
-                await connection.execute("ROLLBACK")
+                await _rollback(connection)
                 if isinstance(error, sqlite3.Error):
-                    raise StoreError(str(error)) from error
+                    raise store_error(error) from error
                 raise
             else:
                 try:
                     await connection.execute("COMMIT")
                 except sqlite3.Error as error:
-                    await connection.execute("ROLLBACK")
-                    raise StoreError(str(error)) from error
+                    await _rollback(connection)
+                    raise store_error(error) from error
 
     async def open(self) -> "Database":
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            prepare_files(self.path)
             self._connection = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._connection.execute(_busy_pragma(self.busy_timeout))
             for pragma in PRAGMAS:
                 await self._connection.execute(pragma)
             await self._migrate()
         except (sqlite3.Error, OSError) as error:
-            raise StoreError(f"cannot open the store at {self.path}: {error}") from error
+            await self.close()
+            raise store_error(error, f"cannot open the store at {self.path}") from error
         return self
 
     async def close(self) -> None:
@@ -250,33 +370,79 @@ class Database:
 
     async def _migrate(self) -> None:
         connection = self.connection
-        async with connection.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
-        version = int(row[0]) if row else 0
+        version = await self._schema_version()
+        while version < len(MIGRATIONS):
+            # The version is read again under the write lock: another process (a CLI command
+            # and the server starting together) may have migrated meanwhile.
+            await connection.execute("BEGIN IMMEDIATE")
+            try:
+                version = await self._schema_version()
+                statements = list(_statements(MIGRATIONS[version])) if version < len(MIGRATIONS) else []
+                for statement in statements:
+                    await connection.execute(statement)
+                if statements:
+                    await connection.execute(f"PRAGMA user_version = {version + 1}")
+                await connection.execute("COMMIT")
+            except BaseException:
+                await _rollback(connection)
+                raise
+            version = await self._schema_version()
         if version > len(MIGRATIONS):
             raise StoreError(
                 f"the store at {self.path} has schema version {version}, newer than this smtp-guard "
                 f"({len(MIGRATIONS)}); upgrade smtp-guard"
             )
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await connection.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+
+    async def _schema_version(self) -> int:
+        async with self.connection.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> None:
-        try:
-            await self.connection.execute(sql, tuple(parameters))
-        except sqlite3.Error as error:
-            raise StoreError(str(error)) from error
+        async with self._locked() as connection:
+            try:
+                await connection.execute(sql, tuple(parameters))
+            except sqlite3.Error as error:
+                raise store_error(error) from error
 
     async def fetchall(self, sql: str, parameters: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        try:
-            async with self.connection.execute(sql, tuple(parameters)) as cursor:
-                return list(await cursor.fetchall())
-        except sqlite3.Error as error:
-            raise StoreError(str(error)) from error
+        async with self._locked() as connection:
+            try:
+                async with connection.execute(sql, tuple(parameters)) as cursor:
+                    return list(await cursor.fetchall())
+            except sqlite3.Error as error:
+                raise store_error(error) from error
 
     async def fetchone(self, sql: str, parameters: Iterable[Any] = ()) -> Any:
+        async with self._locked() as connection:
+            try:
+                async with connection.execute(sql, tuple(parameters)) as cursor:
+                    return await cursor.fetchone()
+            except sqlite3.Error as error:
+                raise store_error(error) from error
+
+
+async def _rollback(connection: aiosqlite.Connection) -> None:
+    """ROLLBACK if a transaction is still open: SQLite has already rolled back after some
+    errors (SQLITE_FULL, SQLITE_IOERR, a busy COMMIT), and a second ROLLBACK would fail and
+    hide the error that matters."""
+    if connection.in_transaction:
         try:
-            async with self.connection.execute(sql, tuple(parameters)) as cursor:
-                return await cursor.fetchone()
+            await connection.execute("ROLLBACK")
         except sqlite3.Error as error:
-            raise StoreError(str(error)) from error
+            log.warning("store: rollback failed: %s", error)
+
+
+def _statements(script: str) -> Iterable[str]:
+    """The statements of a migration script, one at a time (executescript would COMMIT the
+    migration's own transaction first)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                yield pending.strip()
+            pending = ""
+    if pending.strip() and not all(line.strip().startswith("--") or not line.strip()
+                                   for line in pending.splitlines()):
+        raise StoreError(f"incomplete statement in a migration: {pending.strip()[:60]}")

@@ -33,13 +33,14 @@ from ..base import (
     SuppressionFilter,
     SuppressionSnapshot,
 )
-from .db import Database, connect_sync
+from .db import Database, connect_sync, store_error
 
 # Past this many logged changes a running server reloads the snapshot instead of applying them.
 MAX_DELTA = 50_000
 # Parameters per IN (...) clause; well under SQLite's limit of 32766 bound variables.
 _IN_CHUNK = 500
 _FETCH_CHUNK = 50_000
+_QUERY_PAGE = 1000
 
 _COLUMNS = "kind, value, list_name, reason, source, created_at, expires_at, include_subdomains"
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
@@ -158,7 +159,11 @@ class SQLiteSuppressionStore:
     async def query(self, filters: SuppressionFilter, now: float,
                     limit: int | None = None) -> AsyncIterator[SuppressionEntry]:
         """Entries matching every filter, oldest first, streamed (an export may be millions).
-        ``contains`` matches a substring of the value, ignoring case."""
+        ``contains`` matches a substring of the value, ignoring case.
+
+        Read a page at a time, each after the last (created_at, id) seen: no read stays open
+        on the shared connection between pages (db.py), so the consumer may write meanwhile.
+        """
         where: list[str] = []
         parameters: list[Any] = []
         for column, value in (("list_name", filters.list_name), ("kind", filters.kind), ("source", filters.source)):
@@ -172,18 +177,22 @@ class SQLiteSuppressionStore:
         if not filters.include_expired:
             where.append(_LIVE)
             parameters.append(now)
-        clause = f"WHERE {' AND '.join(where)} " if where else ""
-        sql = f"SELECT {_COLUMNS} FROM suppressions {clause}ORDER BY created_at, id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            parameters.append(limit)
-        try:
-            async with self._db.connection.execute(sql, parameters) as cursor:
-                cursor.iter_chunk_size = 1000
-                async for row in cursor:
-                    yield _entry(row)
-        except sqlite3.Error as error:
-            raise StoreError(str(error)) from error
+        after: tuple[float, int] | None = None
+        left = limit
+        while left is None or left > 0:
+            page = _QUERY_PAGE if left is None else min(_QUERY_PAGE, left)
+            clauses = [*where, "(created_at, id) > (?, ?)"] if after is not None else where
+            clause = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+            rows = await self._db.fetchall(
+                f"SELECT {_COLUMNS}, id FROM suppressions {clause}ORDER BY created_at, id LIMIT ?",
+                (*parameters, *(after or ()), page))
+            for row in rows:
+                yield _entry(row[:-1])
+            if len(rows) < page:
+                return
+            after = (rows[-1][5], rows[-1][-1])
+            if left is not None:
+                left -= len(rows)
 
     async def count_by_list(self, now: float) -> dict[str, int]:
         rows = await self._db.fetchall(
@@ -196,9 +205,10 @@ class SQLiteSuppressionStore:
         # A separate connection in a thread: ten million rows must not queue behind, or block,
         # the shared connection that admin writes and the hold queue use.
         try:
-            return await asyncio.to_thread(_load_snapshot, self._db.path, tuple(list_priority), now)
+            return await asyncio.to_thread(_load_snapshot, self._db.path, tuple(list_priority), now,
+                                           self._db.busy_timeout)
         except sqlite3.Error as error:
-            raise StoreError(f"cannot load the suppression index: {error}") from error
+            raise store_error(error, "cannot load the suppression index") from error
 
     async def changes_since(self, seq: int, list_priority: Sequence[str], now: float) -> SuppressionDelta:
         rows = await self._db.fetchall(
@@ -242,10 +252,10 @@ class SQLiteSuppressionStore:
                                 next_expiry=min(expiries, default=None))
 
 
-def _load_snapshot(path: Any, priority: tuple[str, ...], now: float) -> SuppressionSnapshot:
+def _load_snapshot(path: Any, priority: tuple[str, ...], now: float, busy_timeout: float) -> SuppressionSnapshot:
     """Build the snapshot on a private connection, inside one read transaction so the change
     log position and the entries agree."""
-    connection = connect_sync(path)
+    connection = connect_sync(path, busy_timeout)
     try:
         connection.execute("BEGIN")
         (seq,) = connection.execute("SELECT COALESCE(MAX(seq), 0) FROM suppression_changes").fetchone()
