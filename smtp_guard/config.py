@@ -96,8 +96,8 @@ class AuthConfig:
 class SMTPConfig:
     listen: ListenAddress = ListenAddress("127.0.0.1", 2525)
     hostname: str = ""
-    max_message_size: int = 25 * 1024 * 1024
-    max_recipients: int = 1000
+    max_message_size: int = _at_least(25 * 1024 * 1024, minimum=1)
+    max_recipients: int = _at_least(1000, minimum=1)
     # Longest wait for the client's next command (421 4.4.2 after it).
     idle_timeout: float = _duration(300.0)
     # Longest wait between two reads inside DATA: a slow but steady client finishes, a stalled
@@ -105,7 +105,7 @@ class SMTPConfig:
     data_timeout: float = _duration(300.0)
     # Longest life of one session, however busy (421 4.4.2 at the next command).
     session_timeout: float = _duration(3600.0)
-    max_sessions: int = 100
+    max_sessions: int = _at_least(100, minimum=1)
     # What to do with a bare CR or LF inside DATA (SMTP smuggling). A bare CR or LF inside a
     # command line is always refused (500 5.5.2).
     bare_line_endings: BareLineEndings = "reject"
@@ -503,8 +503,7 @@ def _build_section(cls: type, table: Mapping[str, Any], where: str) -> Any:
     for f in fields(cls):
         if f.name not in table:
             continue
-        # A value from the environment is reported under its variable, the thing to fix.
-        key = f"environment {table[f.name].name}" if isinstance(table[f.name], _EnvValue) else f"{where}.{f.name}"
+        key = _key_of(table, f.name, where)
         current = getattr(default, f.name)
         raw = _resolve_env(table[f.name], current)
         annotation = _ALIASES.get(str(f.type), str(f.type))
@@ -534,19 +533,20 @@ def _build_access(table: Mapping[str, Any], where: str) -> AccessConfig:
         raise ConfigError(f"{where}: expected a table, got {table!r}")
     _check_keys(table, {"allow_networks", "allow_open_relay"}, where)
     allow_open_relay = _coerce(_resolve_env(table.get("allow_open_relay", False), False), False, "bool",
-                               f"{where}.allow_open_relay")
+                               _key_of(table, "allow_open_relay", where))
     if "allow_networks" not in table:
         return AccessConfig(allow_open_relay=allow_open_relay)
+    key = _key_of(table, "allow_networks", where)
     raw = _resolve_env(table["allow_networks"], [])
     if not isinstance(raw, list):
-        raise ConfigError(f"{where}.allow_networks: expected a list like [\"127.0.0.0/8\"]")
+        raise ConfigError(f"{key}: expected a list like [\"127.0.0.0/8\"], got {raw!r}")
     networks = []
     for item in raw:
         try:
             networks.append(ipaddress.ip_network(str(item), strict=False))
         except ValueError:
             raise ConfigError(
-                f"{where}.allow_networks: {item!r} is not a network; write e.g. \"10.0.0.0/8\" or \"192.0.2.7/32\""
+                f"{key}: {item!r} is not a network; write e.g. \"10.0.0.0/8\" or \"192.0.2.7/32\""
             ) from None
     return AccessConfig(allow_networks=tuple(networks), allow_open_relay=allow_open_relay)
 
@@ -591,6 +591,13 @@ class _EnvValue:
     raw: str
     parsed: Any
     name: str  # the variable, named in errors
+
+
+def _key_of(table: Mapping[str, Any], name: str, where: str) -> str:
+    """Where a setting came from, for an error: a value from the environment is reported under
+    its variable (the thing to fix), one from the file under its section and key."""
+    value = table.get(name)
+    return f"environment {value.name}" if isinstance(value, _EnvValue) else f"{where}.{name}"
 
 
 def _env_names(value: Any) -> list[str]:
@@ -752,7 +759,14 @@ def build_config(data: Mapping[str, Any], source: str, *, base_dir: Path | None 
     if not config.store.path:
         store = replace(config.store, path=default_store_path(os.environ if environ is None else environ))
         config = replace(config, store=store)
-    _validate(config, where)
+    from_environment = _env_names(dict(data))
+    try:
+        _validate(config, where)
+    except ConfigError as error:
+        if not from_environment:
+            raise
+        # A check across settings cannot tell which one is wrong: name the variables in play.
+        raise ConfigError(f"{error} (settings from the environment: {', '.join(from_environment)})") from None
     return config
 
 
@@ -808,8 +822,6 @@ def _validate(config: Config, where: str) -> None:
             raise ConfigError(
                 f"{where}: [smtp.auth.users] {user!r} must be a hash; run `smtp-guard hash-password` and paste its output"
             )
-    if config.smtp.max_recipients < 1 or config.smtp.max_sessions < 1 or config.smtp.max_message_size < 1:
-        raise ConfigError(f"{where}: [smtp] max_recipients, max_sessions and max_message_size must be positive")
     if config.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"{where}: [logging] level {config.logging.level!r} is not one of debug, info, warning, error")
     known_classes = set(config.classes) | {config.classify.default}

@@ -86,10 +86,20 @@ async def probe_upstream(config: UpstreamConfig, sandbox_dir: Path) -> str | Non
     try:
         await client.connect()
     except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
-        return f"cannot connect to [upstream] {config.host}:{config.port}: {error}"
+        return f"cannot connect to [upstream] {config.host}:{config.port}: {_reason(error)}"
     try:
         await client.quit()
     except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
         client.close()
     return None
 
+
+def _reason(error: BaseException) -> str:
+    """The operating system's words for a failed connection ("Connection refused"), not the
+    library's wrapping of them."""
+    cause = error.__cause__ or error
+    if isinstance(cause, (asyncio.TimeoutError, aiosmtplib.SMTPTimeoutError)):
+        return "no answer in time ([upstream] connect_timeout)"
+    if isinstance(cause, OSError) and cause.errno:
+        return os.strerror(cause.errno)
+    return " ".join(str(error).split())

@@ -138,7 +138,7 @@ def test_metrics_listener_can_be_turned_off(value: str) -> None:
 
 @pytest.mark.parametrize("data, fragment", [
     ({"smtp": {"max_recipients": "10"}}, "[smtp].max_recipients: expected an integer"),
-    ({"smtp": {"max_recipients": 0}}, "must be positive"),
+    ({"smtp": {"max_recipients": 0}}, "[smtp].max_recipients: must be at least 1, got 0"),
     ({"smtp": {"bare_line_endings": "ignore"}}, "'ignore' is not one of reject, normalize"),
     ({"upstream": {"tls": "ssl"}}, "is not one of none, opportunistic, starttls, implicit"),
     ({"upstream": {"tls_verify": "yes"}}, "expected true or false"),
@@ -345,3 +345,13 @@ def test_every_time_setting_accepts_a_duration() -> None:
     assert (config.smtp.idle_timeout, config.smtp.data_timeout, config.smtp.session_timeout) == (300, 90, 7200)
     assert (config.upstream.connect_timeout, config.upstream.command_timeout) == (15, 120)
     assert config.hold.poll_interval == 2 and config.audit.flush_interval == 3 and config.smtp.shutdown_grace == 60
+
+
+def test_an_error_across_settings_names_the_environment_variables_in_play() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, environ={"SMTP_GUARD__UPSTREAM__HOST": "mx.internal"})
+    assert str(error.value).endswith("(settings from the environment: SMTP_GUARD__UPSTREAM__HOST)")
+    with pytest.raises(ConfigError, match=r"^environment SMTP_GUARD__ACCESS__ALLOW_NETWORKS: expected a list"):
+        load_config(None, environ={"SMTP_GUARD__ACCESS__ALLOW_NETWORKS": "0.0.0.0/0"})
+    with pytest.raises(ConfigError, match=r"^environment SMTP_GUARD__SMTP__MAX_SESSIONS: must be at least 1, got 0"):
+        load_config(None, environ={"SMTP_GUARD__SMTP__MAX_SESSIONS": "0"})

@@ -36,7 +36,7 @@ def audit() -> None:
 @click.option("--verdict", help="Only this verdict: pass, reject, defer, hold, drop; delivered, deferred, failed; "
               "or an admin verb such as hold.release.")
 @click.option("--rule", help="Only rules starting with this, e.g. suppression or suppression.unsubscribed.")
-@click.option("--recipient", metavar="ADDR", help="Only this recipient, exactly as relayed.")
+@click.option("--recipient", metavar="ADDR", help="Only this recipient: an address (matched in its normalized form) or a pseudonym from a log line (h:…).")
 @click.option("--sender", metavar="ADDR", help="Only this envelope sender, exactly as received.")
 @click.option("--txn", help="Only this SMTP transaction id (or hold id, for admin actions on held mail).")
 @click.option("--limit", type=click.IntRange(min=1), default=100, help="At most this many records, newest first.")

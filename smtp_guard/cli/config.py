@@ -49,7 +49,8 @@ def check(config: Config, strict: bool) -> None:
     \b
     Example:
       smtp-guard config check --config /etc/smtp-guard/smtp-guard.toml
-      SMTP_GUARD__UPSTREAM__HOST=mx.internal smtp-guard config check --config guard.toml --strict
+      SMTP_GUARD__UPSTREAM__MODE=smtp SMTP_GUARD__UPSTREAM__HOST=mx.internal \\
+        smtp-guard config check --config guard.toml --strict
     """
     from ..config_check import dangers
 

@@ -26,7 +26,7 @@ class _EraseGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_EraseGroup)
+@click.group(cls=_EraseGroup, short_help="Erase addresses (GDPR): tombstone, purge, receipt, proof.")
 def erase() -> None:
     """Erase addresses (GDPR Art. 17): tombstone, purge, receipt, proof, evidence.
 
@@ -106,7 +106,7 @@ async def _erase(config: Config, addresses: Sequence[str], files: Sequence[Path]
 
 def _print_receipt(receipt: ErasureReceipt) -> None:
     click.echo(f"Erased under {receipt.reference}: receipt {receipt.id}, tombstone {receipt.tombstone_id} "
-               f"(key {receipt.key_id}), {format_time(receipt.created_at)} UTC")
+               f"(key {receipt.key_id}), {format_time(receipt.created_at)}")
     for purge in receipt.purged:
         if purge.count:
             click.echo(f"  purged {purge.count} {purge.what.replace('_', ' ')} from {purge.store.replace('_', ' ')}")

@@ -22,10 +22,11 @@ def main() -> None:
     Stopped streams:  smtp-guard breaker list
     Audit trail:      smtp-guard audit list --since 1h
     Erase (GDPR):     smtp-guard erase jane@example.com --ref DSR-2026-0042
+    New config:       smtp-guard config example > guard.toml
+    Check it:         smtp-guard config check --config guard.toml
 
-    New config:       smtp-guard config example > guard.toml && smtp-guard config check --config guard.toml
-
-    Every command takes --config FILE (or SMTP_GUARD_CONFIG); run `smtp-guard COMMAND --help`.
+    Every command that reads a config takes --config FILE (or SMTP_GUARD_CONFIG); run
+    `smtp-guard COMMAND --help`.
     """
 
 

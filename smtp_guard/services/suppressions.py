@@ -99,7 +99,9 @@ def parse_target(ctx: AdminContext, text: str) -> Target:
         if text.startswith("@"):
             return Target("domain", ctx.normalizer.domain(text[1:]))
         if "@" not in text:
-            raise InvalidTarget(text, f"is not an address; to suppress a whole domain write @{text}")
+            # Suggest the domain form only for something that could be a domain.
+            hint = f"; to suppress a whole domain write @{text}" if " " not in text and "." in text else ""
+            raise InvalidTarget(text, f"is not an address{hint}")
         return Target("address", ctx.normalizer.key(text))
     except InvalidAddress as error:
         raise InvalidTarget(text, f"is not a valid {'domain' if text.startswith('@') else 'address'}: {error}") from None
