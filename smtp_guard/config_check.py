@@ -89,17 +89,38 @@ def dangers(config: Config) -> list[Danger]:
 
 
 def _warn_files(config: Config, warn: Callable[[str, str], None]) -> None:
-    """The data directory and key file: readable by the guard's user only."""
+    """The data directory and everything in it, and the key file: the guard's user only."""
     store = Path(config.store.path)
     if not store.exists():
         warn("[store] path", f"{store} does not exist yet; `smtp-guard serve` or `smtp-guard init` creates it "
              "(admin commands never do)")
-    for path, expected in ((store.parent, 0o700), (config.erasure_key_file, 0o600), (store, 0o600)):
-        try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except OSError:
-            continue
-        if mode & 0o077:
-            warn("[store] path" if path != config.erasure_key_file else "[erasure] key_file",
-                 f"{path} has mode {mode:04o}; it holds addresses or secrets: chmod {expected:04o} {path}")
+    too_open = [path for path in (store.parent, *_walk(store.parent), config.erasure_key_file)
+                if _is_too_open(path)]
+    for path in too_open[:MAX_LISTED]:
+        setting = "[erasure] key_file" if path == config.erasure_key_file else "[store] path"
+        wanted = "0700" if path.is_dir() else "0600"
+        warn(setting, f"{path} has mode {stat.S_IMODE(path.stat().st_mode):04o}; it holds addresses or secrets: "
+             f"chmod {wanted} {path}")
+    if len(too_open) > MAX_LISTED:
+        warn("[store] path", f"{len(too_open) - MAX_LISTED} more files under {store.parent} can be read by others: "
+             f"chmod -R go-rwx {store.parent}")
 
+
+MAX_LISTED = 5  # files named one by one; a sandbox may hold thousands
+MAX_WALKED = 100_000
+
+
+def _walk(directory: Path) -> list[Path]:
+    found: list[Path] = []
+    for root, dirs, files in os.walk(directory):
+        found += [Path(root) / name for name in (*dirs, *files)]
+        if len(found) >= MAX_WALKED:
+            break
+    return found
+
+
+def _is_too_open(path: Path) -> bool:
+    try:
+        return bool(stat.S_IMODE(os.lstat(path).st_mode) & 0o077) and not path.is_symlink()
+    except OSError:
+        return False

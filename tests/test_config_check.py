@@ -67,3 +67,23 @@ def test_check_of_an_invalid_config_exits_1_naming_file_and_key(tmp_path: Path) 
     result = invoke("config", "check", "--config", str(config_file))
     assert result.exit_code == 1
     assert f"{config_file}: [smtp]: unknown key(s) max_sesions" in result.output
+
+
+def test_check_names_readable_files_anywhere_in_the_data_directory(tmp_path: Path) -> None:
+    config_file = tmp_path / "guard.toml"
+    config_file.write_text('[store]\npath = "data/guard.sqlite3"\n')
+    data = tmp_path / "data"
+    (data / "sandbox" / "new").mkdir(parents=True)
+    for path in (data, data / "sandbox", data / "sandbox" / "new"):
+        path.chmod(0o700)
+    (data / "guard.sqlite3").touch(mode=0o600)
+    (data / "guard.sqlite3-wal").write_text("")
+    (data / "guard.sqlite3-wal").chmod(0o644)
+    for number in range(8):
+        (data / "sandbox" / "new" / f"{number}.eml").write_text("To: someone@example.com\n")
+        (data / "sandbox" / "new" / f"{number}.eml").chmod(0o644)
+    result = invoke("config", "check", "--config", str(config_file))
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: [store]")]
+    assert len(warnings) == 6  # five named one by one, then how many more
+    assert any(f"{data / 'guard.sqlite3-wal'} has mode 0644" in line for line in warnings)
+    assert warnings[-1] == f"warning: [store] path: 4 more files under {data} can be read by others: chmod -R go-rwx {data}"
