@@ -64,11 +64,13 @@ PROBE_INTERVAL = 2.0  # how often readiness checks that the store answers
 LIST_SIZES_INTERVAL = 60.0
 
 
-async def load_tombstones(config: Config, erasure: SQLiteErasureStore) -> TombstoneIndex:
+async def load_tombstones(config: Config, erasure: SQLiteErasureStore, *, may_replace: bool) -> TombstoneIndex:
     """Every tombstone, with a key ring that can verify them: a missing, replaced or too-open
     key file stops here (ErasureKeyError) — for the server and for every admin command, since
-    acting on a store whose erasures are not enforceable would hide the problem."""
-    return TombstoneIndex(await open_key_ring(config.erasure_key_file, erasure), await erasure.tombstones_since(0))
+    acting on a store whose erasures are not enforceable would hide the problem. Only
+    ``may_replace`` (the guard's start, ``init``) replaces a key nothing was made with."""
+    ring = await open_key_ring(config.erasure_key_file, erasure, config.store.data_dir, may_replace=may_replace)
+    return TombstoneIndex(ring, await erasure.tombstones_since(0))
 
 
 def pseudonymizing_audit_store(db: Database, normalizer: AddressNormalizer,
@@ -83,7 +85,7 @@ async def init_store(config: Config) -> bool:
     would (``smtp-guard init``). Returns False when the store already existed."""
     existed = Path(config.store.path).is_file()
     async with Database(config.store.path, config.store.busy_timeout) as db:
-        await load_tombstones(config, SQLiteErasureStore(db))
+        await load_tombstones(config, SQLiteErasureStore(db), may_replace=True)
     return not existed
 
 
@@ -95,7 +97,7 @@ async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminC
         raise StoreNotFound(config, WELL_KNOWN_CONFIGS)
     async with Database(config.store.path, config.store.busy_timeout) as db:
         erasure = SQLiteErasureStore(db)
-        tombstones = await load_tombstones(config, erasure)
+        tombstones = await load_tombstones(config, erasure, may_replace=False)
         normalizer = AddressNormalizer(config.addresses)
         yield AdminContext(
             config=config,
@@ -196,7 +198,7 @@ class Guard:
 
         key_file = config.erasure_key_file
         with _setting(f"[erasure] key_file {key_file}", ErasureKeyError, OSError):
-            self.tombstones = await load_tombstones(config, self.erasure)
+            self.tombstones = await load_tombstones(config, self.erasure, may_replace=True)
             if self.tombstones.broken:
                 raise ErasureKeyError(f"{self.tombstones.broken}; restore the key file from backup")
         self.tombstone_reloader = TombstoneReloader(self.tombstones, self.erasure, lambda: load_key_ring(key_file),

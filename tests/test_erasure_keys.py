@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import secrets
 import shutil
@@ -17,7 +18,7 @@ import pytest
 
 from smtp_guard import replies
 from smtp_guard.app import Guard, StartupError
-from smtp_guard.erasure.keys import create_key_ring
+from smtp_guard.erasure.keys import ErasureKeyError, create_key_ring
 
 from conftest import wait_until
 from erasure_support import SENDER, accepts, cli, cli_config_for, cli_json, mail, refuses, write_cli_config
@@ -53,11 +54,12 @@ def missing(path: Path) -> None:
 
 
 BROKEN_KEY_FILES = [
-    pytest.param(missing, "erasure key file not found, but the store has tombstones", id="missing"),
+    pytest.param(missing, "erasure key file not found, but the store has 1 tombstone made with key k", id="missing"),
     pytest.param(too_open, "readable by others; run: chmod 600", id="mode-0644"),
     pytest.param(group_readable, "readable by others; run: chmod 600", id="mode-0640"),
-    pytest.param(same_id_new_secret, "is not the key the store's tombstones were made with", id="same-id-new-secret"),
-    pytest.param(freshly_generated, "which this key file does not hold", id="freshly-generated"),
+    pytest.param(same_id_new_secret, "is not the key the store remembers under that id (the store has 1 tombstone "
+                 "made with it)", id="same-id-new-secret"),
+    pytest.param(freshly_generated, "the store has 1 tombstone made with key k", id="freshly-generated"),
     pytest.param(not_json, "not a valid erasure key file", id="not-json"),
 ]
 
@@ -216,3 +218,148 @@ async def test_running_guard_defers_all_mail_when_a_tombstone_needs_a_key_it_can
     assert (await send(guard.smtp_address, SENDER, ["jane@example.com", "someone@example.com"],
                        mail(to="x"))).rcpt["jane@example.com"] == str(replies.ERASED)
     assert sink.delivered_to() == ["someone@example.com"]
+
+
+# --- what the key file must hold: what the store depends on, not what it remembers -------------
+
+def elsewhere(tmp_path: Path) -> Path:
+    """A key file outside the data directory, in a directory the operator made (0700)."""
+    directory = tmp_path / "elsewhere"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory / "erasure.key"
+
+
+def key_id_of(path: Path) -> str:
+    return str(json.loads(path.read_text())["keys"][-1]["id"])
+
+
+@pytest.mark.parametrize("default_key_file", ["missing", "another-key"])
+async def test_a_key_nothing_was_made_with_is_forgotten_with_a_warning(start_guard, tmp_path, caplog,
+                                                                        default_key_file):
+    """The reported case: a first start with a mistyped [erasure] key_file, no erasure and no
+    mail; the restart with the default key file starts, says which key it forgot, and the new
+    key is the one the store now holds to."""
+    typo = elsewhere(tmp_path)
+    first = await start_guard(erasure={"key_file": str(typo)})
+    old_id = key_id_of(typo)
+    assert set(await first.erasure.key_checks()) == {old_id}
+    await first.stop()
+
+    default = first.config.store.data_dir / "erasure.key"
+    if default_key_file == "another-key":
+        create_key_ring(default)
+    with caplog.at_level(logging.WARNING, logger="smtp_guard.erasure.keys"):
+        restarted = await start_guard()
+    assert restarted.config.erasure_key_file == default
+    new_id = key_id_of(default)
+    assert new_id != old_id and restarted.tombstones.ring.primary.id == new_id
+    assert set(await restarted.erasure.key_checks()) == {new_id}
+    warned, = [r.getMessage() for r in caplog.records if r.name == "smtp_guard.erasure.keys"]
+    found = (f"erasure key file not found; the store remembers key {old_id}" if default_key_file == "missing"
+             else f"this key file does not hold key {old_id}, which the store remembers")
+    assert warned.startswith(f"{default}: {found}, but it made no tombstone and no audit pseudonym; forgetting it")
+    assert warned.endswith("; generating a new key (back the new key file up)") == (default_key_file == "missing")
+
+    # The new key is the store's from now on: erasures work, and survive a restart quietly.
+    config_file = cli_config_for(tmp_path, restarted)
+    erased, = await cli_json(config_file, "erase", "jane@example.com", "--ref", "DSR-1")
+    assert erased["key_id"] == new_id
+    await wait_until(lambda: refuses(restarted, "jane@example.com"), what="the erasure to be enforced")
+    await restarted.stop()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="smtp_guard.erasure.keys"):
+        again = await start_guard()
+    assert await refuses(again, "jane@example.com")
+    assert not [r for r in caplog.records if r.name == "smtp_guard.erasure.keys"]
+
+
+async def test_missing_key_file_with_tombstones_is_refused_with_their_count(start_guard, tmp_path):
+    guard = await start_guard()
+    config_file = cli_config_for(tmp_path, guard)
+    for address, reference in (("jane@example.com", "DSR-1"), ("bob@example.org", "DSR-2")):
+        await cli(config_file, "erase", address, "--ref", reference)
+    key_file = guard.config.erasure_key_file
+    key_id = key_id_of(key_file)
+    await guard.stop()
+    key_file.unlink()
+
+    restarted = Guard(guard.config)
+    try:
+        with pytest.raises(StartupError) as raised:
+            await restarted.start()
+    finally:
+        await restarted.stop()
+    assert str(raised.value) == (
+        f"[erasure] key_file {key_file}: erasure key file not found, but the store has 2 tombstones made with key "
+        f"{key_id}; restore the key file from backup, or set [erasure] key_file to where it is (erasures would no "
+        "longer be enforced)")
+    assert not key_file.exists()
+    result = await cli(config_file, "erase", "verify", "jane@example.com", exit_code=1)
+    assert "2 tombstones made with key " + key_id in result.output and not key_file.exists()
+
+
+async def test_a_key_that_pseudonymized_audit_records_is_kept(start_guard, sink, tmp_path):
+    """No tombstone, but mail went through under the first key: its audit records name the
+    recipient by that key's pseudonym, so a restart without it is refused (they could no
+    longer be found or erased by address), and moving the key file into place fixes it."""
+    typo = elsewhere(tmp_path)
+    first = await start_guard(erasure={"key_file": str(typo)})
+    assert (await send(first.smtp_address, SENDER, ["carol@example.org"], mail(to="carol"))).data.startswith("250")
+    await first.audit.flush()
+    records = await first.erasure.pseudonymized_audit_records()
+    assert records >= 1
+    old_id = key_id_of(typo)
+    await first.stop()
+
+    default = first.config.store.data_dir / "erasure.key"
+    with pytest.raises(StartupError) as raised:
+        await start_guard()
+    assert str(raised.value) == (
+        f"[erasure] key_file {default}: erasure key file not found; the store has 0 tombstones, but {records} audit "
+        f"record{'' if records == 1 else 's'} with recipients named by pseudonyms made with an erasure key that is "
+        f"not available now (the store remembers {old_id}), and without it those records can no longer be found or "
+        "erased by address; restore the key file from backup, or set [erasure] key_file to where it is")
+    assert not default.exists()
+
+    typo.rename(default)
+    again = await start_guard()
+    assert again.tombstones.ring.primary.id == old_id
+    found = json.loads((await cli(cli_config_for(tmp_path, again), "audit", "list", "--recipient",
+                                  "carol@example.org", "--json")).stdout)
+    assert found
+
+
+async def test_admin_commands_never_replace_a_key(start_guard, tmp_path):
+    """Only the guard's start forgets a key nothing was made with: an admin command pointed at
+    a missing key file refuses and creates nothing (it may be an admin host whose key_file
+    differs from the running guard's)."""
+    typo = elsewhere(tmp_path)
+    guard = await start_guard(erasure={"key_file": str(typo)})
+    old_id = key_id_of(typo)
+    config_file = cli_config_for(tmp_path, guard)  # the default key path: data/erasure.key
+    result = await cli(config_file, "suppress", "list", exit_code=1)
+    default = guard.config.store.data_dir / "erasure.key"
+    assert (f"{default}: erasure key file not found; the store remembers key {old_id}, but it made no tombstone "
+            "and no audit pseudonym; start the guard with this config (smtp-guard serve") in result.output
+    assert not default.exists()
+    assert set(await guard.erasure.key_checks()) == {old_id}
+
+
+async def test_mistyped_key_file_directory_is_not_created(start_guard, tmp_path):
+    key_file = tmp_path / "nonexistent" / "dir" / "erasure.key"
+    with pytest.raises(StartupError) as raised:
+        await start_guard(erasure={"key_file": str(key_file)})
+    message = str(raised.value)
+    assert message.startswith(f"[erasure] key_file {key_file}: the directory {key_file.parent} does not exist; "
+                              "correct [erasure] key_file")
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_the_data_directory_is_the_one_directory_created_for_the_key_file(tmp_path):
+    data = tmp_path / "data"
+    ring = create_key_ring(data / "erasure.key", data_dir=data)
+    assert ring.path.stat().st_mode & 0o777 == 0o600
+    assert data.stat().st_mode & 0o777 == 0o700
+    with pytest.raises(ErasureKeyError, match=re.escape(f"the directory {tmp_path / 'other'} does not exist")):
+        create_key_ring(tmp_path / "other" / "erasure.key", data_dir=data)
+    assert not (tmp_path / "other").exists()

@@ -11,7 +11,7 @@ import logging
 from typing import Awaitable, Callable, Sequence
 
 from ..store.base import ErasureStore, Tombstone
-from .keys import ErasureKeyError, KeyRing, erasure_token
+from .keys import ErasureKeyError, KeyRing, check_key_file, erasure_token
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ class TombstoneReloader:
         if any(self.index.ring.by_id(t.key_id) is None for t in new) or self.index.broken:
             try:
                 ring = self._load_ring()
-                ring.check_against(await self._store.key_checks())
+                # A running guard never forgets a key: keys nothing was made with are
+                # only forgotten at start-up (open_key_ring), with a warning.
+                await check_key_file(ring.path, ring, self._store)
                 self.index.ring = ring
                 self.index.broken = None
             except ErasureKeyError as error:

@@ -376,9 +376,22 @@ class ErasureAttempt:
 
 class ErasureStore(Protocol):
     async def key_checks(self) -> dict[str, str]:
-        """key id -> check value of every key that ever made a tombstone."""
+        """key id -> check value of every key the store remembers (each key a guard or an
+        admin command opened it with, and every key that made a tombstone)."""
 
     async def remember_key(self, key_id: str, check_value: str, now: float) -> None: ...
+
+    async def tombstone_counts(self) -> dict[str, int]:
+        """key id -> how many tombstones were made with it (keys that made none are absent)."""
+
+    async def pseudonymized_audit_records(self) -> int:
+        """How many audit records name a recipient by a keyed pseudonym (``h:…``), in the
+        recipient or inside the reason. A pseudonym does not say which key made it."""
+
+    async def forget_keys(self, key_ids: Sequence[str]) -> bool:
+        """Drop the check values of these keys — only if, in the same transaction, no
+        tombstone was made with any of them and no audit record holds a pseudonym. Returns
+        whether they were dropped."""
 
     async def add_tombstone(self, digest: bytes, key_id: str, reference: str, now: float) -> tuple[Tombstone, bool]:
         """Store a tombstone (idempotent); returns it and whether it is new."""

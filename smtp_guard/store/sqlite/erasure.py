@@ -20,6 +20,12 @@ from .db import Database
 
 _CHECKPOINT_TRIES = 20
 
+# An audit pseudonym is "h:" and 16 lower-case hex digits (erasure/keys.py), as the whole
+# recipient or inside a reason.
+_PSEUDONYM = "h:" + "[0-9a-f]" * 16
+_PSEUDONYM_GLOBS = (_PSEUDONYM, f"*{_PSEUDONYM}*")
+_COUNT_PSEUDONYMIZED = "SELECT COUNT(*) FROM audit WHERE recipient GLOB ? OR reason GLOB ?"
+
 
 class SQLiteErasureStore:
     def __init__(self, db: Database) -> None:
@@ -36,6 +42,27 @@ class SQLiteErasureStore:
             await connection.execute(
                 "INSERT OR IGNORE INTO erasure_keys (id, check_value, created_at) VALUES (?, ?, ?)",
                 (key_id, check_value, now))
+
+    async def tombstone_counts(self) -> dict[str, int]:
+        rows = await self._db.fetchall("SELECT key_id, COUNT(*) FROM tombstones GROUP BY key_id")
+        return {key_id: int(count) for key_id, count in rows}
+
+    async def pseudonymized_audit_records(self) -> int:
+        row = await self._db.fetchone(_COUNT_PSEUDONYMIZED, _PSEUDONYM_GLOBS)
+        return int(row[0]) if row else 0
+
+    async def forget_keys(self, key_ids: Sequence[str]) -> bool:
+        marks = ", ".join("?" * len(key_ids))
+        async with self._db.transaction() as connection:
+            async with connection.execute(
+                    f"SELECT COUNT(*) FROM tombstones WHERE key_id IN ({marks})", tuple(key_ids)) as rows:
+                (tombstones,) = await rows.fetchone()  # type: ignore[misc]
+            async with connection.execute(_COUNT_PSEUDONYMIZED, _PSEUDONYM_GLOBS) as rows:
+                (records,) = await rows.fetchone()  # type: ignore[misc]
+            if tombstones or records:
+                return False
+            await connection.execute(f"DELETE FROM erasure_keys WHERE id IN ({marks})", tuple(key_ids))
+        return True
 
     async def add_tombstone(self, digest: bytes, key_id: str, reference: str, now: float) -> tuple[Tombstone, bool]:
         async with self._db.transaction() as connection:
