@@ -174,6 +174,21 @@ async def test_bare_lf_in_an_auth_answer_is_refused(start_guard, sink, tls):
         await command(stream, b"QUIT")
 
 
+@pytest.mark.parametrize("ending, then, second_reply", [
+    (b"\r\n", b"NOOP\r\n", str(replies.OK)),
+    (b"\n", b"RCPT TO:<b@evil.test>\r\n", str(replies.BAD_COMMAND_LINE)),
+])
+async def test_too_long_auth_answer_fails_the_exchange_and_nothing_of_it_runs(start_guard, sink, tls, ending, then,
+                                                                             second_reply):
+    guard = await start_guard(**auth_listener(tls))
+    async with raw(guard.smtp_address) as stream:
+        await greet(stream)
+        assert (await command(stream, b"AUTH LOGIN")).startswith("334")
+        assert await replies_to(stream, b"A" * 1200 + ending + then, 2) == [
+            "501 5.5.2 Can't decode base64", second_reply]
+        assert await command(stream, b"QUIT") == str(replies.BYE)
+
+
 # --- banner --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, greeting", [

@@ -109,9 +109,16 @@ class CommandLineReader:
 
     async def readline(self) -> bytes:
         # Only AUTH reads a line this way (the client's answer to a 334 challenge). A broken
-        # line becomes one that is not base64, so aiosmtpd answers it with its one
-        # "501 5.5.2 Can't decode base64" and the exchange fails.
-        line = await self._reader.readline()
+        # or too-long line becomes one that is not base64, so aiosmtpd answers it with its one
+        # "501 5.5.2 Can't decode base64" and the exchange fails. (StreamReader.readline
+        # would drop a too-long line's start and raise, leaving its tail to run as a command.)
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as error:
+            line = error.partial  # the connection ended mid-line, as StreamReader.readline
+        except asyncio.LimitOverrunError as error:
+            self._in_broken_line = await self._discard_long_line(error.consumed) != b"\r\n"
+            return b"\x00\r\n"
         return line if self._is_clean(line) else b"\x00\r\n"
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
