@@ -71,10 +71,10 @@ class CommandLineReader:
     handed to aiosmtpd.
 
     One refusal per LF-terminated piece, not one per CRLF-terminated line: the reader cannot
-    tell ``EHLO x\n`` from a client that ends every line in a bare LF from the first piece of
-    a longer line, and only a reply per piece answers every line of such a client without
-    waiting for a CRLF that may never come. A client that embedded LFs in one CRLF line gets
-    more replies than it sent lines; none of the pieces ran.
+    tell whether ``EHLO x\n`` is a whole line from a client that ends every line in a bare LF
+    or the first piece of a longer one, and only a reply per piece answers every line of such
+    a client instead of leaving it waiting for a CRLF that may never come. A client that
+    embedded LFs in one CRLF line gets more replies than it sent lines; none of the pieces ran.
 
     A line longer than the stream limit is discarded here too (aiosmtpd's own discarding
     cannot see how the line ended): it is refused with ``Command line too long``, and if it
