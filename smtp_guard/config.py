@@ -103,7 +103,7 @@ class SMTPConfig:
     # Longest wait between two reads inside DATA: a slow but steady client finishes, a stalled
     # one is cut (421 4.4.2). Like Postfix's smtpd_timeout, per read, not per message.
     data_timeout: float = _duration(300.0)
-    # Longest life of one session, however busy (421 4.4.2 at the next command).
+    # Longest life of one session, however busy (421 4.4.2 and close, in the middle of DATA too).
     session_timeout: float = _duration(3600.0)
     max_sessions: int = _at_least(100, minimum=1)
     # What to do with a bare CR or LF inside DATA (SMTP smuggling). A bare CR or LF inside a

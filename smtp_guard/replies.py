@@ -6,6 +6,7 @@ assert a reply exactly and a single table keeps code class and enhanced class in
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -117,33 +118,98 @@ INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 POLICY_FAILED = Reply(451, "4.3.5", "Policy check failed, try again later")
 UPSTREAM_CHANGED = Reply(451, "4.4.0", "Upstream refused a recipient it had accepted, try again later")
 
-# The policy and relay replies above are the guard's; aiosmtpd formats a few of its own. The
-# SMTP front rewrites these (matched by prefix) so the client always gets an enhanced code.
+# --- aiosmtpd's own replies ---------------------------------------------------------------------
+# RFC 2034: once ENHANCEDSTATUSCODES is advertised, every reply carries an enhanced code except
+# the greeting and the reply to HELO/EHLO (GuardSMTP.push leaves those alone). RFC 3463 has no
+# class 3, so the intermediate replies have none either: 354 (as in Postfix and Sendmail) and
+# AUTH's 334 challenges, whose text is base64 (RFC 4954 section 4). aiosmtpd formats the
+# replies below itself; the SMTP front rewrites them (matched by prefix, first match wins).
+COMMAND_LINE_TOO_LONG = Reply(500, "5.5.2", "Command line too long")
+COMMAND_NOT_RECOGNIZED = Reply(500, "5.5.2", "Command not recognized")
+OK = Reply(250, "2.0.0", "OK")
+BYE = Reply(221, "2.0.0", "Bye")
+SYNTAX_ERROR = Reply(500, "5.5.2", "Syntax error")
+
+
+def _syntax(usage: str) -> Reply:
+    return Reply(501, "5.5.4", f"Syntax: {usage}")
+
+
 AIOSMTPD_REWRITES: tuple[tuple[str, Reply], ...] = (
+    # Whole lines and limits.
     ("552 Error: Too much mail data", MESSAGE_TOO_BIG),
     ("552 Error: message size exceeds", MESSAGE_TOO_BIG),
     ("500 Line too long", LINE_TOO_LONG),
-    ("500 Command line too long", Reply(500, "5.5.2", "Command line too long")),
-    ("500 Error: bad syntax", Reply(500, "5.5.2", "Syntax error")),
+    ("500 Command line too long", COMMAND_LINE_TOO_LONG),
+    ("500 Error: bad syntax", SYNTAX_ERROR),
+    ("500 Error: strict ASCII mode", SYNTAX_ERROR),
+    ("500 Error: command ", COMMAND_NOT_RECOGNIZED),  # also AUTH after HELO (no ESMTP, no AUTH)
+    # handle_exception itself failed: fail closed and temporary, and no exception text.
+    ("500 Error: (", INTERNAL_ERROR),
+    ("500 Error: Cannot describe error", INTERNAL_ERROR),
+    # Command syntax (RFC 3463 X.5.4: invalid command arguments).
+    ("501 Syntax: HELO", _syntax("HELO hostname")),
+    ("501 Syntax: EHLO", _syntax("EHLO hostname")),
+    ("501 Syntax: MAIL", _syntax("MAIL FROM:<address> [parameters]")),
+    ("501 Syntax: RCPT", _syntax("RCPT TO:<address> [parameters]")),
+    ("501 Syntax: VRFY", _syntax("VRFY <address>")),
+    ("501 Syntax: DATA", _syntax("DATA")),
+    ("501 Syntax: RSET", _syntax("RSET")),
+    ("501 Syntax: QUIT", _syntax("QUIT")),
+    ("501 Syntax: STARTTLS", _syntax("STARTTLS")),
+    ("501 Not enough value", _syntax("AUTH mechanism [initial-response]")),
+    ("501 Too many values", _syntax("AUTH mechanism [initial-response]")),
+    ("501 Error: BODY", Reply(501, "5.5.4", "BODY can only be one of 7BIT, 8BITMIME")),
+    ("501 Error: SMTPUTF8 takes no arguments", Reply(501, "5.5.4", "SMTPUTF8 takes no arguments")),
+    ("501 Error: SMTPUTF8 disabled", Reply(501, "5.5.4", "SMTPUTF8 disabled")),
     ("553 5.1.3 Error: malformed address", Reply(553, "5.1.3", "Malformed address")),
+    ("555 ", Reply(555, "5.5.4", "Parameters not recognized or not implemented")),
+    # Commands out of sequence (RFC 3463 X.5.1: invalid command).
     ("503 Error: need MAIL command", NEED_MAIL),
     ("503 Error: need RCPT command", Reply(503, "5.5.1", "Need RCPT command")),
     ("503 Error: nested MAIL command", Reply(503, "5.5.1", "Nested MAIL command")),
     ("503 Error: send HELO first", Reply(503, "5.5.1", "Send HELO or EHLO first")),
+    ("503 Error: send EHLO first", Reply(503, "5.5.1", "Send EHLO first")),
+    ("503 Already authenticated", Reply(503, "5.5.1", "Already authenticated")),
+    # Commands the guard does not offer.
+    ("502 EXPN not implemented", Reply(502, "5.5.1", "EXPN not implemented")),
+    ("502 Could not VRFY", Reply(502, "5.5.4", "Could not VRFY the address")),
+    # RFC 5321 3.5.3's own text; 2.0.0 (not 2.1.5 "destination address valid"): nothing was checked.
+    ("252 Cannot VRFY", Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")),
+    ("454 TLS not available", Reply(454, "4.7.0", "TLS not available")),
+    ("220 Ready to start TLS", Reply(220, "2.0.0", "Ready to start TLS")),
+    # Security.
     ("530 5.7.0 Authentication required", AUTH_REQUIRED),
     ("530 Must issue a STARTTLS command first", STARTTLS_REQUIRED),
     ("554 Command refused due to lack of security", Reply(554, "5.7.0", "Command refused due to lack of security")),
-    ("555 ", Reply(555, "5.5.4", "Parameters not recognized or not implemented")),
-    ("501 Syntax: MAIL", Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")),
-    ("501 Syntax: RCPT", Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")),
-    ("503 Already authenticated", Reply(503, "5.5.1", "Already authenticated")),
-    ("501 Not enough value", Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")),
-    ("501 Too many values", Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")),
+    # Success.
+    ("250 OK", OK),
+    ("221 Bye", BYE),
 )
+
+# Replies whose text the client needs (HELP lists the commands) keep it; only the code is added.
+AIOSMTPD_ENHANCED_CODES: tuple[tuple[str, str], ...] = (
+    ("250 Syntax: ", "2.0.0"),
+    ("250 Supported commands: ", "2.0.0"),
+    ("501 Supported commands: ", "5.5.4"),  # HELP for a command that does not exist
+)
+
+_HAS_ENHANCED_CODE = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+_GENERIC = {"2": "2.0.0", "4": "4.0.0", "5": "5.0.0"}
 
 
 def rewrite_aiosmtpd_reply(status: str) -> str:
+    """aiosmtpd's reply ``status`` with an enhanced code: the guard's own reply for it, or its
+    text with the code inserted. Any other reply that already has one passes unchanged; one
+    the tables do not know gets the generic code of its class (X.0.0), so none goes without."""
     for prefix, reply in AIOSMTPD_REWRITES:
         if status.startswith(prefix):
             return str(reply)
+    if _HAS_ENHANCED_CODE.match(status):
+        return status
+    for prefix, enhanced in AIOSMTPD_ENHANCED_CODES:
+        if status.startswith(prefix):
+            return f"{status[:4]}{enhanced} {status[4:]}"
+    if len(status) >= 4 and status[:3].isdigit() and status[3] in " -" and status[0] in _GENERIC:
+        return f"{status[:4]}{_GENERIC[status[0]]} {status[4:]}"
     return status

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import logging
 import re
 import ssl
 import time
@@ -19,6 +20,7 @@ import pytest
 
 from smtp_guard import replies
 from smtp_guard.smtp.auth import AuthThrottle, hash_password
+from smtp_guard.smtp.server import CommandLineReader
 from smtp_guard.store.base import SuppressionEntry
 
 from conftest import ManualClock, wait_until
@@ -56,6 +58,8 @@ async def greet(stream: Stream) -> str:
     (b"MAIL FROM:<a@x.test>\rRCPT TO:<b@evil.test>\r\n", 1),
     (b"MAIL FROM:<a@x.test>\x00RCPT TO:<b@evil.test>\r\n", 1),
     (b"MAIL FROM:<a@x.test>\n\nRCPT TO:<b@evil.test>\n\r\n", 4),
+    # One refusal per LF-terminated piece, the CRLF-terminated last one included.
+    (b"NOOP\nNOOP\nNOOP\r\n", 3),
 ])
 async def test_broken_command_line_is_refused_and_never_executed(start_guard, sink, injected, refusals):
     guard = await start_guard()
@@ -92,8 +96,59 @@ async def test_too_long_line_ending_in_bare_lf_does_not_smuggle_the_next_piece(s
         long_mail = b"MAIL FROM:<" + b"a" * 3000 + b"@x.test>\n"
         assert await replies_to(stream, long_mail + b"RCPT TO:<b@evil.test>\r\n", 2) == [
             "500 5.5.2 Command line too long", str(replies.BAD_COMMAND_LINE)]
-        assert await command(stream, b"QUIT") == "221 Bye"
+        assert await command(stream, b"QUIT") == str(replies.BYE)
     assert sink.smtp_sessions == 0
+
+
+@pytest.mark.parametrize("length", [600, 1000, 1200, 70_000])
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_command_after_a_too_long_command_line_runs(start_guard, sink, length, pipelined):
+    """Over 512 octets aiosmtpd refuses the parsed line; past the 1001-octet stream limit the
+    line is discarded unparsed. Either way it gets one refusal and the next command runs."""
+    guard = await start_guard()
+    too_long = b"NOOP " + b"a" * (length - 5) + b"\r\n"
+    mail, rcpt = f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<ok@example.com>"
+    async with raw(guard.smtp_address) as stream:
+        await greet(stream)
+        if pipelined:
+            answers = await replies_to(stream, too_long + mail + b"\r\n" + rcpt + b"\r\n", 3)
+        else:
+            answers = [*await replies_to(stream, too_long, 1), await command(stream, mail),
+                       await command(stream, rcpt)]
+        assert answers[:2] == [str(replies.COMMAND_LINE_TOO_LONG), str(replies.SENDER_OK)]
+        assert answers[2].startswith("250 2.1.5 ")  # the upstream's own answer, passed through
+        assert (await command(stream, b"DATA")).startswith("354")
+        assert (await replies_to(stream, b"Subject: ok\r\n\r\nfine\r\n.\r\n", 1))[0].startswith("250")
+        assert await command(stream, b"QUIT") == str(replies.BYE)
+    assert sink.delivered_to() == ["ok@example.com"]
+
+
+@pytest.mark.parametrize("ending, tail, refused, returned", [
+    # The CRLF split across two reads: the long line ended properly, the next one runs.
+    (b"\r", b"\nMAIL FROM:<a@x.test>\r\n", [replies.COMMAND_LINE_TOO_LONG], b"MAIL FROM:<a@x.test>\r\n"),
+    # It ended in a bare LF: the rest up to the CRLF is a piece of the same broken line.
+    (b"", b"\nRCPT TO:<b@evil.test>\r\nNOOP\r\n", [replies.COMMAND_LINE_TOO_LONG, replies.BAD_COMMAND_LINE],
+     b"NOOP\r\n"),
+])
+async def test_end_of_a_too_long_line_is_judged_across_reads(ending, tail, refused, returned):
+    """The line's first part is read and discarded before its LF arrives (the stream limit
+    is exceeded without a separator): how it ended is still known."""
+    stream = asyncio.StreamReader(limit=1001)
+    answered: list[replies.Reply] = []
+
+    async def refuse(reply: replies.Reply) -> None:
+        answered.append(reply)
+
+    async def before_command() -> None:
+        pass
+
+    reader = CommandLineReader(stream, refuse, before_command)
+    stream.feed_data(b"NOOP " + b"a" * 1200 + ending)
+    line = asyncio.ensure_future(reader.readuntil())
+    await wait_until(lambda: not reader._buffer, what="the first part to be discarded")
+    stream.feed_data(tail)
+    assert await asyncio.wait_for(line, timeout=5) == returned
+    assert answered == refused
 
 
 async def test_client_using_bare_lf_throughout_gets_an_answer_to_every_line(start_guard, sink):
@@ -104,7 +159,7 @@ async def test_client_using_bare_lf_throughout_gets_an_answer_to_every_line(star
         assert await replies_to(stream, b"QUIT\n", 1) == [str(replies.BAD_COMMAND_LINE)]
         # The first CRLF ends the broken line: that last piece of it is refused too.
         assert await command(stream, b"QUIT") == str(replies.BAD_COMMAND_LINE)
-        assert await command(stream, b"QUIT") == "221 Bye"
+        assert await command(stream, b"QUIT") == str(replies.BYE)
     assert sink.smtp_sessions == 0
 
 
@@ -119,6 +174,21 @@ async def test_bare_lf_in_an_auth_answer_is_refused(start_guard, sink, tls):
         await command(stream, b"QUIT")
 
 
+@pytest.mark.parametrize("ending, then, second_reply", [
+    (b"\r\n", b"NOOP\r\n", str(replies.OK)),
+    (b"\n", b"RCPT TO:<b@evil.test>\r\n", str(replies.BAD_COMMAND_LINE)),
+])
+async def test_too_long_auth_answer_fails_the_exchange_and_nothing_of_it_runs(start_guard, sink, tls, ending, then,
+                                                                             second_reply):
+    guard = await start_guard(**auth_listener(tls))
+    async with raw(guard.smtp_address) as stream:
+        await greet(stream)
+        assert (await command(stream, b"AUTH LOGIN")).startswith("334")
+        assert await replies_to(stream, b"A" * 1200 + ending + then, 2) == [
+            "501 5.5.2 Can't decode base64", second_reply]
+        assert await command(stream, b"QUIT") == str(replies.BYE)
+
+
 # --- banner --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, greeting", [
@@ -131,7 +201,7 @@ async def test_banner_names_no_software(start_guard, sink, overrides, greeting):
         assert await greet(stream) == greeting
         stream[1].write(b"EHLO client.test\r\nHELP\r\nHELP DATA\r\nQUIT\r\n")
         everything = (await asyncio.wait_for(stream[0].read(), timeout=5)).decode()
-    assert everything.endswith("221 Bye\r\n") and "Supported commands" in everything
+    assert everything.endswith(f"{replies.BYE}\r\n") and "Supported commands" in everything
     for revealing in ("python", "aiosmtpd", "1.4", "smtp-guard", "smtp_guard"):
         assert revealing not in (greeting + everything).lower()
 
@@ -163,7 +233,7 @@ async def test_slow_steady_client_sends_2mb_over_longer_than_both_timeouts(start
         reply = await asyncio.wait_for(read_reply(stream[0]), timeout=10)
         assert time.monotonic() - started > 1.0
         assert reply.startswith("250"), reply
-        assert await command(stream, b"QUIT") == "221 Bye"
+        assert await command(stream, b"QUIT") == str(replies.BYE)
     [delivered] = sink.messages
     assert without_trace(delivered.content) == b"Subject: slow\r\n\r\n" + body
 
@@ -200,6 +270,38 @@ async def test_busy_session_ends_at_session_timeout(start_guard, sink):
         await wait_until(noop_refused, timeout=5, interval=0.05, what="a NOOP past session_timeout")
         assert answers[-1] == str(replies.SESSION_TIMEOUT)
         assert len(answers) > 1  # busy all along: idle_timeout never came into it
+        assert await asyncio.wait_for(stream[0].read(), timeout=5) == b""
+
+
+async def test_session_timeout_cuts_a_data_that_trickles_in(start_guard, sink):
+    """A byte every 0.2 s keeps data_timeout (0.5 s) from ever firing; session_timeout still
+    ends the session, in the middle of DATA: 421, closed, nothing relayed."""
+    guard = await start_guard(smtp={"idle_timeout": 0.5, "data_timeout": 0.5, "session_timeout": 1.5})
+    async with raw(guard.smtp_address) as stream:
+        started = time.monotonic()
+        await open_data(stream)
+
+        async def trickle() -> None:
+            for byte in b"Subject: slow\r\n\r\n" + b"x" * 100:
+                stream[1].write(bytes([byte]))
+                await asyncio.sleep(0.2)  # pacing the client, the behaviour under test
+
+        trickling = asyncio.create_task(trickle())
+        try:
+            assert await asyncio.wait_for(read_reply(stream[0]), timeout=10) == str(replies.SESSION_TIMEOUT)
+            assert await asyncio.wait_for(stream[0].read(), timeout=5) == b""
+        finally:
+            trickling.cancel()
+        assert 1.4 < time.monotonic() - started < 5
+    await wait_until(lambda: not guard.smtp.registry.sessions, what="the session to be gone")
+    assert sink.messages == []
+
+
+async def test_session_timeout_ends_an_idle_session_at_its_deadline(start_guard, sink):
+    guard = await start_guard(smtp={"idle_timeout": 30, "session_timeout": 0.5})
+    async with raw(guard.smtp_address) as stream:
+        await greet(stream)
+        assert await asyncio.wait_for(read_reply(stream[0]), timeout=5) == str(replies.SESSION_TIMEOUT)
         assert await asyncio.wait_for(stream[0].read(), timeout=5) == b""
 
 
@@ -260,6 +362,17 @@ async def test_session_closed_after_max_failures_even_with_auth_login(start_guar
             assert (await command(stream, base64.b64encode(USER.encode()))).startswith("334")
             assert await command(stream, base64.b64encode(b"wrong")) == str(expected)
         assert await asyncio.wait_for(stream[0].read(), timeout=5) == b""
+
+
+async def test_successful_auth_logs_no_deprecation_warning(start_guard, sink, tls, caplog):
+    guard = await start_guard(**auth_listener(tls))
+    with caplog.at_level(logging.WARNING, logger="mail.log"):
+        async with raw(guard.smtp_address) as stream:
+            await greet(stream)
+            assert await command(stream, plain(USER, PASSWORD)) == "235 2.7.0 Authentication successful"
+            assert await command(stream, f"MAIL FROM:<{SENDER}>".encode()) == str(replies.SENDER_OK)
+            assert await command(stream, b"QUIT") == str(replies.BYE)
+    assert [r.getMessage() for r in caplog.records if r.name == "mail.log"] == []
 
 
 def test_throttle_counts_per_address_in_a_sliding_window() -> None:

@@ -81,14 +81,46 @@ def test_upstream_reply_keeps_class_and_enhanced_code(code: int, message: str, e
     ("500 Line too long (see RFC5321 4.5.3.1.6)", replies.LINE_TOO_LONG),
     ("503 Error: need RCPT command", REWRITES["503 Error: need RCPT command"]),
     ("555 MAIL FROM parameters not recognized or not implemented", REWRITES["555 "]),
+    ("250 OK", replies.OK),
+    ("221 Bye", replies.BYE),
+    ('500 Error: command "XYZZY" not recognized', replies.COMMAND_NOT_RECOGNIZED),
+    ("501 Syntax: HELO hostname", REWRITES["501 Syntax: HELO"]),
+    ("252 Cannot VRFY user, but will accept message and attempt delivery", REWRITES["252 Cannot VRFY"]),
+    ("454 TLS not available", REWRITES["454 TLS not available"]),
 ])
 def test_aiosmtpd_replies_are_rewritten_with_enhanced_codes(status: str, expected: Reply) -> None:
     assert rewrite_aiosmtpd_reply(status) == str(expected)
 
 
-def test_unknown_and_guard_replies_pass_through_rewrite_unchanged() -> None:
-    assert rewrite_aiosmtpd_reply("250 OK") == "250 OK"
+def test_replies_with_an_enhanced_code_pass_through_rewrite_unchanged() -> None:
     assert rewrite_aiosmtpd_reply(str(replies.SUPPRESSED)) == str(replies.SUPPRESSED)
+    assert rewrite_aiosmtpd_reply("504 5.5.4 Unrecognized authentication type") == \
+        "504 5.5.4 Unrecognized authentication type"
+
+
+@pytest.mark.parametrize("status, expected", [
+    # HELP's text is the client's answer: only the code is added.
+    ("250 Supported commands: DATA EHLO", "250 2.0.0 Supported commands: DATA EHLO"),
+    ("501 Supported commands: DATA EHLO", "501 5.5.4 Supported commands: DATA EHLO"),
+    ("250 Syntax: MAIL FROM: <address>", "250 2.0.0 Syntax: MAIL FROM: <address>"),
+    # A reply the table does not know still gets the generic code of its class.
+    ("250 Something new", "250 2.0.0 Something new"),
+    ("452 Something new", "452 4.0.0 Something new"),
+    ("550-first line", "550-5.0.0 first line"),
+    # No enhanced class 3 (RFC 3463): intermediate replies are left alone.
+    ("354 End data with <CR><LF>.<CR><LF>", "354 End data with <CR><LF>.<CR><LF>"),
+])
+def test_aiosmtpd_replies_keep_their_text_or_get_a_generic_code(status: str, expected: str) -> None:
+    assert rewrite_aiosmtpd_reply(status) == expected
+
+
+def test_aiosmtpd_exception_text_never_reaches_the_client() -> None:
+    assert rewrite_aiosmtpd_reply("500 Error: (KeyError) 'x'") == str(replies.INTERNAL_ERROR)
+
+
+def test_kept_text_codes_match_their_reply_class() -> None:
+    for prefix, enhanced in replies.AIOSMTPD_ENHANCED_CODES:
+        assert ENHANCED.fullmatch(enhanced) and enhanced[0] == prefix[0], prefix
 
 
 def test_every_reply_constant_is_documented_in_the_readme() -> None:

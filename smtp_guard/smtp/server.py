@@ -8,7 +8,7 @@
 * command lines checked before aiosmtpd parses them (``CommandLineReader``);
 * three clocks instead of aiosmtpd's one: ``idle_timeout`` between a reply and the next
   command, ``data_timeout`` between two reads inside DATA, ``session_timeout`` for the whole
-  session — each a 421 4.4.2 instead of a silent close;
+  session (a DATA in progress included) — each a 421 4.4.2 instead of a silent close;
 * AUTH failures counted per session and per client address (``AuthThrottle``).
 """
 
@@ -20,7 +20,7 @@ import ssl
 import time
 from typing import Any, Awaitable, Callable
 
-from aiosmtpd.smtp import SMTP, AuthResult
+from aiosmtpd.smtp import SMTP, AuthResult, Session, syntax
 
 from .. import replies
 from ..config import SMTPConfig
@@ -68,20 +68,28 @@ class CommandLineReader:
     second (Postfix refuses bare newlines since 3.9, ``smtpd_forbid_bare_newline``). Here a
     line ending in a bare LF, every further piece of it up to the CRLF that ends it, and a
     line with a CR or NUL anywhere before its CRLF are each answered by ``refuse`` and never
-    handed to aiosmtpd. A client using bare LF throughout gets a refusal per line, so it is
-    never left waiting for a reply.
+    handed to aiosmtpd.
+
+    One refusal per LF-terminated piece, not one per CRLF-terminated line: the reader cannot
+    tell whether ``EHLO x\n`` is a whole line from a client that ends every line in a bare LF
+    or the first piece of a longer one, and only a reply per piece answers every line of such
+    a client instead of leaving it waiting for a CRLF that may never come. A client that
+    embedded LFs in one CRLF line gets more replies than it sent lines; none of the pieces ran.
+
+    A line longer than the stream limit is discarded here too (aiosmtpd's own discarding
+    cannot see how the line ended): it is refused with ``Command line too long``, and if it
+    ended in a bare LF, what follows is still a piece of a broken line.
 
     aiosmtpd reads DATA lines with ``readuntil(b"\r\n")``: those pass unchecked (the handler
     refuses or normalizes bare CR/LF in the content, ``[smtp] bare_line_endings``).
     """
 
-    def __init__(self, reader: asyncio.StreamReader, refuse: Callable[[], Awaitable[None]],
+    def __init__(self, reader: asyncio.StreamReader, refuse: Callable[[replies.Reply], Awaitable[None]],
                  before_command: Callable[[], Awaitable[None]]) -> None:
         self._reader = reader
         self._refuse = refuse
         self._before_command = before_command
         self._in_broken_line = False  # the last piece read ended in a bare LF
-        self._overrun = False  # aiosmtpd is discarding the rest of a too-long line
 
     # aiosmtpd swaps the transport and drops buffered plaintext at STARTTLS (RFC 3207 4.2).
     @property
@@ -101,9 +109,16 @@ class CommandLineReader:
 
     async def readline(self) -> bytes:
         # Only AUTH reads a line this way (the client's answer to a 334 challenge). A broken
-        # line becomes one that is not base64, so aiosmtpd answers it with its one
-        # "501 5.5.2 Can't decode base64" and the exchange fails.
-        line = await self._reader.readline()
+        # or too-long line becomes one that is not base64, so aiosmtpd answers it with its one
+        # "501 5.5.2 Can't decode base64" and the exchange fails. (StreamReader.readline
+        # would drop a too-long line's start and raise, leaving its tail to run as a command.)
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as error:
+            line = error.partial  # the connection ended mid-line, as StreamReader.readline
+        except asyncio.LimitOverrunError as error:
+            self._in_broken_line = await self._discard_long_line(error.consumed) != b"\r\n"
+            return b"\x00\r\n"
         return line if self._is_clean(line) else b"\x00\r\n"
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
@@ -112,22 +127,48 @@ class CommandLineReader:
         while True:
             try:
                 line = await self._reader.readuntil(separator)
-            except asyncio.LimitOverrunError:
-                self._overrun = True
-                raise
-            if self._overrun:  # the tail of a too-long line, which aiosmtpd refuses itself
-                self._overrun = False
-                self._in_broken_line = not line.endswith(b"\r\n")
-                return line
+            except asyncio.LimitOverrunError as error:
+                ending = await self._discard_long_line(error.consumed)
+                self._in_broken_line = ending != b"\r\n"
+                await self._refuse(replies.COMMAND_LINE_TOO_LONG)
+                continue
             if self._is_clean(line):
                 await self._before_command()
                 return line
-            await self._refuse()
+            await self._refuse(replies.BAD_COMMAND_LINE)
+
+    async def _discard_long_line(self, consumed: int) -> bytes:
+        """Read and drop a line past the stream limit, up to its first LF; return its last two
+        bytes, which say whether it ended in CRLF or in a bare LF."""
+        ending = (await self._reader.read(consumed))[-2:]
+        while True:
+            try:
+                return (ending + await self._reader.readuntil(b"\n"))[-2:]
+            except asyncio.LimitOverrunError as error:
+                ending = (ending + await self._reader.read(error.consumed))[-2:]
 
     def _is_clean(self, line: bytes) -> bool:
         continues_broken_line = self._in_broken_line
         self._in_broken_line = not line.endswith(b"\r\n")
         return not (continues_broken_line or self._in_broken_line or b"\r" in line[:-2] or b"\x00" in line)
+
+
+class GuardSession(Session):
+    """aiosmtpd's session without its deprecated ``login_data``.
+
+    aiosmtpd 1.4 still assigns ``session.login_data`` on every successful AUTH, and the
+    attribute logs "Session.login_data is deprecated" at WARNING on ``mail.log`` each time it
+    is touched. The guard reads ``auth_data`` (the user name its authenticator returns); the
+    assignment is dropped here so no deprecated code path runs.
+    """
+
+    @property
+    def login_data(self) -> None:
+        return None
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        pass
 
 
 class GuardSMTP(SMTP):
@@ -143,15 +184,18 @@ class GuardSMTP(SMTP):
         self._auth_throttle = auth_throttle
         self._auth_failures = 0
         self._session_deadline = float("inf")
+        self._timer_ends_session = False  # the pending timeout is session_timeout's
         self.in_data = False  # inside the DATA command, from the command to its reply
         self._reading_data = False  # between the 354 and the final dot: data_timeout applies
+        self._answering_hello = False  # inside HELO/EHLO: their 250 lines carry no enhanced code
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
+        if first:
+            self._session_deadline = self.loop.time() + self._guard_config.session_timeout
         super().connection_made(transport)
         if not first:
             return  # the STARTTLS upgrade of an existing session
-        self._session_deadline = self.loop.time() + self._guard_config.session_timeout
         peer = transport.get_extra_info("peername")
         if self._plaintext_auth_on_loopback and isinstance(peer, tuple) and AccessControl.is_loopback(str(peer[0])):
             self._auth_require_tls = False
@@ -171,8 +215,8 @@ class GuardSMTP(SMTP):
         checked = CommandLineReader(reader, self._refuse_command_line, self._check_session_deadline)
         super()._cb_client_connected(checked, writer)  # type: ignore[arg-type]
 
-    async def _refuse_command_line(self) -> None:
-        await self.push(str(replies.BAD_COMMAND_LINE))
+    async def _refuse_command_line(self, reply: replies.Reply) -> None:
+        await self.push(str(reply))
 
     async def _check_session_deadline(self) -> None:
         """Before each command: past ``session_timeout`` the session ends, however busy it is."""
@@ -192,6 +236,9 @@ class GuardSMTP(SMTP):
         self._registry.remove(self)
         super().connection_lost(error)
 
+    def _create_session(self) -> Session:
+        return GuardSession(self.loop)
+
     def _create_envelope(self) -> Any:
         # Called by aiosmtpd on every reset (EHLO, RSET, after DATA): the old transaction ends.
         self._end_transaction(getattr(self, "envelope", None))
@@ -206,7 +253,7 @@ class GuardSMTP(SMTP):
         task.add_done_callback(self._registry.cleanups.discard)
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str):
+        if isinstance(status, str) and self._takes_enhanced_code(status):
             status = replies.rewrite_aiosmtpd_reply(status)
         await super().push(status)
         # The client's turn: after 354 it owes message data (data_timeout between reads, see
@@ -214,6 +261,30 @@ class GuardSMTP(SMTP):
         self._reading_data = str(status).startswith("354")
         if self.transport is not None:
             self._reset_timeout(self._guard_config.data_timeout if self._reading_data else None)
+
+    def _takes_enhanced_code(self, status: str) -> bool:
+        """RFC 2034: every reply but the greeting and the reply to HELO/EHLO, whose 250 lines
+        are the hostname and the EHLO keywords."""
+        if self._answering_hello and status.startswith("250"):
+            return False
+        return status != f"220 {self.hostname} {self.__ident__}"
+
+    # Each smtp_* override repeats aiosmtpd's @syntax: HELP lists only commands that have one.
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._answering_hello = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._answering_hello = False
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._answering_hello = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._answering_hello = False
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         if command == "DATA":
@@ -224,6 +295,7 @@ class GuardSMTP(SMTP):
                 self._timeout_handle.cancel()
         return await super()._call_handler_hook(command, *args)
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         self.in_data = True
         try:
@@ -231,6 +303,7 @@ class GuardSMTP(SMTP):
         finally:
             self.in_data = False
 
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         await super().smtp_AUTH(arg)
         if self._auth_failures >= self._guard_config.auth.max_failures_per_session:
@@ -258,8 +331,24 @@ class GuardSMTP(SMTP):
             return AuthResult(success=False, handled=False, message=str(replies.AUTH_TOO_MANY_FAILURES))
         return result
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd's one timer, cut short by the end of the session: session_timeout caps the
+        # whole session, a DATA in progress included (a client trickling a byte per read
+        # would otherwise keep it open for ever). Only the guard's own work after the final
+        # dot runs without a timer (see _call_handler_hook); the next command is checked.
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        wait = duration or self._timeout_duration
+        remaining = self._session_deadline - self.loop.time()
+        self._timer_ends_session = remaining <= wait
+        self._timeout_handle = self.loop.call_later(max(0.0, min(wait, remaining)), self._timeout_cb)
+
     def _timeout_cb(self) -> None:
-        self._close_with(replies.DATA_TIMEOUT if self._reading_data else replies.IDLE_TIMEOUT)
+        if self._timer_ends_session:
+            reply = replies.SESSION_TIMEOUT
+        else:
+            reply = replies.DATA_TIMEOUT if self._reading_data else replies.IDLE_TIMEOUT
+        self._close_with(reply)
 
     def _close_with(self, reply: replies.Reply) -> None:
         """Say why (a 421), then close; connection_lost cleans up."""
