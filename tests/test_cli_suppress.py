@@ -147,3 +147,8 @@ def test_import_with_nothing_importable_fails(cli, tmp_path) -> None:
     bad.write_text("nope\n", encoding="utf-8")
     result = cli("import", str(bad), "--list", "manual")
     assert result.exit_code == 1 and "no row was imported" in result.stderr
+
+
+def test_a_domain_without_at_gets_the_domain_hint_and_other_text_does_not(cli) -> None:
+    assert "to suppress a whole domain write @example.com" in cli("add", "example.com", "--list", "manual").output
+    assert "write @" not in cli("add", "not an address", "--list", "manual").output
