@@ -268,7 +268,9 @@ class Guard:
                 await self.http.start(config.metrics.listen.host, config.metrics.listen.port)
             run.push_async_callback(self.http.stop)
         # Read-your-writes: registered and up to date before the first client connects; removed
-        # after the listener stopped (the exit stack unwinds in reverse order).
+        # after the listener stopped (the exit stack unwinds in reverse order). Each step
+        # finishes its own follow-up before it returns (the tombstones' audit sweep, a breaker
+        # decision's hold sweep), so a confirmed change has had its effects here.
         self.change_sync = ChangeSync(SQLiteChangeStore(self._db), [
             self.reloader.refresh, self.tombstone_reloader.refresh, self.breaker_sync.sync,
         ], config.store.change_poll_interval)

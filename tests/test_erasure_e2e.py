@@ -22,7 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from smtp_guard import replies
 from smtp_guard.addresses import key_hash
-from smtp_guard.app import Guard
+from smtp_guard.app import Guard, open_admin_context
+from smtp_guard.services import erasure, propagation
+from smtp_guard.store.base import AuditFilter
 
 from conftest import wait_until
 from erasure_support import (
@@ -397,8 +399,28 @@ async def test_audit_trail_holds_pseudonyms_only_and_erase_replaces_them(start_g
 async def test_records_a_running_guard_writes_after_the_erasure_carry_no_pseudonym(start_guard, sink, tmp_path):
     guard = await start_guard()
     config_file = cli_config_for(tmp_path, guard)
-    await cli(config_file, "erase", "jane@example.com", "--ref", "DSR-2026-0045")
-    await wait_until(lambda: refuses(guard, "jane@example.com"), what="the erasure to be enforced")
+    # --wait: exit 3 unless the guard confirmed it, and it confirms only after its audit sweep.
+    await cli(config_file, "erase", "jane@example.com", "--ref", "DSR-2026-0045", "--wait")
+    assert await refuses(guard, "jane@example.com")  # in force when the command returns
     await guard.audit.flush()
     assert json.loads((await cli(config_file, "audit", "list", "--recipient", "jane@example.com",
                                  "--json")).stdout) == []
+
+
+async def test_a_guard_confirms_an_erasure_only_once_its_audit_records_are_swept(start_guard, sink):
+    """A record the guard wrote under the person's pseudonym after the purge, but before it
+    learned of the tombstone, is rewritten to ``erased:<id>`` before the guard confirms: when
+    ``erase`` returns, the audit trail names the person by no pseudonym."""
+    guard = await start_guard(store={"reload_interval": 60})  # only the change generation brings news
+    async with open_admin_context(guard.config, actor="cli:ann") as ctx:
+        [receipt] = await erasure.erase(ctx, [erasure.target_from_text(ctx, "jane@example.com")], "DSR-2026-0046")
+        # Purged and tombstoned, not yet announced: the guard still accepts and audits the person.
+        assert await accepts(guard, "jane@example.com")
+        await guard.audit.flush()
+        [early] = await guard.audit_store.query(AuditFilter(recipient="jane@example.com"))
+        assert early.recipient.startswith("h:")
+        result = await propagation.in_force(ctx)
+    assert result.is_confirmed
+    assert await guard.audit_store.query(AuditFilter(recipient="jane@example.com")) == []
+    [swept] = await guard.audit_store.query(AuditFilter(recipient=f"erased:{receipt.tombstone_id}"))
+    assert (swept.time, swept.verdict) == (early.time, early.verdict)

@@ -54,7 +54,13 @@ class TombstoneIndex:
 
 
 class TombstoneReloader:
-    """Takes new tombstones from the store; re-reads the key file when one needs a new key."""
+    """Takes new tombstones from the store; re-reads the key file when one needs a new key.
+
+    ``refresh()`` returns only once ``on_new`` (the guard's audit sweep) has finished for every
+    tombstone it took, and raises while that sweep fails. Change-sync runs it as a step and
+    confirms a change generation only after its steps return, so a guard confirms an erasure
+    only once the records it wrote under the person's pseudonym say ``erased:<id>``.
+    """
 
     def __init__(self, index: TombstoneIndex, store: ErasureStore, load_ring: Callable[[], KeyRing],
                  on_new: Callable[[Sequence[Tombstone]], Awaitable[None]] | None = None) -> None:

@@ -5,9 +5,13 @@
 * cancel — its held recipients are discarded (never delivered) and the running server
   refuses further mail of the stream with 550 5.7.1.
 
-The decision is written to the store; a running server takes it up within ``[store]
-reload_interval`` (and sweeps the stream's holds once more for mail held meanwhile). Every
-decision is recorded in the audit trail.
+The stream's held recipients are swept first, and only then is the decision written to the
+store: a running server takes the decision up within ``[store] reload_interval`` (at once when
+the command waits for it, ``propagation.py``) and sweeps the stream's holds once more, and that
+sweep must only find mail held after the admin's own — otherwise a server that read the
+decision between the two would sweep everything itself, the admin would be told nothing was
+released or discarded, and the server's audit record would follow the admin's. Every decision
+is recorded in the audit trail.
 """
 
 from __future__ import annotations
@@ -99,10 +103,10 @@ async def approve_breaker(ctx: AdminContext, stream: str, ceiling: int) -> Break
     if ceiling < record.recipients:
         raise CeilingTooLow(record, ceiling)
     now = ctx.clock()
+    released = await ctx.holds.release_stream(stream, holding_rules(record.rule, record.message_class), now)
     decided = await ctx.breakers.decide(stream, "approved", ceiling, ctx.actor, now)
     if decided is None:
         raise BreakerNotFound(stream)
-    released = await ctx.holds.release_stream(stream, holding_rules(record.rule, record.message_class), now)
     await _audit(ctx, decided, "breaker.approve",
                  f"stream {stream!r} approved up to {ceiling} recipients (audience {record.recipients}); "
                  f"released {released} held recipient(s)", now)
@@ -113,11 +117,11 @@ async def cancel_breaker(ctx: AdminContext, stream: str) -> BreakerAction:
     """Discard the stream's held mail and refuse the rest of it."""
     record = await _get(ctx, stream)
     now = ctx.clock()
+    discarded = await ctx.holds.discard_stream(stream, cancelling_rules(
+        record.rule, record.message_class, [limit.name for limit in ctx.config.rate_limits]))
     decided = await ctx.breakers.decide(stream, "cancelled", record.ceiling, ctx.actor, now)
     if decided is None:
         raise BreakerNotFound(stream)
-    discarded = await ctx.holds.discard_stream(stream, cancelling_rules(
-        record.rule, record.message_class, [limit.name for limit in ctx.config.rate_limits]))
     await _audit(ctx, decided, "breaker.cancel",
                  f"stream {stream!r} cancelled (audience {record.recipients}); discarded {discarded} held "
                  "recipient(s); further mail of the stream is refused", now)
