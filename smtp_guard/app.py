@@ -314,8 +314,12 @@ class Guard:
         await self.audit.flush()
         for tombstone in tombstones:
             key = self.tombstones.ring.by_id(tombstone.key_id)
-            if key is not None:
-                await self.erasure.erase_pseudonyms([key.pseudonym_of_digest(tombstone.digest)], tombstone.id)
+            if key is None:
+                # Fails the refresh, so the sweep is retried once the key file is restored and
+                # this guard does not confirm the erasure meanwhile (it defers all mail anyway).
+                raise ErasureKeyError(f"the key file lacks key {tombstone.key_id} of erasure {tombstone.reference}: "
+                                      "its audit records cannot be swept until the key file is restored")
+            await self.erasure.erase_pseudonyms([key.pseudonym_of_digest(tombstone.digest)], tombstone.id)
 
     def _record_delivery(self, record: AuditRecord) -> None:
         self.metrics.hold_deliveries.labels(record.verdict).inc()
