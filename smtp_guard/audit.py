@@ -95,7 +95,8 @@ class AuditLog:
     async def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -105,7 +106,8 @@ class AuditLog:
                 # Wait a full interval before retrying a failing store, even if the buffer
                 # keeps filling: retrying on every new record would hammer it.
                 try:
-                    await asyncio.wait_for(self._stopping.wait(), timeout=self._interval)
+                    async with asyncio.timeout(self._interval):
+                        await self._stopping.wait()
                 except TimeoutError:
                     pass
 

@@ -36,13 +36,17 @@ class Periodic:
             self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        if task is None:
+            return
+        # A library may swallow a cancellation that lands just as its own wait finishes
+        # (Python 3.11's wait_for does): cancel again until the task has really ended, so a
+        # shutdown can never hang on a loop that went on.
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s ended with an error", self.name, exc_info=task.exception())
 
     async def _run(self) -> None:
         if not self._run_first:

@@ -65,8 +65,11 @@ class Readiness:
 async def probe_store(query: Callable[[], Awaitable[object]]) -> str | None:
     """The store answers a small read within a bounded time."""
     try:
-        await asyncio.wait_for(query(), timeout=STORE_PROBE_TIMEOUT)
-    except asyncio.TimeoutError:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the cancellation
+        # that stops this probe's loop when the query finishes at the same moment.
+        async with asyncio.timeout(STORE_PROBE_TIMEOUT):
+            await query()
+    except TimeoutError:
         return f"the store did not answer within {STORE_PROBE_TIMEOUT:.0f}s"
     except Exception as error:  # any store failure is "not ready", with its text
         return f"the store failed: {error}"

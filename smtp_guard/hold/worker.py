@@ -112,7 +112,8 @@ class ReleaseWorker:
                 # again; nothing is marked delivered that was not.
                 log.exception("hold release: attempt failed, retrying in %.1fs", self._config.poll_interval)
             try:
-                await asyncio.wait_for(self._stopping.wait(), timeout=self._config.poll_interval)
+                async with asyncio.timeout(self._config.poll_interval):
+                    await self._stopping.wait()
             except TimeoutError:
                 pass
 

@@ -77,8 +77,11 @@ class SMTPUpstream:
 
     async def begin(self, sender: str, mail_options: Sequence[str] = ()) -> "SMTPTransaction":
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=self._config.connect_timeout)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can time out after the
+            # semaphore was acquired, and the slot would be lost for good.
+            async with asyncio.timeout(self._config.connect_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
             raise UpstreamError(replies.UPSTREAM_BUSY, "no upstream connection slot became free") from None
         self._in_use += 1
         try:
@@ -266,6 +269,7 @@ async def _starttls_if_offered(client: aiosmtplib.SMTP) -> None:
 async def _quietly_close(client: aiosmtplib.SMTP) -> None:
     try:
         if client.is_connected:
-            await asyncio.wait_for(client.quit(), timeout=2)
+            async with asyncio.timeout(2):
+                await client.quit()
     except Exception:
         client.close()

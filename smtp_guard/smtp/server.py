@@ -436,8 +436,9 @@ class SMTPServer:
             if remaining <= 0 or not self.registry.sessions:
                 break
             try:
-                await asyncio.wait_for(self.registry.wait_changed(), timeout=min(remaining, 0.2))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(min(remaining, 0.2)):
+                    await self.registry.wait_changed()
+            except TimeoutError:
                 pass
         for session in list(self.registry.sessions):
             if session.transport is not None:
