@@ -17,6 +17,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import asynccontextmanager
@@ -30,6 +31,8 @@ import trustme
 from smtp_guard.app import Guard
 from smtp_guard.config import Config, build_config
 from smtp_guard.store.sqlite.db import Database
+
+STOP_LIMIT = 60.0  # seconds a test guard may take to stop (shutdown_grace is 30 s by default)
 
 from sink import Sink
 
@@ -165,7 +168,14 @@ async def start_guard(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[...,
 
     yield start
     for guard in reversed(started):
-        await guard.stop()
+        try:
+            async with asyncio.timeout(STOP_LIMIT):
+                await guard.stop()
+        except TimeoutError:
+            # Say what the shutdown was waiting for, then fail: a guard that cannot stop is a bug.
+            for task in asyncio.all_tasks():
+                task.print_stack(file=sys.stderr)
+            raise AssertionError(f"guard.stop() did not finish within {STOP_LIMIT}s (task stacks above)") from None
 
 
 # --- TLS ---------------------------------------------------------------------------------------
