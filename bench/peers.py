@@ -188,6 +188,14 @@ class SinkDump:
         self.messages += complete.count(b"\x01\n")
         return self.recipients
 
+    def reset(self) -> None:
+        """Empty the dump file between measurements (smtp-sink appends, so this is safe while no
+        transaction is in flight); the counters keep counting."""
+        self.poll()
+        if self.dump.exists():
+            os.truncate(self.dump, 0)
+        self._offset = 0
+
     def stop(self) -> None:
         stop_process(self.process)
         self._stderr.close()
@@ -335,7 +343,7 @@ class PostfixInstance:
 
 # --- smtp-guard ----------------------------------------------------------------------------------
 
-async def _preload_suppressions(store_path: Path, count: int) -> None:
+async def preload_suppressions(store_path: Path, count: int) -> None:
     from smtp_guard.store.base import SuppressionEntry
     from smtp_guard.store.sqlite.db import Database
     from smtp_guard.store.sqlite.suppressions import SQLiteSuppressionStore
@@ -412,7 +420,7 @@ class GuardProcess:
         if self.store_template is not None:
             shutil.copyfile(self.store_template, self.store)
         else:
-            asyncio.run(_preload_suppressions(self.store, self.suppressions))
+            asyncio.run(preload_suppressions(self.store, self.suppressions))
         self.load_seconds = time.monotonic() - started
         self._stderr = open(self.dir / "stderr.log", "wb")
         self.process = subprocess.Popen([*GUARD_COMMAND, "serve", "--config", str(self.config)],
