@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import smtplib
 import statistics
 import subprocess
 import sys
@@ -49,7 +50,7 @@ from pathlib import Path
 
 from checkout import code_version, cpu_model  # also puts this checkout first on sys.path
 from peers import POSTFIX, RECIPIENT, SENDER, SMTP_SINK, SMTP_SOURCE, GuardProcess, PostfixInstance, SinkDump, \
-    preload_suppressions, require, stop_process, tree_cpu_seconds, tree_memory_kib
+    preload_suppressions, require, stop_process, tree_cpu_seconds, tree_memory_kib, wait_for
 
 LOAD_CLIENT = Path(__file__).resolve().parent / "smtp_load.py"
 SESSIONS = 20
@@ -253,6 +254,29 @@ def guard_settings(workers: int | None) -> dict[str, dict[str, object]]:
     return settings
 
 
+def check_semantics(system: System, sink: SinkDump, suppressions: int) -> None:
+    """Before measuring, prove what the rows claim: a listed address is refused with 5xx (the
+    list is in force), and -- except after-queue -- a message is at the sink when its 250 comes
+    (allowing the sink 0.2 s to write its dump)."""
+    with smtplib.SMTP("127.0.0.1", system.port, local_hostname="check.bench.test", timeout=30) as client:
+        client.ehlo()
+        if suppressions and system.name != "direct":
+            client.mail(SENDER)
+            code, reply = client.rcpt(f"user00000000@{SUPPRESSED_DOMAIN}")
+            if code // 100 != 5:
+                raise RuntimeError(f"{system.name} accepted a suppressed address: {code} {reply!r}")
+            client.rset()
+        before = sink.poll()
+        client.sendmail(SENDER, [f"check{RECIPIENT}"], "Subject: check\r\n\r\nsemantics check\r\n")
+        if system.drained is None and sink.poll() == before:
+            time.sleep(0.2)  # the sink writes its dump after its own 250: allow it to land
+            if sink.poll() == before:
+                raise RuntimeError(f"{system.name}: the sink did not have the message 0.2 s after the 250")
+    wait_for(lambda: sink.poll() > before and (system.drained is None or system.drained()), 30,
+             f"the check message through {system.name}")
+    sink.reset()
+
+
 # --- report --------------------------------------------------------------------------------------
 
 def _median(values):
@@ -405,6 +429,8 @@ def main() -> int:
             systems.append(System(name, guard.port, guard.process.pid))
         print(f"temp dir {workdir}; " + ", ".join(f"{s.name} :{s.port}" for s in systems), file=sys.stderr)
 
+        for system in systems:
+            check_semantics(system, sink, args.suppressions)
         warmup = max(20, min(200, args.messages // 10))
         for load in loads:
             for system in systems:
