@@ -449,6 +449,15 @@ def main() -> int:
         extra["loadavg_after"] = loadavg()
         table = summarize(runs)
         print(report(args, table, extra, runs))
+        for part in started:
+            if isinstance(part, GuardProcess):
+                # The guard logs at its default level (info): count what went wrong, not every line.
+                bad = [line for line in part.stderr_tail().splitlines()
+                       if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")]
+                print(f"{part.dir.name} log: {len(bad)} ERROR/CRITICAL/Traceback line(s)"
+                      + (f", last: {bad[-1][:300]}" if bad else ""))
+            elif isinstance(part, PostfixInstance) and part.deferred():
+                print(f"WARNING: {part.deferred()} message(s) deferred in {part.root.name}'s queue")
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "args": {k: v for k, v in vars(args).items() if k not in ("smtp_source", "json", "keep")},
