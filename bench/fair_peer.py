@@ -154,8 +154,8 @@ class Probe:
             self.result = {"messages": 0, "error_count": 1, "errors": [f"probe printed no result: {out[-300:]!r}"]}
 
 
-def run_load(args, load: str, port: int, messages: int) -> tuple[float, dict, list[str]]:
-    """Drive one load; returns (client seconds, the pipelining client's JSON or {}, errors)."""
+def run_load(args, load: str, port: int, messages: int) -> tuple[float, float, dict, list[str]]:
+    """Drive one load; returns (monotonic start, client seconds, the pipelining client's JSON or {}, errors)."""
     recipients, flags = LOADS[load]
     if flags is None:
         command = [sys.executable, str(LOAD_CLIENT), "pipeline", "--port", str(port), "--messages", str(messages),
@@ -180,7 +180,7 @@ def run_load(args, load: str, port: int, messages: int) -> tuple[float, dict, li
             errors.append(f"pipelining client: {client['error_count']} failed transactions, e.g. {client['errors'][:2]}")
         if not client["pipelined"]:
             errors.append("server did not advertise PIPELINING: the client ran lock-step")
-    return seconds, client, errors
+    return started, seconds, client, errors
 
 
 def measure(args, system: System, load: str, sink: SinkDump, messages: int, round_no: int,
@@ -189,15 +189,14 @@ def measure(args, system: System, load: str, sink: SinkDump, messages: int, roun
     expected = messages * recipients_per_message
     before = sink.poll()
     cpu_before = tree_cpu_seconds(system.cpu_root) if system.cpu_root else None
-    started = time.monotonic()
     probe_result: dict = {}
     with MemorySampler(system.cpu_root) as memory:
         if probe and LOADS[load][1] is not None:
             with Probe(system.port, args) as running_probe:
-                client_seconds, client, errors = run_load(args, load, system.port, messages)
+                started, client_seconds, client, errors = run_load(args, load, system.port, messages)
             probe_result = running_probe.result
         else:
-            client_seconds, client, errors = run_load(args, load, system.port, messages)
+            started, client_seconds, client, errors = run_load(args, load, system.port, messages)
         probe_messages = probe_result.get("messages", 0)
         if probe_result.get("error_count"):
             errors.append(f"probe: {probe_result['error_count']} failed, e.g. {probe_result['errors'][:2]}")
