@@ -15,12 +15,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import socket
 import ssl
 import time
+import types
 from typing import Any, Awaitable, Callable
 
-from aiosmtpd.smtp import SMTP, AuthResult, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Session, _AuthMechAttr, syntax
 
 from .. import replies
 from ..config import SMTPConfig
@@ -30,6 +33,7 @@ from .auth import Authenticator, AuthThrottle
 from .handler import GuardHandler
 
 log = logging.getLogger("smtp_guard.smtp")
+
 
 CLEANUP_GRACE = 10.0  # seconds shutdown waits for ended transactions to return their upstream session
 
@@ -171,11 +175,80 @@ class GuardSession(Session):
         pass
 
 
+class SessionSetup:
+    """What aiosmtpd's ``SMTP.__init__`` works out, worked out once per listener.
+
+    aiosmtpd 1.4.6 builds its command and AUTH tables in every ``SMTP()`` — one per connection —
+    with ``dir()`` and ``inspect.getmembers`` (which reads every attribute of the protocol and
+    the handler), inspects the EHLO hook's signature and, without a hostname, calls
+    ``socket.getfqdn()``: ~12 % of the guard's CPU with one message per connection (profile in
+    bench/README.md, "Hot path"). Here ``SMTP.__init__`` runs once, on a prototype that never
+    sees a connection; each connection copies its settings and binds the tables to itself.
+    aiosmtpd's own per-connection state (the stream reader, timers, session) is created fresh.
+
+    ``GuardSMTP.from_setup`` refuses to run if the prototype holds anything this copy does not
+    know how to rebind, so an aiosmtpd upgrade that adds per-instance state fails loudly (and
+    tests/test_front_setup.py compares a copied protocol with one aiosmtpd built itself).
+    """
+
+    # Tables of methods bound to the protocol: rebound to each connection's protocol.
+    _BOUND_TABLES = ("_smtp_methods", "_auth_methods")
+
+    def __init__(self, handler: GuardHandler, **smtp_kwargs: Any) -> None:
+        if not smtp_kwargs.get("hostname"):
+            smtp_kwargs["hostname"] = socket.getfqdn()  # once, not per connection
+        prototype = GuardSMTP.__new__(GuardSMTP)
+        SMTP.__init__(prototype, handler, **smtp_kwargs)
+        loop = prototype.loop
+        # StreamReaderProtocol's own state (reader, writer, closed future): fresh per connection.
+        own = set(vars(asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), lambda r, w: None, loop=loop)))
+        self.loop = loop
+        self.attributes = {k: v for k, v in vars(prototype).items()
+                           if k not in own and k not in self._BOUND_TABLES}
+        for name, value in self.attributes.items():
+            if _refers_to(value, prototype):
+                raise RuntimeError(f"aiosmtpd's SMTP.{name} is bound to its instance; SessionSetup cannot share it")
+            if isinstance(value, (dict, list, set)) and name != "_handle_hooks":
+                # Mutable per-session state would be shared between sessions.
+                raise RuntimeError(f"aiosmtpd's SMTP.{name} is mutable; SessionSetup cannot share it")
+        self.smtp_methods = {name: method.__func__ for name, method in prototype._smtp_methods.items()}
+        self.auth_methods: dict[str, tuple[Any, bool]] = {
+            name: (getattr(impl.method, "__func__") if impl.is_builtin else impl.method, impl.is_builtin)
+            for name, impl in prototype._auth_methods.items()}
+
+    def apply(self, smtp: "GuardSMTP") -> None:
+        """Give a new protocol aiosmtpd's state, as ``SMTP.__init__`` would have."""
+        asyncio.StreamReaderProtocol.__init__(
+            smtp, asyncio.StreamReader(loop=self.loop, limit=smtp.line_length_limit),
+            client_connected_cb=smtp._cb_client_connected, loop=self.loop)
+        smtp.__dict__.update(self.attributes)
+        smtp._smtp_methods = {name: types.MethodType(func, smtp) for name, func in self.smtp_methods.items()}
+        smtp._auth_methods = {name: _AuthMechAttr(types.MethodType(func, smtp) if builtin else func, builtin)
+                              for name, (func, builtin) in self.auth_methods.items()}
+        # aiosmtpd keeps command_size_limits on the class, shared by every session, and clears
+        # it in every SMTP(): one session's EHLO raised (and the next connection reset) the MAIL
+        # limit of all. Each session gets its own.
+        smtp.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+
+
+def _refers_to(value: Any, instance: object) -> bool:
+    if getattr(value, "__self__", None) is instance:
+        return True
+    if isinstance(value, dict):
+        return any(_refers_to(v, instance) for v in value.values())
+    if isinstance(value, tuple):
+        return any(_refers_to(v, instance) for v in value)
+    return False
+
+
 class GuardSMTP(SMTP):
     def __init__(self, handler: GuardHandler, registry: SessionRegistry, config: SMTPConfig,
                  metrics: Metrics, allow_plaintext_auth_on_loopback: bool, auth_throttle: AuthThrottle,
-                 **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+                 setup: SessionSetup | None = None, **kwargs: Any) -> None:
+        if setup is None:
+            super().__init__(handler, **kwargs)
+        else:
+            setup.apply(self)
         self._guard_handler = handler
         self._registry = registry
         self._guard_config = config
@@ -388,26 +461,32 @@ class SMTPServer:
         self.registry = SessionRegistry(metrics)
         self._server: asyncio.base_events.Server | None = None
 
+    def _smtp_kwargs(self) -> dict[str, Any]:
+        """aiosmtpd's ``SMTP`` arguments, the same for every session."""
+        config = self._config
+        return dict(
+            hostname=config.hostname or None,
+            ident=config.banner,  # aiosmtpd's default names itself: "Python SMTP 1.4.6"
+            data_size_limit=config.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=self._tls,
+            require_starttls=config.tls.require,
+            timeout=config.idle_timeout,
+            authenticator=self._authenticator,
+            auth_required=False,  # allowed networks relay without AUTH; the handler decides
+            auth_require_tls=True,
+        )
+
     def _factory(self) -> Callable[[], GuardSMTP]:
         config = self._config
+        setup = SessionSetup(self._handler, **self._smtp_kwargs())
 
         def make() -> GuardSMTP:
             return GuardSMTP(
                 self._handler, self.registry, config, self._metrics,
                 allow_plaintext_auth_on_loopback=config.auth.allow_plaintext_on_loopback,
-                auth_throttle=self.auth_throttle,
-                hostname=config.hostname or None,
-                ident=config.banner,  # aiosmtpd's default names itself: "Python SMTP 1.4.6"
-                data_size_limit=config.max_message_size,
-                enable_SMTPUTF8=True,
-                decode_data=False,
-                tls_context=self._tls,
-                require_starttls=config.tls.require,
-                timeout=config.idle_timeout,
-                authenticator=self._authenticator,
-                auth_required=False,  # allowed networks relay without AUTH; the handler decides
-                auth_require_tls=True,
-            )
+                auth_throttle=self.auth_throttle, setup=setup)
         return make
 
     async def start(self) -> None:
