@@ -267,6 +267,7 @@ class GuardSMTP(SMTP):
         self.in_data = False  # inside the DATA command, from the command to its reply
         self._reading_data = False  # between the 354 and the final dot: data_timeout applies
         self._answering_hello = False  # inside HELO/EHLO: their 250 lines carry no enhanced code
+        self._continuation_lines: list[bytes] = []  # of a multi-line reply, until its last line
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -352,10 +353,21 @@ class GuardSMTP(SMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and self._takes_enhanced_code(status):
             status = replies.rewrite_aiosmtpd_reply(status)
+        if isinstance(status, str) and status[3:4] == "-" and status[:3].isdigit():
+            # A line of a multi-line reply (EHLO's keywords): aiosmtpd writes and drains each
+            # line on its own, one send() per line. They go out together with the last one.
+            self._continuation_lines.append(status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + b"\r\n")
+            return
+        reading_data = str(status).startswith("354")
+        if self._continuation_lines:
+            lines, self._continuation_lines = self._continuation_lines, []
+            if isinstance(status, str):
+                status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+            status = b"".join(lines) + status
         await super().push(status)
         # The client's turn: after 354 it owes message data (data_timeout between reads, see
         # data_received), after any other reply its next command (idle_timeout).
-        self._reading_data = str(status).startswith("354")
+        self._reading_data = reading_data
         if self.transport is not None:
             self._reset_timeout(self._guard_config.data_timeout if self._reading_data else None)
 
