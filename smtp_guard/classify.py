@@ -64,6 +64,11 @@ def parse_headers(content: bytes) -> dict[str, str]:
 
 
 def _decode(value: object) -> str:
+    text = str(value)
+    if text.isascii() and "=?" not in text:
+        # No encoded word (RFC 2047 2): decode_header/make_header would return it unchanged,
+        # at a cost paid for every header of every message.
+        return " ".join(text.split())
     try:
         text = str(email.header.make_header(email.header.decode_header(str(value))))
     except (UnicodeError, LookupError, email.errors.HeaderParseError):

@@ -169,3 +169,32 @@ def test_a_cut_that_leaves_a_trailing_dot_gives_a_quoted_key(text: str, key: str
     mailbox; exporting it and importing the export again reported the row as bad."""
     assert DEFAULT.key(text) == key
     assert DEFAULT.key(key) == key
+
+
+# --- the SMTP front's fast split of a MAIL/RCPT path (smtp/server.py GuardSMTP._getaddr) ------
+
+_PATH_CHARS = ATEXT + ".@<>\" ()[]:,;\\\t"
+
+
+@PROPERTIES
+@given(st.one_of(
+    st.builds(lambda local, domain, rest: f"<{local}@{domain}>{rest}", dot_atoms, dot_atoms,
+              st.text(" =ABCSIZE0129<>@", max_size=12)),
+    st.text(_PATH_CHARS, max_size=30),
+))
+@example("<a@b> SIZE=100 BODY=8BITMIME")
+@example("<a..b@c>")
+@example("<a@b..c>")
+@example("<a@[127.0.0.1]>")
+@example('<"a b"@c>')
+@example("<a@b>>")
+@example("<@route:a@b>")
+def test_fast_path_split_is_aiosmtpds(arg: str) -> None:
+    """The guard's split of a path equals aiosmtpd's, whichever way it was found."""
+    from aiosmtpd.smtp import SMTP
+
+    from smtp_guard.smtp.server import GuardSMTP
+
+    guard = GuardSMTP.__new__(GuardSMTP)
+    reference = SMTP.__new__(SMTP)
+    assert guard._getaddr(arg) == reference._getaddr(arg)

@@ -1,4 +1,4 @@
-"""Pooled upstream SMTP sessions (aiosmtplib), reused across transactions with RSET.
+"""Pooled upstream SMTP sessions (aiosmtplib), reused across transactions (RSET after an unfinished one).
 
 Shaped like httpcore's pool: a bounded number of sessions, an idle list, a readable repr.
 Every aiosmtplib exception is translated here into a Reply the client can be given:
@@ -196,11 +196,18 @@ class SMTPUpstream:
         self._in_use -= 1
         self._slots.release()
 
-    async def finish(self, session: _Session, reusable: bool) -> None:
+    async def finish(self, session: _Session, reusable: bool, delivered: bool = False) -> None:
+        """Give a session back: parked for the next transaction, or closed. After a message
+        the upstream accepted, no RSET: the end of DATA already cleared its transaction
+        (RFC 5321 4.1.1.4), and a session that died meanwhile is caught by the next MAIL."""
         try:
             if reusable and session.client.is_connected:
                 session.transactions += 1
-                await self._reset_and_park(session)
+                if delivered:
+                    session.idle_since = self._clock()
+                    self._idle.append(session)
+                else:
+                    await self._reset_and_park(session)
             else:
                 await _quietly_close(session.client)
         finally:
@@ -219,6 +226,7 @@ class SMTPTransaction:
         self._upstream = upstream
         self._session = session
         self._broken = False
+        self._delivered = False  # the upstream accepted the message: its transaction is over
         self._finished = False
 
     async def rcpt(self, address: str) -> Reply:
@@ -239,6 +247,7 @@ class SMTPTransaction:
             return replies.UPSTREAM_LOST
         try:
             response = await self._session.client.data(content)
+            self._delivered = True
             return replies.upstream_reply(response.code, response.message)
         except aiosmtplib.SMTPResponseException as error:
             return replies.upstream_reply(error.code, error.message)
@@ -253,7 +262,7 @@ class SMTPTransaction:
         if self._finished:
             return
         self._finished = True
-        await self._upstream.finish(self._session, reusable=not self._broken)
+        await self._upstream.finish(self._session, reusable=not self._broken, delivered=self._delivered)
 
 
 async def _starttls_if_offered(client: aiosmtplib.SMTP) -> None:

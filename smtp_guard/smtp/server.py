@@ -15,12 +15,16 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import re
+import socket
 import ssl
 import time
+import types
 from typing import Any, Awaitable, Callable
 
-from aiosmtpd.smtp import SMTP, AuthResult, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Session, _AuthMechAttr, syntax
 
 from .. import replies
 from ..config import SMTPConfig
@@ -30,6 +34,12 @@ from .auth import Authenticator, AuthThrottle
 from .handler import GuardHandler
 
 log = logging.getLogger("smtp_guard.smtp")
+
+# ``<local@domain>`` with a dot-atom local part (RFC 5321 4.1.2) and a domain of LDH labels,
+# then the parameters: the path nearly every client sends. What the stdlib parser aiosmtpd
+# uses makes of exactly these is the text between the brackets, unchanged.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_PLAIN_PATH = re.compile(rf"<({_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 
 CLEANUP_GRACE = 10.0  # seconds shutdown waits for ended transactions to return their upstream session
 
@@ -171,11 +181,80 @@ class GuardSession(Session):
         pass
 
 
+class SessionSetup:
+    """What aiosmtpd's ``SMTP.__init__`` works out, worked out once per listener.
+
+    aiosmtpd 1.4.6 builds its command and AUTH tables in every ``SMTP()`` — one per connection —
+    with ``dir()`` and ``inspect.getmembers`` (which reads every attribute of the protocol and
+    the handler), inspects the EHLO hook's signature and, without a hostname, calls
+    ``socket.getfqdn()``: ~12 % of the guard's CPU with one message per connection (profile in
+    bench/README.md, "Hot path"). Here ``SMTP.__init__`` runs once, on a prototype that never
+    sees a connection; each connection copies its settings and binds the tables to itself.
+    aiosmtpd's own per-connection state (the stream reader, timers, session) is created fresh.
+
+    ``GuardSMTP.from_setup`` refuses to run if the prototype holds anything this copy does not
+    know how to rebind, so an aiosmtpd upgrade that adds per-instance state fails loudly (and
+    tests/test_front_setup.py compares a copied protocol with one aiosmtpd built itself).
+    """
+
+    # Tables of methods bound to the protocol: rebound to each connection's protocol.
+    _BOUND_TABLES = ("_smtp_methods", "_auth_methods")
+
+    def __init__(self, handler: GuardHandler, **smtp_kwargs: Any) -> None:
+        if not smtp_kwargs.get("hostname"):
+            smtp_kwargs["hostname"] = socket.getfqdn()  # once, not per connection
+        prototype = GuardSMTP.__new__(GuardSMTP)
+        SMTP.__init__(prototype, handler, **smtp_kwargs)
+        loop = prototype.loop
+        # StreamReaderProtocol's own state (reader, writer, closed future): fresh per connection.
+        own = set(vars(asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), lambda r, w: None, loop=loop)))
+        self.loop = loop
+        self.attributes = {k: v for k, v in vars(prototype).items()
+                           if k not in own and k not in self._BOUND_TABLES}
+        for name, value in self.attributes.items():
+            if _refers_to(value, prototype):
+                raise RuntimeError(f"aiosmtpd's SMTP.{name} is bound to its instance; SessionSetup cannot share it")
+            if isinstance(value, (dict, list, set)) and name != "_handle_hooks":
+                # Mutable per-session state would be shared between sessions.
+                raise RuntimeError(f"aiosmtpd's SMTP.{name} is mutable; SessionSetup cannot share it")
+        self.smtp_methods = {name: method.__func__ for name, method in prototype._smtp_methods.items()}
+        self.auth_methods: dict[str, tuple[Any, bool]] = {
+            name: (getattr(impl.method, "__func__") if impl.is_builtin else impl.method, impl.is_builtin)
+            for name, impl in prototype._auth_methods.items()}
+
+    def apply(self, smtp: "GuardSMTP") -> None:
+        """Give a new protocol aiosmtpd's state, as ``SMTP.__init__`` would have."""
+        asyncio.StreamReaderProtocol.__init__(
+            smtp, asyncio.StreamReader(loop=self.loop, limit=smtp.line_length_limit),
+            client_connected_cb=smtp._cb_client_connected, loop=self.loop)
+        smtp.__dict__.update(self.attributes)
+        smtp._smtp_methods = {name: types.MethodType(func, smtp) for name, func in self.smtp_methods.items()}
+        smtp._auth_methods = {name: _AuthMechAttr(types.MethodType(func, smtp) if builtin else func, builtin)
+                              for name, (func, builtin) in self.auth_methods.items()}
+        # aiosmtpd keeps command_size_limits on the class, shared by every session, and clears
+        # it in every SMTP(): one session's EHLO raised (and the next connection reset) the MAIL
+        # limit of all. Each session gets its own.
+        smtp.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+
+
+def _refers_to(value: Any, instance: object) -> bool:
+    if getattr(value, "__self__", None) is instance:
+        return True
+    if isinstance(value, dict):
+        return any(_refers_to(v, instance) for v in value.values())
+    if isinstance(value, tuple):
+        return any(_refers_to(v, instance) for v in value)
+    return False
+
+
 class GuardSMTP(SMTP):
     def __init__(self, handler: GuardHandler, registry: SessionRegistry, config: SMTPConfig,
                  metrics: Metrics, allow_plaintext_auth_on_loopback: bool, auth_throttle: AuthThrottle,
-                 **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+                 setup: SessionSetup | None = None, **kwargs: Any) -> None:
+        if setup is None:
+            super().__init__(handler, **kwargs)
+        else:
+            setup.apply(self)
         self._guard_handler = handler
         self._registry = registry
         self._guard_config = config
@@ -188,6 +267,7 @@ class GuardSMTP(SMTP):
         self.in_data = False  # inside the DATA command, from the command to its reply
         self._reading_data = False  # between the 354 and the final dot: data_timeout applies
         self._answering_hello = False  # inside HELO/EHLO: their 250 lines carry no enhanced code
+        self._continuation_lines: list[bytes] = []  # of a multi-line reply, until its last line
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -236,6 +316,24 @@ class GuardSMTP(SMTP):
         self._registry.remove(self)
         super().connection_lost(error)
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The path of MAIL/RCPT and what follows it, as aiosmtpd's ``_getaddr`` returns them.
+
+        aiosmtpd runs the stdlib ``email`` header parser on every path (and defines a class per
+        call): 8 % of the guard's CPU per message. A plain ``<local@domain>`` is split here with
+        the same result; any other spelling still goes through aiosmtpd. Neither validates:
+        ``addresses.parse_mailbox`` does, in the handler, and what it accepted is what is relayed.
+        """
+        match = _PLAIN_PATH.match(arg)
+        if match is None or (self.local_part_limit and match.group(1).rfind("@") > self.local_part_limit):
+            return super()._getaddr(arg)
+        rest = arg[match.end():]
+        if rest[:1] in (" ", "\t"):
+            rest = rest.lstrip()  # the stdlib parser eats folding white space after the ">" ...
+        if rest.startswith("("):
+            return super()._getaddr(arg)  # ... and comments, which are left to it
+        return match.group(1), rest
+
     def _create_session(self) -> Session:
         return GuardSession(self.loop)
 
@@ -255,10 +353,21 @@ class GuardSMTP(SMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and self._takes_enhanced_code(status):
             status = replies.rewrite_aiosmtpd_reply(status)
+        if isinstance(status, str) and status[3:4] == "-" and status[:3].isdigit():
+            # A line of a multi-line reply (EHLO's keywords): aiosmtpd writes and drains each
+            # line on its own, one send() per line. They go out together with the last one.
+            self._continuation_lines.append(status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + b"\r\n")
+            return
+        reading_data = str(status).startswith("354")
+        if self._continuation_lines:
+            lines, self._continuation_lines = self._continuation_lines, []
+            if isinstance(status, str):
+                status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+            status = b"".join(lines) + status
         await super().push(status)
         # The client's turn: after 354 it owes message data (data_timeout between reads, see
         # data_received), after any other reply its next command (idle_timeout).
-        self._reading_data = str(status).startswith("354")
+        self._reading_data = reading_data
         if self.transport is not None:
             self._reset_timeout(self._guard_config.data_timeout if self._reading_data else None)
 
@@ -388,26 +497,32 @@ class SMTPServer:
         self.registry = SessionRegistry(metrics)
         self._server: asyncio.base_events.Server | None = None
 
+    def _smtp_kwargs(self) -> dict[str, Any]:
+        """aiosmtpd's ``SMTP`` arguments, the same for every session."""
+        config = self._config
+        return dict(
+            hostname=config.hostname or None,
+            ident=config.banner,  # aiosmtpd's default names itself: "Python SMTP 1.4.6"
+            data_size_limit=config.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=self._tls,
+            require_starttls=config.tls.require,
+            timeout=config.idle_timeout,
+            authenticator=self._authenticator,
+            auth_required=False,  # allowed networks relay without AUTH; the handler decides
+            auth_require_tls=True,
+        )
+
     def _factory(self) -> Callable[[], GuardSMTP]:
         config = self._config
+        setup = SessionSetup(self._handler, **self._smtp_kwargs())
 
         def make() -> GuardSMTP:
             return GuardSMTP(
                 self._handler, self.registry, config, self._metrics,
                 allow_plaintext_auth_on_loopback=config.auth.allow_plaintext_on_loopback,
-                auth_throttle=self.auth_throttle,
-                hostname=config.hostname or None,
-                ident=config.banner,  # aiosmtpd's default names itself: "Python SMTP 1.4.6"
-                data_size_limit=config.max_message_size,
-                enable_SMTPUTF8=True,
-                decode_data=False,
-                tls_context=self._tls,
-                require_starttls=config.tls.require,
-                timeout=config.idle_timeout,
-                authenticator=self._authenticator,
-                auth_required=False,  # allowed networks relay without AUTH; the handler decides
-                auth_require_tls=True,
-            )
+                auth_throttle=self.auth_throttle, setup=setup)
         return make
 
     async def start(self) -> None:
