@@ -27,6 +27,7 @@ import asyncio
 import errno
 import logging
 import os
+import random
 import sqlite3
 import stat
 import time
@@ -343,13 +344,28 @@ class Database:
             prepare_files(self.path)
             self._connection = await aiosqlite.connect(self.path, isolation_level=None)
             await self._connection.execute(_busy_pragma(self.busy_timeout))
-            for pragma in PRAGMAS:
-                await self._connection.execute(pragma)
-            await self._migrate()
+            await self._set_up()
         except (sqlite3.Error, OSError) as error:
             await self.close()
             raise store_error(error, f"cannot open the store at {self.path}") from error
         return self
+
+    async def _set_up(self) -> None:
+        """Pragmas and migrations. Two processes opening a new store together (a CLI command
+        and a starting guard) can collide on the switch to WAL: a lock upgrade SQLite refuses
+        at once instead of waiting in its busy handler. Retried with a random pause within
+        busy_timeout."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                for pragma in PRAGMAS:
+                    await self.connection.execute(pragma)
+                await self._migrate()
+                return
+            except sqlite3.OperationalError as error:
+                if not isinstance(store_error(error), StoreBusy) or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(random.uniform(0.01, 0.1))
 
     async def close(self) -> None:
         if self._connection is not None:
