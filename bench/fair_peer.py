@@ -37,7 +37,6 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 import smtplib
 import statistics
 import subprocess
@@ -50,7 +49,7 @@ from pathlib import Path
 
 from checkout import code_version, cpu_model  # also puts this checkout first on sys.path
 from peers import POSTFIX, RECIPIENT, SENDER, SMTP_SINK, SMTP_SOURCE, GuardProcess, PostfixInstance, SinkDump, \
-    preload_suppressions, require, stop_process, tree_cpu_seconds, tree_memory_kib, wait_for
+    preload_suppressions, require, stop_all, stop_process, tree_cpu_seconds, tree_memory_kib, wait_for
 
 LOAD_CLIENT = Path(__file__).resolve().parent / "smtp_load.py"
 SESSIONS = 20
@@ -463,15 +462,7 @@ def main() -> int:
                 **extra, "sessions": SESSIONS, "summary": table, "runs": [asdict(r) for r in runs]}, indent=2))
         return 1 if any(r.errors for r in runs) else 0
     finally:
-        for part in reversed(started):
-            try:
-                part.stop()
-            except Exception as error:  # keep stopping the others
-                print(f"could not stop {part}: {error}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        stop_all(reversed(started), workdir, args.keep)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,22 @@ class SinkDump:
         self._stderr.close()
 
 
+def stop_all(parts, workdir: Path, keep: bool) -> None:
+    """Stop every peer a benchmark started (later ones first; one failure does not stop the
+    rest), then remove the work directory unless asked to keep it."""
+    for part in parts:
+        if part is None:
+            continue
+        try:
+            part.stop()
+        except Exception as error:  # keep stopping the others
+            print(f"could not stop {part}: {error}", file=sys.stderr)
+    if keep:
+        print(f"kept {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
     if process.poll() is not None:
         return

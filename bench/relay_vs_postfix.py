@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from pathlib import Path
 
 from checkout import code_version, cpu_model  # also puts this checkout first on sys.path
 from peers import POSTFIX, RECIPIENT, SENDER, SMTP_SINK, SMTP_SOURCE, GuardProcess, PostfixInstance, SinkDump, \
-    require, tree_cpu_seconds
+    require, stop_all, tree_cpu_seconds
 
 
 def guard_settings(concurrency: int, recipients: int) -> dict[str, dict[str, object]]:
@@ -236,16 +235,7 @@ def main() -> int:
                 "runs": [vars(r) for r in runs], **extra}, indent=2))
         return 1 if any(r.errors for r in runs) else 0
     finally:
-        for part in (guard, postfix, sink):
-            if part is not None:
-                try:
-                    part.stop()
-                except Exception as error:  # keep stopping the others
-                    print(f"could not stop {part}: {error}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        stop_all((guard, postfix, sink), workdir, args.keep)
 
 
 if __name__ == "__main__":
