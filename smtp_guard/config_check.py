@@ -8,7 +8,6 @@ rollout — so it is said plainly, once, before the guard runs with it.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import stat
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Config
+from .smtp.access import AccessControl
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,8 @@ class Danger:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """A configured host (a name or an address) that only this machine can reach."""
+    return host == "localhost" or AccessControl.is_loopback(host)
 
 
 def dangers(config: Config) -> list[Danger]:

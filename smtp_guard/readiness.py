@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 import aiosmtplib
 
 from .config import UpstreamConfig
-from .relay.pool import tls_context
+from .relay.pool import quietly_close, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,7 @@ async def probe_upstream(config: UpstreamConfig, sandbox_dir: Path) -> str | Non
         await client.connect()
     except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
         return f"cannot connect to [upstream] {config.host}:{config.port}: {_reason(error)}"
-    try:
-        await client.quit()
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-        client.close()
+    await quietly_close(client)
     return None
 
 

@@ -161,10 +161,10 @@ class SMTPUpstream:
             if config.username:
                 await client.login(config.username, config.password)
         except _TLSHandshakeFailed:
-            await _quietly_close(client)
+            await quietly_close(client)
             raise
         except aiosmtplib.SMTPAuthenticationError as error:
-            await _quietly_close(client)
+            await quietly_close(client)
             log.error("upstream %s:%d refused our credentials (%s %s); check [upstream] username/password",
                       config.host, config.port, error.code, error.message)
             raise UpstreamError(replies.UPSTREAM_UNAVAILABLE, "upstream authentication failed") from None
@@ -175,7 +175,7 @@ class SMTPUpstream:
 
     async def _close_after_connect_failure(self, client: aiosmtplib.SMTP, error: BaseException) -> NoReturn:
         config = self._config
-        await _quietly_close(client)
+        await quietly_close(client)
         log.warning("cannot connect to upstream %s:%d: %r", config.host, config.port, error)
         reply = replies.UPSTREAM_TIMEOUT if isinstance(error, _TIMEOUTS) else replies.UPSTREAM_UNAVAILABLE
         raise UpstreamError(reply, f"connect failed: {error!r}") from None
@@ -184,13 +184,13 @@ class SMTPUpstream:
         try:
             await session.client.rset()
         except Exception:
-            await _quietly_close(session.client)
+            await quietly_close(session.client)
             return
         session.idle_since = self._clock()
         self._idle.append(session)
 
     async def _discard(self, session: _Session) -> None:
-        await _quietly_close(session.client)
+        await quietly_close(session.client)
 
     def _give_back_slot(self) -> None:
         self._in_use -= 1
@@ -209,14 +209,14 @@ class SMTPUpstream:
                 else:
                     await self._reset_and_park(session)
             else:
-                await _quietly_close(session.client)
+                await quietly_close(session.client)
         finally:
             self._give_back_slot()
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
         for session in idle:
-            await _quietly_close(session.client)
+            await quietly_close(session.client)
 
 
 class SMTPTransaction:
@@ -275,7 +275,8 @@ async def _starttls_if_offered(client: aiosmtplib.SMTP) -> None:
         raise _TLSHandshakeFailed(error) from None
 
 
-async def _quietly_close(client: aiosmtplib.SMTP) -> None:
+async def quietly_close(client: aiosmtplib.SMTP) -> None:
+    """QUIT within 2 s, else drop the connection; never raises."""
     try:
         if client.is_connected:
             async with asyncio.timeout(2):
