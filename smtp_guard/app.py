@@ -20,8 +20,8 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 from .addresses import AddressNormalizer
 from .admin.http import HTTPListener
 from .audit import AuditLog
-from .breaker_state import BreakerState
-from .breaker_sync import BreakerSync
+from .breaker.state import BreakerState
+from .breaker.sync import BreakerSync
 from .change_sync import ChangeSync
 from .classify import MessageClassifier
 from .config import Config

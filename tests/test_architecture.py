@@ -39,9 +39,15 @@ def violations(paths: list[Path], forbidden: tuple[str, ...]) -> list[str]:
             if any(name == f or name.startswith(f + ".") for f in forbidden)]
 
 
+ADAPTERS = ("smtp_guard.smtp", "smtp_guard.relay", "smtp_guard.store.sqlite", "smtp_guard.admin", "smtp_guard.cli")
+
+
 def test_policy_depends_on_no_adapter() -> None:
-    forbidden = ("smtp_guard.smtp", "smtp_guard.relay", "smtp_guard.store.sqlite", "smtp_guard.admin", "smtp_guard.cli")
-    assert violations(files("policy"), forbidden) == []
+    assert violations(files("policy"), ADAPTERS) == []
+
+
+def test_breaker_depends_on_no_adapter() -> None:
+    assert violations(files("breaker"), ADAPTERS) == []
 
 
 def test_cli_and_admin_do_not_import_each_other() -> None:

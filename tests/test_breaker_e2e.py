@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from smtp_guard import replies
 from smtp_guard.app import Guard, open_admin_context
+from smtp_guard.breaker import service
 from smtp_guard.cli.main import main
-from smtp_guard.services import breakers
 from smtp_guard.store.base import AuditFilter, BreakerRecord, BreakerStatus, BreakerStore
 
 from conftest import running_guard, wait_until
@@ -204,9 +204,9 @@ async def test_a_server_taking_the_decision_up_at_once_finds_the_admins_sweep_do
         async with open_admin_context(guard.config, actor="cli:ann") as ctx:
             ctx = dataclasses.replace(ctx, breakers=DecisionTakenUpAtOnce(ctx.breakers, guard.breaker_sync.sync))
             if verb == "approve":
-                action = await breakers.approve_breaker(ctx, STREAM, ceiling=100)
+                action = await service.approve_breaker(ctx, STREAM, ceiling=100)
             else:
-                action = await breakers.cancel_breaker(ctx, STREAM)
+                action = await service.cancel_breaker(ctx, STREAM)
         assert guard.breaker_state.trips[STREAM].status == action.record.status
         assert action.changed == 15
         await guard.audit.flush()

@@ -26,8 +26,8 @@ import pytest
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
-from smtp_guard.breaker_state import BreakerState
-from smtp_guard.breaker_sync import BreakerSync
+from smtp_guard.breaker.state import BreakerState
+from smtp_guard.breaker.sync import BreakerSync
 from smtp_guard.config import BreakerConfig
 from smtp_guard.metrics import Metrics
 from smtp_guard.relay.sandbox import SandboxUpstream

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import click
 
+from ..breaker import service
 from ..config import Config
-from ..services import breakers as service
 from ..services.audit import format_time
 from ..store.base import BreakerStatus
 from .common import admin_context, confirm_in_force, print_table, run, wait_option, with_config

@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from ..breaker_state import BreakerState
+from ..breaker.policy import BreakerPolicy
+from ..breaker.state import BreakerState
 from ..config import Config
 from ..counters import RateCounters
 from ..erasure.index import TombstoneIndex
 from ..index import SuppressionIndex
 from .base import MessagePolicy, Policy
-from .breaker import BreakerPolicy
 from .erasure import ErasurePolicy
 from .pipeline import Pipeline
 from .ratelimit import MessageRateLimitPolicy, RateLimitPolicy

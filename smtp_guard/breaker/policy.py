@@ -24,11 +24,11 @@ from __future__ import annotations
 from typing import Mapping
 
 from .. import replies
-from ..breaker_state import BreakerState, StreamTally
 from ..config import BreakerConfig, ClassConfig
+from ..policy.base import Decision, MessageContext, MessageVerdict, Verdict
 from ..store.base import BreakerRecord
-from .base import Decision, MessageContext, MessageVerdict, Verdict
-from .breaker_rules import GATE_PREFIX, Exceeded, FanoutRule, GateRule, StreamRule, VolumeRule
+from .rules import GATE_PREFIX, Exceeded, FanoutRule, GateRule, StreamRule, VolumeRule
+from .state import BreakerState, StreamTally
 
 _PASS = Decision(Verdict.PASS, "pass", "no policy objected", replies.RECIPIENT_OK)
 

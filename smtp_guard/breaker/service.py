@@ -7,9 +7,9 @@
 
 The stream's held recipients are swept first, and only then is the decision written to the
 store: a running server takes the decision up within ``[store] reload_interval`` (at once when
-the command waits for it, ``propagation.py``) and sweeps the stream's holds once more, and that
-sweep must only find mail held after the admin's own — otherwise a server that read the
-decision between the two would sweep everything itself, the admin would be told nothing was
+the command waits for it, ``services/propagation.py``) and sweeps the stream's holds once more,
+and that sweep must only find mail held after the admin's own — otherwise a server that read
+the decision between the two would sweep everything itself, the admin would be told nothing was
 released or discarded, and the server's audit record would follow the admin's. Every decision
 is recorded in the audit trail.
 """
@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..classify import parse_headers
-from ..policy.breaker_rules import cancelling_rules, holding_rules
+from ..services.context import AdminContext
 from ..store.base import AuditRecord, Baseline, BreakerRecord, BreakerStatus, RecipientState
-from .context import AdminContext
+from .rules import cancelling_rules, holding_rules
 
 
 class BreakerNotFound(LookupError):

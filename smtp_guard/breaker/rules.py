@@ -2,7 +2,7 @@
 
 Each rule looks at a stream's tally (and, for the fan-out detector, the current body's
 recipient count) and answers with the limit the stream exceeded, or None. They only compare
-numbers; the breaker policy (``breaker.py``) owns what a trip means for the mail.
+numbers; the breaker policy (``policy.py``) owns what a trip means for the mail.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from ..breaker_state import BreakerState, StreamTally
 from ..config import BreakerConfig
+from .state import BreakerState, StreamTally
 
 VOLUME_RULE = "breaker.volume"
 FANOUT_RULE = "breaker.fanout"

@@ -1,7 +1,7 @@
 """The hot state of the volume breaker, approval gates and fan-out detector, in memory.
 
 Policies read and update it synchronously at the end of DATA (no I/O on the hot path); the
-breaker sync task (``breaker_sync.py``) persists trips and learned baselines and reads admin
+breaker sync task (``sync.py``) persists trips and learned baselines and reads admin
 decisions back. Per stream it keeps:
 
 * a **tally**: the recipients seen (64-bit key hashes, with the time each was last seen, for
@@ -23,8 +23,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Protocol
 
-from .config import BreakerConfig
-from .store.base import Baseline, BreakerRecord
+from ..config import BreakerConfig
+from ..store.base import Baseline, BreakerRecord
 
 # Bodies remembered for the fan-out detector. A fan-out is the same body many times in a short
 # while, so evicting bodies seen once long ago loses nothing.

@@ -21,11 +21,11 @@ import logging
 import time
 from typing import Callable, Sequence
 
-from .breaker_state import BreakerState
-from .metrics import Metrics
-from .periodic import Periodic
-from .policy.breaker_rules import cancelling_rules, holding_rules
-from .store.base import AuditRecord, Baseline, BreakerRecord, BreakerStore, HoldStore
+from ..metrics import Metrics
+from ..periodic import Periodic
+from ..store.base import AuditRecord, Baseline, BreakerRecord, BreakerStore, HoldStore
+from .rules import cancelling_rules, holding_rules
+from .state import BreakerState
 
 log = logging.getLogger(__name__)
 
