@@ -41,9 +41,9 @@ from typing import Any
 from checkout import code_version, cpu_model  # also puts this checkout first on sys.path
 
 from smtp_guard.app import Guard
+from smtp_guard.change_model import GuardInstance
 from smtp_guard.config import Config, build_config
 from smtp_guard.services.propagation import in_force
-from smtp_guard.store.base import GuardInstance
 from smtp_guard.store.sqlite.changes import SQLiteChangeStore
 from smtp_guard.store.sqlite.db import Database, connect_sync
 

@@ -87,9 +87,9 @@ def human(n: float) -> str:
 # --- 1. fill ---------------------------------------------------------------------------------------
 
 async def fill(store_path: Path, count: int, batch: int, keys_file: Path | None) -> dict:
-    from smtp_guard.store.base import SuppressionEntry
     from smtp_guard.store.sqlite.db import Database
     from smtp_guard.store.sqlite.suppressions import SQLiteSuppressionStore
+    from smtp_guard.suppression_model import SuppressionEntry
 
     keys = open(keys_file, "w") if keys_file else None
     store_seconds = 0.0

@@ -360,9 +360,9 @@ class PostfixInstance:
 # --- smtp-guard ----------------------------------------------------------------------------------
 
 async def preload_suppressions(store_path: Path, count: int) -> None:
-    from smtp_guard.store.base import SuppressionEntry
     from smtp_guard.store.sqlite.db import Database
     from smtp_guard.store.sqlite.suppressions import SQLiteSuppressionStore
+    from smtp_guard.suppression_model import SuppressionEntry
 
     async with Database(store_path) as db:
         store = SQLiteSuppressionStore(db)

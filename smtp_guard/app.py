@@ -20,6 +20,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 from .addresses import AddressNormalizer
 from .admin.http import HTTPListener
 from .audit import AuditLog
+from .audit_model import AuditRecord
 from .breaker.state import BreakerState
 from .breaker.sync import BreakerSync
 from .change_sync import ChangeSync
@@ -28,6 +29,7 @@ from .config import Config
 from .counters import InMemoryCounters
 from .erasure.index import TombstoneIndex, TombstoneReloader
 from .erasure.keys import ErasureKeyError, load_key_ring, open_key_ring
+from .erasure.model import Tombstone
 from .erasure.pseudonyms import Pseudonymizer, PseudonymizingAuditStore
 from .hold.worker import ReleaseWorker
 from .index import IndexReloader, SuppressionIndex
@@ -44,7 +46,7 @@ from .smtp.access import AccessControl
 from .smtp.auth import Authenticator
 from .smtp.handler import GuardHandler
 from .smtp.server import SMTPServer
-from .store.base import AuditRecord, StoreError, Tombstone
+from .store.base import StoreError
 from .store.sqlite.audit import SQLiteAuditStore
 from .store.sqlite.breakers import SQLiteBreakerStore
 from .store.sqlite.changes import SQLiteChangeStore

@@ -14,8 +14,8 @@ import collections
 import logging
 from typing import Callable
 
+from .audit_model import AuditRecord, AuditStore
 from .config import AuditConfig
-from .store.base import AuditRecord, AuditStore
 
 log = logging.getLogger(__name__)
 

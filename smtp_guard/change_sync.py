@@ -26,8 +26,9 @@ import time
 from dataclasses import replace
 from typing import Awaitable, Callable, Sequence
 
+from .change_model import ChangeStore, GuardInstance
 from .periodic import Periodic
-from .store.base import ChangeStore, GuardInstance, StoreError
+from .store.base import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from bisect import bisect_left
 from typing import Callable, Sequence
 
 from .periodic import Periodic
-from .store.base import DomainRule, SuppressionDelta, SuppressionSnapshot, SuppressionStore
+from .suppression_model import DomainRule, SuppressionDelta, SuppressionSnapshot, SuppressionStore
 
 log = logging.getLogger(__name__)
 

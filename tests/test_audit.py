@@ -10,9 +10,10 @@ from typing import AsyncIterator, Callable, Sequence
 import pytest
 
 from smtp_guard.audit import AuditLog
+from smtp_guard.audit_model import AuditFilter, AuditRecord
 from smtp_guard.config import AuditConfig
 from smtp_guard.services.audit import BadTime, format_time, parse_time
-from smtp_guard.store.base import AuditFilter, AuditRecord, StoreError
+from smtp_guard.store.base import StoreError
 from smtp_guard.store.sqlite.audit import SQLiteAuditStore
 from smtp_guard.store.sqlite.db import Database
 

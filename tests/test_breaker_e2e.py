@@ -17,9 +17,10 @@ from click.testing import CliRunner
 
 from smtp_guard import replies
 from smtp_guard.app import Guard, open_admin_context
+from smtp_guard.audit_model import AuditFilter
 from smtp_guard.breaker import service
+from smtp_guard.breaker.model import BreakerRecord, BreakerStatus, BreakerStore
 from smtp_guard.cli.main import main
-from smtp_guard.store.base import AuditFilter, BreakerRecord, BreakerStatus, BreakerStore
 
 from conftest import running_guard, wait_until
 from smtp_client import message, send

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from smtp_guard import replies
 from smtp_guard.addresses import key_hash, parse_mailbox
+from smtp_guard.breaker.model import Baseline, BreakerRecord
 from smtp_guard.breaker.policy import BreakerPolicy
 from smtp_guard.breaker.state import BreakerState
 from smtp_guard.config import BreakerConfig, ClassConfig
 from smtp_guard.policy.base import MessageContext, MessageVerdict, RecipientContext, Verdict
-from smtp_guard.store.base import Baseline, BreakerRecord
 from smtp_guard.store.sqlite.breakers import SQLiteBreakerStore
 from smtp_guard.store.sqlite.db import Database
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from smtp_guard import replies
+from smtp_guard.audit_model import AuditFilter
 from smtp_guard.erasure.keys import erasure_token
-from smtp_guard.store.base import AuditFilter, SuppressionEntry
+from smtp_guard.suppression_model import SuppressionEntry
 
 from smtp_client import message, send, without_trace
 

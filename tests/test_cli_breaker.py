@@ -14,10 +14,12 @@ import pytest
 from click.testing import CliRunner, Result
 
 from smtp_guard.app import open_admin_context
+from smtp_guard.audit_model import AuditFilter, AuditRecord
+from smtp_guard.breaker.model import Baseline, BreakerRecord
 from smtp_guard.cli.breaker import breaker
 from smtp_guard.cli.main import main
 from smtp_guard.config import load_config
-from smtp_guard.store.base import AuditFilter, AuditRecord, Baseline, BreakerRecord, HeldRecipient, NewHold
+from smtp_guard.hold.model import HeldRecipient, NewHold
 from smtp_guard.store.sqlite.breakers import SQLiteBreakerStore
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore

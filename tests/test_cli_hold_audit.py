@@ -17,11 +17,12 @@ import pytest
 from click.testing import CliRunner, Result
 
 from smtp_guard.app import open_admin_context
+from smtp_guard.audit_model import AuditFilter, AuditRecord
 from smtp_guard.cli.audit import audit
 from smtp_guard.cli.hold import hold
 from smtp_guard.config import load_config
 from smtp_guard.erasure.pseudonyms import Pseudonymizer
-from smtp_guard.store.base import AuditFilter, AuditRecord, HeldMessage, HeldRecipient, NewHold
+from smtp_guard.hold.model import HeldMessage, HeldRecipient, NewHold
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 

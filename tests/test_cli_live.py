@@ -20,11 +20,11 @@ from click.testing import CliRunner, Result
 
 from smtp_guard import replies
 from smtp_guard.app import Guard, StartupError
+from smtp_guard.change_model import GuardInstance
 from smtp_guard.change_sync import ChangeSync
 from smtp_guard.cli.common import NOT_CONFIRMED
 from smtp_guard.cli.main import main
 from smtp_guard.services.propagation import FORGET_AFTER
-from smtp_guard.store.base import GuardInstance
 from smtp_guard.store.sqlite.changes import SQLiteChangeStore
 from smtp_guard.store.sqlite.db import Database
 

@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from smtp_guard import replies
 from smtp_guard.addresses import key_hash
 from smtp_guard.app import Guard, open_admin_context
+from smtp_guard.audit_model import AuditFilter
 from smtp_guard.services import erasure, propagation
-from smtp_guard.store.base import AuditFilter
 
 from conftest import wait_until
 from erasure_support import (

@@ -21,7 +21,7 @@ import pytest
 from smtp_guard import replies
 from smtp_guard.smtp.auth import AuthThrottle, hash_password
 from smtp_guard.smtp.server import CommandLineReader
-from smtp_guard.store.base import SuppressionEntry
+from smtp_guard.suppression_model import SuppressionEntry
 
 from conftest import ManualClock, wait_until
 from sink import Sink

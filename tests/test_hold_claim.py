@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smtp_guard.store.base import HeldRecipient, NewHold
+from smtp_guard.hold.model import HeldRecipient, NewHold
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 

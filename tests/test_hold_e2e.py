@@ -15,7 +15,8 @@ from click.testing import CliRunner, Result
 from smtp_guard import replies
 from smtp_guard.app import Guard
 from smtp_guard.cli.main import main
-from smtp_guard.store.base import HeldMessage, SuppressionEntry
+from smtp_guard.hold.model import HeldMessage
+from smtp_guard.suppression_model import SuppressionEntry
 
 from conftest import running_guard, wait_until
 from smtp_client import message, send, without_trace

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smtp_guard.store.base import HeldRecipient, NewHold
+from smtp_guard.hold.model import HeldRecipient, NewHold
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 

@@ -12,12 +12,13 @@ from typing import AsyncIterator
 import pytest
 
 from smtp_guard.app import init_store, open_admin_context
+from smtp_guard.audit_model import AuditFilter
 from smtp_guard.config import Config, StoreConfig
 from smtp_guard.services import importers
 from smtp_guard.services import suppressions as service
 from smtp_guard.services.context import AdminContext
 from smtp_guard.services.importers import BadRow, ImportFailed, ImportProgress, import_file
-from smtp_guard.store.base import AuditFilter, SuppressionEntry, SuppressionFilter
+from smtp_guard.suppression_model import SuppressionEntry, SuppressionFilter
 
 NOW = datetime(2024, 1, 15, tzinfo=timezone.utc).timestamp()
 DAY = 86400.0

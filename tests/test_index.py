@@ -6,7 +6,7 @@ from array import array
 
 from smtp_guard.addresses import key_hash
 from smtp_guard.index import SuppressionIndex
-from smtp_guard.store.base import DomainRule, SuppressionDelta, SuppressionSnapshot
+from smtp_guard.suppression_model import DomainRule, SuppressionDelta, SuppressionSnapshot
 
 LISTS = ("complained", "unsubscribed", "bounced")
 

@@ -25,11 +25,12 @@ import pytest
 from smtp_guard import replies
 from smtp_guard.addresses import AddressNormalizer
 from smtp_guard.app import Guard
+from smtp_guard.audit_model import AuditFilter
 from smtp_guard.config import AddressConfig, LoggingConfig
 from smtp_guard.erasure.keys import KeyRing, create_key_ring
+from smtp_guard.erasure.model import Tombstone
 from smtp_guard.erasure.pseudonyms import Pseudonymizer
 from smtp_guard.logs import PLAINTEXT_WARNING, WITHHELD, PseudonymFilter, configure_logging
-from smtp_guard.store.base import AuditFilter, Tombstone
 
 from conftest import make_config, wait_until
 from erasure_support import SENDER, cli, cli_config_for, cli_json, contains_any, mail, rcpt_reply, refuses

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
-from smtp_guard.store.base import SuppressionEntry
+from smtp_guard.suppression_model import SuppressionEntry
 
 from conftest import wait_until
 from smtp_client import message, send

@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 
 from smtp_guard import replies
-from smtp_guard.store.base import SuppressionEntry
+from smtp_guard.suppression_model import SuppressionEntry
 
 from smtp_client import message, send
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from smtp_guard import replies
-from smtp_guard.store.base import SuppressionEntry
+from smtp_guard.suppression_model import SuppressionEntry
 
 from conftest import wait_until
 from smtp_client import message, send, without_trace

@@ -26,7 +26,7 @@ from smtp_guard.config import Config, StoreConfig
 from smtp_guard.services import suppressions as service
 from smtp_guard.services.context import AdminContext
 from smtp_guard.services.importers import BadRow, ImportFailed, ImportResult, import_file
-from smtp_guard.store.base import SuppressionEntry, SuppressionFilter
+from smtp_guard.suppression_model import SuppressionEntry, SuppressionFilter
 
 # Each example opens a real SQLite store (about 50 ms): few examples, chosen to hit the edges.
 PROPERTIES = settings(max_examples=25, deadline=None, derandomize=bool(os.environ.get("CI")), database=None,

@@ -13,7 +13,7 @@ import pytest
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
-from smtp_guard.store.base import AuditFilter
+from smtp_guard.audit_model import AuditFilter
 
 from sink import Delivered
 from smtp_client import message, send, without_trace

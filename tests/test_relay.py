@@ -9,7 +9,7 @@ import aiosmtplib
 import pytest
 
 from smtp_guard import replies
-from smtp_guard.store.base import SuppressionEntry
+from smtp_guard.suppression_model import SuppressionEntry
 
 from smtp_client import dialogue, message, send, transact, without_trace
 

@@ -13,10 +13,12 @@ from typing import AsyncIterator, Callable
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from smtp_guard.audit_model import AuditRecord
 from smtp_guard.config import HoldConfig, UpstreamConfig
+from smtp_guard.hold.model import HeldRecipient, NewHold, RecipientState
 from smtp_guard.hold.worker import ReleaseWorker
 from smtp_guard.relay.pool import SMTPUpstream
-from smtp_guard.store.base import AuditRecord, HeldRecipient, NewHold, RecipientState, StoreError
+from smtp_guard.store.base import StoreError
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 

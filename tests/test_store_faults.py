@@ -26,15 +26,19 @@ import pytest
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
+from smtp_guard.audit_model import AuditFilter, AuditRecord
+from smtp_guard.breaker.model import BreakerRecord
 from smtp_guard.breaker.state import BreakerState
 from smtp_guard.breaker.sync import BreakerSync
 from smtp_guard.config import BreakerConfig
+from smtp_guard.hold.model import HeldRecipient, NewHold
 from smtp_guard.metrics import Metrics
 from smtp_guard.relay.sandbox import SandboxUpstream
-from smtp_guard.store.base import AuditFilter, AuditRecord, BreakerRecord, HeldRecipient, NewHold, StoreBusy, StoreFull, SuppressionEntry
+from smtp_guard.store.base import StoreBusy, StoreFull
 from smtp_guard.store.sqlite.breakers import SQLiteBreakerStore
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
+from smtp_guard.suppression_model import SuppressionEntry
 
 from conftest import wait_until
 from smtp_client import message, send

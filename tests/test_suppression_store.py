@@ -8,10 +8,11 @@ import pytest
 
 from smtp_guard.addresses import key_hash
 from smtp_guard.index import IndexReloader, SuppressionIndex
-from smtp_guard.store.base import DomainRule, StoreError, SuppressionEntry, SuppressionFilter
+from smtp_guard.store.base import StoreError
 from smtp_guard.store.sqlite import suppressions as sqlite_suppressions
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.suppressions import SQLiteSuppressionStore
+from smtp_guard.suppression_model import DomainRule, SuppressionEntry, SuppressionFilter
 
 from conftest import ManualClock
 

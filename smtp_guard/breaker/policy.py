@@ -26,7 +26,7 @@ from typing import Mapping
 from .. import replies
 from ..config import BreakerConfig, ClassConfig
 from ..policy.base import Decision, MessageContext, MessageVerdict, Verdict
-from ..store.base import BreakerRecord
+from .model import BreakerRecord
 from .rules import GATE_PREFIX, Exceeded, FanoutRule, GateRule, StreamRule, VolumeRule
 from .state import BreakerState, StreamTally
 

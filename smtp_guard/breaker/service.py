@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..audit_model import AuditRecord
 from ..classify import parse_headers
+from ..hold.model import RecipientState
 from ..services.context import AdminContext
-from ..store.base import AuditRecord, Baseline, BreakerRecord, BreakerStatus, RecipientState
+from .model import Baseline, BreakerRecord, BreakerStatus
 from .rules import cancelling_rules, holding_rules
 
 

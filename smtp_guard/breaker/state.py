@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Protocol
 
 from ..config import BreakerConfig
-from ..store.base import Baseline, BreakerRecord
+from .model import Baseline, BreakerRecord
 
 # Bodies remembered for the fan-out detector. A fan-out is the same body many times in a short
 # while, so evicting bodies seen once long ago loses nothing.

@@ -21,9 +21,11 @@ import logging
 import time
 from typing import Callable, Sequence
 
+from ..audit_model import AuditRecord
+from ..hold.model import HoldStore
 from ..metrics import Metrics
 from ..periodic import Periodic
-from ..store.base import AuditRecord, Baseline, BreakerRecord, BreakerStore, HoldStore
+from .model import Baseline, BreakerRecord, BreakerStore
 from .rules import cancelling_rules, holding_rules
 from .state import BreakerState
 

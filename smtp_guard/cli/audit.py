@@ -9,9 +9,9 @@ from typing import cast
 
 import click
 
+from ..audit_model import AuditFilter, AuditKind, AuditRecord
 from ..config import Config
 from ..services.audit import BadTime, format_time, parse_time, query_audit
-from ..store.base import AuditFilter, AuditKind, AuditRecord
 from .common import admin_context, print_table, run, with_config
 
 KINDS: tuple[AuditKind, ...] = ("decision", "admin", "delivery")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import click
 
 from ..breaker import service
+from ..breaker.model import BreakerStatus
 from ..config import Config
 from ..services.audit import format_time
-from ..store.base import BreakerStatus
 from .common import admin_context, confirm_in_force, print_table, run, wait_option, with_config
 
 STATUSES = ("tripped", "approved", "cancelled")

@@ -11,9 +11,9 @@ import click
 
 from ..addresses import AddressNormalizer
 from ..config import Config
+from ..erasure.model import ErasureReceipt
 from ..services import erasure as service
 from ..services.audit import BadTime, format_time, parse_time
-from ..store.base import ErasureReceipt
 from .common import admin_context, confirm_in_force, print_table, run, wait_option, with_config
 
 

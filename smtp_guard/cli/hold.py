@@ -8,9 +8,9 @@ from typing import Sequence
 import click
 
 from ..config import Config
+from ..hold.model import HeldMessage, RecipientState
 from ..services import holds as service
 from ..services.audit import format_time
-from ..store.base import HeldMessage, RecipientState
 from .common import admin_context, confirm_in_force, print_table, run, wait_option, with_config
 
 STATES = ("held", "released", "delivered", "failed", "discarded")

@@ -14,7 +14,7 @@ import click
 from ..config import Config, ConfigError, parse_duration
 from ..services import importers
 from ..services import suppressions as service
-from ..store.base import EntryKind, SuppressionEntry, SuppressionFilter
+from ..suppression_model import EntryKind, SuppressionEntry, SuppressionFilter
 from .common import admin_context, confirm_in_force, run, wait_option, with_config
 
 T = TypeVar("T")

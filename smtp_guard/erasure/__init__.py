@@ -1,1 +1,2 @@
-"""Verifiable erasure: keyed tombstones, their key ring, the in-memory tombstone index, file scans."""
+"""Verifiable erasure: keyed tombstones, receipts and their store interface, the key ring, the
+in-memory tombstone index, file scans."""

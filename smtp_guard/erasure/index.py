@@ -10,8 +10,8 @@ import asyncio
 import logging
 from typing import Awaitable, Callable, Sequence
 
-from ..store.base import ErasureStore, Tombstone
 from .keys import ErasureKeyError, KeyRing, check_key_file, erasure_token
+from .model import ErasureStore, Tombstone
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Mapping
 from ..addresses import AddressNormalizer, InvalidAddress
 
 if TYPE_CHECKING:
-    from ..store.base import ErasureStore
+    from .model import ErasureStore
 
 log = logging.getLogger(__name__)
 

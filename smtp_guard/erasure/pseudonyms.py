@@ -14,8 +14,9 @@ from dataclasses import replace
 from typing import Callable, Sequence
 
 from ..addresses import AddressNormalizer
-from ..store.base import AuditFilter, AuditRecord, AuditStore, Tombstone
+from ..audit_model import AuditFilter, AuditRecord, AuditStore
 from .keys import KeyRing, address_token, erasure_token
+from .model import Tombstone
 
 # Anything shaped like an address inside free text (a reply, an exception, a log line). Wider
 # than what the SMTP front accepts, on purpose: a quoted local part ("jane doe"@…), a UTF-8 or

@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ..audit_model import AuditRecord
 from ..config import HoldConfig
 from ..relay.base import Upstream, UpstreamError
 from ..replies import UPSTREAM_UNAVAILABLE, Reply
-from ..store.base import AuditRecord, HeldMessage, HeldRecipient, HoldStore, RecipientState
+from .model import HeldMessage, HeldRecipient, HoldStore, RecipientState
 
 log = logging.getLogger(__name__)
 

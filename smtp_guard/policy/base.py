@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Mapping, Protocol
 
 from ..addresses import Mailbox
+from ..erasure.model import Tombstone
 from ..replies import Reply
-from ..store.base import Tombstone
 
 
 class Verdict(enum.Enum):

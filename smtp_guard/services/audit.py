@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
-from ..store.base import AuditFilter, AuditRecord
+from ..audit_model import AuditFilter, AuditRecord
 from .context import AdminContext
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")

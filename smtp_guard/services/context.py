@@ -8,10 +8,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..addresses import AddressNormalizer
+from ..audit_model import AuditStore
+from ..breaker.model import BreakerStore
+from ..change_model import ChangeStore
 from ..config import Config
 from ..erasure.index import TombstoneIndex
 from ..erasure.keys import KeyRing
-from ..store.base import AuditStore, BreakerStore, ChangeStore, ErasureStore, HoldStore, SuppressionStore
+from ..erasure.model import ErasureStore
+from ..hold.model import HoldStore
+from ..suppression_model import SuppressionStore
 
 
 @dataclass(frozen=True)

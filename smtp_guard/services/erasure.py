@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ..addresses import AddressNormalizer, InvalidAddress, key_hash, parse_mailbox
+from ..audit_model import AuditRecord
 from ..erasure.index import TombstoneIndex
 from ..erasure.keys import address_token, erasure_token, is_token, rotate
+from ..erasure.model import ErasureAttempt, ErasureReceipt, PurgeCount, Tombstone
 from ..erasure.scan import Finding, address_pattern, scan_directory
 from ..policy.base import Decision, RecipientContext
 from ..policy.erasure import ErasurePolicy
-from ..store.base import AuditRecord, ErasureAttempt, ErasureReceipt, PurgeCount, Tombstone
 from .context import AdminContext
 
 SANDBOX_ENVELOPE_HEADER = b"x-sandbox-recipients:"

@@ -11,7 +11,8 @@ from email import policy
 from email.parser import BytesHeaderParser
 from typing import Sequence
 
-from ..store.base import AuditRecord, HeldMessage, RecipientState
+from ..audit_model import AuditRecord
+from ..hold.model import HeldMessage, RecipientState
 from .context import AdminContext
 
 

@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping, Sequence, TextIO
 
-from ..store.base import SuppressionEntry
+from ..suppression_model import SuppressionEntry
 from .context import AdminContext
 from .suppressions import expiry, parse_target, record, require_list
 

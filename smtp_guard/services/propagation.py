@@ -23,7 +23,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from ..store.base import GuardInstance
+from ..change_model import GuardInstance
 from .context import AdminContext
 
 STALE_AFTER = 10.0  # seconds without a heartbeat (guards write one a second)

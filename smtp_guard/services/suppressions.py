@@ -20,13 +20,13 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Literal, Sequence, TextIO
 
 from ..addresses import InvalidAddress, key_hash, parse_mailbox
+from ..audit_model import AuditRecord
 from ..index import SuppressionIndex
 from ..erasure.index import TombstoneIndex
 from ..erasure.keys import erasure_token
 from ..policy.base import Decision, RecipientContext
 from ..policy.default import default_pipeline
-from ..store.base import (
-    AuditRecord,
+from ..suppression_model import (
     DomainRule,
     EntryKind,
     list_order,

@@ -19,15 +19,17 @@ from typing import Any, Awaitable, Callable, Sequence
 from .. import replies
 from ..addresses import AddressNormalizer, InvalidAddress, Mailbox, key_hash, parse_mailbox
 from ..audit import AuditLog
+from ..audit_model import AuditRecord
 from ..classify import MessageClassifier, strip_headers
 from ..config import SMTPConfig
+from ..erasure.model import ErasureAttempt
+from ..hold.model import HeldRecipient, HoldStore, NewHold
 from ..metrics import Metrics
 from ..policy.base import Decision, MessageContext, RecipientContext, Verdict
 from ..policy.pipeline import MessageOutcome, Pipeline
 from ..relay.base import Upstream, UpstreamError, UpstreamTransaction
 from ..replies import Reply
-from ..store.base import (AuditRecord, ErasureAttempt, HeldRecipient, HoldStore, NewHold, StoreBusy, StoreError,
-                          StoreFull)
+from ..store.base import StoreBusy, StoreError, StoreFull
 from .access import AccessControl
 from .trace import protocol_name, received_header
 

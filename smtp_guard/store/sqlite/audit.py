@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..base import AuditFilter, AuditRecord
+from ...audit_model import AuditFilter, AuditRecord
 from .db import Database
 
 _COLUMNS = "time, kind, verdict, rule, reason, txn_id, client, sender, recipient, actor"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import builtins
 from typing import Any, Sequence
 
-from ..base import Baseline, BreakerRecord, BreakerStatus
+from ...breaker.model import Baseline, BreakerRecord, BreakerStatus
 from .db import Database
 
 _COLUMNS = ("stream, rule, sender, message_class, status, threshold, ceiling, recipients, tripped_at, "

@@ -9,7 +9,8 @@ from __future__ import annotations
 import builtins
 from typing import Any, Sequence
 
-from ..base import GuardInstance, StoreError
+from ...change_model import GuardInstance
+from ..base import StoreError
 from .db import Database
 
 _COLUMNS = "id, host, pid, started_at, heartbeat_at, applied_generation"

@@ -15,7 +15,8 @@ import json
 import time
 from typing import Any, Callable, Sequence
 
-from ..base import ErasureAttempt, ErasureReceipt, PurgeCount, StoreError, Tombstone
+from ...erasure.model import ErasureAttempt, ErasureReceipt, PurgeCount, Tombstone
+from ..base import StoreError
 from .db import Database
 
 _CHECKPOINT_TRIES = 20

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import aiosqlite
 
-from ..base import HeldMessage, HeldRecipient, HoldStats, NewHold, RecipientState
+from ...hold.model import HeldMessage, HeldRecipient, HoldStats, NewHold, RecipientState
 from .db import Database
 
 _MESSAGE_COLUMNS = "id, txn_id, created_at, client, sender, mail_options, size, stream, message_class"

@@ -23,16 +23,16 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 import aiosqlite
 
 from ...addresses import key_hash
-from ..base import (
+from ...suppression_model import (
     DomainRule,
     EntryKind,
     list_order,
-    StoreError,
     SuppressionDelta,
     SuppressionEntry,
     SuppressionFilter,
     SuppressionSnapshot,
 )
+from ..base import StoreError
 from .db import Database, connect_sync, store_error
 
 # Past this many logged changes a running server reloads the snapshot instead of applying them.
