@@ -104,9 +104,9 @@ async def measure_refresh_round(directory: Path, rounds: int) -> float:
     try:
         wall = time.perf_counter()
         for _ in range(rounds):
-            await guard.reloader.refresh()
-            await guard.tombstone_reloader.refresh()
-            await guard.breaker_sync.sync()
+            await guard.enforcement.reloader.refresh()
+            await guard.enforcement.tombstone_reloader.refresh()
+            await guard.background.breaker_sync.sync()
         return (time.perf_counter() - wall) / rounds * 1e6
     finally:
         await guard.stop()

@@ -85,7 +85,7 @@ async def send_in_batches(guard: Guard, recipients: list[str], content: bytes, b
 
 
 async def held_recipients(guard: Guard, stream: str = STREAM) -> int:
-    return (await guard.holds.stream_counts(stream)).get("held", 0)
+    return (await guard.backends.holds.stream_counts(stream)).get("held", 0)
 
 
 def metric(guard: Guard, name: str, **labels: str) -> float:
@@ -100,7 +100,7 @@ async def sanction_incident(guard: Guard, sink: Any) -> list[str]:
     assert data_replies[1:] == [str(replies.QUEUED_HELD)] * 4
     assert sink.delivered_to() == everyone[:APPROVAL_AFTER]
     assert await held_recipients(guard) == 5000 - APPROVAL_AFTER
-    trip = guard.breaker_state.trips[STREAM]
+    trip = guard.background.breaker_state.trips[STREAM]
     assert (trip.status, trip.rule, trip.threshold, trip.message_class) == ("tripped", "gate.sanction", 25, "sanction")
     assert metric(guard, "smtp_guard_breaker_trips_total", rule="gate.sanction", **{"class": "sanction"}) == 1
     assert metric(guard, "smtp_guard_breaker_recipients_total", verdict="hold", rule="gate.sanction",
@@ -112,7 +112,7 @@ async def test_sanction_stream_cancelled_is_never_delivered(tmp_path, sink):
     async with running_guard(tmp_path, sink.port, **SANCTION) as guard:
         await sanction_incident(guard, sink)
         config_file = write_config(tmp_path, guard)
-        await wait_until(lambda: guard.breakers.get(STREAM), what="the trip to reach the store")
+        await wait_until(lambda: guard.backends.breakers.get(STREAM), what="the trip to reach the store")
 
         listed = await admin(config_file, "breaker", "list")
         assert STREAM in listed and "gate.sanction" in listed and "4975" in listed
@@ -124,30 +124,30 @@ async def test_sanction_stream_cancelled_is_never_delivered(tmp_path, sink):
         # The CLI sweeps before its decision is visible: no server can take the decision up
         # first, so the CLI discards (and reports) every held recipient itself.
         assert f"discarded {5000 - APPROVAL_AFTER} held recipient(s)" in output
-        counts = await guard.holds.stream_counts(STREAM)
+        counts = await guard.backends.holds.stream_counts(STREAM)
         assert counts.get("held", 0) == 0 and counts.get("discarded") == 5000 - APPROVAL_AFTER
-        await wait_until(lambda: guard.breaker_state.trips[STREAM].status == "cancelled",
+        await wait_until(lambda: guard.background.breaker_state.trips[STREAM].status == "cancelled",
                          what="the server to take the cancellation up")
 
         # Further mail of the stream is refused; nothing held is ever delivered.
         outcome = await send(guard.smtp_address, SENDER, audience(3, start=6000), notice())
         assert outcome.data == str(replies.STREAM_CANCELLED)
-        await guard.release_worker.stop()
-        assert await guard.release_worker.run_once() == 0
+        await guard.background.release_worker.stop()
+        assert await guard.background.release_worker.run_once() == 0
         assert await held_recipients(guard) == 0
         assert metric(guard, "smtp_guard_breaker_admin_actions_total", action="cancel", rule="gate.sanction",
                       **{"class": "sanction"}) == 1
 
         # One cancellation record, the CLI's: the server found nothing more to sweep.
-        await guard.audit.flush()
-        [cancel] = await guard.audit_store.query(AuditFilter(kind="admin", verdict="breaker.cancel"))
+        await guard.enforcement.audit.flush()
+        [cancel] = await guard.backends.audit.query(AuditFilter(kind="admin", verdict="breaker.cancel"))
         assert cancel.actor.startswith("cli:") and f"discarded {5000 - APPROVAL_AFTER} held" in cancel.reason
-        [trip] = await guard.audit_store.query(AuditFilter(verdict="trip"))
+        [trip] = await guard.backends.audit.query(AuditFilter(verdict="trip"))
         assert trip.rule == "gate.sanction" and STREAM in trip.reason
 
     async with running_guard(tmp_path, sink.port, **SANCTION) as guard:
-        await guard.release_worker.stop()
-        assert await guard.release_worker.run_once() == 0
+        await guard.background.release_worker.stop()
+        assert await guard.background.release_worker.run_once() == 0
         outcome = await send(guard.smtp_address, SENDER, audience(1, start=7000), notice())
         assert outcome.data == str(replies.STREAM_CANCELLED)
     assert sink.delivered_to() == audience(APPROVAL_AFTER)
@@ -157,19 +157,19 @@ async def test_sanction_stream_approved_delivers_each_held_recipient_exactly_onc
     async with running_guard(tmp_path, sink.port, **SANCTION) as guard:
         everyone = await sanction_incident(guard, sink)
         config_file = write_config(tmp_path, guard)
-        await wait_until(lambda: guard.breakers.get(STREAM), what="the trip to reach the store")
+        await wait_until(lambda: guard.backends.breakers.get(STREAM), what="the trip to reach the store")
 
         output = await admin(config_file, "breaker", "approve", STREAM, "--ceiling", "6000")
         assert f"released {5000 - APPROVAL_AFTER} held recipient(s)" in output
         await wait_until(lambda: len(sink.delivered_to()) >= 5000, timeout=30,
                          what="the release worker to deliver every held recipient")
-        await wait_until(lambda: guard.breaker_state.trips[STREAM].status == "approved")
+        await wait_until(lambda: guard.background.breaker_state.trips[STREAM].status == "approved")
         # Under the new ceiling, more of the stream goes straight through.
         outcome = await send(guard.smtp_address, SENDER, audience(10, start=5000), notice())
         assert outcome.data is not None and outcome.data.startswith("250")
         assert outcome.data != str(replies.QUEUED_HELD)
-        await guard.release_worker.stop()
-        assert await guard.release_worker.run_once() == 0
+        await guard.background.release_worker.stop()
+        assert await guard.background.release_worker.run_once() == 0
     delivered = sink.delivered_to()
     assert len(delivered) == len(set(delivered)) == 5010
     assert set(delivered) == set(everyone) | set(audience(10, start=5000))
@@ -201,17 +201,17 @@ async def test_a_server_taking_the_decision_up_at_once_finds_the_admins_sweep_do
     async with running_guard(tmp_path, sink.port, **SANCTION) as guard:
         await send_in_batches(guard, audience(APPROVAL_AFTER + 15), notice())
         assert await held_recipients(guard) == 15
-        await guard.breaker_sync.sync()  # the trip reaches the store
+        await guard.background.breaker_sync.sync()  # the trip reaches the store
         async with open_admin_context(guard.config, actor="cli:ann") as ctx:
-            ctx = dataclasses.replace(ctx, breakers=DecisionTakenUpAtOnce(ctx.breakers, guard.breaker_sync.sync))
+            ctx = dataclasses.replace(ctx, breakers=DecisionTakenUpAtOnce(ctx.breakers, guard.background.breaker_sync.sync))
             if verb == "approve":
                 action = await service.approve_breaker(ctx, STREAM, ceiling=100)
             else:
                 action = await service.cancel_breaker(ctx, STREAM)
-        assert guard.breaker_state.trips[STREAM].status == action.record.status
+        assert guard.background.breaker_state.trips[STREAM].status == action.record.status
         assert action.changed == 15
-        await guard.audit.flush()
-        [record] = await guard.audit_store.query(AuditFilter(kind="admin", verdict=f"breaker.{verb}"))
+        await guard.enforcement.audit.flush()
+        [record] = await guard.backends.audit.query(AuditFilter(kind="admin", verdict=f"breaker.{verb}"))
         assert record.actor == "cli:ann"
         assert f"{'released' if verb == 'approve' else 'discarded'} 15 held recipient(s)" in record.reason
 
@@ -225,8 +225,8 @@ async def test_campaign_ten_times_its_baseline_trips_one_within_does_not(tmp_pat
         content = message(subject="Weekly news", sender=SENDER, extra_headers="X-Campaign-ID: week-1\r\n")
         await send_in_batches(guard, audience(10), content)
         clock.offset += 31 * 60
-        await guard.breaker_sync.sync()
-        baseline = await guard.breakers.baseline(SENDER)
+        await guard.background.breaker_sync.sync()
+        baseline = await guard.backends.breakers.baseline(SENDER)
         assert baseline is not None and (baseline.baseline, baseline.streams) == (10.0, 1)
 
         # Within the baseline: everything goes.
@@ -236,8 +236,8 @@ async def test_campaign_ten_times_its_baseline_trips_one_within_does_not(tmp_pat
         content = message(subject="Weekly news", sender=SENDER, extra_headers="X-Campaign-ID: everyone\r\n")
         big = audience(100, start=1000)
         await send_in_batches(guard, big, content, batch=30)
-        assert guard.breaker_state.trips.keys() == {"everyone"}
-        trip = guard.breaker_state.trips["everyone"]
+        assert guard.background.breaker_state.trips.keys() == {"everyone"}
+        trip = guard.background.breaker_state.trips["everyone"]
         assert (trip.rule, trip.threshold) == ("breaker.volume", 50)
         assert sink.delivered_to() == audience(10) + audience(10, start=100) + big[:50]
         assert await held_recipients(guard, "everyone") == 50
@@ -252,7 +252,7 @@ async def test_breaker_state_survives_a_restart_mid_incident(tmp_path, sink):
         config_file = write_config(tmp_path, guard)
     # Stopped mid-incident: trip, audience and held mail are all on disk.
     async with running_guard(tmp_path, sink.port, **overrides) as guard:
-        trip = guard.breaker_state.trips["flash"]
+        trip = guard.background.breaker_state.trips["flash"]
         assert (trip.status, trip.recipients) == ("tripped", 30)
         assert await send_in_batches(guard, audience(5, start=30), content) == [str(replies.QUEUED_HELD)]
         assert await held_recipients(guard, "flash") == 25
@@ -260,10 +260,10 @@ async def test_breaker_state_survives_a_restart_mid_incident(tmp_path, sink):
         output = await admin(config_file, "breaker", "approve", "flash", "--ceiling", "100")
         assert "released 25 held recipient(s)" in output
         await wait_until(lambda: len(sink.delivered_to()) >= 35, what="the held recipients to be delivered")
-        await wait_until(lambda: guard.breaker_state.trips["flash"].status == "approved")
+        await wait_until(lambda: guard.background.breaker_state.trips["flash"].status == "approved")
         await send_in_batches(guard, audience(5, start=35), content)
-        await guard.release_worker.stop()
-        assert await guard.release_worker.run_once() == 0
+        await guard.background.release_worker.stop()
+        assert await guard.background.release_worker.run_once() == 0
     delivered = sink.delivered_to()
     assert len(delivered) == len(set(delivered)) == 40 and set(delivered) == set(audience(40))
 
@@ -276,9 +276,9 @@ async def test_personal_body_to_fifty_trips_the_fanout_detector(start_guard, sin
                       extra_headers="X-Message-Type: receipt\r\n")
     await send_in_batches(guard, audience(50), content)
     assert sink.delivered_to() == audience(20)
-    trip = guard.breaker_state.trips[f"{SENDER}|your receipt"]
+    trip = guard.background.breaker_state.trips[f"{SENDER}|your receipt"]
     assert (trip.rule, trip.threshold, trip.message_class) == ("breaker.fanout", 20, "transactional")
-    [held] = await guard.holds.list()
+    [held] = await guard.backends.holds.list()
     assert {r.rule for r in held.recipients} == {"breaker.fanout"} and len(held.recipients) == 30
     assert metric(guard, "smtp_guard_breaker_trips_total", rule="breaker.fanout", **{"class": "transactional"}) == 1
 
@@ -287,7 +287,7 @@ async def test_defer_action_answers_451_for_the_whole_message(start_guard, sink)
     guard = await start_guard(breaker={"floor": 10, "action": "defer"})
     content = message(subject="Promo", sender=SENDER, extra_headers="X-Campaign-ID: promo\r\n")
     assert await send_in_batches(guard, audience(15), content) == [str(replies.BREAKER_DEFERRED)]
-    assert sink.messages == [] and await guard.holds.list() == []
+    assert sink.messages == [] and await guard.backends.holds.list() == []
     assert metric(guard, "smtp_guard_breaker_recipients_total", verdict="defer", rule="breaker.volume",
                   **{"class": "marketing"}) == 15
 
@@ -298,6 +298,6 @@ async def test_shadow_breaker_delivers_everything_and_counts_what_it_would_have_
     await send_in_batches(guard, audience(30), content)
     assert sink.delivered_to() == audience(30)
     assert metric(guard, "smtp_guard_shadow_decisions_total", verdict="hold", rule="breaker.volume") == 20
-    assert guard.breaker_state.trips == {} and await guard.holds.list() == []
-    await guard.breaker_sync.sync()
-    assert await guard.breakers.list(None) == []
+    assert guard.background.breaker_state.trips == {} and await guard.backends.holds.list() == []
+    await guard.background.breaker_sync.sync()
+    assert await guard.backends.breakers.list(None) == []

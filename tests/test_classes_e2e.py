@@ -16,9 +16,9 @@ TRANSACTIONAL_RULE = {"rules": [{"class": "transactional", "header": "X-Message-
 
 
 async def unsubscribe(guard, address: str, list_name: str = "unsubscribed") -> None:
-    await guard.suppressions.add([SuppressionEntry("address", guard.normalizer.key(address), list_name,
+    await guard.backends.suppressions.add([SuppressionEntry("address", guard.backends.normalizer.key(address), list_name,
                                                    created_at=time.time())])
-    await guard.reloader.refresh()
+    await guard.enforcement.reloader.refresh()
 
 
 async def test_marketing_scoped_unsubscribe_blocks_newsletter_not_receipt(start_guard, sink):
@@ -37,8 +37,8 @@ async def test_marketing_scoped_unsubscribe_blocks_newsletter_not_receipt(start_
     assert receipt.data is not None and receipt.data.startswith("250")
     assert sink.delivered_to() == ["joe@example.com", "jane@example.com"]
 
-    await guard.audit.flush()
-    records = await guard.audit_store.query(AuditFilter(recipient="jane@example.com", verdict="drop"))
+    await guard.enforcement.audit.flush()
+    records = await guard.backends.audit.query(AuditFilter(recipient="jane@example.com", verdict="drop"))
     assert [r.rule for r in records] == ["suppression.unsubscribed"]
     assert "marketing" in records[0].reason
 
@@ -75,19 +75,19 @@ async def test_shadow_list_delivers_and_counts_what_it_would_have_rejected(start
     assert outcome.rcpt["watch@example.com"].startswith("250")
     assert sink.delivered_to() == ["watch@example.com"]
     assert guard.metrics.shadow_decisions.labels("reject", "suppression.manual")._value.get() == 1
-    await guard.audit.flush()
-    records = await guard.audit_store.query(AuditFilter(verdict="shadow-reject"))
+    await guard.enforcement.audit.flush()
+    records = await guard.backends.audit.query(AuditFilter(verdict="shadow-reject"))
     assert [r.rule for r in records] == ["suppression.manual"]
 
 
 async def test_global_shadow_mode_covers_lists_but_never_erasures(start_guard, sink):
     guard = await start_guard(policy={"shadow": True})
     await unsubscribe(guard, "listed@example.com", "complained")
-    ring = guard.tombstones.ring
-    token = erasure_token(guard.normalizer.key("erased@example.com"))
-    await guard.erasure.remember_key(ring.primary.id, ring.primary.check_value, time.time())
-    await guard.erasure.add_tombstone(ring.primary.tombstone(token), ring.primary.id, "DSR-1", time.time())
-    await guard.tombstone_reloader.refresh()
+    ring = guard.backends.tombstones.ring
+    token = erasure_token(guard.backends.normalizer.key("erased@example.com"))
+    await guard.backends.erasure.remember_key(ring.primary.id, ring.primary.check_value, time.time())
+    await guard.backends.erasure.add_tombstone(ring.primary.tombstone(token), ring.primary.id, "DSR-1", time.time())
+    await guard.enforcement.tombstone_reloader.refresh()
     outcome = await send(guard.smtp_address, SENDER, ["listed@example.com", "erased@example.com"], message())
     assert outcome.rcpt["listed@example.com"].startswith("250")
     assert outcome.rcpt["erased@example.com"] == str(replies.ERASED)

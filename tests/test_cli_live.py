@@ -19,8 +19,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from smtp_guard import replies
-from smtp_guard.app import Guard, StartupError
+from smtp_guard.app import Guard
 from smtp_guard.change_model import GuardInstance
+from smtp_guard.startup import StartupError
 from smtp_guard.change_sync import ChangeSync
 from smtp_guard.cli.common import NOT_CONFIRMED
 from smtp_guard.cli.main import main
@@ -121,7 +122,7 @@ async def test_breaker_cancel_then_send_at_once_is_refused(start_guard, sink, tm
     notice = message(subject="Policy violation", sender=SENDER, extra_headers="X-Campaign-ID: notice-7\r\n")
     outcome = await send(guard.smtp_address, SENDER, [f"m{i}@users.example" for i in range(4)], notice)
     assert outcome.data is not None and outcome.data.startswith("250")  # two relayed, two held
-    await guard.breaker_sync.sync()  # the trip reaches the store (an admin can only cancel what it sees)
+    await guard.background.breaker_sync.sync()  # the trip reaches the store (an admin can only cancel what it sees)
 
     result = await cli(config_file, "breaker", "cancel", "notice-7", "--yes", "--wait")
     assert "In force on 1 running guard." in result.output
@@ -135,7 +136,7 @@ async def test_hold_release_and_discard_report_the_running_guard(start_guard, si
     await cli(config_file, "suppress", "add", "a@example.com", "b@example.com", "--list", "manual")
     outcome = await send(guard.smtp_address, SENDER, ["a@example.com", "b@example.com"], message())
     assert outcome.data == str(replies.QUEUED_HELD)
-    [held] = await guard.holds.list()
+    [held] = await guard.backends.holds.list()
 
     result = await cli(config_file, "hold", "discard", held.id, "--recipient", "b@example.com", "--yes", "--wait")
     assert "In force on 1 running guard." in result.output

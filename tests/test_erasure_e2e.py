@@ -66,7 +66,7 @@ PLAIN_SPELLINGS = ["jane@example.com", "JANE@EXAMPLE.COM", "jane+x@example.com",
 
 
 def on_list(guard: Guard, address: str) -> str | None:
-    return guard.index.lookup_address(key_hash(guard.normalizer.key(address)))
+    return guard.enforcement.index.lookup_address(key_hash(guard.backends.normalizer.key(address)))
 
 
 async def scrape(guard: Guard) -> dict[str, float]:
@@ -126,7 +126,7 @@ async def test_erase_leaves_no_copy_in_any_file_of_the_data_directory(start_guar
     assert shared.data is not None and shared.data.startswith("250")
     solo = await send(guard.smtp_address, SENDER, [variants[2]], mail(to=variants[2], subject="Solo"))
     assert solo.data == str(replies.QUEUED_HELD)
-    holds = {frozenset(r.address for r in m.recipients): m.id for m in await guard.holds.list()}
+    holds = {frozenset(r.address for r in m.recipients): m.id for m in await guard.backends.holds.list()}
     shared_id, solo_id = holds[frozenset({variants[1], HELD_OTHER})], holds[frozenset({variants[2]})]
 
     # And unsubscribed (a reject list, ahead of manual): later mail is refused.
@@ -135,8 +135,8 @@ async def test_erase_leaves_no_copy_in_any_file_of_the_data_directory(start_guar
                      what="the running guard to enforce the unsubscription")
     refused = await send(guard.smtp_address, SENDER, [variants[2], OTHER], mail(to=OTHER, subject="Third"))
     assert refused.rcpt[variants[2]] == str(replies.SUPPRESSED)
-    await guard.audit.flush()
-    await sandbox.audit.flush()
+    await guard.enforcement.audit.flush()
+    await sandbox.enforcement.audit.flush()
 
     # The grep does find the address before the erasure (in the store and the sandbox).
     before = occurrences(data_dir, spellings)
@@ -159,10 +159,10 @@ async def test_erase_leaves_no_copy_in_any_file_of_the_data_directory(start_guar
     assert "ENFORCED" in verified.output and "NO COPIES" in verified.output, verified.output
 
     # The shared hold lost the erased recipient and still holds carol; the solo hold is gone.
-    shared_message = await guard.holds.get(shared_id)
+    shared_message = await guard.backends.holds.get(shared_id)
     assert shared_message is not None
     assert {r.address: r.state for r in shared_message.recipients} == {HELD_OTHER: "held"}
-    assert await guard.holds.get(solo_id) is None
+    assert await guard.backends.holds.get(solo_id) is None
     shown = await cli(config_file, "hold", "show", shared_id)
     assert HELD_OTHER in shown.output and not contains_any(shown.output, spellings)
     listed = await cli(config_file, "hold", "list")
@@ -267,7 +267,7 @@ async def test_receipts_name_what_was_purged_and_never_the_address(start_guard, 
     assert solo.data == str(replies.QUEUED_HELD)
     await cli(config_file, "suppress", "add", "jane@example.com", "--list", "unsubscribed")
     await wait_until(lambda: refuses(guard, "jane@example.com", replies.SUPPRESSED), what="the unsubscription")
-    await guard.audit.flush()
+    await guard.enforcement.audit.flush()
 
     erased = await cli(config_file, "erase", "jane@example.com", "--ref", "DSR-2026-0042", "--json")
     assert not contains_any(erased.stdout, PLAIN_SPELLINGS)
@@ -318,7 +318,7 @@ async def test_erase_by_token_without_the_address(start_guard, sink, tmp_path):
     assert held.data == str(replies.QUEUED_HELD)
     await cli(config_file, "suppress", "add", "JaneDoe+x@gmail.com", "--list", "unsubscribed")
     await wait_until(lambda: refuses(guard, "jane.doe@gmail.com", replies.SUPPRESSED), what="the unsubscription")
-    await guard.audit.flush()
+    await guard.enforcement.audit.flush()
 
     receipt, = await cli_json(config_file, "erase", "--token", token.upper(), "--ref", "DSR-2026-0043")
     purged = {(p["store"], p["what"]): p["count"] for p in receipt["purged"]}
@@ -362,10 +362,10 @@ async def test_audit_trail_holds_pseudonyms_only_and_erase_replaces_them(start_g
     outcome = await send(guard.smtp_address, SENDER, ["Jane+a@Example.com", *recipients[1:]], mail(to=OTHER))
     assert outcome.rcpt["nouser@example.org"].startswith("550")
     assert outcome.data is not None and outcome.data.startswith("250")
-    hold_id = (await guard.holds.list())[0].id
+    hold_id = (await guard.backends.holds.list())[0].id
     await cli(config_file, "hold", "release", hold_id)
     await wait_until(lambda: "held@example.org" in sink.delivered_to(), what="the release worker")
-    await wait_until(lambda: guard.audit.flush(), what="the audit flush")
+    await wait_until(lambda: guard.enforcement.audit.flush(), what="the audit flush")
 
     rows = audit_rows(guard.config.store.path)
     assert {row[1] for row in rows} >= {"decision", "admin", "delivery"}
@@ -402,7 +402,7 @@ async def test_records_a_running_guard_writes_after_the_erasure_carry_no_pseudon
     # --wait: exit 3 unless the guard confirmed it, and it confirms only after its audit sweep.
     await cli(config_file, "erase", "jane@example.com", "--ref", "DSR-2026-0045", "--wait")
     assert await refuses(guard, "jane@example.com")  # in force when the command returns
-    await guard.audit.flush()
+    await guard.enforcement.audit.flush()
     assert json.loads((await cli(config_file, "audit", "list", "--recipient", "jane@example.com",
                                  "--json")).stdout) == []
 
@@ -416,11 +416,11 @@ async def test_a_guard_confirms_an_erasure_only_once_its_audit_records_are_swept
         [receipt] = await erasure.erase(ctx, [erasure.target_from_text(ctx, "jane@example.com")], "DSR-2026-0046")
         # Purged and tombstoned, not yet announced: the guard still accepts and audits the person.
         assert await accepts(guard, "jane@example.com")
-        await guard.audit.flush()
-        [early] = await guard.audit_store.query(AuditFilter(recipient="jane@example.com"))
+        await guard.enforcement.audit.flush()
+        [early] = await guard.backends.audit.query(AuditFilter(recipient="jane@example.com"))
         assert early.recipient.startswith("h:")
-        result = await propagation.in_force(ctx)
+        result = await propagation.in_force(ctx.changes, guard.config.store.confirm_timeout)
     assert result.is_confirmed
-    assert await guard.audit_store.query(AuditFilter(recipient="jane@example.com")) == []
-    [swept] = await guard.audit_store.query(AuditFilter(recipient=f"erased:{receipt.tombstone_id}"))
+    assert await guard.backends.audit.query(AuditFilter(recipient="jane@example.com")) == []
+    [swept] = await guard.backends.audit.query(AuditFilter(recipient=f"erased:{receipt.tombstone_id}"))
     assert (swept.time, swept.verdict) == (early.time, early.verdict)

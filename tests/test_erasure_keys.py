@@ -17,7 +17,8 @@ from typing import Callable
 import pytest
 
 from smtp_guard import replies
-from smtp_guard.app import Guard, StartupError
+from smtp_guard.app import Guard
+from smtp_guard.startup import StartupError
 from smtp_guard.erasure.keys import ErasureKeyError, create_key_ring
 
 from conftest import wait_until
@@ -124,7 +125,7 @@ async def test_key_file_lost_while_running_does_not_stop_enforcement(start_guard
     await cli(config_file, "erase", "jane@example.com", "--ref", "DSR-1")
     await wait_until(lambda: refuses(guard, "jane@example.com"), what="the erasure to be enforced")
     guard.config.erasure_key_file.unlink()
-    await guard.tombstone_reloader.refresh()
+    await guard.enforcement.tombstone_reloader.refresh()
     assert await refuses(guard, "JANE@example.com")
     assert await accepts(guard, "someone@example.com")
 
@@ -134,7 +135,7 @@ async def test_rotated_key_new_erasures_use_it_and_old_ones_stay_enforced(start_
     config_file = cli_config_for(tmp_path, guard)
     # An audit record for carol under the first key, before any rotation.
     assert (await send(guard.smtp_address, SENDER, ["carol@example.org"], mail(to="carol"))).data.startswith("250")
-    await guard.audit.flush()
+    await guard.enforcement.audit.flush()
 
     first, = await cli_json(config_file, "erase", "jane@example.com", "--ref", "DSR-1")
     await wait_until(lambda: refuses(guard, "jane@example.com"), what="the first erasure")
@@ -148,7 +149,7 @@ async def test_rotated_key_new_erasures_use_it_and_old_ones_stay_enforced(start_
     assert second["key_id"] == new_id
     # The running guard reloads its key ring for the tombstone made with the new key.
     await wait_until(lambda: refuses(guard, "Bob+x@example.org"), what="the running guard to load the new key")
-    assert guard.tombstones.ring.primary.id == new_id
+    assert guard.backends.tombstones.ring.primary.id == new_id
     assert await refuses(guard, "jane@example.com")
     for address in ("jane@example.com", "bob@example.org"):
         verified = await cli(config_file, "erase", "verify", address)
@@ -156,7 +157,7 @@ async def test_rotated_key_new_erasures_use_it_and_old_ones_stay_enforced(start_
 
     # carol's records, pseudonymized with the old key, are found and erased after rotation.
     assert await accepts(guard, "carol@example.org")  # one more record, now under the new key
-    await guard.audit.flush()
+    await guard.enforcement.audit.flush()
     found = json.loads((await cli(config_file, "audit", "list", "--recipient", "carol@example.org",
                                   "--json")).stdout)
     assert len({r["recipient"] for r in found}) == 2  # one pseudonym per key
@@ -201,7 +202,7 @@ async def test_running_guard_defers_all_mail_when_a_tombstone_needs_a_key_it_can
     assert outcome.rcpt == {"jane@example.com": str(replies.POLICY_FAILED),
                             "someone@example.com": str(replies.POLICY_FAILED)}
     assert outcome.data is None and sink.delivered_to() == []
-    assert guard.tombstones.broken is not None and str(guard_key) in guard.tombstones.broken
+    assert guard.backends.tombstones.broken is not None and str(guard_key) in guard.backends.tombstones.broken
 
     # An admin command on the guard host says what is wrong.
     result = await cli(guard_config, "erase", "verify", "jane@example.com", exit_code=1)
@@ -212,7 +213,7 @@ async def test_running_guard_defers_all_mail_when_a_tombstone_needs_a_key_it_can
     shutil.copy(admin_key, guard_key)
     guard_key.chmod(0o600)
     await wait_until(lambda: refuses(guard, "jane@example.com"), what="the guard to load the fixed key file")
-    assert guard.tombstones.broken is None
+    assert guard.backends.tombstones.broken is None
     assert await refuses(guard, "first@example.com")
     assert await accepts(guard, "someone@example.com")
     assert (await send(guard.smtp_address, SENDER, ["jane@example.com", "someone@example.com"],
@@ -242,7 +243,7 @@ async def test_a_key_nothing_was_made_with_is_forgotten_with_a_warning(start_gua
     typo = elsewhere(tmp_path)
     first = await start_guard(erasure={"key_file": str(typo)})
     old_id = key_id_of(typo)
-    assert set(await first.erasure.key_checks()) == {old_id}
+    assert set(await first.backends.erasure.key_checks()) == {old_id}
     await first.stop()
 
     default = first.config.store.data_dir / "erasure.key"
@@ -252,8 +253,8 @@ async def test_a_key_nothing_was_made_with_is_forgotten_with_a_warning(start_gua
         restarted = await start_guard()
     assert restarted.config.erasure_key_file == default
     new_id = key_id_of(default)
-    assert new_id != old_id and restarted.tombstones.ring.primary.id == new_id
-    assert set(await restarted.erasure.key_checks()) == {new_id}
+    assert new_id != old_id and restarted.backends.tombstones.ring.primary.id == new_id
+    assert set(await restarted.backends.erasure.key_checks()) == {new_id}
     warned, = [r.getMessage() for r in caplog.records if r.name == "smtp_guard.erasure.keys"]
     found = (f"erasure key file not found; the store remembers key {old_id}" if default_key_file == "missing"
              else f"this key file does not hold key {old_id}, which the store remembers")
@@ -305,8 +306,8 @@ async def test_a_key_that_pseudonymized_audit_records_is_kept(start_guard, sink,
     typo = elsewhere(tmp_path)
     first = await start_guard(erasure={"key_file": str(typo)})
     assert (await send(first.smtp_address, SENDER, ["carol@example.org"], mail(to="carol"))).data.startswith("250")
-    await first.audit.flush()
-    records = await first.erasure.pseudonymized_audit_records()
+    await first.enforcement.audit.flush()
+    records = await first.backends.erasure.pseudonymized_audit_records()
     assert records >= 1
     old_id = key_id_of(typo)
     await first.stop()
@@ -323,7 +324,7 @@ async def test_a_key_that_pseudonymized_audit_records_is_kept(start_guard, sink,
 
     typo.rename(default)
     again = await start_guard()
-    assert again.tombstones.ring.primary.id == old_id
+    assert again.backends.tombstones.ring.primary.id == old_id
     found = json.loads((await cli(cli_config_for(tmp_path, again), "audit", "list", "--recipient",
                                   "carol@example.org", "--json")).stdout)
     assert found
@@ -342,7 +343,7 @@ async def test_admin_commands_never_replace_a_key(start_guard, tmp_path):
     assert (f"{default}: erasure key file not found; the store remembers key {old_id}, but it made no tombstone "
             "and no audit pseudonym; start the guard with this config (smtp-guard serve") in result.output
     assert not default.exists()
-    assert set(await guard.erasure.key_checks()) == {old_id}
+    assert set(await guard.backends.erasure.key_checks()) == {old_id}
 
 
 async def test_mistyped_key_file_directory_is_not_created(start_guard, tmp_path):

@@ -245,7 +245,7 @@ async def test_stalled_client_in_data_gets_421_and_nothing_is_relayed(start_guar
         stream[1].write(b"Subject: stalled\r\n\r\nfirst line\r\n")
         assert await asyncio.wait_for(read_reply(stream[0]), timeout=5) == str(replies.DATA_TIMEOUT)
         assert await asyncio.wait_for(stream[0].read(), timeout=5) == b""
-    await wait_until(lambda: not guard.smtp.registry.sessions, what="the stalled session to be gone")
+    await wait_until(lambda: not guard.front.smtp.registry.sessions, what="the stalled session to be gone")
     assert sink.messages == []
 
 
@@ -293,7 +293,7 @@ async def test_session_timeout_cuts_a_data_that_trickles_in(start_guard, sink):
         finally:
             trickling.cancel()
         assert 1.4 < time.monotonic() - started < 5
-    await wait_until(lambda: not guard.smtp.registry.sessions, what="the session to be gone")
+    await wait_until(lambda: not guard.front.smtp.registry.sessions, what="the session to be gone")
     assert sink.messages == []
 
 
@@ -405,9 +405,9 @@ RECEIVED = re.compile(
 
 async def test_received_header_on_relayed_and_held_mail(start_guard, sink):
     guard = await start_guard(lists={"manual": {"action": "hold"}})
-    await guard.suppressions.add([SuppressionEntry("address", guard.normalizer.key("held@example.com"), "manual",
+    await guard.backends.suppressions.add([SuppressionEntry("address", guard.backends.normalizer.key("held@example.com"), "manual",
                                                    reason="test", source="test", created_at=time.time())])
-    await guard.reloader.refresh()
+    await guard.enforcement.reloader.refresh()
     content = message(subject="Traced")
     async with raw(guard.smtp_address) as stream:
         await greet(stream)
@@ -418,8 +418,8 @@ async def test_received_header_on_relayed_and_held_mail(start_guard, sink):
         assert (await replies_to(stream, content + b".\r\n", 1))[0].startswith("250")
         await command(stream, b"QUIT")
     [relayed] = sink.messages
-    [held] = await guard.holds.list()
-    stored = await guard.holds.get(held.id)
+    [held] = await guard.backends.holds.list()
+    stored = await guard.backends.holds.get(held.id)
     assert stored is not None
     for copy in (relayed.content, stored.content):
         match = RECEIVED.match(copy)

@@ -33,7 +33,7 @@ def _comparable(value: Any, owner: object) -> Any:
 
 async def test_copied_setup_equals_aiosmtpd_setup(start_guard, sink):
     guard = await start_guard()
-    server = guard.smtp
+    server = guard.front.smtp
     copied = server._factory()()
     reference = GuardSMTP(server._handler, server.registry, server._config, server._metrics,
                           allow_plaintext_auth_on_loopback=False, auth_throttle=server.auth_throttle,

@@ -27,9 +27,9 @@ HOLD_LISTS = {"manual": {"action": "hold"}}
 
 async def put_on_list(guard: Guard, address: str, list_name: str = "manual") -> None:
     """Add an entry through the store, as the CLI would, and wait for the running index."""
-    await guard.suppressions.add([SuppressionEntry("address", guard.normalizer.key(address), list_name,
+    await guard.backends.suppressions.add([SuppressionEntry("address", guard.backends.normalizer.key(address), list_name,
                                                    reason="test", source="test", created_at=time.time())])
-    await guard.reloader.refresh()
+    await guard.enforcement.reloader.refresh()
 
 
 def write_cli_config(tmp_path: Path, guard: Guard) -> Path:
@@ -64,12 +64,12 @@ async def test_held_and_normal_recipient_in_one_message(start_guard, sink):
     assert outcome.rcpt["ok@example.com"].startswith("250")
     assert outcome.data is not None and outcome.data.startswith("250")
     assert sink.delivered_to() == ["ok@example.com"]
-    held = await guard.holds.list()
+    held = await guard.backends.holds.list()
     assert len(held) == 1
     assert states(held[0]) == {"held@example.com": "held"}
     assert held[0].recipients[0].rule == "suppression.manual"
     assert held[0].sender == SENDER
-    stored = await guard.holds.get(held[0].id)
+    stored = await guard.backends.holds.get(held[0].id)
     assert stored is not None and without_trace(stored.content) == content
 
 
@@ -80,7 +80,7 @@ async def test_only_held_recipients_answers_queued_held(start_guard, sink):
     assert outcome.data == str(replies.QUEUED_HELD)
     assert sink.messages == []
     assert sink.smtp_sessions == 0  # nothing to relay: the upstream is not even contacted
-    assert [states(m) for m in await guard.holds.list()] == [{"held@example.com": "held"}]
+    assert [states(m) for m in await guard.backends.holds.list()] == [{"held@example.com": "held"}]
 
 
 async def test_held_mail_survives_restart_and_cli_release_delivers_exactly_once(tmp_path, sink):
@@ -89,12 +89,12 @@ async def test_held_mail_survives_restart_and_cli_release_delivers_exactly_once(
         await put_on_list(guard, "held@example.com")
         outcome = await send(guard.smtp_address, SENDER, ["held@example.com"], content)
         assert outcome.data == str(replies.QUEUED_HELD)
-        [held] = await guard.holds.list()
+        [held] = await guard.backends.holds.list()
         config_file = write_cli_config(tmp_path, guard)
 
     # A new Guard on the same config and SQLite file: the held message is still there.
     async with running_guard(tmp_path, sink.port, lists=HOLD_LISTS) as guard:
-        [again] = await guard.holds.list()
+        [again] = await guard.backends.holds.list()
         assert again.id == held.id and states(again) == {"held@example.com": "held"}
         assert sink.messages == []
 
@@ -102,7 +102,7 @@ async def test_held_mail_survives_restart_and_cli_release_delivers_exactly_once(
         assert f"Released 1 recipient(s) of hold {held.id}" in result.output
 
         async def delivered_in_store() -> bool:
-            return states(await guard.holds.get(held.id)) == {"held@example.com": "delivered"}
+            return states(await guard.backends.holds.get(held.id)) == {"held@example.com": "delivered"}
 
         await wait_until(delivered_in_store, what="the release worker to record the delivery")
         assert sink.delivered_to() == ["held@example.com"]
@@ -110,17 +110,17 @@ async def test_held_mail_survives_restart_and_cli_release_delivers_exactly_once(
         assert without_trace(sink.messages[0].content) == content
         # More polls find nothing due (driven by hand once the worker's own loop has stopped:
         # run_once is not meant to run beside it); the delivered content is gone from the store.
-        await guard.release_worker.stop()
-        assert await guard.release_worker.run_once() == 0
-        assert await guard.release_worker.run_once() == 0
-        stored = await guard.holds.get(held.id)
+        await guard.background.release_worker.stop()
+        assert await guard.background.release_worker.run_once() == 0
+        assert await guard.background.release_worker.run_once() == 0
+        stored = await guard.backends.holds.get(held.id)
         assert stored is not None and stored.content is None
-        assert await guard.holds.list() == []
+        assert await guard.backends.holds.list() == []
 
     async with running_guard(tmp_path, sink.port, lists=HOLD_LISTS) as guard:
-        await guard.release_worker.stop()
-        assert await guard.release_worker.run_once() == 0
-        assert states(await guard.holds.get(held.id)) == {"held@example.com": "delivered"}
+        await guard.background.release_worker.stop()
+        assert await guard.background.release_worker.run_once() == 0
+        assert states(await guard.backends.holds.get(held.id)) == {"held@example.com": "delivered"}
     assert len(sink.messages) == 1
 
 
@@ -130,7 +130,7 @@ async def test_cli_discard_means_never_delivered(tmp_path, sink):
         await put_on_list(guard, "kept@example.com")
         outcome = await send(guard.smtp_address, SENDER, ["held@example.com", "kept@example.com"], message())
         assert outcome.data == str(replies.QUEUED_HELD)
-        [held] = await guard.holds.list()
+        [held] = await guard.backends.holds.list()
         config_file = write_cli_config(tmp_path, guard)
 
         result = await cli(config_file, "hold", "discard", held.id, "--yes")
@@ -138,14 +138,14 @@ async def test_cli_discard_means_never_delivered(tmp_path, sink):
         # Releasing now finds nothing held.
         result = await cli(config_file, "hold", "release", held.id)
         assert "Nothing to release" in result.output
-        await guard.release_worker.stop()
-        assert await guard.release_worker.run_once() == 0
-        assert await guard.holds.list() == []
-        stored = await guard.holds.get(held.id)
+        await guard.background.release_worker.stop()
+        assert await guard.background.release_worker.run_once() == 0
+        assert await guard.backends.holds.list() == []
+        stored = await guard.backends.holds.get(held.id)
         assert stored is not None and stored.content is None
         assert {r.state for r in stored.recipients} == {"discarded"}
 
     async with running_guard(tmp_path, sink.port, lists=HOLD_LISTS) as guard:
-        await guard.release_worker.stop()
-        assert await guard.release_worker.run_once() == 0
+        await guard.background.release_worker.stop()
+        assert await guard.background.release_worker.run_once() == 0
     assert sink.messages == []

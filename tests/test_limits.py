@@ -35,7 +35,7 @@ async def test_third_concurrent_session_is_refused(start_guard, sink):
             assert await read_reply(r3) == str(replies.TOO_MANY_SESSIONS)
             assert await r3.read() == b""  # and closed
     # Once the others are gone, a new session is welcome again.
-    await wait_until(lambda: not guard.smtp.registry.sessions, what="sessions to end")
+    await wait_until(lambda: not guard.front.smtp.registry.sessions, what="sessions to end")
     outcome = await send(guard.smtp_address, SENDER, ["a@example.com"], message())
     assert outcome.data is not None and outcome.data.startswith("250")
     assert guard.metrics.registry.get_sample_value(
@@ -50,7 +50,7 @@ async def test_idle_session_gets_421_then_closed(start_guard, sink):
         # No command: the guard speaks first after idle_timeout.
         assert await asyncio.wait_for(read_reply(reader), timeout=5) == str(replies.IDLE_TIMEOUT)
         assert await asyncio.wait_for(reader.read(), timeout=5) == b""
-    await wait_until(lambda: not guard.smtp.registry.sessions, what="the idle session to be gone")
+    await wait_until(lambda: not guard.front.smtp.registry.sessions, what="the idle session to be gone")
 
 
 async def test_line_too_long_in_data_then_next_transaction_works(start_guard, sink):

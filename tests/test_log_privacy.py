@@ -82,8 +82,8 @@ async def guard_logging_through(tmp_path: Path, sink: Sink, pseudonyms: Pseudony
 
 async def audit_pseudonym(guard: Guard, address: str) -> str:
     """The recipient as the audit trail recorded it, found by its address."""
-    await guard.audit.flush()
-    records = await guard.audit_store.query(AuditFilter(recipient=address))
+    await guard.enforcement.audit.flush()
+    records = await guard.backends.audit.query(AuditFilter(recipient=address))
     assert records, f"no audit record for {address}"
     assert len({r.recipient for r in records}) == 1
     return records[0].recipient
@@ -117,7 +117,7 @@ async def test_no_address_in_any_log_line_and_each_is_the_audit_pseudonym(tmp_pa
 
             expected = {address: await audit_pseudonym(guard, address) for address in
                         (DELIVERED, SUPPRESSED, UNKNOWN, IDN)}
-            sender = guard.audit_store.pseudonymizer.pseudonym(SENDER)
+            sender = guard.backends.audit.pseudonymizer.pseudonym(SENDER)
         text = stream.getvalue()
 
     assert not contains_any(text, SPELLINGS), contains_any(text, SPELLINGS)
@@ -170,7 +170,7 @@ async def test_a_probe_before_and_after_erasure_is_logged_under_the_new_name(tmp
     with captured_logs() as (stream, pseudonyms):
         async with guard_logging_through(tmp_path, sink, pseudonyms) as guard:
             assert (await rcpt_reply(guard, ERASED)).startswith("250")
-            live = guard.audit_store.pseudonymizer.pseudonym(ERASED)
+            live = guard.backends.audit.pseudonymizer.pseudonym(ERASED)
             assert f"recip: {live}" in stream.getvalue()
             receipt, = await cli_json(cli_config_for(tmp_path, guard), "erase", ERASED, "--ref", "DSR-1")
             await wait_until(lambda: refuses(guard, ERASED), what="the guard to enforce the erasure")

@@ -21,9 +21,9 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 async def put_on_list(guard: Guard, address: str, list_name: str) -> None:
-    await guard.suppressions.add([SuppressionEntry("address", guard.normalizer.key(address), list_name,
+    await guard.backends.suppressions.add([SuppressionEntry("address", guard.backends.normalizer.key(address), list_name,
                                                    reason="test", source="test", created_at=time.time())])
-    await guard.reloader.refresh()
+    await guard.enforcement.reloader.refresh()
 
 
 def url(guard: Guard, path: str) -> str:
@@ -70,8 +70,8 @@ async def test_metrics_after_real_transactions(start_guard, sink):
     outcome = await send(guard.smtp_address, SENDER, ["held@example.com"], message())
     assert outcome.data == str(replies.QUEUED_HELD)
 
-    await guard.update_stats()
-    await guard.update_list_sizes()
+    await guard.background.update_stats()
+    await guard.background.update_list_sizes()
     samples = await scrape(guard)
 
     recipients = "smtp_guard_recipients_total"

@@ -19,7 +19,7 @@ PACED = {"name": "paced", "key": "sender", "rate": "5/s", "burst": 1, "action": 
 
 
 async def held_addresses(guard, state: str = "held") -> dict[str, str]:
-    return {r.address: r.rule for m in await guard.holds.list(None) for r in m.recipients if r.state == state}
+    return {r.address: r.rule for m in await guard.backends.holds.list(None) for r in m.recipients if r.state == state}
 
 
 async def test_recipient_named_twice_is_relayed_or_held_once(start_guard, sink):
@@ -44,9 +44,9 @@ async def test_paced_recipients_still_meet_the_approval_gate(start_guard, sink):
 
 async def test_paced_recipient_on_a_marketing_list_is_left_out(start_guard, sink):
     guard = await start_guard(rate_limits=[PACED], lists={"unsubscribed": {"scope": "marketing"}})
-    await guard.suppressions.add([SuppressionEntry("address", "jane@example.com", "unsubscribed",
+    await guard.backends.suppressions.add([SuppressionEntry("address", "jane@example.com", "unsubscribed",
                                                    created_at=time.time())])
-    await guard.reloader.refresh()
+    await guard.enforcement.reloader.refresh()
     out = await send(guard.smtp_address, "news@shop.test", ["joe@example.com", "jane@example.com"],
                      message(subject="Spring sale"))
     assert out.data is not None and out.data.startswith("250")
@@ -61,8 +61,8 @@ async def test_cancelled_stream_refuses_paced_recipients_too(start_guard, sink):
     campaign = "X-Campaign-ID: c1\r\n"
     await send(guard.smtp_address, "other@p.test", ["s1@example.com", "s2@example.com"],
                message(subject="policy violation notice", extra_headers=campaign))
-    [stream] = list(guard.breaker_state.trips)
-    guard.breaker_state.trips[stream] = replace(guard.breaker_state.trips[stream], status="cancelled")
+    [stream] = list(guard.background.breaker_state.trips)
+    guard.background.breaker_state.trips[stream] = replace(guard.background.breaker_state.trips[stream], status="cancelled")
     delivered_before = list(sink.delivered_to())
     out = await send(guard.smtp_address, "n@p.test", ["x1@example.com", "x2@example.com"],
                      message(subject="policy violation notice", extra_headers=campaign))

@@ -19,9 +19,9 @@ SENDER = "news@shop.test"
 
 async def test_suppressed_recipient_never_reaches_postfix(start_guard, postfix_sink):
     guard = await start_guard(upstream={"port": postfix_sink.port})
-    await guard.suppressions.add([SuppressionEntry("address", guard.normalizer.key("gone@example.com"),
+    await guard.backends.suppressions.add([SuppressionEntry("address", guard.backends.normalizer.key("gone@example.com"),
                                                    "unsubscribed", created_at=time.time())])
-    await guard.reloader.refresh()
+    await guard.enforcement.reloader.refresh()
     content = message(subject="Postfix", body="First line\r\n.leading dot\r\n..two dots\r\n.\r\nlast\r\n")
     recipients = ["a@example.com", "gone@example.com", "b@example.org", "c@example.net"]
     outcome = await send(guard.smtp_address, SENDER, recipients, content)

@@ -69,8 +69,8 @@ async def test_over_the_limit_is_451_and_the_same_rcpt_passes_after_the_window(s
     assert sink.delivered_to()[-1] == "c@example.com"
     assert recipients_counted(guard, "defer", "ratelimit.per-domain") == 2
 
-    await guard.audit.flush()
-    records = await guard.audit_store.query(AuditFilter(verdict="defer", rule_prefix="ratelimit."))
+    await guard.enforcement.audit.flush()
+    records = await guard.backends.audit.query(AuditFilter(verdict="defer", rule_prefix="ratelimit."))
     assert [r.rule for r in records] == ["ratelimit.per-domain"] * 2
     assert "example.com" not in records[0].reason  # key values stay out of reasons and logs
 
@@ -120,7 +120,7 @@ async def test_hold_and_pace_delivers_everything_no_faster_than_the_limit(start_
     async def hold_queue_empty() -> bool:
         # The sink has the last message a moment before the release worker commits it as
         # delivered: wait for the store, not for the sink.
-        await guard.update_stats()
+        await guard.background.update_stats()
         return guard.metrics.hold_recipients._value.get() == 0
 
     await wait_until(hold_queue_empty, what="the hold queue gauge to reach 0 once every paced recipient is delivered")
@@ -174,8 +174,8 @@ async def test_shadow_rule_delivers_everything_and_counts_what_it_would_have_def
     assert sink.delivered_to() == rcpts
     assert guard.metrics.shadow_decisions.labels("defer", "ratelimit.per-domain")._value.get() == 1
     assert recipients_counted(guard, "defer", "ratelimit.per-domain") == 0
-    await guard.audit.flush()
-    records = await guard.audit_store.query(AuditFilter(verdict="shadow-defer"))
+    await guard.enforcement.audit.flush()
+    records = await guard.backends.audit.query(AuditFilter(verdict="shadow-defer"))
     assert [r.rule for r in records] == ["ratelimit.per-domain"]
 
 
@@ -193,7 +193,7 @@ async def test_global_shadow_mode_covers_message_phase_limits(start_guard, sink,
     assert guard.metrics.shadow_decisions.labels("defer", "ratelimit.campaigns")._value.get() == 1
     assert guard.metrics.shadow_decisions.labels("hold", "ratelimit.per-domain")._value.get() == 1
     assert guard.metrics.hold_recipients._value.get() == 0
-    await guard.audit.flush()
-    records = await guard.audit_store.query(AuditFilter(verdict="shadow-defer"))
+    await guard.enforcement.audit.flush()
+    records = await guard.backends.audit.query(AuditFilter(verdict="shadow-defer"))
     assert [r.rule for r in records] == ["ratelimit.campaigns"]
-    assert await guard.audit_store.query(AuditFilter(verdict="shadow-defer", recipient="c@example.com")) == records
+    assert await guard.backends.audit.query(AuditFilter(verdict="shadow-defer", recipient="c@example.com")) == records

@@ -18,10 +18,10 @@ SENDER = "news@shop.test"
 
 async def suppress(guard, value: str, list_name: str = "unsubscribed", kind: str = "address") -> None:
     """Add an entry through the store, as the CLI would, and wait for the running index."""
-    key = guard.normalizer.key(value) if kind == "address" else guard.normalizer.domain(value)
-    await guard.suppressions.add([SuppressionEntry(kind, key, list_name, reason="test", source="test",
+    key = guard.backends.normalizer.key(value) if kind == "address" else guard.backends.normalizer.domain(value)
+    await guard.backends.suppressions.add([SuppressionEntry(kind, key, list_name, reason="test", source="test",
                                                    created_at=time.time())])
-    await guard.reloader.refresh()
+    await guard.enforcement.reloader.refresh()
 
 
 async def test_multi_recipient_message_relayed_byte_exact(start_guard, sink):
@@ -62,11 +62,11 @@ async def test_normalization_rules_match_at_rcpt(start_guard, sink, listed, sent
 
 async def test_domain_and_subdomain_suppression(start_guard, sink):
     guard = await start_guard()
-    await guard.suppressions.add([
+    await guard.backends.suppressions.add([
         SuppressionEntry("domain", "blocked.example", "manual", created_at=time.time()),
         SuppressionEntry("domain", "corp.example", "manual", created_at=time.time(), include_subdomains=True),
     ])
-    await guard.reloader.refresh()
+    await guard.enforcement.reloader.refresh()
     rcpts = ["a@blocked.example", "b@sub.blocked.example", "c@corp.example", "d@mail.corp.example"]
     outcome = await send(guard.smtp_address, SENDER, rcpts, message())
     assert outcome.rcpt["a@blocked.example"].startswith("550 5.7.1")

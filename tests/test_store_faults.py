@@ -49,9 +49,9 @@ HELD = "held@example.com"
 
 
 async def put_on_hold_list(guard: Guard, address: str = HELD) -> None:
-    await guard.suppressions.add([SuppressionEntry("address", guard.normalizer.key(address), "manual",
+    await guard.backends.suppressions.add([SuppressionEntry("address", guard.backends.normalizer.key(address), "manual",
                                                    reason="test", source="test", created_at=time.time())])
-    await guard.reloader.refresh()
+    await guard.enforcement.reloader.refresh()
 
 
 def new_hold(recipients: int = 1) -> NewHold:
@@ -173,15 +173,15 @@ async def test_store_locked_by_another_process_gives_451_then_recovers_without_r
         assert outcome.data == str(replies.STORE_UNAVAILABLE)
         assert elapsed < 1.0 + 2.0, f"451 after {elapsed:.1f}s, not within busy_timeout"
         await locker.release()
-    assert (await guard.holds.stats()).held_messages == 0  # nothing acknowledged that is not stored
+    assert (await guard.backends.holds.stats()).held_messages == 0  # nothing acknowledged that is not stored
 
     outcome = await send(guard.smtp_address, SENDER, [HELD], message(subject="After the lock"))
     assert outcome.data == str(replies.QUEUED_HELD)
-    [held] = await guard.holds.list()
+    [held] = await guard.backends.holds.list()
     assert [r.address for r in held.recipients] == [HELD]
     # The audit trail, written in the background, caught up too.
-    await wait_until(lambda: guard.audit.pending == 0, what="the audit buffer to be written")
-    records = await guard.audit_store.query(AuditFilter(verdict="hold"))
+    await wait_until(lambda: guard.enforcement.audit.pending == 0, what="the audit buffer to be written")
+    records = await guard.backends.audit.query(AuditFilter(verdict="hold"))
     assert len(records) == 2  # the refused attempt's decision and the held one
 
 
@@ -192,16 +192,16 @@ async def test_background_writers_keep_going_through_a_locked_store(start_guard,
     guard = await start_guard(lists=HOLD_LISTS, store={"busy_timeout": "0.2s"})
     await put_on_hold_list(guard)
     async with Locker(guard.config.store.path) as locker:
-        guard.audit.record(AuditRecord(time=time.time(), kind="admin", verdict="test", rule="test",
+        guard.enforcement.audit.record(AuditRecord(time=time.time(), kind="admin", verdict="test", rule="test",
                                        reason="written while locked", actor="test"))
-        assert not await guard.audit.flush()  # kept buffered, not lost
-        assert guard.audit.pending == 1
+        assert not await guard.enforcement.audit.flush()  # kept buffered, not lost
+        assert guard.enforcement.audit.pending == 1
         await locker.release()
-    await wait_until(lambda: guard.audit.pending == 0, what="the audit trail to catch up")
-    assert [r.reason for r in await guard.audit_store.query(AuditFilter(verdict="test"))] == ["written while locked"]
+    await wait_until(lambda: guard.enforcement.audit.pending == 0, what="the audit trail to catch up")
+    assert [r.reason for r in await guard.backends.audit.query(AuditFilter(verdict="test"))] == ["written while locked"]
     outcome = await send(guard.smtp_address, SENDER, [HELD], message())
     assert outcome.data == str(replies.QUEUED_HELD)
-    await guard.update_stats()
+    await guard.background.update_stats()
     assert metric(guard, "smtp_guard_hold_messages") == 1
 
 
@@ -256,12 +256,12 @@ async def test_disk_full_gives_452_and_recovers_when_space_returns(start_guard, 
         assert outcome.data == str(replies.STORE_FULL)
     finally:
         filler.unlink()
-    assert (await guard.holds.stats()).held_messages == 0
+    assert (await guard.backends.holds.stats()).held_messages == 0
 
     outcome = await send(guard.smtp_address, SENDER, [HELD], content)
     assert outcome.data == str(replies.QUEUED_HELD)
-    [held] = await guard.holds.list()
-    stored = await guard.holds.get(held.id)
+    [held] = await guard.backends.holds.list()
+    stored = await guard.backends.holds.get(held.id)
     assert stored is not None and stored.content is not None and b"Disk full" in stored.content
 
 

@@ -98,8 +98,10 @@ def confirm_in_force(config: Config, wait: bool) -> None:
 
 
 async def _in_force(config: Config) -> propagation.Propagation:
-    async with admin_context(config) as ctx:
-        return await propagation.in_force(ctx)
+    from ..backends import open_change_store  # only the change generation: no key ring, no tombstones
+
+    async with open_change_store(config) as changes:
+        return await propagation.in_force(changes, config.store.confirm_timeout)
 
 
 def in_force_lines(result: propagation.Propagation, store_path: str) -> list[str]:

@@ -38,7 +38,8 @@ def serve(config) -> None:  # type: ignore[no-untyped-def]
     Stops gracefully on SIGTERM or Ctrl-C: stops accepting, lets sessions in flight finish
     (up to [smtp] shutdown_grace seconds), and never acknowledges a half-relayed message.
     """
-    from ..app import StartupError, serve_forever
+    from ..app import serve_forever
+    from ..startup import StartupError
 
     try:
         serve_forever(config)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Callable
 
-from ..change_model import GuardInstance
-from .context import AdminContext
+from ..change_model import ChangeStore, GuardInstance
 
 STALE_AFTER = 10.0  # seconds without a heartbeat (guards write one a second)
 FORGET_AFTER = 3600.0
@@ -56,17 +56,17 @@ class Propagation:
         return max(0.0, self.checked_at - instance.heartbeat_at)
 
 
-async def in_force(ctx: AdminContext, timeout: float | None = None) -> Propagation:
+async def in_force(changes: ChangeStore, timeout: float, clock: Callable[[], float] = time.time) -> Propagation:
     """Announce a committed change and wait until every live guard applied it (or ``timeout``,
-    default ``[store] confirm_timeout``, passed). Never raises for a guard that does not answer:
-    the result says so."""
-    limit = ctx.config.store.confirm_timeout if timeout is None else timeout
-    generation = await ctx.changes.bump_generation()
+    ``[store] confirm_timeout``, passed). Never raises for a guard that does not answer: the
+    result says so."""
+    limit = timeout
+    generation = await changes.bump_generation()
     started = time.monotonic()
-    await ctx.changes.forget(ctx.clock() - FORGET_AFTER)
+    await changes.forget(clock() - FORGET_AFTER)
     while True:
-        now = ctx.clock()
-        instances = await ctx.changes.instances()
+        now = clock()
+        instances = await changes.instances()
         live = [i for i in instances if now - i.heartbeat_at <= STALE_AFTER]
         silent = tuple(i for i in instances if i not in live)
         confirmed = tuple(i for i in live if has_applied(i, generation))

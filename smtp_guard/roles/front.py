@@ -1,0 +1,64 @@
+"""The SMTP front of one guard process: the listener, and what it decides with.
+
+With ``[smtp] workers = N`` each worker process runs one front on the same port (the kernel
+spreads connections over them: SO_REUSEPORT).
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from contextlib import AsyncExitStack
+from typing import Callable
+
+from ..backends import Backends
+from ..classify import MessageClassifier
+from ..config import Config
+from ..metrics import Metrics
+from ..policy.pipeline import Pipeline
+from ..readiness import Readiness
+from ..relay.base import Upstream
+from ..smtp.access import AccessControl
+from ..smtp.auth import Authenticator
+from ..smtp.handler import GuardHandler
+from ..smtp.server import SMTPServer
+from ..startup import naming_setting
+from .enforcement import Enforcement
+
+
+def build_listener_tls(config: Config) -> ssl.SSLContext | None:
+    tls = config.smtp.tls
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    return context
+
+
+class Front:
+    def __init__(self, config: Config, backends: Backends, enforcement: Enforcement, pipeline: Pipeline,
+                 upstream: Upstream, metrics: Metrics, readiness: Readiness,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._readiness = readiness
+        handler = GuardHandler(
+            smtp_config=config.smtp, access=AccessControl(config.access.allow_networks),
+            auth_enabled=bool(config.smtp.auth.users), normalizer=backends.normalizer, pipeline=pipeline,
+            upstream=upstream, holds=backends.holds, audit=enforcement.audit, metrics=metrics, clock=clock,
+            record_erasure_attempts=backends.erasure.record_attempts,
+            classifier=MessageClassifier(config.classify, config.streams), strip=config.streams.strip_headers,
+        )
+        authenticator = Authenticator(config.smtp.auth.users) if config.smtp.auth.users else None
+        with naming_setting("[smtp.tls] cert and key", True, OSError, ssl.SSLError):
+            tls = build_listener_tls(config)
+        self.smtp = SMTPServer(handler, config.smtp, metrics, tls, authenticator, clock)
+
+    async def start(self, running: AsyncExitStack) -> None:
+        with naming_setting(f"[smtp] listen {self._config.smtp.listen}", True, OSError):
+            await self.smtp.start()
+        running.push_async_callback(self._stop)
+        self._readiness.set("listener", None)
+
+    async def _stop(self) -> None:
+        self._readiness.set("listener", "shutting down")
+        await self.smtp.stop(self._config.smtp.shutdown_grace)
