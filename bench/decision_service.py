@@ -38,7 +38,7 @@ from checkout import code_version, cpu_model  # also puts this checkout first on
 
 from smtp_guard import replies
 from smtp_guard.addresses import AddressNormalizer, key_hash, parse_mailbox
-from smtp_guard.breaker_state import BreakerState
+from smtp_guard.breaker.state import BreakerState
 from smtp_guard.config import build_config
 from smtp_guard.decision_service import HEADER, DecisionServer, LocalDecider, RemoteDecider, decode, encode
 from smtp_guard.erasure.index import TombstoneIndex

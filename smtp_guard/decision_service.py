@@ -55,7 +55,7 @@ from .config import SMTPConfig
 from .policy.base import Decision, MessageContext, RecipientContext, Verdict
 from .policy.pipeline import MessageOutcome, Pipeline
 from .replies import Reply
-from .store.base import Tombstone
+from .erasure.model import Tombstone
 
 log = logging.getLogger(__name__)
 

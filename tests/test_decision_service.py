@@ -20,7 +20,7 @@ import pytest
 
 from smtp_guard import replies
 from smtp_guard.addresses import key_hash, parse_mailbox
-from smtp_guard.breaker_state import BreakerState
+from smtp_guard.breaker.state import BreakerState
 from smtp_guard.config import Config
 from smtp_guard.decision_service import (
     HEADER, WIRE_TYPES, DecisionServer, DecisionServiceError, LocalDecider, RemoteDecider, decode, encode)
@@ -30,7 +30,8 @@ from smtp_guard.index import SuppressionIndex
 from smtp_guard.policy.base import Decision, MessageContext, MessageVerdict, RecipientContext, Verdict
 from smtp_guard.policy.default import default_pipeline
 from smtp_guard.policy.pipeline import MessageOutcome, Pipeline
-from smtp_guard.store.base import BreakerRecord, Tombstone
+from smtp_guard.breaker.model import BreakerRecord
+from smtp_guard.erasure.model import Tombstone
 
 from conftest import make_config, wait_until
 
