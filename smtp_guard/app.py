@@ -1,27 +1,41 @@
 """Composition root: config -> backends -> enforcement -> background -> pipeline -> front.
 
-The only module (with ``backends``) that builds concrete stores, pools and servers. ``Guard``
-is the running service in one process (one config, start-up, time-limited graceful
-shutdown); ``open_admin_context`` gives the CLI and API the same backends for one admin
-operation.
+The only module (with ``backends``) that builds concrete stores, pools and servers:
+
+* ``Guard``: the running service in one process (``[smtp] workers = 1``): every role;
+* ``Supervisor`` and ``Worker`` (``workers`` > 1): the supervisor runs the background role,
+  the end-of-DATA decisions of every worker (``decision_service``) and ``/metrics`` for all
+  of them, and starts the workers (``workers.py``); each worker runs an SMTP front. They meet
+  in a private run directory (``RunPaths``): the shared rate counters, the shared suppression
+  snapshot, the decision socket and the metrics files;
+* ``open_admin_context``: the same backends for one admin operation (CLI, API).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
+import tempfile
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Protocol
 
 from .admin.http import HTTPListener
 from .backends import Backends, load_tombstones, open_backends, store_exists
 from .change_sync import ChangeSync
 from .config import Config
 from .logs import PseudonymFilter, configure_logging
-from .metrics import Metrics
+from .decision_service import DecisionServer, LocalDecider, RemoteDecider, frame_limit
+from .index_share import SharedSnapshots
+from .metrics import Metrics, forget_process, multiprocess_registry, use_multiprocess_files
+from .shared_counters import SharedCounters
+from .workers import WorkerPool
 from .policy.default import default_pipeline
 from .readiness import Readiness
 from .relay.base import Upstream
@@ -31,7 +45,7 @@ from .roles.background import Background
 from .roles.enforcement import Enforcement
 from .roles.front import Front
 from .services.context import AdminContext, StoreNotFound
-from .startup import naming_setting
+from .startup import StartupError, naming_setting
 from .store.sqlite.db import Database
 from .store.sqlite.erasure import SQLiteErasureStore
 
@@ -117,8 +131,8 @@ class Guard:
         pipeline = default_pipeline(config, self.backends.tombstones, self.enforcement.index,
                                     breakers=self.background.breaker_state, counters=self.backends.counters,
                                     clock=self.clock)
-        self.front = Front(config, self.backends, self.enforcement, pipeline, upstream, self.metrics,
-                           self.readiness, self.clock)
+        self.front = Front(config, self.backends, self.enforcement, pipeline, LocalDecider(pipeline), upstream,
+                           self.metrics, self.readiness, self.clock)
         # Read-your-writes: registered and up to date before the first client connects; removed
         # after the listener stopped (the exit stack unwinds in reverse order). Each step
         # finishes its own follow-up before it returns (the tombstones' audit sweep, a breaker
@@ -130,11 +144,8 @@ class Guard:
         await self.change_sync.start()
         await self.front.start(run)
         await self.background.start_probes(run)
-        up = config.upstream
-        relaying_to = ("the sandbox (captured, not delivered)" if up.mode == "sandbox"
-                       else f"{up.host}:{up.port} (tls {up.tls})")
         log.info("smtp-guard listening on %s:%d, relaying to %s; store %s; config %s", *self.smtp_address,
-                 relaying_to, config.store.path, config.source)
+                 _upstream_text(config), config.store.path, config.source)
 
     @property
     def smtp_address(self) -> tuple[str, int]:
@@ -151,22 +162,213 @@ class Guard:
         log.info("smtp-guard stopped")
 
 
-def serve_forever(config: Config) -> None:
-    """``smtp-guard serve``: run until SIGTERM/SIGINT, then shut down gracefully."""
-    log_pseudonyms = configure_logging(config.logging)
+@dataclass(frozen=True)
+class RunPaths:
+    """The private directory where the processes of one multi-worker guard meet. It is made
+    afresh at every start (0700, in shared memory when the system has /dev/shm: the counters,
+    the snapshot and the metrics files are memory that several processes map, never disk
+    I/O) and removed at the end, so nothing in it outlives the run."""
 
+    root: Path
+
+    @classmethod
+    def create(cls) -> RunPaths:
+        shm = Path("/dev/shm")
+        parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+        return cls(Path(tempfile.mkdtemp(prefix="smtp-guard.", dir=parent)))
+
+    @property
+    def counters(self) -> Path:
+        return self.root / "counters"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def decisions(self) -> Path:
+        return self.root / "decisions" / "socket"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+
+# Rate-limit buckets the workers share: far more than the keys refilling at once (a bucket
+# that is full again is dropped); 48 bytes each.
+COUNTER_SLOTS = 1 << 17
+
+
+class Supervisor:
+    """The guard with ``[smtp] workers`` > 1, minus the workers' fronts: backends, enforcement
+    (for the end-of-DATA decisions), the background role, the decision service and /metrics
+    for all processes; then the workers. Runs in ``smtp-guard serve`` only: it switches this
+    process's metrics to multiprocess files."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time,
+                 log_pseudonyms: PseudonymFilter | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self._log_pseudonyms = log_pseudonyms
+        self.readiness = Readiness()
+        self._running = AsyncExitStack()
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._running.aclose()
+            raise
+
+    async def _start(self) -> None:
+        config, run = self.config, self._running
+        paths = RunPaths.create()
+        run.callback(shutil.rmtree, paths.root, ignore_errors=True)
+        paths.metrics.mkdir()
+        use_multiprocess_files(paths.metrics)
+        self.metrics = Metrics()
+        self.http = HTTPListener(multiprocess_registry(paths.metrics), self.readiness)
+        counters = SharedCounters.create(paths.counters, COUNTER_SLOTS)
+        run.callback(counters.close)
+        self.backends = await run.enter_async_context(open_backends(config, server=True, counters=counters))
+        if self._log_pseudonyms is not None:
+            self._log_pseudonyms.use(self.backends.audit.pseudonymizer)
+        snapshots = SharedSnapshots(paths.index, self.backends.suppressions)
+        self.enforcement = Enforcement(config, self.backends, self.metrics, self.readiness, self.clock, snapshots)
+        await self.enforcement.start(run)
+        upstream = build_upstream(config)
+        run.push_async_callback(upstream.close)
+        self.background = Background(config, self.backends, self.enforcement, upstream, self.metrics,
+                                     self.readiness, self.http, self.clock)
+        await self.background.start(run)
+        pipeline = default_pipeline(config, self.backends.tombstones, self.enforcement.index,
+                                    breakers=self.background.breaker_state, counters=counters, clock=self.clock)
+        decisions = DecisionServer(pipeline, paths.decisions, max_frame=frame_limit(config.smtp))
+        await decisions.start()
+        run.push_async_callback(decisions.stop)
+        change_sync = ChangeSync(self.backends.changes,
+                                 [*self.enforcement.change_steps, *self.background.change_steps],
+                                 config.store.change_poll_interval)
+        run.push_async_callback(change_sync.stop)
+        await change_sync.start()
+        self.workers = WorkerPool(config.smtp.workers, run_worker, (config, paths), config.smtp.shutdown_grace,
+                                  on_exit=lambda pid: forget_process(pid, paths.metrics))
+        await self.workers.start()
+        run.push_async_callback(self._stop_workers)
+        self.readiness.set("listener", None)
+        await self.background.start_probes(run)
+        log.info("smtp-guard supervisor: %d workers listening on %s, relaying to %s; store %s; config %s",
+                 config.smtp.workers, config.smtp.listen, _upstream_text(config), config.store.path, config.source)
+
+    async def _stop_workers(self) -> None:
+        self.readiness.set("listener", "shutting down")
+        await self.workers.stop()
+
+    async def stop(self) -> None:
+        await self._running.aclose()
+        log.info("smtp-guard stopped")
+
+
+class Worker:
+    """One SMTP front of a multi-worker guard: its own store connection and index overlay,
+    the shared counters and snapshot, end-of-DATA decisions asked of the supervisor."""
+
+    def __init__(self, config: Config, paths: RunPaths, clock: Callable[[], float] = time.time,
+                 log_pseudonyms: PseudonymFilter | None = None) -> None:
+        self.config = config
+        self.paths = paths
+        self.clock = clock
+        self._log_pseudonyms = log_pseudonyms
+        self.metrics = Metrics()  # recorded into the supervisor's multiprocess files (inherited environment)
+        self.readiness = Readiness()  # the supervisor answers /readyz; kept for the roles' sake
+        self._running = AsyncExitStack()
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._running.aclose()
+            raise
+
+    async def _start(self) -> None:
+        config, paths, run = self.config, self.paths, self._running
+        counters = SharedCounters.attach(paths.counters)
+        run.callback(counters.close)
+        backends = await run.enter_async_context(open_backends(config, server=True, counters=counters))
+        if self._log_pseudonyms is not None:
+            self._log_pseudonyms.use(backends.audit.pseudonymizer)
+        snapshots = SharedSnapshots(paths.index, backends.suppressions)
+        enforcement = Enforcement(config, backends, self.metrics, self.readiness, self.clock, snapshots)
+        await enforcement.start(run)
+        upstream = build_upstream(config)
+        run.push_async_callback(upstream.close)
+        pipeline = default_pipeline(config, backends.tombstones, enforcement.index, counters=counters,
+                                    clock=self.clock)
+        decider = RemoteDecider(paths.decisions, max_frame=frame_limit(config.smtp))
+        run.push_async_callback(decider.close)
+        front = Front(config, backends, enforcement, pipeline, decider, upstream, self.metrics, self.readiness,
+                      self.clock)
+        change_sync = ChangeSync(backends.changes, enforcement.change_steps, config.store.change_poll_interval)
+        run.push_async_callback(change_sync.stop)
+        await change_sync.start()
+        await front.start(run)
+
+    async def stop(self) -> None:
+        await self._running.aclose()
+
+
+def run_worker(number: int, ready: Connection, config: Config, paths: RunPaths) -> None:
+    """A worker process's main (started by WorkerPool): serve until SIGTERM, then drain."""
+    log_pseudonyms = configure_logging(config.logging)
+    worker = Worker(config, paths, log_pseudonyms=log_pseudonyms)
+
+    def started(error: StartupError | None) -> None:
+        ready.send(("ready", "") if error is None else ("failed", f"worker {number}: {error}"))
+        ready.close()
+
+    _run_until_signalled(worker, config, started)
+
+
+class _Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _run_until_signalled(service: _Service, config: Config,
+                         started: Callable[[StartupError | None], None] = lambda error: None) -> None:
     async def main() -> None:
-        guard = Guard(config, log_pseudonyms=log_pseudonyms)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await guard.start()
-        if config.upstream.mode == "sandbox":
-            log.warning("upstream is the SANDBOX: mail is captured in %s and not delivered; "
-                        "set [upstream] mode = \"smtp\" and host to relay for real", config.store.data_dir / "sandbox")
+        try:
+            await service.start()
+        except StartupError as error:
+            started(error)
+            raise
+        started(None)
         await stop.wait()
         log.info("shutting down: no new sessions; up to %.0fs for sessions in flight", config.smtp.shutdown_grace)
-        await guard.stop()
+        await service.stop()
 
     asyncio.run(main())
+
+
+def _upstream_text(config: Config) -> str:
+    up = config.upstream
+    return "the sandbox (captured, not delivered)" if up.mode == "sandbox" else f"{up.host}:{up.port} (tls {up.tls})"
+
+
+def serve_forever(config: Config) -> None:
+    """``smtp-guard serve``: run until SIGTERM/SIGINT, then shut down gracefully."""
+    log_pseudonyms = configure_logging(config.logging)
+    if config.upstream.mode == "sandbox":
+        log.warning("upstream is the SANDBOX: mail is captured in %s and not delivered; "
+                    "set [upstream] mode = \"smtp\" and host to relay for real", config.store.data_dir / "sandbox")
+    service: _Service
+    if config.smtp.workers > 1:
+        service = Supervisor(config, log_pseudonyms=log_pseudonyms)
+    else:
+        service = Guard(config, log_pseudonyms=log_pseudonyms)
+    _run_until_signalled(service, config)

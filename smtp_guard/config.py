@@ -114,6 +114,9 @@ class SMTPConfig:
     # Add a Received: trace header to relayed and held mail (RFC 5321 section 4.4 asks a relay to).
     received_header: bool = True
     shutdown_grace: float = _duration(30.0)
+    # SMTP front processes on the one listen port (roles/supervisor.py); 1 runs everything in
+    # one process.
+    workers: int = _at_least(1, minimum=1)
     tls: TLSListenConfig = TLSListenConfig()
     auth: AuthConfig = AuthConfig()
 
@@ -807,6 +810,9 @@ def _validate(config: Config, where: str) -> None:
             "internet; list the sending platform's networks instead (e.g. \"10.1.2.0/24\"), or set "
             "allow_open_relay = true if that is really meant"
         )
+    if config.smtp.workers > 1 and config.smtp.listen.port == 0:
+        raise ConfigError(f"{where}: [smtp] workers = {config.smtp.workers} needs a fixed listen port: with port 0 "
+                          "each worker would get its own port; set listen = \"host:PORT\"")
     if bool(up.username) != bool(up.password):
         raise ConfigError(f"{where}: [upstream] username and password must be set together")
     tls = config.smtp.tls

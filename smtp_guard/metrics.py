@@ -3,15 +3,51 @@
 Naming follows the Prometheus guide: ``smtp_guard_`` prefix, base units, ``_total`` for
 counters. Label values come only from closed sets (verdicts, rule ids built from configured
 list names, reply classes) — never an address, a campaign id or other unbounded text.
+
+With ``[smtp] workers = N`` every process of the guard records into prometheus-client's
+multiprocess files and the supervisor's ``/metrics`` reads them all (``use_multiprocess_files``,
+``multiprocess_registry``): counters and histograms add up over the processes (a worker that
+died keeps its counts), ``sessions_active`` adds up over the live ones, and the gauges only the
+supervisor sets (hold queue, list sizes, breakers) take the most recent value.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Final
+
+import prometheus_client.values
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 MESSAGE_OUTCOMES = ("relayed", "held", "dropped", "refused", "deferred")
 UPSTREAM_ERROR_CLASSES = ("4xx", "5xx", "connection", "timeout")
 AUTH_FAILURE_OUTCOMES = ("invalid", "throttled")
+# Gauges only the background role sets: with several processes the value it set last.
+SET_BY_SUPERVISOR: Final = "mostrecent"
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def use_multiprocess_files(directory: Path) -> None:
+    """From now on, metrics this process creates record into ``directory`` (an empty one),
+    and so do those of processes it starts (the environment variable they inherit)."""
+    os.environ[MULTIPROCESS_ENV] = str(directory)
+    # prometheus-client picks the value class when first imported; this process imported it
+    # before the directory was known.
+    prometheus_client.values.ValueClass = prometheus_client.values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def multiprocess_registry(directory: Path) -> CollectorRegistry:
+    """The registry ``/metrics`` serves: every process's metrics, read from ``directory``."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    return registry
+
+
+def forget_process(pid: int, directory: Path) -> None:
+    """A worker is gone: its live gauges (sessions_active) no longer count."""
+    mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -37,7 +73,8 @@ class Metrics:
             "Upstream failures by class: 4xx and 5xx replies, lost connections, timeouts.",
             ["class"], registry=r)
         self.sessions_active = Gauge(
-            "smtp_guard_sessions_active", "SMTP client sessions currently open.", registry=r)
+            "smtp_guard_sessions_active", "SMTP client sessions currently open.", registry=r,
+            multiprocess_mode="livesum")
         self.sessions_refused = Counter(
             "smtp_guard_sessions_refused_total",
             "SMTP client connections refused at connect, by reason.", ["reason"], registry=r)
@@ -50,17 +87,20 @@ class Metrics:
             "refused without a check because the client address failed too often recently).",
             ["outcome"], registry=r)
         self.hold_messages = Gauge(
-            "smtp_guard_hold_messages", "Messages in the hold queue with a recipient held or released.", registry=r)
+            "smtp_guard_hold_messages", "Messages in the hold queue with a recipient held or released.",
+            registry=r, multiprocess_mode=SET_BY_SUPERVISOR)
         self.hold_recipients = Gauge(
-            "smtp_guard_hold_recipients", "Recipients held or released but not yet delivered.", registry=r)
+            "smtp_guard_hold_recipients", "Recipients held or released but not yet delivered.",
+            registry=r, multiprocess_mode=SET_BY_SUPERVISOR)
         self.hold_oldest_age = Gauge(
             "smtp_guard_hold_oldest_age_seconds", "Age of the oldest message in the hold queue (0 when empty).",
-            registry=r)
+            registry=r, multiprocess_mode=SET_BY_SUPERVISOR)
         self.hold_deliveries = Counter(
             "smtp_guard_hold_deliveries_total",
             "Released held recipients by relay outcome (delivered, deferred, failed).", ["outcome"], registry=r)
         self.suppression_entries = Gauge(
-            "smtp_guard_suppression_entries", "Live suppression list entries, by list.", ["list"], registry=r)
+            "smtp_guard_suppression_entries", "Live suppression list entries, by list.", ["list"],
+            registry=r, multiprocess_mode=SET_BY_SUPERVISOR)
         self.index_reloads = Counter(
             "smtp_guard_suppression_index_updates_total",
             "Times the in-memory suppression index took changes from the store.", registry=r)
@@ -72,7 +112,8 @@ class Metrics:
             "smtp_guard_erasure_attempts_total",
             "Attempts to mail an erased address: evidence that an upstream system still holds it.", registry=r)
         self.tombstones = Gauge(
-            "smtp_guard_erasure_tombstones", "Erasure tombstones enforced by this instance.", registry=r)
+            "smtp_guard_erasure_tombstones", "Erasure tombstones enforced by this instance.",
+            registry=r, multiprocess_mode=SET_BY_SUPERVISOR)
         self.audit_dropped = Counter(
             "smtp_guard_audit_records_dropped_total",
             "Audit records dropped because the store stayed unavailable and the buffer was full.", registry=r)
@@ -91,7 +132,7 @@ class Metrics:
             "message class.", ["action", "rule", "class"], registry=r)
         self.breakers_tripped = Gauge(
             "smtp_guard_breakers_tripped", "Streams tripped and waiting for an admin's approval or cancellation.",
-            registry=r)
+            registry=r, multiprocess_mode=SET_BY_SUPERVISOR)
         for outcome in MESSAGE_OUTCOMES:
             self.messages.labels(outcome)
         for error_class in UPSTREAM_ERROR_CLASSES:

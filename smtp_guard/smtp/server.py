@@ -527,7 +527,9 @@ class SMTPServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._factory(), self._config.listen.host, self._config.listen.port)
+        # Several worker processes bind the same port; the kernel spreads connections over them.
+        self._server = await loop.create_server(self._factory(), self._config.listen.host, self._config.listen.port,
+                                                reuse_port=self._config.workers > 1)
 
     @property
     def address(self) -> tuple[str, int]:

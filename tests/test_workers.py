@@ -1,0 +1,241 @@
+"""``[smtp] workers = 2``: two SMTP front processes on one port under a supervisor, run as
+``smtp-guard serve`` (a real process tree), with every limit global.
+
+The kernel spreads connections over the two listening sockets (SO_REUSEPORT, by a hash of
+the client's address and port), so each test opens many connections: the chance that 20 all
+reach one worker is 2^-19.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from click.testing import CliRunner
+
+from conftest import free_port, wait_until
+from sink import Sink
+from smtp_client import message, send
+from smtp_guard.cli.main import main
+
+SENDER = "news@shop.test"
+CONNECTIONS = 20
+
+
+class Supervised:
+    """``smtp-guard serve`` with workers = 2, its config file and ports."""
+
+    def __init__(self, tmp_path: Path, sink: Sink, extra: str) -> None:
+        self.smtp_port = free_port()
+        self.metrics_port = free_port()
+        self.config_file = tmp_path / "smtp-guard.toml"
+        self.config_file.write_text(
+            f'[smtp]\nlisten = "127.0.0.1:{self.smtp_port}"\nhostname = "guard.test"\nworkers = 2\n'
+            'shutdown_grace = "10s"\nmax_recipients = 1000\n\n'
+            f'[metrics]\nlisten = "127.0.0.1:{self.metrics_port}"\n\n'
+            '[store]\npath = "data/guard.sqlite3"\nreload_interval = "60s"\n\n'
+            '[hold]\npoll_interval = "0.1s"\n\n[audit]\nflush_interval = "0.1s"\n\n'
+            f'[upstream]\nmode = "smtp"\nhost = "127.0.0.1"\nport = {sink.port}\n\n{extra}')
+        self.log = (tmp_path / "serve.log").open("w+")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.smtp_port
+
+    async def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "smtp_guard", "serve", "--config", str(self.config_file)],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        await wait_until(self.ready, timeout=60, interval=0.1, what="the supervisor and both workers to be ready")
+
+    async def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"smtp-guard serve exited with {self.process.returncode}:\n{self.output()}")
+        try:
+            status, _ = await self.get("/readyz")
+        except aiohttp.ClientError:
+            return False
+        return status == 200
+
+    async def get(self, path: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{self.metrics_port}{path}") as response:
+                return response.status, await response.text()
+
+    async def metric(self, name: str, **labels: str) -> float:
+        _, text = await self.get("/metrics")
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#") or " " not in line:
+                continue
+            series, value = line.rsplit(" ", 1)
+            metric_name, _, label_text = series.partition("{")
+            if metric_name != name:
+                continue
+            present = dict(part.split("=", 1) for part in label_text.rstrip("}").split(",") if part)
+            if all(present.get(k) == f'"{v}"' for k, v in labels.items()) or (not labels and not wanted):
+                total += float(value)
+        return total
+
+    def worker_pids(self) -> list[int]:
+        assert self.process is not None
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        pids = []
+        for pid in map(int, children):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"multiprocessing" in command and b"spawn_main" in command:  # not the resource tracker
+                pids.append(pid)
+        return sorted(pids)
+
+    def cli(self, *args: str) -> str:
+        result = CliRunner().invoke(main, [*args, "--config", str(self.config_file)], env={"SMTP_GUARD_CONFIG": None})
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    async def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self.process.wait, 30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture
+async def supervised(tmp_path: Path, sink: Sink) -> AsyncIterator[object]:
+    started: list[Supervised] = []
+
+    async def start(extra: str = "") -> Supervised:
+        guard = Supervised(tmp_path, sink, extra)
+        started.append(guard)
+        await guard.start()
+        return guard
+
+    yield start
+    for guard in started:
+        await guard.stop()
+        guard.log.close()
+
+
+async def send_each(guard: Supervised, recipients: list[str], content: bytes | None = None):  # type: ignore[no-untyped-def]
+    """One connection per recipient, all at once: spread over both workers."""
+    return await asyncio.gather(*(send(guard.address, SENDER, [r], content or message()) for r in recipients))
+
+
+async def test_two_workers_serve_one_port_and_one_scrape_counts_both(supervised, sink: Sink) -> None:
+    guard = await supervised()
+    assert len(guard.worker_pids()) == 2
+    outcomes = await send_each(guard, [f"r{i}@example.com" for i in range(CONNECTIONS)])
+    assert all(o.data is not None and o.data.startswith("250") for o in outcomes)
+    assert len(sink.messages) == CONNECTIONS
+    await wait_until(lambda: metric_is(guard, CONNECTIONS, "smtp_guard_messages_total", outcome="relayed"),
+                     timeout=10, what="one /metrics scrape to count the messages of both workers")
+    _, text = await guard.get("/readyz")
+    assert text.startswith("ready")
+
+
+async def metric_is(guard: Supervised, expected: float, name: str, **labels: str) -> bool:
+    return await guard.metric(name, **labels) == expected
+
+
+async def test_a_suppression_added_by_the_cli_is_enforced_by_both_workers(supervised, sink: Sink) -> None:
+    guard = await supervised()
+    output = await asyncio.to_thread(guard.cli, "suppress", "add", "gone@example.com", "--list", "unsubscribed")
+    # The supervisor and both workers confirmed the change before the command returned.
+    assert "In force on 3 running guards." in output
+    outcomes = await send_each(guard, ["gone@example.com"] * CONNECTIONS)
+    assert all(o.rcpt["gone@example.com"].startswith("550") for o in outcomes)
+    assert sink.messages == []
+
+
+async def test_a_rate_limit_holds_across_workers(supervised, sink: Sink) -> None:
+    guard = await supervised('[[rate_limits]]\nname = "per-sender"\nkey = "sender"\nrate = "5/h"\nburst = 5\n')
+    outcomes = await send_each(guard, [f"r{i}@example.com" for i in range(CONNECTIONS)])
+    accepted = [o for o in outcomes if o.accepted]
+    deferred = [o for o in outcomes if not o.accepted]
+    assert len(accepted) == 5 and len(sink.messages) == 5
+    assert all(o.rcpt[next(iter(o.rcpt))].startswith("451 4.7.1") for o in deferred)
+
+
+async def test_a_breaker_trips_once_for_a_stream_spread_over_both_workers(supervised, sink: Sink) -> None:
+    guard = await supervised('[classify]\nrules = [{ class = "sanction", subject = "policy violation" }]\n\n'
+                             '[classes.sanction]\napproval_after = 5\n')
+    notice = message(subject="Policy violation", extra_headers="X-Campaign-ID: sanction-1\r\n")
+    outcomes = await send_each(guard, [f"member{i}@users.example" for i in range(CONNECTIONS)], notice)
+    assert all(o.data is not None and o.data.startswith("250") for o in outcomes)  # relayed or held
+    assert len(sink.messages) == 5  # the gate's count is global: 5, not 5 per worker
+    listed = await asyncio.to_thread(guard.cli, "breaker", "list")
+    assert listed.count("sanction-1") == 1 and "gate.sanction" in listed
+    await wait_until(lambda: metric_is(guard, 1, "smtp_guard_breaker_trips_total"), timeout=10,
+                     what="one trip in the scrape")
+    await asyncio.to_thread(guard.cli, "breaker", "approve", "sanction-1", "--ceiling", "100")
+    await wait_until(lambda: len(sink.messages) == CONNECTIONS, timeout=20,
+                     what="the held recipients to be released once, by the supervisor")
+    await asyncio.sleep(0.5)
+    assert sorted(sink.delivered_to()) == sorted(f"member{i}@users.example" for i in range(CONNECTIONS))
+
+
+async def test_a_killed_worker_is_restarted_and_no_acknowledged_mail_is_lost(supervised, sink: Sink) -> None:
+    guard = await supervised()
+    acknowledged: list[str] = []
+
+    async def keep_sending(start: int) -> None:
+        for i in range(start, start + 40):
+            try:
+                outcome = await send(guard.address, SENDER, [f"k{i}@example.com"], message())
+            except Exception:
+                continue  # a connection the killed worker had: never acknowledged
+            if outcome.data is not None and outcome.data.startswith("250"):
+                acknowledged.append(f"k{i}@example.com")
+
+    senders = [asyncio.create_task(keep_sending(n * 100)) for n in range(4)]
+    await asyncio.sleep(0.3)
+    victim = guard.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    await asyncio.gather(*senders)
+    await wait_until(lambda: len(guard.worker_pids()) == 2 and victim not in guard.worker_pids(), timeout=30,
+                     what="the supervisor to start the killed worker again")
+    assert "starting it again" in guard.output()
+    assert acknowledged and set(acknowledged) <= set(sink.delivered_to())
+    await wait_until(guard.ready, timeout=30, what="ready again")
+    outcomes = await send_each(guard, [f"after{i}@example.com" for i in range(CONNECTIONS)])
+    assert all(o.data is not None and o.data.startswith("250") for o in outcomes)
+
+
+async def test_sigterm_drains_both_workers(supervised, sink: Sink) -> None:
+    guard = await supervised()
+    pids = guard.worker_pids()
+    sink.hang_on, sink.hang_seconds = "data", 1.5  # sessions still in a transaction at SIGTERM
+    sending = asyncio.gather(*(send(guard.address, SENDER, [f"d{i}@example.com"], message()) for i in range(8)))
+    await wait_until(lambda: sink.transactions_started >= 8, timeout=10, what="every session in DATA")
+    started = time.monotonic()
+    assert guard.process is not None
+    guard.process.send_signal(signal.SIGTERM)
+    outcomes = await sending
+    assert all(o.data is not None and o.data.startswith("250") for o in outcomes)  # drained, not cut
+    assert await asyncio.to_thread(guard.process.wait, 30) == 0
+    assert time.monotonic() - started < 10
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    assert len(sink.messages) == 8
