@@ -1,9 +1,11 @@
 """In-memory suppression index: a compact snapshot plus a small overlay of recent changes.
 
 The snapshot is two parallel arrays (sorted 64-bit key hashes, list numbers): 9 bytes per
-address, so ten million addresses cost about 90 MB, and the arrays are flat buffers that a
-later version can place in shared memory for several worker processes. Lookups are a binary
-search — no disk or network I/O on the hot path.
+address, so ten million addresses cost about 90 MB. One process loads them from the store
+into its own memory; worker processes of one guard instead map one shared snapshot file
+(``IndexReloader(snapshots=SharedSnapshots(...))``, ``index_share.py``), so the 90 MB are
+there once however many workers run. Lookups are a binary search — no disk or network I/O
+on the hot path (a mapped file's pages are in the page cache once it is checked).
 
 Changes made by the CLI or API reach a running server through the store's change log:
 ``IndexReloader.refresh`` — run by its own periodic loop, and at once when an admin change
@@ -19,7 +21,7 @@ import logging
 import time
 from array import array
 from bisect import bisect_left
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from .periodic import Periodic
 from .suppression_model import DomainRule, SuppressionDelta, SuppressionSnapshot, SuppressionStore
@@ -109,13 +111,28 @@ class SuppressionIndex:
         self._snapshot.seq = delta.seq
 
 
+class SnapshotSource(Protocol):
+    """Where full reloads come from when several processes share one snapshot
+    (``index_share.SharedSnapshots``)."""
+
+    async def get(self, list_priority: Sequence[str], now: float, at_least: int = 0) -> SuppressionSnapshot:
+        """A snapshot for ``now`` at change-log position ``at_least`` or later; it may be a
+        few changes behind the store (the reloader applies them)."""
+
+
 class IndexReloader:
-    """Keeps a SuppressionIndex in step with the store, polling its change log."""
+    """Keeps a SuppressionIndex in step with the store, polling its change log.
+
+    Full reloads load a snapshot from the store into this process, or, given ``snapshots``,
+    take the shared one and apply the changes logged since it was built.
+    """
 
     def __init__(self, index: SuppressionIndex, store: SuppressionStore, list_priority: Sequence[str],
-                 interval: float, clock: Callable[[], float] = time.time) -> None:
+                 interval: float, clock: Callable[[], float] = time.time,
+                 snapshots: SnapshotSource | None = None) -> None:
         self.index = index
         self._store = store
+        self._snapshots = snapshots
         self._priority = tuple(list_priority)
         self._clock = clock
         # Keep enforcing the last good index when a refresh fails; the next poll tries again.
@@ -125,13 +142,34 @@ class IndexReloader:
         # Two refreshes at once could apply an older delta over a newer one.
         self._lock = asyncio.Lock()
 
-    async def load(self) -> None:
+    async def load(self, at_least: int = 0) -> None:
+        """Replace the index by a full snapshot (one at change-log position ``at_least`` or
+        later, when it comes from the shared source)."""
         started = time.monotonic()
-        snapshot = await self._store.load_snapshot(self._priority, self._clock())
-        self.index.replace(snapshot)
+        if self._snapshots is None:
+            snapshot = await self._store.load_snapshot(self._priority, self._clock())
+            self.index.replace(snapshot)
+        else:
+            snapshot = await self._load_shared(self._snapshots, at_least)
         log.info("suppression index loaded: %d addresses, %d domains in %.2fs",
                  len(snapshot.hashes), len(snapshot.domains), time.monotonic() - started)
         self.on_reload()
+
+    async def _load_shared(self, snapshots: SnapshotSource, at_least: int) -> SuppressionSnapshot:
+        now = self._clock()
+        snapshot = await snapshots.get(self._priority, now, at_least)
+        delta = await self._store.changes_since(snapshot.seq, self._priority, now)
+        if delta.full_reload:
+            # A bulk change was logged after the source chose its file: ask for one that has it.
+            snapshot = await snapshots.get(self._priority, now, delta.seq)
+            delta = await self._store.changes_since(snapshot.seq, self._priority, now)
+        # Swap and catch up with no await in between: no lookup sees the shared snapshot
+        # without the changes the old index already had (read-your-writes, change_sync.py).
+        # A full reload still asked for here is the next refresh's.
+        self.index.replace(snapshot)
+        if not delta.full_reload and delta.seq != snapshot.seq:
+            self.index.apply(delta)
+        return snapshot
 
     async def refresh(self) -> None:
         """Apply what changed since the last look (one poll)."""
@@ -142,11 +180,11 @@ class IndexReloader:
         now = self._clock()
         expiry = self.index.next_expiry
         if expiry is not None and expiry <= now:
-            await self.load()
+            await self.load(at_least=self.index.seq)
             return
         delta = await self._store.changes_since(self.index.seq, self._priority, now)
         if delta.full_reload or self.index.overlay_size + len(delta.addresses) > MAX_OVERLAY:
-            await self.load()
+            await self.load(at_least=delta.seq)
         elif delta.seq != self.index.seq:
             self.index.apply(delta)
             self.on_reload()

@@ -6,7 +6,6 @@ and ``index.py`` keeps the snapshot in memory.
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterable, Literal, Mapping, Protocol, Sequence
 
@@ -49,11 +48,13 @@ class SuppressionSnapshot:
     """Everything the hot path needs, compact: sorted 64-bit key hashes with a parallel
     array of list numbers (index into ``list_names``), plus the small domain table.
 
-    Ten million addresses cost 90 MB here instead of a gigabyte of Python strings.
+    Ten million addresses cost 90 MB here instead of a gigabyte of Python strings. The two
+    sequences are ``array``s when the store built them in this process, or memoryviews over
+    a snapshot file shared by several processes (``index_file.map_snapshot``).
     """
 
-    hashes: "array[int]"  # array('q'), sorted ascending, unique
-    lists: "array[int]"  # array('B'), list number per hash
+    hashes: Sequence[int]  # int64 ('q'), sorted ascending, unique
+    lists: Sequence[int]  # uint8 ('B'), list number per hash
     list_names: tuple[str, ...]
     domains: dict[str, DomainRule]
     seq: int  # change-log position this snapshot includes
@@ -104,6 +105,9 @@ class SuppressionStore(Protocol):
 
     async def changes_since(self, seq: int, list_priority: Sequence[str], now: float) -> SuppressionDelta:
         """What changed after change-log position ``seq``."""
+
+    async def current_seq(self) -> int:
+        """The change-log position a snapshot loaded now would include (one cheap read)."""
 
     async def purge_expired(self, now: float) -> int:
         """Delete expired entries; returns how many."""

@@ -13,7 +13,7 @@ from ..change_sync import Step
 from ..config import Config
 from ..erasure.keys import ErasureKeyError, load_key_ring
 from ..erasure.index import TombstoneReloader
-from ..index import IndexReloader, SuppressionIndex
+from ..index import IndexReloader, SnapshotSource, SuppressionIndex
 from ..metrics import Metrics
 from ..periodic import Periodic
 from ..readiness import Readiness
@@ -24,13 +24,15 @@ from ..store.base import StoreError
 
 class Enforcement:
     def __init__(self, config: Config, backends: Backends, metrics: Metrics, readiness: Readiness,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, snapshots: SnapshotSource | None = None) -> None:
+        """``snapshots``: where full reloads take the index from when several processes share
+        one (``index_share.SharedSnapshots``); by default each loads its own from the store."""
         self._config = config
         self._backends = backends
         self._readiness = readiness
         self.index = SuppressionIndex()
         self.reloader = IndexReloader(self.index, backends.suppressions, config.list_priority,
-                                      config.store.reload_interval, clock=clock)
+                                      config.store.reload_interval, clock=clock, snapshots=snapshots)
         self.reloader.on_reload = metrics.index_reloads.inc
         key_file = config.erasure_key_file
         self.tombstone_reloader = TombstoneReloader(backends.tombstones, backends.erasure,

@@ -14,6 +14,7 @@ from typing import Callable
 from ..backends import Backends
 from ..classify import MessageClassifier
 from ..config import Config
+from ..decision_service import MessageDecider
 from ..metrics import Metrics
 from ..policy.pipeline import Pipeline
 from ..readiness import Readiness
@@ -37,8 +38,10 @@ def build_listener_tls(config: Config) -> ssl.SSLContext | None:
 
 class Front:
     def __init__(self, config: Config, backends: Backends, enforcement: Enforcement, pipeline: Pipeline,
-                 upstream: Upstream, metrics: Metrics, readiness: Readiness,
+                 decider: MessageDecider, upstream: Upstream, metrics: Metrics, readiness: Readiness,
                  clock: Callable[[], float] = time.time) -> None:
+        """``pipeline`` decides at RCPT here; ``decider`` takes the end-of-DATA decisions (in this
+        process, or the supervisor's for a worker)."""
         self._config = config
         self._readiness = readiness
         handler = GuardHandler(

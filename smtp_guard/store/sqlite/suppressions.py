@@ -210,6 +210,11 @@ class SQLiteSuppressionStore:
         except sqlite3.Error as error:
             raise store_error(error, "cannot load the suppression index") from error
 
+    async def current_seq(self) -> int:
+        # MAX of an INTEGER PRIMARY KEY is a look at the last b-tree page, not a scan.
+        (latest,) = await self._db.fetchone("SELECT COALESCE(MAX(seq), 0) FROM suppression_changes")
+        return int(latest)
+
     async def changes_since(self, seq: int, list_priority: Sequence[str], now: float) -> SuppressionDelta:
         rows = await self._db.fetchall(
             "SELECT seq, key_hash, domain FROM suppression_changes WHERE seq > ? ORDER BY seq LIMIT ?",
