@@ -72,12 +72,18 @@ class SharedSnapshots:
         built from the store. Raises ``StoreError`` when the store cannot be read or the file
         cannot be written; a damaged file is logged and replaced, never used."""
         priority = tuple(list_priority)
-        async with self._locked():
-            latest = await self._store.current_seq()
-            snapshot = await self._map_current(priority, now, at_least, latest)
-            if snapshot is None:
-                snapshot = await self._build(priority, now)
-            return snapshot
+        try:
+            async with self._locked():
+                latest = await self._store.current_seq()
+                snapshot = await self._map_current(priority, now, at_least, latest)
+                if snapshot is None:
+                    snapshot = await self._build(priority, now)
+                return snapshot
+        except OSError as error:  # the directory, the lock file, writing or mapping the file
+            problem = f"shared suppression index in {self.directory}: {error}"
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(problem) from error
+            raise StoreError(problem) from error
 
     def clear(self) -> None:
         """Remove the snapshot and any temp file a crashed writer left (supervisor start-up,
@@ -138,13 +144,7 @@ class SharedSnapshots:
         started = time.monotonic()
         built = await self._store.load_snapshot(priority, now)
         loaded = time.monotonic()
-        try:
-            await asyncio.to_thread(self._write, built, priority, now)
-        except OSError as error:
-            problem = f"cannot write the shared suppression index {self.path}: {error}"
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(problem) from error
-            raise StoreError(problem) from error
+        await asyncio.to_thread(self._write, built, priority, now)
         count, seq = len(built.hashes), built.seq
         del built  # the arrays go; the map below replaces them
         snapshot = await asyncio.to_thread(map_snapshot, self.path)

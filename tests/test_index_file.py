@@ -4,6 +4,7 @@ on real files, a real SQLite store and, for the race, two real processes."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import mmap
 import multiprocessing
@@ -19,6 +20,7 @@ from smtp_guard.addresses import key_hash
 from smtp_guard.index import IndexReloader, SuppressionIndex
 from smtp_guard.index_file import SnapshotFileError, map_snapshot, read_header, write_snapshot
 from smtp_guard.index_share import SNAPSHOT_NAME, SharedSnapshots
+from smtp_guard.store.base import StoreFull
 from smtp_guard.suppression_model import DomainRule, SuppressionDelta, SuppressionEntry, SuppressionSnapshot
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.suppressions import SQLiteSuppressionStore
@@ -248,6 +250,18 @@ async def test_a_damaged_file_is_logged_and_replaced(store: SQLiteSuppressionSto
     assert shared.builds == 2
     assert f"suppression snapshot file {shared.path}: CRC-32 mismatch" in caplog.text
     assert all(SuppressionIndex(snapshot).lookup_address(key_hash(f"user{i}@example.com")) for i in range(50))
+
+
+async def test_a_full_disk_is_a_store_error_naming_the_directory(store: SQLiteSuppressionStore, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    shared = SharedSnapshots(tmp_path / "index", store)
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(StoreFull, match=f"shared suppression index in {tmp_path / 'index'}: .*No space left"):
+        await shared.get(PRIORITY, NOW)
+    assert shared.builds == 0 and not shared.path.exists()
 
 
 async def test_clear_removes_the_file_and_left_over_temp_files(store: SQLiteSuppressionStore, tmp_path: Path) -> None:
