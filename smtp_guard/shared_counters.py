@@ -48,9 +48,11 @@ slow rate over very many keys, or a capacity sized too small — a new key raise
 ``CountersFull``: nothing is taken, the pipeline defers the recipient with 451 4.3.5 and logs
 the error, naming this file and what to raise; known keys go on being counted. A full table
 refuses at once while no bucket can be full again yet (the header keeps a lower bound of every
-full-again time); past that bound, the hand looks at up to 1024 more slots before refusing,
-so a refusal holds the lock for a bounded time (tens of µs) and a full table does not stall
-the other workers.
+full-again time); past that bound, the hand looks at up to 256 more slots before refusing
+(~50 µs), so a refusal holds the lock for a bounded time and a full table of a million buckets
+does not stall the other workers. The price: a bucket full again elsewhere in the table may
+be found only by a later refusal's look (every one moves the hand on; a round of the table
+takes 2 x capacity / 256 refusals, and ends with an exact bound).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ _EMPTY = 0  # key hash of an empty slot; a key that hashes to 0 is stored as 1
 
 _HIGH_WATER = 7 / 8  # above this share of the capacity, each new key moves the sweep hand ...
 _STEP = 16  # ... over this many slots: 2 x capacity slots swept while the last eighth fills
-_FULL_SCAN = 1024  # slots the hand may look at for a new key when the table is full
+_FULL_SCAN = 256  # slots the hand may look at for a new key when the table is full (~50 µs)
 _HASH_CACHE = 4096  # key hashes remembered per process (blake2b is most of a take's CPU)
 
 
