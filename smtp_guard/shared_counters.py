@@ -73,7 +73,7 @@ _VERSION = 1
 # Header, in 8-byte words (integers in the "q" view, floats in the "d" view of the same bytes).
 _H_MAGIC, _H_VERSION, _H_CAPACITY, _H_SLOTS, _H_COUNT, _H_HAND, _H_REFUSED, _H_EVICTED = range(8)
 _H_EARLIEST = 8  # a lower bound of every stored full-again time: nothing is evictable before it
-_H_ROUND_MIN = 9  # the least full-again time the hand has seen (or written) in its current round
+_H_ROUND_MIN = 9  # the least full-again time in the slots the hand has passed in its current round
 _HEADER_WORDS = 16  # 128 bytes, the rest reserved
 
 # Slot i starts at word _HEADER_WORDS + 4 * i: key hash (q), tokens, updated, full_at (d).
@@ -299,7 +299,7 @@ class _Table:
         # then does ``now`` lower the bound: a claim that is saved has its true time, so a
         # table full of buckets still refilling refuses at once instead of looking around.
         if self._claimed:
-            self._written(self._now)
+            self._written(self._now, -1)  # counted as behind the hand, wherever they are
 
     # --- Buckets --------------------------------------------------------------------------
 
@@ -330,7 +330,7 @@ class _Table:
         floats[w + 1] = bucket.tokens
         floats[w + 2] = bucket.updated
         floats[w + 3] = full_at
-        self._written(full_at)
+        self._written(full_at, slot)
 
     # --- slots ----------------------------------------------------------------------------
 
@@ -407,11 +407,12 @@ class _Table:
         floats[w + 3] = full_at
         self._words[w] = h
 
-    def _written(self, full_at: float) -> None:
+    def _written(self, full_at: float, slot: int) -> None:
         floats = self._floats
         if full_at < floats[_H_EARLIEST]:
             floats[_H_EARLIEST] = full_at
-        if full_at < floats[_H_ROUND_MIN]:
+        # A slot behind the hand counts for its round now; one ahead is looked at later.
+        if slot < self._words[_H_HAND] and full_at < floats[_H_ROUND_MIN]:
             floats[_H_ROUND_MIN] = full_at
 
     def sweep(self, now: float, budget: int) -> int:

@@ -34,7 +34,7 @@ from smtp_guard.counters import CountersFull, InMemoryCounters, Take
 from smtp_guard.policy.base import RecipientContext, Verdict
 from smtp_guard.policy.pipeline import Pipeline
 from smtp_guard.policy.ratelimit import RateLimitPolicy
-from smtp_guard.shared_counters import _HEADER_WORDS, _SLOT_WORDS, SharedCounters
+from smtp_guard.shared_counters import _H_EARLIEST, _H_HAND, _H_ROUND_MIN, _HEADER_WORDS, _SLOT_WORDS, SharedCounters
 
 import counters_workers as workers
 
@@ -274,7 +274,7 @@ def test_repr_shows_the_table(table: SharedCounters, path: Path) -> None:
 
 # --- the same answers as InMemoryCounters ----------------------------------------------------------
 
-KEYS = [f"ratelimit.r:{i}" for i in range(10)]
+KEYS = [f"ratelimit.r:{i}" for i in range(40)]
 RATES = (0.5, 1.0, 2.0, 4.0)  # with steps of 1/4 s, every token count and time stays exact
 BURSTS = (1.0, 2.0, 3.0, 5.0, 8.0)
 
@@ -283,10 +283,12 @@ def request(index: int, amount: int) -> Take:
     return Take(KEYS[index], RATES[index % len(RATES)], BURSTS[index % len(BURSTS)], amount)
 
 
-operations = st.lists(st.tuples(
-    st.sampled_from(["take", "take_all", "schedule"]),
-    st.lists(st.tuples(st.integers(0, len(KEYS) - 1), st.integers(1, 9)), min_size=1, max_size=3),
-    st.sampled_from([0.0, 0.0, 0.25, 0.5, 1.0, 4.0, -0.5, -3.0])), max_size=60)
+def operations(keys: int, steps: tuple[float, ...], min_size: int = 0) -> st.SearchStrategy[list[Any]]:
+    """(kind, [(key index, amount)], clock step) lists over the first ``keys`` keys."""
+    return st.lists(st.tuples(
+        st.sampled_from(["take", "take_all", "schedule"]),
+        st.lists(st.tuples(st.integers(0, keys - 1), st.integers(1, 9)), min_size=1, max_size=3),
+        st.sampled_from(steps)), min_size=min_size, max_size=max(100, 2 * min_size))
 
 
 def apply(counters: InMemoryCounters | SharedCounters, kind: str, takes: list[Take], now: float) -> object:
@@ -304,9 +306,11 @@ def stored(table: SharedCounters) -> dict[int, tuple[int, float]]:
             if words[w := _HEADER_WORDS + _SLOT_WORDS * slot]}
 
 
-def assert_chains_unbroken(table: SharedCounters) -> None:
+def assert_table_invariants(table: SharedCounters) -> None:
     """Linear probing's invariant: every key sits at its home slot or after it with no empty
-    slot between; each key once; the header counts them."""
+    slot between; each key once; the header counts them. And the bounds that let a full table
+    refuse without looking: no bucket is full again before the header's lower bound, nor
+    before its round's bound in the slots the hand has passed."""
     slots = stored(table)
     n = table._table.slots
     hashes = [h for h, _ in slots.values()]
@@ -316,16 +320,19 @@ def assert_chains_unbroken(table: SharedCounters) -> None:
         while between != slot:
             assert between in slots, f"slot {slot} unreachable from its home {h % n}"
             between = (between + 1) % n
+    floats, hand = table._table._floats, table._table.header(_H_HAND)
+    assert all(full_at >= floats[_H_EARLIEST] for _, full_at in slots.values())
+    assert all(full_at >= floats[_H_ROUND_MIN] for slot, (_, full_at) in slots.items() if slot < hand)
 
 
 @settings(max_examples=300, deadline=None)
-@given(operations)
+@given(operations(keys=10, steps=(0.0, 0.0, 0.25, 0.5, 1.0, 4.0, -0.5, -3.0)))
 def test_same_answers_as_in_memory_counters_with_room_for_every_key(ops: list[Any]) -> None:
     """With room for every key (and no two on one probe chain, so nothing is ever evicted),
     every answer is the in-memory one, clock stepping back included."""
     with scratch_table(capacity=64) as shared:
         n = shared._table.slots
-        homes = sorted((key_hash(key) or 1) % n for key in KEYS)
+        homes = sorted((key_hash(key) or 1) % n for key in KEYS[:10])
         assert all(b - a > 1 for a, b in zip(homes, homes[1:])), "the test needs keys on separate chains"
         reference = InMemoryCounters()
         now = T0
@@ -336,24 +343,28 @@ def test_same_answers_as_in_memory_counters_with_room_for_every_key(ops: list[An
         assert shared.evicted == 0
 
 
-@settings(max_examples=300, deadline=None)
-@given(operations)
-def test_a_small_table_evicts_and_refuses_exactly_when_it_must(ops: list[Any]) -> None:
-    """Ten keys, room for four, time going forward: chains stay unbroken through evictions;
-    a new key is refused only when every other bucket is still refilling; otherwise every
-    answer is the in-memory one (a refused call took nothing, so the reference skips it)."""
-    with scratch_table(capacity=4) as shared:
+@pytest.mark.parametrize("capacity, keys", [(4, 10), (20, 40)])
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_a_small_table_evicts_and_refuses_exactly_when_it_must(capacity: int, keys: int, data: st.DataObject) -> None:
+    """More keys than room, time going forward: chains and bounds stay right through
+    evictions (at capacity 20, the hand's 16-slot steps leave it mid-table); a new key is
+    refused only when every other bucket is still refilling; otherwise every answer is the
+    in-memory one (a refused call took nothing, so the reference skips it)."""
+    # Short steps forward: many buckets still refilling, so the table fills up.
+    ops = data.draw(operations(keys, steps=(0.0, 0.0, 0.25, 0.5, 2.0), min_size=2 * capacity))
+    with scratch_table(capacity) as shared:
         reference = InMemoryCounters()
         now = T0
         for kind, requested, step in ops:
-            now += abs(step)
+            now += step
             takes = [request(index, amount) for index, amount in requested]
             try:
                 answer = apply(shared, kind, takes, now)
             except CountersFull:
                 own = {key_hash(take.key) or 1 for take in takes}
-                assert len(shared) == 4
+                assert len(shared) == capacity
                 assert all(full_at > now for h, full_at in stored(shared).values() if h not in own)
             else:
                 assert answer == apply(reference, kind, takes, now)
-            assert_chains_unbroken(shared)
+            assert_table_invariants(shared)
