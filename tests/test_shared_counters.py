@@ -49,7 +49,14 @@ def path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def table(path: Path) -> Iterator[SharedCounters]:
+    """Room for 8 buckets, to be filled on purpose."""
     with SharedCounters.create(path, capacity=8) as shared:
+        yield shared
+
+
+@pytest.fixture
+def roomy(path: Path) -> Iterator[SharedCounters]:
+    with SharedCounters.create(path, capacity=64) as shared:
         yield shared
 
 
@@ -83,46 +90,41 @@ def run_all(context: BaseContext, jobs: list[tuple[Callable[..., Any], tuple[Any
 # --- across processes ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("start_method", ["spawn", "fork"])
-def test_a_limit_holds_across_processes(path: Path, start_method: str) -> None:
+def test_a_limit_holds_across_processes(roomy: SharedCounters, path: Path, start_method: str) -> None:
     """Four workers over-asking at every step get exactly burst + rate x elapsed between them.
     Spawned workers attach by path; forked ones use the parent's object, inherited."""
     context = multiprocessing.get_context(start_method)
-    shared = SharedCounters.create(path, capacity=64)
     workers_ = 4
     start = context.Barrier(workers_)
     # 8 tokens/s, a step of 1/8 s: one token back per step, far fewer than the 4 x 25 asked.
     # (Which worker gets them depends on who runs ahead: a worker behind the latest time
     # refills nothing, as when a clock steps back.)
     steps, step, rate, burst = 400, 0.125, 8.0, 50.0
-    target = shared if start_method == "fork" else path
+    target = roomy if start_method == "fork" else path
     granted = run_all(context, [(workers.hammer, (target, start, "ratelimit.r:k", rate, burst, T0, steps, step, 25))]
                       * workers_)
     assert sum(granted) == burst + rate * step * (steps - 1)
-    shared.close()
 
 
-def test_take_all_is_all_or_nothing_across_processes(path: Path) -> None:
+def test_take_all_is_all_or_nothing_across_processes(roomy: SharedCounters, path: Path) -> None:
     context = multiprocessing.get_context("spawn")
-    shared = SharedCounters.create(path, capacity=64)
     start = context.Barrier(4)
     pair = [Take("a", 1.0, 1000.0), Take("b", 1.0, 100_000.0)]
     granted = run_all(context, [(workers.take_pairs, (path, start, pair, T0, 1000))] * 4)
     assert sum(granted) == 1000
     # b was charged exactly once per granted pair: 99,000 left, no more.
-    assert shared.take("b", 1.0, 100_000.0, T0, amount=99_000)
-    assert not shared.take("b", 1.0, 100_000.0, T0)
-    shared.close()
+    assert roomy.take("b", 1.0, 100_000.0, T0, amount=99_000)
+    assert not roomy.take("b", 1.0, 100_000.0, T0)
 
 
-def test_pacing_is_global(path: Path) -> None:
+def test_pacing_is_global(roomy: SharedCounters, path: Path) -> None:
     """Three workers reserving from one paced bucket get one timeline: the burst at once,
     then one release every 1/rate, none twice."""
     context = multiprocessing.get_context("spawn")
-    shared = SharedCounters.create(path, capacity=64)
     start = context.Barrier(3)
     due = run_all(context, [(workers.reserve, (path, start, "ratelimit.hold:s1", 8.0, 4.0, T0, 1000))] * 3)
     assert sorted(t for times in due for t in times) == [T0] * 4 + [T0 + k / 8 for k in range(1, 2997)]
-    shared.close()
+    assert roomy.schedule("ratelimit.hold:s1", 8.0, 4.0, T0) == T0 + 2997 / 8
 
 
 def test_a_worker_started_later_sees_the_buckets_and_is_seen(table: SharedCounters, path: Path) -> None:
