@@ -4,11 +4,16 @@ A bucket holds up to ``burst`` tokens and refills at ``rate`` tokens per second;
 bucket is a full one. Policies call the interface synchronously with the time (``now``) they
 were given, so time-dependent behaviour is tested with an injected clock.
 
-``InMemoryCounters`` is the embedded implementation: one process, no I/O. Several worker
-processes or guard instances need one shared state instead; that is a second implementation
-of ``RateCounters`` (Redis: one hash per key with ``tokens`` and ``updated``, each method one
-Lua script so that ``take_all`` stays all-or-nothing across keys), chosen in ``app.py``.
-Nothing else changes: policies only see the Protocol.
+``InMemoryCounters`` is the embedded implementation: one process, no I/O. The worker processes
+of one machine share ``SharedCounters`` (shared_counters.py: a table in shared memory); guard
+instances on several machines would need a third (Redis: one hash per key with ``tokens`` and
+``updated``, each method one Lua script so that ``take_all`` stays all-or-nothing across keys).
+``app.py`` chooses; nothing else changes: policies only see the Protocol. The token-bucket rules
+themselves are written once, here (``Bucket``, ``take_from``, ``reserve_from``): an
+implementation only says where buckets are kept (``Buckets``) and makes each call atomic.
+
+An implementation with a fixed capacity may raise ``CountersFull`` for a key it cannot track;
+the pipeline fails closed on it (451 4.3.5), like on any policy error.
 
 Pacing (hold-and-pace) uses the same buckets: ``schedule`` reserves a token now and may leave
 the bucket in debt, so the n-th reservation of a backlog is due (n - tokens) / rate seconds
@@ -55,8 +60,10 @@ class RateCounters(Protocol):
         there, else a later time. Reservations queue up: the bucket goes into debt."""
 
 
-@dataclass
-class _Bucket:
+@dataclass(slots=True)
+class Bucket:
+    """One token bucket: ``tokens`` as of ``updated``. Negative tokens are debt (pacing)."""
+
     tokens: float
     updated: float
 
@@ -70,7 +77,62 @@ class _Bucket:
         return self.tokens + rate * _SLACK >= min(amount, burst)
 
     def full_at(self, rate: float, burst: float) -> float:
+        """When the bucket is full again, and so the same as no bucket (eviction)."""
         return self.updated + max(0.0, burst - self.tokens) / rate
+
+    def due(self, rate: float, now: float) -> float:
+        """When the last token taken is there: ``now``, or once the debt is paid back."""
+        if self.tokens + rate * _SLACK >= 0:
+            return now
+        return now + (-self.tokens) / rate
+
+
+class CountersFull(Exception):
+    """A ``RateCounters`` of fixed capacity cannot track one more key: every bucket it holds
+    is still refilling. Nothing was taken. The pipeline defers (451 4.3.5, fail closed): a
+    limiter that cannot count a key must neither let that key's mail through nor crash."""
+
+
+class Buckets(Protocol):
+    """Where a ``RateCounters`` keeps its buckets, for ``take_from`` and ``reserve_from``.
+
+    The caller makes one ``take_from`` or ``reserve_from`` atomic (a lock, or one thread).
+    """
+
+    def load(self, key: str, rate: float, burst: float, now: float) -> Bucket:
+        """The bucket ``key`` refilled to ``now``, kept so; created full if there is none.
+        May raise ``CountersFull`` (then nothing has been taken)."""
+
+    def save(self, key: str, bucket: Bucket, rate: float, burst: float) -> None:
+        """Keep ``bucket``, loaded earlier in the same operation, with its tokens now."""
+
+
+def take_from(buckets: Buckets, takes: Sequence[Take], now: float) -> Take | None:
+    """``RateCounters.take_all`` on ``buckets``: every bucket is loaded before any is changed,
+    so a short bucket (or ``CountersFull``) leaves every bucket as it was."""
+    # Requests for the same key add up before checking (two rules may share a bucket only
+    # by name, but one rule may ask for the same key twice, e.g. two recipients' domain).
+    needed: dict[str, float] = {}
+    first: dict[str, Take] = {}
+    for take in takes:
+        needed[take.key] = needed.get(take.key, 0.0) + take.amount
+        first.setdefault(take.key, take)
+    loaded = {key: buckets.load(key, take.rate, take.burst, now) for key, take in first.items()}
+    for key, bucket in loaded.items():
+        if not bucket.can_take(needed[key], first[key].rate, first[key].burst):
+            return first[key]
+    for key, bucket in loaded.items():
+        bucket.tokens -= needed[key]
+        buckets.save(key, bucket, first[key].rate, first[key].burst)
+    return None
+
+
+def reserve_from(buckets: Buckets, key: str, rate: float, burst: float, now: float) -> float:
+    """``RateCounters.schedule`` on ``buckets``."""
+    bucket = buckets.load(key, rate, burst, now)
+    bucket.tokens -= 1
+    buckets.save(key, bucket, rate, burst)
+    return bucket.due(rate, now)
 
 
 class InMemoryCounters:
@@ -83,7 +145,7 @@ class InMemoryCounters:
     """
 
     def __init__(self, min_sweep: int = 1024) -> None:
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[str, Bucket] = {}
         # Full-again time per bucket, for eviction (rate and burst come with each call).
         self._full_at: dict[str, float] = {}
         self._min_sweep = min_sweep
@@ -96,32 +158,13 @@ class InMemoryCounters:
         return f"<InMemoryCounters buckets={len(self._buckets)} next_sweep_at={self._sweep_at}>"
 
     def take(self, key: str, rate: float, burst: float, now: float, amount: int = 1) -> bool:
-        return self.take_all([Take(key, rate, burst, amount)], now) is None
+        return take_from(self, (Take(key, rate, burst, amount),), now) is None
 
     def take_all(self, takes: Sequence[Take], now: float) -> Take | None:
-        # Requests for the same key add up before checking (two rules may share a bucket only
-        # by name, but one rule may ask for the same key twice, e.g. two recipients' domain).
-        needed: dict[str, float] = {}
-        first: dict[str, Take] = {}
-        for take in takes:
-            needed[take.key] = needed.get(take.key, 0.0) + take.amount
-            first.setdefault(take.key, take)
-        buckets = {key: self._refilled(key, t.rate, t.burst, now) for key, t in first.items()}
-        for key, bucket in buckets.items():
-            if not bucket.can_take(needed[key], first[key].rate, first[key].burst):
-                return first[key]
-        for key, bucket in buckets.items():
-            bucket.tokens -= needed[key]
-            self._store(key, bucket, first[key].rate, first[key].burst)
-        return None
+        return take_from(self, takes, now)
 
     def schedule(self, key: str, rate: float, burst: float, now: float) -> float:
-        bucket = self._refilled(key, rate, burst, now)
-        bucket.tokens -= 1
-        self._store(key, bucket, rate, burst)
-        if bucket.tokens + rate * _SLACK >= 0:
-            return now
-        return now + (-bucket.tokens) / rate
+        return reserve_from(self, key, rate, burst, now)
 
     def sweep(self, now: float) -> int:
         """Evict the buckets that are full again by ``now``; returns how many."""
@@ -132,15 +175,19 @@ class InMemoryCounters:
         self._sweep_at = max(self._min_sweep, 2 * len(self._buckets))
         return len(idle)
 
-    def _refilled(self, key: str, rate: float, burst: float, now: float) -> _Bucket:
+    def load(self, key: str, rate: float, burst: float, now: float) -> Bucket:
         bucket = self._buckets.get(key)
-        if bucket is None:
-            return _Bucket(tokens=burst, updated=now)
-        bucket.refill(rate, burst, now)
+        if bucket is not None:
+            bucket.refill(rate, burst, now)
+            return bucket
+        if len(self._buckets) >= self._sweep_at:
+            self.sweep(now)
+        bucket = self._buckets[key] = Bucket(tokens=burst, updated=now)
+        self._full_at[key] = now
         return bucket
 
-    def _store(self, key: str, bucket: _Bucket, rate: float, burst: float) -> None:
-        if key not in self._buckets and len(self._buckets) >= self._sweep_at:
-            self.sweep(bucket.updated)
+    def save(self, key: str, bucket: Bucket, rate: float, burst: float) -> None:
+        # A sweep while loading a later key of the same take_all may have evicted this one
+        # (it was full then): it comes back with the tokens taken.
         self._buckets[key] = bucket
         self._full_at[key] = bucket.full_at(rate, burst)
