@@ -142,7 +142,7 @@ async def measure(store_path: Path, count: int, lookups: int) -> dict:
     normalizer = AddressNormalizer(config.addresses)
 
     def context(text: str) -> RecipientContext:
-        # What smtp/handler.py does at RCPT time.
+        # What smtp/transaction.py does at RCPT time.
         mailbox = parse_mailbox(text)
         key = normalizer.key(mailbox)
         return RecipientContext(mailbox=mailbox, key=key, key_hash=key_hash(key),

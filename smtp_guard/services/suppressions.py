@@ -178,7 +178,7 @@ async def check(ctx: AdminContext, address: str) -> CheckResult:
     tombstone = await ctx.erasure.find_tombstone([(k.tombstone(token), k.id) for k in ctx.key_ring.keys])
     tombstones = TombstoneIndex(ctx.key_ring, [tombstone] if tombstone else [])
     pipeline = default_pipeline(ctx.config, tombstones, index)
-    # The same RecipientContext the SMTP front builds at RCPT time (smtp/handler.py).
+    # The same RecipientContext the SMTP front builds at RCPT time (smtp/transaction.py).
     recipient = RecipientContext(mailbox=mailbox, key=key, key_hash=key_hash(key), domain_chain=chain,
                                  sender="", client_ip="")
     return CheckResult(mailbox.text, key, pipeline.decide(recipient), entries)

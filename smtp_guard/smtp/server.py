@@ -2,8 +2,8 @@
 
 ``GuardSMTP`` subclasses aiosmtpd's ``SMTP`` only where aiosmtpd has no hook:
 * session accounting and the concurrent-session limit (connection_made/lost);
-* telling the handler when a transaction ends without DATA (RSET, new EHLO, disconnect),
-  so its upstream session goes back to the pool;
+* ending the guard's transaction when aiosmtpd's ends without DATA (RSET, new EHLO,
+  disconnect), so its upstream session goes back to the pool;
 * rewriting aiosmtpd's own fixed replies to ones with enhanced status codes;
 * command lines checked before aiosmtpd parses them (``CommandLineReader``);
 * three clocks instead of aiosmtpd's one: ``idle_timeout`` between a reply and the next
@@ -32,6 +32,7 @@ from ..metrics import Metrics
 from .access import AccessControl
 from .auth import Authenticator, AuthThrottle
 from .handler import GuardHandler
+from .transaction import Transaction
 
 log = logging.getLogger("smtp_guard.smtp")
 
@@ -255,7 +256,6 @@ class GuardSMTP(SMTP):
             super().__init__(handler, **kwargs)
         else:
             setup.apply(self)
-        self._guard_handler = handler
         self._registry = registry
         self._guard_config = config
         self._guard_metrics = metrics
@@ -343,10 +343,10 @@ class GuardSMTP(SMTP):
         return super()._create_envelope()
 
     def _end_transaction(self, envelope: Any) -> None:
-        txn = getattr(envelope, "guard_txn", None)
+        txn: Transaction | None = getattr(envelope, "guard_txn", None)
         if txn is None or not txn.needs_cleanup:
             return
-        task = self.loop.create_task(self._guard_handler.abandon(envelope))
+        task = self.loop.create_task(txn.end())
         self._registry.cleanups.add(task)
         task.add_done_callback(self._registry.cleanups.discard)
 
