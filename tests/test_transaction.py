@@ -25,6 +25,7 @@ import pytest
 from smtp_guard import replies
 from smtp_guard.addresses import AddressNormalizer, key_hash
 from smtp_guard.breaker.state import BreakerState
+from smtp_guard.decision_service import LocalDecider
 from smtp_guard.classify import MessageClassifier
 from smtp_guard.config import Config
 from smtp_guard.counters import InMemoryCounters
@@ -87,7 +88,8 @@ class Harness:
         pipeline = default_pipeline(config, self.tombstones, self.index, breakers=BreakerState(config.breaker),
                                     counters=InMemoryCounters(), clock=self.clock)
         self.parts = Collaborators(
-            pipeline=pipeline, upstream=self.upstream, holds=holds, normalizer=self.normalizer,
+            pipeline=pipeline, decider=LocalDecider(pipeline), upstream=self.upstream, holds=holds,
+            normalizer=self.normalizer,
             classifier=MessageClassifier(config.classify, config.streams), metrics=self.metrics,
             record_audit=self.audit.append, record_erasure_attempts=self.erasure.record_attempts,
             max_recipients=config.smtp.max_recipients, bare_line_endings=config.smtp.bare_line_endings,

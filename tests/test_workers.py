@@ -33,7 +33,7 @@ CONNECTIONS = 20
 class Supervised:
     """``smtp-guard serve`` with workers = 2, its config file and ports."""
 
-    def __init__(self, tmp_path: Path, sink: Sink, extra: str) -> None:
+    def __init__(self, tmp_path: Path, sink: Sink, extra: str, reload_interval: str) -> None:
         self.smtp_port = free_port()
         self.metrics_port = free_port()
         self.config_file = tmp_path / "smtp-guard.toml"
@@ -41,7 +41,7 @@ class Supervised:
             f'[smtp]\nlisten = "127.0.0.1:{self.smtp_port}"\nhostname = "guard.test"\nworkers = 2\n'
             'shutdown_grace = "10s"\nmax_recipients = 1000\n\n'
             f'[metrics]\nlisten = "127.0.0.1:{self.metrics_port}"\n\n'
-            '[store]\npath = "data/guard.sqlite3"\nreload_interval = "60s"\n\n'
+            f'[store]\npath = "data/guard.sqlite3"\nreload_interval = "{reload_interval}"\n\n'
             '[hold]\npoll_interval = "0.1s"\n\n[audit]\nflush_interval = "0.1s"\n\n'
             f'[upstream]\nmode = "smtp"\nhost = "127.0.0.1"\nport = {sink.port}\n\n{extra}')
         self.log = (tmp_path / "serve.log").open("w+")
@@ -127,8 +127,9 @@ class Supervised:
 async def supervised(tmp_path: Path, sink: Sink) -> AsyncIterator[object]:
     started: list[Supervised] = []
 
-    async def start(extra: str = "") -> Supervised:
-        guard = Supervised(tmp_path, sink, extra)
+    async def start(extra: str = "", reload_interval: str = "60s") -> Supervised:
+        """``reload_interval``: long by default, so only the change generation brings news."""
+        guard = Supervised(tmp_path, sink, extra, reload_interval)
         started.append(guard)
         await guard.start()
         return guard
@@ -181,13 +182,19 @@ async def test_a_rate_limit_holds_across_workers(supervised, sink: Sink) -> None
 
 async def test_a_breaker_trips_once_for_a_stream_spread_over_both_workers(supervised, sink: Sink) -> None:
     guard = await supervised('[classify]\nrules = [{ class = "sanction", subject = "policy violation" }]\n\n'
-                             '[classes.sanction]\napproval_after = 5\n')
+                             '[classes.sanction]\napproval_after = 5\n',
+                             reload_interval="0.2s")  # the breaker sync writes trips at this pace
     notice = message(subject="Policy violation", extra_headers="X-Campaign-ID: sanction-1\r\n")
     outcomes = await send_each(guard, [f"member{i}@users.example" for i in range(CONNECTIONS)], notice)
     assert all(o.data is not None and o.data.startswith("250") for o in outcomes)  # relayed or held
     assert len(sink.messages) == 5  # the gate's count is global: 5, not 5 per worker
-    listed = await asyncio.to_thread(guard.cli, "breaker", "list")
-    assert listed.count("sanction-1") == 1 and "gate.sanction" in listed
+
+    async def listed() -> str | None:
+        text = await asyncio.to_thread(guard.cli, "breaker", "list")
+        return text if "sanction-1" in text else None
+
+    text = await wait_until(listed, timeout=10, what="the trip to reach the store")
+    assert text.count("sanction-1") == 1 and "gate.sanction" in text
     await wait_until(lambda: metric_is(guard, 1, "smtp_guard_breaker_trips_total"), timeout=10,
                      what="one trip in the scrape")
     await asyncio.to_thread(guard.cli, "breaker", "approve", "sanction-1", "--ceiling", "100")

@@ -47,7 +47,8 @@ class Front:
         handler = GuardHandler(
             smtp_config=config.smtp, access=AccessControl(config.access.allow_networks),
             auth_enabled=bool(config.smtp.auth.users), normalizer=backends.normalizer, pipeline=pipeline,
-            upstream=upstream, holds=backends.holds, audit=enforcement.audit, metrics=metrics, clock=clock,
+            decider=decider, upstream=upstream, holds=backends.holds, audit=enforcement.audit, metrics=metrics,
+            clock=clock,
             record_erasure_attempts=backends.erasure.record_attempts,
             classifier=MessageClassifier(config.classify, config.streams), strip=config.streams.strip_headers,
         )

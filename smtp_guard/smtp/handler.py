@@ -18,6 +18,7 @@ from ..addresses import AddressNormalizer
 from ..audit import AuditLog
 from ..classify import MessageClassifier
 from ..config import SMTPConfig
+from ..decision_service import MessageDecider
 from ..metrics import Metrics
 from ..policy.pipeline import Pipeline
 from ..relay.base import Upstream
@@ -48,7 +49,8 @@ class GuardHandler:
     """aiosmtpd hooks. Thin: who may relay, then one ``Transaction`` per MAIL."""
 
     def __init__(self, *, smtp_config: SMTPConfig, access: AccessControl, auth_enabled: bool,
-                 normalizer: AddressNormalizer, pipeline: Pipeline, upstream: Upstream, holds: HoldStore,
+                 normalizer: AddressNormalizer, pipeline: Pipeline, decider: MessageDecider, upstream: Upstream,
+                 holds: HoldStore,
                  audit: AuditLog, metrics: Metrics,
                  record_erasure_attempts: Callable[[Sequence[ErasureAttempt]], Awaitable[None]],
                  classifier: MessageClassifier, strip: Sequence[str] = (),
@@ -59,7 +61,7 @@ class GuardHandler:
         self._metrics = metrics
         self._clock = clock
         self._parts = Collaborators(
-            pipeline=pipeline, upstream=upstream, holds=holds, normalizer=normalizer, classifier=classifier,
+            pipeline=pipeline, decider=decider, upstream=upstream, holds=holds, normalizer=normalizer, classifier=classifier,
             metrics=metrics, record_audit=audit.record, record_erasure_attempts=record_erasure_attempts,
             max_recipients=smtp_config.max_recipients, bare_line_endings=smtp_config.bare_line_endings,
             strip=tuple(strip), clock=clock,

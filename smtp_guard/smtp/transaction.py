@@ -27,6 +27,7 @@ from .. import replies
 from ..addresses import AddressNormalizer, InvalidAddress, Mailbox, key_hash, parse_mailbox
 from ..classify import MessageClassifier, strip_headers
 from ..config import BareLineEndings
+from ..decision_service import MessageDecider
 from ..metrics import Metrics
 from ..policy.base import Decision, MessageContext, RecipientContext, Verdict
 from ..policy.pipeline import Pipeline
@@ -51,7 +52,8 @@ Outcome = Literal["relayed", "held", "dropped", "refused", "deferred"]
 class Collaborators:
     """What every transaction works with: built once per listener, shared by all of them."""
 
-    pipeline: Pipeline
+    pipeline: Pipeline  # decides at RCPT
+    decider: MessageDecider  # decides at the end of DATA (this process, or the supervisor's)
     upstream: Upstream
     holds: HoldStore
     normalizer: AddressNormalizer
@@ -288,7 +290,7 @@ class Transaction:
         otherwise takes the recipients they hold or drop out of the relayed set."""
         if not self._parts.pipeline.message_policies:
             return None
-        outcome = self._parts.pipeline.decide_message(message)
+        outcome = await self._parts.decider.decide_message(message)
         for address, shadowed in outcome.shadowed:
             self._record_shadow(address, shadowed)
         decided = outcome.recipients
