@@ -265,6 +265,7 @@ class GuardSMTP(SMTP):
         self._session_deadline = float("inf")
         self._timer_ends_session = False  # the pending timeout is session_timeout's
         self.in_data = False  # inside the DATA command, from the command to its reply
+        self._in_command = False  # a command line was read and its final reply not yet written
         self._reading_data = False  # between the 354 and the final dot: data_timeout applies
         self._answering_hello = False  # inside HELO/EHLO: their 250 lines carry no enhanced code
         self._continuation_lines: list[bytes] = []  # of a multi-line reply, until its last line
@@ -300,6 +301,7 @@ class GuardSMTP(SMTP):
 
     async def _check_session_deadline(self) -> None:
         """Before each command: past ``session_timeout`` the session ends, however busy it is."""
+        self._in_command = True
         if self.loop.time() < self._session_deadline:
             return
         self._close_with(replies.SESSION_TIMEOUT)
@@ -365,6 +367,7 @@ class GuardSMTP(SMTP):
                 status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
             status = b"".join(lines) + status
         await super().push(status)
+        self._in_command = False
         # The client's turn: after 354 it owes message data (data_timeout between reads, see
         # data_received), after any other reply its next command (idle_timeout).
         self._reading_data = reading_data
@@ -471,8 +474,10 @@ class GuardSMTP(SMTP):
 
     @property
     def is_idle(self) -> bool:
-        """Not inside DATA and no upstream transaction open: safe to close."""
-        return not self.in_data and (self.envelope is None or getattr(self.envelope, "guard_txn", None) is None
+        """Waiting for the client's next command, outside DATA and with no upstream transaction
+        open: safe to close. (A command still being answered, such as a first RCPT waiting for
+        the upstream, is not idle: cutting it would lose the reply the client is owed.)"""
+        return not self.in_data and not self._in_command and (self.envelope is None or getattr(self.envelope, "guard_txn", None) is None
                                      or not getattr(self.envelope, "rcpt_tos", None))
 
 
