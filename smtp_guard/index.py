@@ -129,7 +129,8 @@ class IndexReloader:
 
     def __init__(self, index: SuppressionIndex, store: SuppressionStore, list_priority: Sequence[str],
                  interval: float, clock: Callable[[], float] = time.time,
-                 snapshots: SnapshotSource | None = None) -> None:
+                 snapshots: SnapshotSource | None = None, on_reload: Callable[[], None] = lambda: None) -> None:
+        """``on_reload``: told each time the index took changes (a metric counts them)."""
         self.index = index
         self._store = store
         self._snapshots = snapshots
@@ -138,7 +139,7 @@ class IndexReloader:
         # Keep enforcing the last good index when a refresh fails; the next poll tries again.
         self._loop = Periodic("suppression-index-reloader", interval, self.refresh,
                               "refresh failed; keeping the current index")
-        self.on_reload: Callable[[], None] = lambda: None
+        self.on_reload = on_reload
         # Two refreshes at once could apply an older delta over a newer one.
         self._lock = asyncio.Lock()
 

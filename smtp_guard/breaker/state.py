@@ -84,14 +84,14 @@ class _Body:
 
 
 class BreakerState:
-    def __init__(self, config: BreakerConfig) -> None:
+    def __init__(self, config: BreakerConfig, observer: BreakerObserver | None = None) -> None:
         self.config = config
         self.tallies: dict[str, StreamTally] = {}
         self.trips: dict[str, BreakerRecord] = {}
         # Trips of rules in shadow mode: never enforced or persisted, only reported.
         self.shadow_trips: dict[str, str] = {}  # stream -> rule
         self.baselines: dict[str, Baseline] = {}
-        self.observer: BreakerObserver | None = None
+        self.observer = observer
         self._bodies: OrderedDict[tuple[str, str], _Body] = OrderedDict()
         self._dirty: set[str] = set()
 

@@ -10,8 +10,8 @@ generation (``change_sync.py``), and once more at shutdown, it:
    server taking it up;
 3. finishes streams idle for ``[breaker] stream_idle`` and writes the baselines they taught.
 
-It is also the state's observer: every trip is counted and written to the audit trail, and
-so are the recipients the breaker held, deferred or refused (by rule and class).
+``BreakerReport`` is the state's observer: every trip is counted and written to the audit
+trail, and so are the recipients the breaker held, deferred or refused (by rule and class).
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ class BreakerSync:
         self._lock = asyncio.Lock()
         self._loop = Periodic("breaker-sync", interval, self.sync,
                               "sync failed; keeping the state in memory and trying again")
-        state.observer = self
 
     def __repr__(self) -> str:
         return f"<BreakerSync running={self._loop.is_running} {self._state!r}>"
@@ -117,7 +116,13 @@ class BreakerSync:
                        f"{'released' if action == 'approve' else 'discarded'} after {record.decided_by}'s decision",
                 sender=record.sender, actor="server"))
 
-    # --- BreakerObserver ------------------------------------------------------------------
+
+class BreakerReport:
+    """The breaker state's observer (``BreakerObserver``): metrics, log and audit trail."""
+
+    def __init__(self, metrics: Metrics, record: Callable[[AuditRecord], None]) -> None:
+        self._metrics = metrics
+        self._record = record
 
     def tripped(self, record: BreakerRecord) -> None:
         self._metrics.breaker_trips.labels(record.rule, record.message_class).inc()

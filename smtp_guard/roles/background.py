@@ -17,7 +17,7 @@ from ..admin.http import HTTPListener
 from ..backends import Backends
 from ..audit_model import AuditRecord
 from ..breaker.state import BreakerState
-from ..breaker.sync import BreakerSync
+from ..breaker.sync import BreakerReport, BreakerSync
 from ..change_sync import Step
 from ..config import Config
 from ..hold.worker import ReleaseWorker
@@ -45,7 +45,7 @@ class Background:
         self._readiness = readiness
         self._clock = clock
         self.http = http
-        self.breaker_state = BreakerState(config.breaker)
+        self.breaker_state = BreakerState(config.breaker, BreakerReport(metrics, enforcement.audit.record))
         self.breaker_sync = BreakerSync(self.breaker_state, backends.breakers, backends.holds, metrics,
                                         enforcement.audit.record, config.store.reload_interval, clock=clock,
                                         rate_limit_names=[limit.name for limit in config.rate_limits])

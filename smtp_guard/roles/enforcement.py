@@ -32,8 +32,8 @@ class Enforcement:
         self._readiness = readiness
         self.index = SuppressionIndex()
         self.reloader = IndexReloader(self.index, backends.suppressions, config.list_priority,
-                                      config.store.reload_interval, clock=clock, snapshots=snapshots)
-        self.reloader.on_reload = metrics.index_reloads.inc
+                                      config.store.reload_interval, clock=clock, snapshots=snapshots,
+                                      on_reload=metrics.index_reloads.inc)
         key_file = config.erasure_key_file
         self.tombstone_reloader = TombstoneReloader(backends.tombstones, backends.erasure,
                                                     lambda: load_key_ring(key_file), on_new=self._sweep_after_erasure)
