@@ -326,7 +326,13 @@ def run_worker(number: int, ready: Connection, config: Config, paths: RunPaths) 
         ready.send(("ready", "") if error is None else ("failed", f"worker {number}: {error}"))
         ready.close()
 
-    _run_until_signalled(worker, config, started)
+    _run_until_signalled(worker, config, started, orphaned=_parent_gone(os.getppid()))
+
+
+def _parent_gone(supervisor: int) -> Callable[[], bool]:
+    """True once the supervisor is gone (killed with SIGKILL, it could not stop its workers):
+    a worker without it would keep the port and defer every message, so it drains and exits."""
+    return lambda: os.getppid() != supervisor
 
 
 class _Service(Protocol):
@@ -335,8 +341,12 @@ class _Service(Protocol):
     async def stop(self) -> None: ...
 
 
+ORPHAN_CHECK_INTERVAL = 1.0
+
+
 def _run_until_signalled(service: _Service, config: Config,
-                         started: Callable[[StartupError | None], None] = lambda error: None) -> None:
+                         started: Callable[[StartupError | None], None] = lambda error: None,
+                         orphaned: Callable[[], bool] = lambda: False) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -348,7 +358,14 @@ def _run_until_signalled(service: _Service, config: Config,
             started(error)
             raise
         started(None)
-        await stop.wait()
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(ORPHAN_CHECK_INTERVAL):
+                    await stop.wait()
+            except TimeoutError:
+                if orphaned():
+                    log.error("the supervisor is gone; this worker stops (its sessions drain first)")
+                    break
         log.info("shutting down: no new sessions; up to %.0fs for sessions in flight", config.smtp.shutdown_grace)
         await service.stop()
 

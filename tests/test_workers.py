@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -246,3 +247,27 @@ async def test_sigterm_drains_both_workers(supervised, sink: Sink) -> None:
     assert time.monotonic() - started < 10
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
     assert len(sink.messages) == 8
+
+
+async def test_workers_of_a_killed_supervisor_stop_and_free_the_port(supervised, sink: Sink) -> None:
+    """A supervisor killed with SIGKILL cannot stop its workers; without it they would keep the
+    port and defer every message. They notice and exit, so a new start gets the port."""
+    guard = await supervised()
+    pids = guard.worker_pids()
+    assert guard.process is not None
+    guard.process.kill()
+    guard.process.wait()
+    await wait_until(lambda: all(not _running(pid) for pid in pids), timeout=20,
+                     what="the orphaned workers to exit")
+    with socket.socket() as probe:  # the port is free again (no SO_REUSEPORT: nobody may hold it)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(guard.address)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan is reaped by init, a child of ours by us)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
