@@ -24,12 +24,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Callable, Protocol, Sequence
 
 from .admin.http import HTTPListener
 from .backends import Backends, load_tombstones, open_backends, store_exists
-from .change_sync import ChangeSync
+from .change_sync import ChangeSync, Step
 from .config import Config
+from .counters import RateCounters
 from .logs import PseudonymFilter, configure_logging
 from .decision_service import DecisionServer, LocalDecider, RemoteDecider, frame_limit
 from .index_share import SharedSnapshots
@@ -86,22 +87,18 @@ def build_upstream(config: Config) -> Upstream:
         return SMTPUpstream(config.upstream)
 
 
-class Guard:
-    """The running relay in one process. ``await start()`` binds every listener; ``await
-    stop()`` drains.
-
-    A start that fails part way stops what it had started (open store, background loops) and
-    raises StartupError naming the setting, so a broken start never leaves a half-alive process.
-    """
+class _GuardProcess:
+    """What the three kinds of guard process share: ``await start()`` (a start that fails part
+    way stops what it had started — open store, background loops — and raises StartupError
+    naming the setting, so a broken start never leaves a half-alive process) and ``await
+    stop()``, which unwinds everything started, in reverse order."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time,
                  log_pseudonyms: PseudonymFilter | None = None) -> None:
         self.config = config
         self.clock = clock
         self._log_pseudonyms = log_pseudonyms
-        self.metrics = Metrics()
         self.readiness = Readiness()
-        self.http = HTTPListener(self.metrics.registry, self.readiness)
         # Everything started is registered here; stop() unwinds it in reverse order.
         self._running = AsyncExitStack()
 
@@ -117,31 +114,60 @@ class Guard:
             raise
 
     async def _start(self) -> None:
-        config, run = self.config, self._running
-        self.backends: Backends = await run.enter_async_context(open_backends(config, server=True))
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        await self._running.aclose()
+
+    async def _enforce(self, metrics: Metrics, counters: RateCounters | None = None,
+                       shared_index: Path | None = None) -> tuple[Backends, Enforcement, Upstream]:
+        """The steps every guard process starts with: its backends, the index and tombstones
+        it enforces from, and its upstream. ``counters`` and ``shared_index`` (a directory):
+        what the processes of a multi-worker guard share."""
+        run = self._running
+        backends = await run.enter_async_context(open_backends(self.config, server=True, counters=counters))
         if self._log_pseudonyms is not None:  # logs name people as the audit trail does, from here on
-            self._log_pseudonyms.use(self.backends.audit.pseudonymizer)
-        self.enforcement = Enforcement(config, self.backends, self.metrics, self.readiness, self.clock)
-        await self.enforcement.start(run)
-        self.upstream = upstream = build_upstream(config)
+            self._log_pseudonyms.use(backends.audit.pseudonymizer)
+        snapshots = None if shared_index is None else SharedSnapshots(shared_index, backends.suppressions)
+        enforcement = Enforcement(self.config, backends, metrics, self.readiness, self.clock, snapshots)
+        await enforcement.start(run)
+        upstream = build_upstream(self.config)
         run.push_async_callback(upstream.close)
-        self.background = Background(config, self.backends, self.enforcement, upstream, self.metrics,
+        return backends, enforcement, upstream
+
+    async def _follow_changes(self, backends: Backends, steps: Sequence[Step]) -> None:
+        """Read-your-writes: registered and up to date before the first client connects;
+        removed after the listener stopped (the exit stack unwinds in reverse order). Each step
+        finishes its own follow-up before it returns (the tombstones' audit sweep, a breaker
+        decision's hold sweep), so a confirmed change has had its effects here."""
+        change_sync = ChangeSync(backends.changes, steps, self.config.store.change_poll_interval)
+        self._running.push_async_callback(change_sync.stop)
+        await change_sync.start()
+        self.change_sync = change_sync
+
+
+class Guard(_GuardProcess):
+    """The running relay in one process (``[smtp] workers = 1``): every role. ``await start()``
+    binds every listener; ``await stop()`` drains."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time,
+                 log_pseudonyms: PseudonymFilter | None = None) -> None:
+        super().__init__(config, clock, log_pseudonyms)
+        self.metrics = Metrics()
+        self.http = HTTPListener(self.metrics.registry, self.readiness)
+
+    async def _start(self) -> None:
+        config, run = self.config, self._running
+        self.backends, self.enforcement, self.upstream = await self._enforce(self.metrics)
+        self.background = Background(config, self.backends, self.enforcement, self.upstream, self.metrics,
                                      self.readiness, self.http, self.clock)
         await self.background.start(run)
         pipeline = default_pipeline(config, self.backends.tombstones, self.enforcement.index,
                                     breakers=self.background.breaker_state, counters=self.backends.counters,
                                     clock=self.clock)
-        self.front = Front(config, self.backends, self.enforcement, pipeline, LocalDecider(pipeline), upstream,
+        self.front = Front(config, self.backends, self.enforcement, pipeline, LocalDecider(pipeline), self.upstream,
                            self.metrics, self.readiness, self.clock)
-        # Read-your-writes: registered and up to date before the first client connects; removed
-        # after the listener stopped (the exit stack unwinds in reverse order). Each step
-        # finishes its own follow-up before it returns (the tombstones' audit sweep, a breaker
-        # decision's hold sweep), so a confirmed change has had its effects here.
-        self.change_sync = ChangeSync(self.backends.changes,
-                                      [*self.enforcement.change_steps, *self.background.change_steps],
-                                      config.store.change_poll_interval)
-        run.push_async_callback(self.change_sync.stop)
-        await self.change_sync.start()
+        await self._follow_changes(self.backends, [*self.enforcement.change_steps, *self.background.change_steps])
         await self.front.start(run)
         await self.background.start_probes(run)
         log.info("smtp-guard listening on %s:%d, relaying to %s; store %s; config %s", *self.smtp_address,
@@ -158,7 +184,7 @@ class Guard:
     async def stop(self) -> None:
         """Stop accepting, let sessions in flight finish within the grace period, then stop
         the workers and flush the audit trail."""
-        await self._running.aclose()
+        await super().stop()
         log.info("smtp-guard stopped")
 
 
@@ -199,26 +225,11 @@ class RunPaths:
 COUNTER_SLOTS = 1 << 17
 
 
-class Supervisor:
+class Supervisor(_GuardProcess):
     """The guard with ``[smtp] workers`` > 1, minus the workers' fronts: backends, enforcement
     (for the end-of-DATA decisions), the background role, the decision service and /metrics
     for all processes; then the workers. Runs in ``smtp-guard serve`` only: it switches this
     process's metrics to multiprocess files."""
-
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time,
-                 log_pseudonyms: PseudonymFilter | None = None) -> None:
-        self.config = config
-        self.clock = clock
-        self._log_pseudonyms = log_pseudonyms
-        self.readiness = Readiness()
-        self._running = AsyncExitStack()
-
-    async def start(self) -> None:
-        try:
-            await self._start()
-        except BaseException:
-            await self._running.aclose()
-            raise
 
     async def _start(self) -> None:
         config, run = self.config, self._running
@@ -230,14 +241,8 @@ class Supervisor:
         self.http = HTTPListener(multiprocess_registry(paths.metrics), self.readiness)
         counters = SharedCounters.create(paths.counters, COUNTER_SLOTS)
         run.callback(counters.close)
-        self.backends = await run.enter_async_context(open_backends(config, server=True, counters=counters))
-        if self._log_pseudonyms is not None:
-            self._log_pseudonyms.use(self.backends.audit.pseudonymizer)
-        snapshots = SharedSnapshots(paths.index, self.backends.suppressions)
-        self.enforcement = Enforcement(config, self.backends, self.metrics, self.readiness, self.clock, snapshots)
-        await self.enforcement.start(run)
-        upstream = build_upstream(config)
-        run.push_async_callback(upstream.close)
+        self.backends, self.enforcement, upstream = await self._enforce(
+            self.metrics, counters, paths.index)
         self.background = Background(config, self.backends, self.enforcement, upstream, self.metrics,
                                      self.readiness, self.http, self.clock)
         await self.background.start(run)
@@ -246,11 +251,7 @@ class Supervisor:
         decisions = DecisionServer(pipeline, paths.decisions, max_frame=frame_limit(config.smtp))
         await decisions.start()
         run.push_async_callback(decisions.stop)
-        change_sync = ChangeSync(self.backends.changes,
-                                 [*self.enforcement.change_steps, *self.background.change_steps],
-                                 config.store.change_poll_interval)
-        run.push_async_callback(change_sync.stop)
-        await change_sync.start()
+        await self._follow_changes(self.backends, [*self.enforcement.change_steps, *self.background.change_steps])
         self.workers = WorkerPool(config.smtp.workers, run_worker, (config, paths), config.smtp.shutdown_grace,
                                   on_exit=lambda pid: forget_process(pid, paths.metrics))
         await self.workers.start()
@@ -265,56 +266,34 @@ class Supervisor:
         await self.workers.stop()
 
     async def stop(self) -> None:
-        await self._running.aclose()
+        await super().stop()
         log.info("smtp-guard stopped")
 
 
-class Worker:
+class Worker(_GuardProcess):
     """One SMTP front of a multi-worker guard: its own store connection and index overlay,
     the shared counters and snapshot, end-of-DATA decisions asked of the supervisor."""
 
     def __init__(self, config: Config, paths: RunPaths, clock: Callable[[], float] = time.time,
                  log_pseudonyms: PseudonymFilter | None = None) -> None:
-        self.config = config
+        super().__init__(config, clock, log_pseudonyms)  # its readiness is the roles' only: the supervisor answers
         self.paths = paths
-        self.clock = clock
-        self._log_pseudonyms = log_pseudonyms
         self.metrics = Metrics()  # recorded into the supervisor's multiprocess files (inherited environment)
-        self.readiness = Readiness()  # the supervisor answers /readyz; kept for the roles' sake
-        self._running = AsyncExitStack()
-
-    async def start(self) -> None:
-        try:
-            await self._start()
-        except BaseException:
-            await self._running.aclose()
-            raise
 
     async def _start(self) -> None:
         config, paths, run = self.config, self.paths, self._running
         counters = SharedCounters.attach(paths.counters)
         run.callback(counters.close)
-        backends = await run.enter_async_context(open_backends(config, server=True, counters=counters))
-        if self._log_pseudonyms is not None:
-            self._log_pseudonyms.use(backends.audit.pseudonymizer)
-        snapshots = SharedSnapshots(paths.index, backends.suppressions)
-        enforcement = Enforcement(config, backends, self.metrics, self.readiness, self.clock, snapshots)
-        await enforcement.start(run)
-        upstream = build_upstream(config)
-        run.push_async_callback(upstream.close)
+        backends, enforcement, upstream = await self._enforce(
+            self.metrics, counters, paths.index)
         pipeline = default_pipeline(config, backends.tombstones, enforcement.index, counters=counters,
                                     clock=self.clock)
         decider = RemoteDecider(paths.decisions, max_frame=frame_limit(config.smtp))
         run.push_async_callback(decider.close)
         front = Front(config, backends, enforcement, pipeline, decider, upstream, self.metrics, self.readiness,
                       self.clock)
-        change_sync = ChangeSync(backends.changes, enforcement.change_steps, config.store.change_poll_interval)
-        run.push_async_callback(change_sync.stop)
-        await change_sync.start()
+        await self._follow_changes(backends, enforcement.change_steps)
         await front.start(run)
-
-    async def stop(self) -> None:
-        await self._running.aclose()
 
 
 def run_worker(number: int, ready: Connection, config: Config, paths: RunPaths) -> None:
