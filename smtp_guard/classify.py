@@ -26,7 +26,6 @@ from .policy.base import MessageContext, RecipientContext
 
 _PREFIXES = re.compile(r"^(?:\s*(?:re|fwd?|aw|wg|tr)\s*:\s*)+", re.IGNORECASE)
 _DIGITS = re.compile(r"\d+")
-_SPACE = re.compile(rb"[ \t\r\n]+")
 
 
 @dataclass(frozen=True)
@@ -54,13 +53,38 @@ def _compile(pattern: str) -> re.Pattern[str] | None:
 def parse_headers(content: bytes) -> dict[str, str]:
     """Lower-case header name -> first value, decoded (RFC 2047) and unfolded."""
     head = content.split(b"\r\n\r\n", 1)[0]
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    fields = _plain_fields(head)
+    if fields is None:
+        fields = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head).items()
     headers: dict[str, str] = {}
-    for name, value in parsed.items():
+    for name, value in fields:
         key = name.lower()
         if key not in headers:
             headers[key] = _decode(value)
     return headers
+
+
+def _plain_fields(head: bytes) -> list[tuple[str, str]] | None:
+    """The header fields of a plain head — ASCII, CRLF lines, each a ``name:`` field or a
+    folded continuation of one — as the stdlib parser (compat32) returns them; None for
+    anything else, which goes to that parser. It cost 3 % of the CPU per message, for heads
+    that are nearly always plain. A property test checks both agree."""
+    if not head.isascii():
+        return None
+    fields: list[tuple[str, list[str]]] = []
+    for line in head.decode("ascii").split("\r\n"):
+        if "\r" in line or "\n" in line:
+            return None
+        if line[:1] in (" ", "\t"):
+            if not fields:
+                return None
+            fields[-1][1].append(line)
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name or not name.isprintable() or " " in name:
+            return None
+        fields.append((name, [value.lstrip(" \t")]))
+    return [(name, "\r\n".join(lines)) for name, lines in fields]
 
 
 def _decode(value: object) -> str:
@@ -83,7 +107,9 @@ def normalize_subject(subject: str) -> str:
 def body_hash(content: bytes) -> str:
     parts = content.split(b"\r\n\r\n", 1)
     body = parts[1] if len(parts) == 2 else b""
-    return hashlib.sha256(_SPACE.sub(b" ", body).strip()).hexdigest()
+    # Runs of ASCII whitespace as one space, none at the ends (bytes.split() in C: several
+    # times faster than a regex). Only compared within one run (the fan-out detector).
+    return hashlib.sha256(b" ".join(body.split())).hexdigest()
 
 
 class MessageClassifier:

@@ -13,6 +13,8 @@ and the hold queue hold after each step, and what is written when.
 
 from __future__ import annotations
 
+import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtp_guard import replies
 from smtp_guard.addresses import AddressNormalizer, key_hash
@@ -36,7 +40,7 @@ from smtp_guard.metrics import MESSAGE_OUTCOMES, Metrics
 from smtp_guard.policy.default import default_pipeline
 from smtp_guard.relay.pool import SMTPUpstream
 from smtp_guard.replies import Reply
-from smtp_guard.smtp.transaction import Collaborators, Transaction
+from smtp_guard.smtp.transaction import Collaborators, Transaction, has_bare_line_ending
 from smtp_guard.audit_model import AuditRecord
 from smtp_guard.hold.model import HeldRecipient, HoldStore
 from smtp_guard.suppression_model import SuppressionDelta
@@ -478,3 +482,9 @@ async def test_end_without_data_writes_the_erasure_evidence_and_resets_the_upstr
     await txn.end()  # once more: nothing left to do
     assert len(await harness.erasure.attempts()) == 1
     assert harness.sink.messages == [] and harness.outcomes() == {}
+
+
+@settings(max_examples=500, deadline=None, derandomize=bool(os.environ.get("CI")), database=None)
+@given(st.binary(max_size=40).map(lambda raw: bytes(b"ab\r\n"[byte % 4] for byte in raw)))
+def test_the_bare_line_ending_check_finds_what_the_pattern_finds(content: bytes) -> None:
+    assert has_bare_line_ending(content) == bool(re.search(rb"\r(?!\n)|(?<!\r)\n", content))

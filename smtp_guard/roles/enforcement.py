@@ -64,6 +64,7 @@ class Enforcement:
         person may have been written under their pseudonym: write what is buffered (now as
         ``erased:<id>``), then replace the pseudonym in what was already written."""
         await self.audit.flush()
+        self._backends.audit.pseudonymizer.forget()
         ring = self._backends.tombstones.ring
         for tombstone in tombstones:
             key = ring.by_id(tombstone.key_id)

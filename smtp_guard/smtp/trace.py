@@ -17,6 +17,7 @@ connection would put DNS latency on the hot path for a name nobody checks).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from datetime import datetime, timezone
@@ -32,10 +33,17 @@ def received_header(*, helo: str, client_ip: str, hostname: str, protocol: str, 
                     when: float) -> bytes:
     """The complete header, CRLF-terminated, ready to prepend to the message."""
     helo = _NOT_IN_HELO.sub("?", helo)[:_MAX_HELO] or "unknown"
-    date = format_datetime(datetime.fromtimestamp(when, timezone.utc))
+    date = _date(int(when))
     return (f"Received: from {helo} (unknown {_address_literal(client_ip)})\r\n"
             f"\tby {hostname} with {protocol} id {txn_id};\r\n"
             f"\t{date}\r\n").encode("ascii", "replace")
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    """RFC 5322 date of a whole second (the header shows no fraction): formatted once per
+    second, not once per message."""
+    return format_datetime(datetime.fromtimestamp(second, timezone.utc))
 
 
 def protocol_name(*, extended: bool, tls: bool, authenticated: bool) -> str:

@@ -44,6 +44,14 @@ log = logging.getLogger("smtp_guard.smtp")
 
 _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
+
+def has_bare_line_ending(content: bytes) -> bool:
+    """A CR not followed by LF, or an LF not preceded by CR, anywhere in ``content``. Three
+    counts in C instead of a regex with look-around over every byte (6 % of the CPU of a
+    5 kB message): every CR and every LF is part of a CRLF exactly when all three agree."""
+    crlf = content.count(b"\r\n")
+    return content.count(b"\r") != crlf or content.count(b"\n") != crlf
+
 # What happened to a message that reached the end of DATA (metrics.MESSAGE_OUTCOMES).
 Outcome = Literal["relayed", "held", "dropped", "refused", "deferred"]
 
@@ -231,7 +239,7 @@ class Transaction:
     async def _deliver(self, content: bytes, message: MessageContext, trace: bytes) -> tuple[Reply, Outcome]:
         if b"\x00" in content:
             return replies.NUL_IN_MESSAGE, "refused"
-        if _BARE_CR_OR_LF.search(content):
+        if has_bare_line_ending(content):
             # One message in must be exactly one message out (SMTP smuggling): refuse, or turn
             # every bare CR/LF into CRLF so the upstream sees the same line structure we saw.
             if self._parts.bare_line_endings == "reject":
