@@ -142,7 +142,7 @@ async def test_end_of_a_too_long_line_is_judged_across_reads(ending, tail, refus
     async def before_command() -> None:
         pass
 
-    reader = CommandLineReader(stream, refuse, before_command)
+    reader = CommandLineReader(stream, refuse, before_command, 1001)
     stream.feed_data(b"NOOP " + b"a" * 1200 + ending)
     line = asyncio.ensure_future(reader.readuntil())
     await wait_until(lambda: not reader._buffer, what="the first part to be discarded")
