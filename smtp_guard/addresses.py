@@ -28,6 +28,10 @@ from .config import AddressConfig
 # RFC 5321 4.1.2: atext for dot-atom local parts.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+# The common spelling of an envelope address, dot-atom@ldh-domain with nothing to parse or
+# quote: the SMTP front splits such a path (and the relay quotes such an address) without the
+# libraries' general parsers; any other spelling still goes through them.
+PLAIN_ADDRESS = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 # Quoted local part: printable ASCII (RFC 5321 qtextSMTP / quoted-pairSMTP), widened by
 # RFC 6531 section 3.3 to non-ASCII UTF-8. Control characters, which aiosmtpd lets through,
 # are refused before this is tried (see _is_forbidden): they have no business in an envelope.

@@ -208,3 +208,18 @@ def _split(getaddr: Callable[[str], object], arg: str) -> object:
         return getaddr(arg)
     except Exception as error:
         return type(error)
+
+
+@PROPERTIES
+@given(st.builds(lambda local, domain: f"{local}@{domain}", dot_atoms,
+                 st.lists(st.text("abcXYZ019-", min_size=1, max_size=6), min_size=1, max_size=3).map(".".join)))
+def test_a_plain_address_is_quoted_as_aiosmtplib_quotes_it(address: str) -> None:
+    """The relay writes ``RCPT TO:<address>`` itself for a plain address (relay/pool.py)."""
+    import re
+
+    from aiosmtplib.email import quote_address
+
+    from smtp_guard.addresses import PLAIN_ADDRESS
+
+    assert re.fullmatch(PLAIN_ADDRESS, address)
+    assert quote_address(address) == f"<{address}>"

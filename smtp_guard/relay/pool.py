@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Callable, NoReturn, Sequence
 import aiosmtplib
 
 from .. import replies
+from ..addresses import PLAIN_ADDRESS
 from ..config import UpstreamConfig
 from ..replies import Reply
 from .base import UpstreamError
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _CONNECTION_ERRORS = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, ConnectionError, OSError)
 _TIMEOUTS = (aiosmtplib.SMTPTimeoutError, asyncio.TimeoutError, TimeoutError)
+_PLAIN_ADDRESS = re.compile(PLAIN_ADDRESS)
 
 
 @dataclass
@@ -233,7 +236,13 @@ class SMTPTransaction:
         if self._broken:
             return replies.UPSTREAM_LOST
         try:
-            response = await self._session.client.rcpt(address, encoding="utf-8")
+            if _PLAIN_ADDRESS.fullmatch(address):
+                # aiosmtplib's rcpt() runs the stdlib parseaddr on every address to quote it (7 %
+                # of the CPU with 10 recipients); for a plain one the result is the address in
+                # brackets (a property test holds them equal), sent the same way.
+                response = await self._session.client.execute_command(b"RCPT", b"TO:<" + address.encode() + b">")
+            else:
+                response = await self._session.client.rcpt(address, encoding="utf-8")
             return replies.upstream_reply(response.code, response.message)
         except aiosmtplib.SMTPResponseException as error:
             return replies.upstream_reply(error.code, error.message)

@@ -27,6 +27,7 @@ from typing import Any, Awaitable, Callable
 from aiosmtpd.smtp import SMTP, AuthResult, Session, _AuthMechAttr, syntax
 
 from .. import replies
+from ..addresses import PLAIN_ADDRESS
 from ..config import SMTPConfig
 from ..metrics import Metrics
 from .access import AccessControl
@@ -39,8 +40,7 @@ log = logging.getLogger("smtp_guard.smtp")
 # ``<local@domain>`` with a dot-atom local part (RFC 5321 4.1.2) and a domain of LDH labels,
 # then the parameters: the path nearly every client sends. What the stdlib parser aiosmtpd
 # uses makes of exactly these is the text between the brackets, unchanged.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_PLAIN_PATH = re.compile(rf"<({_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
+_PLAIN_PATH = re.compile(f"<({PLAIN_ADDRESS})>")
 
 CLEANUP_GRACE = 10.0  # seconds shutdown waits for ended transactions to return their upstream session
 
