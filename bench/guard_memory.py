@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -29,9 +28,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from checkout import REPO, code_version, cpu_model  # also puts this checkout first on sys.path
+from checkout import code_version, cpu_model  # also puts this checkout first on sys.path
 from index_scale import fill
-from peers import tree_memory_kib
+from peers import guard_env, tree_memory_kib
 
 SETTLE = 3.0  # seconds idle after ready before memory is read (lazy imports, first probes)
 
@@ -59,7 +58,7 @@ def measure(store: Path, workers: int, directory: Path, timeout: float) -> dict[
     started = time.monotonic()
     process = subprocess.Popen([sys.executable, "-m", "smtp_guard", "serve", "--config", str(config)],
                                stdout=subprocess.DEVNULL, stderr=(directory / f"w{workers}.log").open("w"),
-                               env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's code
+                               env=guard_env())  # this checkout's code
     try:
         while not ready(metrics):
             if process.poll() is not None or time.monotonic() - started > timeout:
