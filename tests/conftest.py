@@ -16,6 +16,7 @@ import pwd
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 import pytest
 import trustme
@@ -90,6 +91,21 @@ def make_config(tmp_path: Path, upstream_port: int, **overrides: Any) -> Config:
     if merged["upstream"].get("mode") == "sandbox":  # a host beside the sandbox is refused
         merged["upstream"] = {k: v for k, v in merged["upstream"].items() if k not in ("host", "port")}
     return build_config(merged, "test")
+
+
+def mode(path: Path) -> int:
+    """A file's permission bits, e.g. 0o600."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """umask 0: whatever mode a file or directory ends up with, the code under test chose it."""
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import socket
 import stat
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -33,7 +33,7 @@ from smtp_guard.policy.pipeline import MessageOutcome, Pipeline
 from smtp_guard.breaker.model import BreakerRecord
 from smtp_guard.erasure.model import Tombstone
 
-from conftest import make_config, wait_until
+from conftest import make_config, mode, wait_until
 
 LIMIT = 10  # [breaker] floor: a stream trips at its 11th distinct recipient
 STREAM = "spring-sale"
@@ -155,20 +155,6 @@ async def raw_server(path: Path, serve: Callable[[asyncio.StreamReader, asyncio.
 async def read_request(reader: asyncio.StreamReader) -> tuple[int, MessageContext]:
     length, request_id = HEADER.unpack(await reader.readexactly(HEADER.size))
     return request_id, decode(await reader.readexactly(length), MessageContext)
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-@pytest.fixture
-def open_umask() -> Iterator[None]:
-    """umask 0: whatever the socket and its directory end up with, the server chose itself."""
-    previous = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 # --- one state for every worker ----------------------------------------------------------------

@@ -6,30 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 
 from smtp_guard import replies
 from smtp_guard.store.sqlite.db import Database
 
+from conftest import mode
 from smtp_client import message, send
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-@pytest.fixture
-def open_umask() -> Iterator[None]:
-    """umask 0: whatever the guard's files end up with, it chose itself."""
-    previous = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 async def test_data_directory_store_sandbox_and_key_are_private(start_guard, tmp_path, open_umask):
