@@ -8,7 +8,6 @@ import logging
 import os
 from pathlib import Path
 
-
 from smtp_guard import replies
 from smtp_guard.store.sqlite.db import Database
 
