@@ -25,7 +25,10 @@ against every system, the order of systems rotating per round; medians are repor
 
 Transaction latency: the pipelining client times all its transactions; under smtp-source
 loads a probe session (bench/smtp_load.py probe: lock-step, one recipient, one message every
---probe-interval s on a kept connection) samples it. msg/s counts only the load's messages;
+--probe-interval s on a kept connection) samples it. Then, below saturation (``--half-load-seconds``,
+0 to skip): every system gets the same open-loop load of half guard-w1's 1rcpt-kept msg/s
+(bench/smtp_load.py paced: lock-step, 20 kept connections), and the guard's p99 is compared with
+the direct path's, as issue 8's latency target asks. msg/s counts only the load's messages;
 CPU per message divides by load plus probe messages. Everything started here is stopped in a
 ``finally``. This is a benchmark, not a test: pytest never collects it (project rule).
 """
@@ -220,6 +223,40 @@ def measure(args, system: System, load: str, sink: SinkDump, messages: int, roun
                        latency.get("samples", 0), source, errors)
 
 
+def half_load(args, systems: list[System], sink: SinkDump, rate: float) -> dict[str, dict]:
+    """Every system under the same paced load (``rate`` msg/s, open loop) for --half-load-seconds."""
+    results: dict[str, dict] = {}
+    for system in systems:
+        before = sink.poll()
+        command = [sys.executable, str(LOAD_CLIENT), "paced", "--port", str(system.port), "--rate", f"{rate:.1f}",
+                   "--seconds", str(args.half_load_seconds), "--sessions", str(SESSIONS), "--size", str(args.size)]
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=args.timeout, env=python_env())
+        result = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {
+            "error_count": 1, "errors": [done.stderr.strip()[-300:]]}
+        deadline = time.monotonic() + args.timeout
+        while sink.poll() - before < result.get("messages", 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sink.reset()
+        results[system.name] = result
+        print(f"  half load {rate:.0f} msg/s {system.name:10} p50 {result.get('p50_ms') or 0:6.2f} ms  "
+              f"p99 {result.get('p99_ms') or 0:6.2f} ms  late {result.get('late', '-')}  "
+              f"errors {result.get('error_count')}", file=sys.stderr)
+    return results
+
+
+def half_load_report(rate: float, results: dict[str, dict]) -> list[str]:
+    direct = results.get("direct", {}).get("p99_ms")
+    lines = ["", f"half load: {rate:.0f} msg/s for every system (half guard-w1's 1rcpt-kept msg/s), 1 recipient, "
+                 f"{SESSIONS} lock-step kept connections, open loop",
+             f"{'system':11} {'p50 ms':>7} {'p99 ms':>7} {'p99 - direct':>12} {'late':>5} {'errors':>6}"]
+    for name, row in results.items():
+        added = f"{row['p99_ms'] - direct:+.2f}" if row.get("p99_ms") is not None and direct is not None else "-"
+        lines.append(f"{name:11} {row.get('p50_ms') or 0:>7.2f} {row.get('p99_ms') or 0:>7.2f} {added:>12} "
+                     f"{row.get('late', '-'):>5} {row.get('error_count', '-'):>6}")
+    return lines
+
+
 # --- the systems ---------------------------------------------------------------------------------
 
 def write_postfix_map(path: Path, count: int, config_dir: Path) -> float:
@@ -369,6 +406,8 @@ def main() -> int:
     parser.add_argument("--probe-interval", type=float, default=0.1,
                         help="seconds between the latency probe's messages under smtp-source loads")
     parser.add_argument("--timeout", type=float, default=600, help="time limit per measurement, seconds")
+    parser.add_argument("--half-load-seconds", type=float, default=10.0,
+                        help="seconds of the paced half-load latency run per system (0: skip it)")
     parser.add_argument("--json", metavar="FILE", help="also write every measurement and the medians as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = parser.parse_args()
@@ -444,9 +483,15 @@ def main() -> int:
                     print(f"  round {round_no} {load:10} {system.name:10} {run.messages / run.client_seconds:7.0f} msg/s"
                           f"{'  ERRORS: ' + '; '.join(run.errors)[:300] if run.errors else ''}", file=sys.stderr)
 
-        extra["loadavg_after"] = loadavg()
         table = summarize(runs)
+        peak = table.get("1rcpt-kept", {}).get("guard-w1", {}).get("msgs_per_s")
+        if args.half_load_seconds > 0 and peak:
+            extra["half_load_rate"] = peak / 2
+            extra["half_load"] = half_load(args, systems, sink, peak / 2)
+        extra["loadavg_after"] = loadavg()
         print(report(args, table, extra, runs))
+        if extra.get("half_load"):
+            print("\n".join(half_load_report(extra["half_load_rate"], extra["half_load"])))
         for part in started:
             if isinstance(part, GuardProcess):
                 # The guard logs at its default level (info): count what went wrong, not every line.

@@ -4,13 +4,17 @@ subprocess so their CPU never shares a GIL with the benchmark's own bookkeeping.
 
     python3 bench/smtp_load.py pipeline --port P [--messages N] [--sessions S] [--recipients R] [--size B]
     python3 bench/smtp_load.py probe --port P [--interval 0.02] [--max-seconds 600]
+    python3 bench/smtp_load.py paced --port P --rate R [--seconds 10] [--sessions 20]
 
 ``pipeline``: S sessions, each one connection kept for all its messages; when the server's EHLO
 advertises PIPELINING (RFC 2920) MAIL, every RCPT and DATA go in one write and their replies
 are read together, then the body (after the 354). Without PIPELINING it falls back to
 lock-step and says so. ``probe``: one lock-step session (like smtp-source) sending a 1-recipient
 message every --interval seconds until SIGTERM/SIGINT, the sampler of transaction latency
-while smtp-source drives the load.
+while smtp-source drives the load. ``paced``: an open-loop load at a fixed rate — message k is
+due at k / R seconds, sent by whichever of S lock-step sessions is free — for latency below
+saturation (a send that starts more than 10 ms after it was due is counted as ``late``: too
+few sessions for the rate).
 
 A transaction's latency is from the first byte of MAIL written to the reply to the final "."
 read. Both print one JSON object on stdout: messages and recipients accepted, errors,
@@ -194,10 +198,47 @@ async def probe(args) -> dict:
             "error_count": len(errors), **percentiles(latencies)}
 
 
+async def paced(args) -> dict:
+    body = message_body(args.size, "client.bench.test")
+    total = max(1, int(args.rate * args.seconds))
+    next_message = 0
+    latencies: list[float] = []
+    errors: list[str] = []
+    late = 0
+
+    async def one_session() -> None:
+        nonlocal next_message, late
+        session = await Session.open(args.port, allow_pipelining=False)
+        try:
+            while next_message < total and len(errors) < 100:
+                due = begin + next_message / args.rate
+                next_message += 1
+                if (wait := due - time.perf_counter()) > 0:
+                    await asyncio.sleep(wait)
+                elif wait < -0.01:
+                    late += 1
+                started = time.perf_counter()
+                try:
+                    await session.send([RECIPIENT], body)
+                except ReplyError as error:
+                    errors.append(str(error)[:200])
+                    continue
+                latencies.append(time.perf_counter() - started)
+        finally:
+            await session.close()
+
+    begin = time.perf_counter() + 0.5  # every session connected before the first is due
+    results = await asyncio.gather(*(one_session() for _ in range(args.sessions)), return_exceptions=True)
+    errors += [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+    return {"elapsed_s": time.perf_counter() - begin, "messages": len(latencies), "recipients": len(latencies),
+            "rate": args.rate, "late": late, "errors": errors[:20], "error_count": len(errors),
+            **percentiles(latencies)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
-    for name in ("pipeline", "probe"):
+    for name in ("pipeline", "probe", "paced"):
         mode = sub.add_parser(name)
         mode.add_argument("--port", type=int, required=True, help="server port on 127.0.0.1")
         mode.add_argument("--size", type=int, default=5120, help="body bytes (default 5120)")
@@ -206,11 +247,17 @@ def main() -> int:
     sub.choices["pipeline"].add_argument("--recipients", type=int, default=1)
     sub.choices["probe"].add_argument("--interval", type=float, default=0.02, help="pause between messages, s")
     sub.choices["probe"].add_argument("--max-seconds", type=float, default=600)
+    sub.choices["paced"].add_argument("--rate", type=float, required=True, help="messages per second")
+    sub.choices["paced"].add_argument("--seconds", type=float, default=10.0)
+    sub.choices["paced"].add_argument("--sessions", type=int, default=20)
     args = parser.parse_args()
     if not (1 <= getattr(args, "messages", 1) <= 1_000_000 and 1 <= getattr(args, "sessions", 1) <= 200
             and 1 <= getattr(args, "recipients", 1) <= 1000 and 0 <= args.size <= 10_000_000):
         parser.error("bounded on purpose: messages 1..1e6, sessions 1..200, recipients 1..1000, size <= 10 MB")
-    result = asyncio.run(pipeline(args) if args.mode == "pipeline" else probe(args))
+    if args.mode == "paced" and not (0 < args.rate <= 100_000 and 0 < args.seconds <= 3600):
+        parser.error("bounded on purpose: rate 0..1e5 msg/s, seconds 0..3600")
+    modes = {"pipeline": pipeline, "probe": probe, "paced": paced}
+    result = asyncio.run(modes[args.mode](args))
     print(json.dumps(result))
     return 0
 
