@@ -24,19 +24,18 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import AsyncIterator, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Protocol, Sequence
 
-from .admin.http import HTTPListener
+from prometheus_client import CollectorRegistry
+
 from .backends import Backends, load_tombstones, open_backends, store_exists
 from .change_sync import ChangeSync, Step
 from .config import Config
 from .counters import RateCounters
-from .logs import PseudonymFilter, configure_logging
 from .decision_service import DecisionServer, LocalDecider, RemoteDecider, frame_limit
 from .index_share import SharedSnapshots
+from .logs import PseudonymFilter, configure_logging
 from .metrics import Metrics, forget_process, multiprocess_registry, use_multiprocess_files
-from .shared_counters import SharedCounters
-from .workers import WorkerPool
 from .policy.default import default_pipeline
 from .readiness import Readiness
 from .relay.base import Upstream
@@ -46,9 +45,14 @@ from .roles.background import Background
 from .roles.enforcement import Enforcement
 from .roles.front import Front
 from .services.context import AdminContext, StoreNotFound
+from .shared_counters import SharedCounters
 from .startup import StartupError, naming_setting
 from .store.sqlite.db import Database
 from .store.sqlite.erasure import SQLiteErasureStore
+from .workers import WorkerPool
+
+if TYPE_CHECKING:
+    from .admin.http import HTTPListener
 
 log = logging.getLogger("smtp_guard")
 
@@ -85,6 +89,14 @@ def build_upstream(config: Config) -> Upstream:
         if config.upstream.mode == "sandbox":
             return SandboxUpstream(config.store.data_dir / "sandbox")
         return SMTPUpstream(config.upstream)
+
+
+def _http_listener(registry: CollectorRegistry, readiness: Readiness) -> HTTPListener:
+    """The metrics and health listener, imported here: aiohttp is about 10 MiB of every process
+    that imports it, and worker processes never serve HTTP."""
+    from .admin.http import HTTPListener
+
+    return HTTPListener(registry, readiness)
 
 
 class _GuardProcess:
@@ -154,7 +166,7 @@ class Guard(_GuardProcess):
                  log_pseudonyms: PseudonymFilter | None = None) -> None:
         super().__init__(config, clock, log_pseudonyms)
         self.metrics = Metrics()
-        self.http = HTTPListener(self.metrics.registry, self.readiness)
+        self.http = _http_listener(self.metrics.registry, self.readiness)
 
     async def _start(self) -> None:
         config, run = self.config, self._running
@@ -238,7 +250,7 @@ class Supervisor(_GuardProcess):
         paths.metrics.mkdir()
         use_multiprocess_files(paths.metrics)
         self.metrics = Metrics()
-        self.http = HTTPListener(multiprocess_registry(paths.metrics), self.readiness)
+        self.http = _http_listener(multiprocess_registry(paths.metrics), self.readiness)
         counters = SharedCounters.create(paths.counters, COUNTER_SLOTS)
         run.callback(counters.close)
         self.backends, self.enforcement, upstream = await self._enforce(

@@ -149,6 +149,10 @@ async def send_each(guard: Supervised, recipients: list[str], content: bytes | N
 async def test_two_workers_serve_one_port_and_one_scrape_counts_both(supervised, sink: Sink) -> None:
     guard = await supervised()
     assert len(guard.worker_pids()) == 2
+    assert guard.process is not None  # the supervisor serves /metrics: aiohttp is mapped there ...
+    assert "aiohttp" in Path(f"/proc/{guard.process.pid}/maps").read_text()
+    for pid in guard.worker_pids():  # ... and not in the workers, which serve no HTTP (~10 MiB each)
+        assert "aiohttp" not in Path(f"/proc/{pid}/maps").read_text()
     outcomes = await send_each(guard, [f"r{i}@example.com" for i in range(CONNECTIONS)])
     assert all(o.data is not None and o.data.startswith("250") for o in outcomes)
     assert len(sink.messages) == CONNECTIONS

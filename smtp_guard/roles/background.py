@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import AsyncExitStack
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from ..admin.http import HTTPListener
 from ..backends import Backends
 from ..audit_model import AuditRecord
 from ..breaker.state import BreakerState
@@ -28,6 +27,9 @@ from ..relay.base import Upstream
 from ..startup import naming_setting
 from ..store.base import StoreError
 from .enforcement import Enforcement
+
+if TYPE_CHECKING:  # aiohttp is imported only by the processes that serve HTTP (app.py)
+    from ..admin.http import HTTPListener
 
 STATS_INTERVAL = 5.0
 PROBE_INTERVAL = 2.0  # how often readiness checks that the store answers
