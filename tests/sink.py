@@ -112,6 +112,7 @@ class Sink:
         self.smtp_sessions = 0
         self.transactions_started = 0  # MAIL commands accepted
         self.rsets = 0
+        self.hangs = 0  # hang faults begun: a test can wait until the sink is holding back a reply
         self.failed_logins = 0  # (not auth_*: aiosmtpd treats handler auth_* names as mechanisms)
         self._server: asyncio.AbstractServer | None = None
         self.sessions: list[_SinkSMTP] = []  # connected sessions (TLS handshake done, for SMTPS)
@@ -181,6 +182,7 @@ class Sink:
             server.raw_transport.close()
             await _forever()  # connection_lost cancels the session task: no reply is sent
         if self.hang_on == stage:
+            self.hangs += 1
             if self.hang_seconds is None:
                 await _forever()  # until stop() closes the connection
             await asyncio.sleep(self.hang_seconds)

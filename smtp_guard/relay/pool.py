@@ -223,18 +223,27 @@ class SMTPUpstream:
 
 
 class SMTPTransaction:
-    """One lock-step transaction on a pooled session (MAIL already accepted)."""
+    """One lock-step transaction on a pooled session (MAIL already accepted).
+
+    A session goes back to the pool only in a known state: never with a command whose reply is
+    still to come. When a caller is cancelled while waiting for a reply (the SMTP client went
+    away), the command stays in flight; ``finish`` then closes the connection instead of
+    sending RSET, whose reply would be the pending one's (the next transaction on the session
+    would read every reply one command late).
+    """
 
     def __init__(self, upstream: SMTPUpstream, session: _Session) -> None:
         self._upstream = upstream
         self._session = session
         self._broken = False
+        self._in_flight = False  # a command was sent and its reply not read
         self._delivered = False  # the upstream accepted the message: its transaction is over
         self._finished = False
 
     async def rcpt(self, address: str) -> Reply:
         if self._broken:
             return replies.UPSTREAM_LOST
+        self._in_flight = True
         try:
             if _PLAIN_ADDRESS.fullmatch(address):
                 # aiosmtplib's rcpt() runs the stdlib parseaddr on every address to quote it (7 %
@@ -243,22 +252,24 @@ class SMTPTransaction:
                 response = await self._session.client.execute_command(b"RCPT", b"TO:<" + address.encode() + b">")
             else:
                 response = await self._session.client.rcpt(address, encoding="utf-8")
-            return replies.upstream_reply(response.code, response.message)
         except aiosmtplib.SMTPResponseException as error:
+            self._in_flight = False
             return replies.upstream_reply(error.code, error.message)
         except (*_CONNECTION_ERRORS, *_TIMEOUTS) as error:
             self._broken = True
             log.warning("upstream lost during RCPT: %r", error)
             return _failure_reply(error)
+        self._in_flight = False
+        return replies.upstream_reply(response.code, response.message)
 
     async def data(self, content: bytes) -> Reply:
         if self._broken:
             return replies.UPSTREAM_LOST
+        self._in_flight = True
         try:
             response = await self._session.client.data(content)
-            self._delivered = True
-            return replies.upstream_reply(response.code, response.message)
         except aiosmtplib.SMTPResponseException as error:
+            self._in_flight = False
             return replies.upstream_reply(error.code, error.message)
         except (*_CONNECTION_ERRORS, *_TIMEOUTS) as error:
             # The upstream may or may not have the message: answering 4xx risks a duplicate on
@@ -266,11 +277,20 @@ class SMTPTransaction:
             self._broken = True
             log.warning("upstream lost during DATA: %r", error)
             return _failure_reply(error)
+        self._in_flight = False
+        self._delivered = True
+        return replies.upstream_reply(response.code, response.message)
 
     async def finish(self) -> None:
         if self._finished:
             return
         self._finished = True
+        if self._in_flight:
+            # Closed at once, not with QUIT, whose reply would be the pending one too; a caller
+            # still waiting for that reply gets "connection lost".
+            log.info("upstream session closed with a command still in flight (its caller was cancelled)")
+            self._broken = True
+            self._session.client.close()
         await self._upstream.finish(self._session, reusable=not self._broken, delivered=self._delivered)
 
 

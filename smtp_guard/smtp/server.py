@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import re
 import socket
@@ -42,7 +43,9 @@ log = logging.getLogger("smtp_guard.smtp")
 # uses makes of exactly these is the text between the brackets, unchanged.
 _PLAIN_PATH = re.compile(f"<({PLAIN_ADDRESS})>")
 
-CLEANUP_GRACE = 10.0  # seconds shutdown waits for ended transactions to return their upstream session
+# Seconds shutdown waits for ended transactions to return their upstream session, and for
+# deliveries whose client left to finish.
+CLEANUP_GRACE = 10.0
 
 
 class SessionRegistry:
@@ -53,9 +56,9 @@ class SessionRegistry:
         self._metrics = metrics
         self.accepting = True
         self._changed = asyncio.Event()
-        # Transaction ends (upstream session back to the pool, erasure evidence written) run as
-        # tasks; shutdown waits for them.
-        self.cleanups: set[asyncio.Task[None]] = set()
+        # Transaction ends (upstream session back to the pool, erasure evidence written) and
+        # deliveries whose client left run as tasks; shutdown waits for them.
+        self.cleanups: set[asyncio.Task[Any]] = set()
 
     def add(self, session: "GuardSMTP") -> None:
         self.sessions.add(session)
@@ -376,9 +379,23 @@ class GuardSMTP(SMTP):
 
     def _end_transaction(self, envelope: Any) -> None:
         txn: Transaction | None = getattr(envelope, "guard_txn", None)
-        if txn is None or not txn.needs_cleanup:
+        if txn is None:
             return
-        task = self.loop.create_task(txn.end())
+        if txn.delivery is not None:
+            if txn.delivery.done():
+                return
+            # The client left after its final dot, before the reply: the delivery goes on (the
+            # upstream may have the message already) and ends the transaction; shutdown waits
+            # for it like for any cleanup. The client never got a 250 and will likely send the
+            # message again (RFC 1047).
+            log.warning("txn=%s client=%s disconnected before the reply to its DATA; finishing the delivery",
+                        txn.txn_id, txn.client)
+            task: asyncio.Task[Any] = txn.delivery
+            task.add_done_callback(functools.partial(_log_delivery_failure, txn.txn_id))
+        elif txn.needs_cleanup:
+            task = self.loop.create_task(txn.end())
+        else:
+            return
         self._registry.cleanups.add(task)
         task.add_done_callback(self._registry.cleanups.discard)
 
@@ -509,6 +526,13 @@ class GuardSMTP(SMTP):
         the upstream, is not idle: cutting it would lose the reply the client is owed.)"""
         return not self.in_data and not self._in_command and (self.envelope is None or getattr(self.envelope, "guard_txn", None) is None
                                      or not getattr(self.envelope, "rcpt_tos", None))
+
+
+def _log_delivery_failure(txn_id: str, delivery: asyncio.Task[Any]) -> None:
+    # With its caller cancelled, asyncio.shield marks the delivery's exception as retrieved:
+    # without this, a delivery that failed after its client left would fail silently.
+    if not delivery.cancelled() and (error := delivery.exception()) is not None:
+        log.error("txn=%s internal error in the delivery of a message whose client left", txn_id, exc_info=error)
 
 
 def _client_ip(session: Any) -> str:
