@@ -1,6 +1,7 @@
 """DATA lines come to aiosmtpd in runs of whole lines (smtp/server.py ``CommandLineReader``):
 what aiosmtpd makes of them must be byte for byte what it makes of single lines — the message,
-its transparency dots (RFC 5321 4.5.2), where DATA ends, and what stays for the next command."""
+its transparency dots (RFC 5321 4.5.2), the bytes it counts against the size limit, where DATA
+ends, and what stays for the next command."""
 
 from __future__ import annotations
 
@@ -15,28 +16,30 @@ from smtp_guard.smtp.server import CommandLineReader
 LIMIT = 1001  # aiosmtpd's line_length_limit
 
 
-async def aiosmtpd_data(readuntil) -> bytes:  # type: ignore[no-untyped-def]
-    """aiosmtpd's DATA loop, the parts that shape the content: read until the lone dot, then
-    remove one leading dot of every piece it read."""
+async def aiosmtpd_data(readuntil) -> tuple[bytes, int]:  # type: ignore[no-untyped-def]
+    """aiosmtpd's DATA loop, the parts that shape the content: read until the lone dot, count
+    what it read (the size limit), then remove one leading dot of every piece it read."""
     pieces: list[bytearray] = []
+    counted = 0
     while True:
         piece = await readuntil(b"\r\n")
         assert len(piece) <= LIMIT  # else aiosmtpd answers "500 Line too long"
         if piece == b".\r\n":
             break
+        counted += len(piece)
         pieces.append(bytearray(piece))
     for piece in pieces:
         if piece.startswith(b"."):
             del piece[0]
-    return b"".join(pieces)
+    return b"".join(pieces), counted
 
 
 async def _nothing(*args: object) -> None:
     return None
 
 
-async def read_both(stream: bytes, splits: list[int]) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
-    """(content, what is left) by single lines and by runs, the stream fed in pieces."""
+async def read_both(stream: bytes, splits: list[int]) -> tuple[tuple[bytes, int, bytes], tuple[bytes, int, bytes]]:
+    """(content, bytes counted, what is left) by single lines and by runs, the stream fed in pieces."""
     results = []
     for runs in (False, True):
         reader = asyncio.StreamReader(limit=LIMIT)
@@ -48,8 +51,8 @@ async def read_both(stream: bytes, splits: list[int]) -> tuple[tuple[bytes, byte
             start = cut
             await asyncio.sleep(0)
         reader.feed_eof()
-        content = await task
-        results.append((content, await reader.read()))
+        content, counted = await task
+        results.append((content, counted, await reader.read()))
     return results[0], results[1]
 
 
@@ -71,4 +74,4 @@ def test_runs_of_lines_give_aiosmtpd_the_same_message(lines: list[bytes], splits
 def test_a_run_never_reaches_past_the_end_of_data() -> None:
     stream = b"one\r\n..two\r\n.\r\nRSET\r\n.\r\n"
     by_line, by_run = asyncio.run(read_both(stream, []))
-    assert by_run == by_line == (b"one\r\n.two\r\n", b"RSET\r\n.\r\n")
+    assert by_run == by_line == (b"one\r\n.two\r\n", 12, b"RSET\r\n.\r\n")

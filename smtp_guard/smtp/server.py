@@ -157,28 +157,25 @@ class CommandLineReader:
 
     async def _data_lines(self) -> bytes:
         """The next DATA line, and with it the whole lines after it that are already received,
-        up to ``data_run`` bytes and never the final ``.`` line: aiosmtpd's DATA loop then runs
-        once per run instead of once per line (a line of a 5 kB message cost more in that loop
-        than everything the guard decides about it).
+        up to ``data_run`` bytes: aiosmtpd's DATA loop then runs once per run instead of once
+        per line (a line of a 5 kB message cost more in that loop than everything the guard
+        decides about it).
 
-        aiosmtpd sees a run as one line, so the run is made to read as one: aiosmtpd removes
-        the transparency dot (RFC 5321 4.5.2) at the start of what it gets, and the dots at the
-        start of the other lines are removed here. Its limits still hold: the run is no longer
-        than its line length limit (so no line in it is), and every byte is counted against
-        the message size limit."""
+        aiosmtpd takes a run for one line, so a run never holds a line that starts with a dot
+        after its first: such a line (a transparency dot, RFC 5321 4.5.2, or the final ``.``)
+        starts the next run, and aiosmtpd removes the dot, counts the line against the message
+        size limit and recognizes the end of DATA exactly as it does line by line. A run is no
+        longer than aiosmtpd's line length limit, so no line in it is either."""
         line = await self._reader.readuntil(b"\r\n")
         buffer = self._buffer
         room = self._data_run - len(line)
-        if line == b".\r\n" or room < 3 or buffer[:3] == b".\r\n":
+        if line == b".\r\n" or room < 2 or buffer[:1] == b".":
             return line
-        end = buffer.find(b"\r\n.\r\n", 0, room + 3)
-        end = end + 2 if end != -1 else buffer.rfind(b"\r\n", 0, room) + 2
+        dotted = buffer.find(b"\r\n.", 0, room + 1)  # the first line within reach that starts with a dot
+        end = dotted + 2 if dotted != -1 else buffer.rfind(b"\r\n", 0, room) + 2
         if end <= 1:  # not one whole line more within reach
             return line
-        more = await self._reader.read(end)  # already received: returns at once, exactly ``end`` bytes
-        if more[:1] == b"." or b"\r\n." in more:
-            more = (b"\r\n" + more).replace(b"\r\n.", b"\r\n")[2:]  # every line of ``more`` starts after a CRLF
-        return line + more
+        return line + await self._reader.read(end)  # already received: returns at once, exactly ``end`` bytes
 
     async def _discard_long_line(self, consumed: int) -> bytes:
         """Read and drop a line past the stream limit, up to its first LF; return its last two
