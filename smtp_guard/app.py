@@ -6,7 +6,7 @@ The only module (with ``backends``) that builds concrete stores, pools and serve
 * ``Supervisor`` and ``Worker`` (``workers`` > 1): the supervisor runs the background role,
   the end-of-DATA decisions of every worker (``decision_service``) and ``/metrics`` for all
   of them, and starts the workers (``workers.py``); each worker runs an SMTP front. They meet
-  in a private run directory (``RunPaths``): the shared rate counters, the shared suppression
+  in a private run directory (``run_directory.py``): the shared rate counters, the shared suppression
   snapshot, the decision socket and the metrics files;
 * ``open_admin_context``: the same backends for one admin operation (CLI, API).
 """
@@ -16,12 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Protocol, Sequence
@@ -32,7 +29,7 @@ from .backends import Backends, load_tombstones, open_backends, store_exists
 from .change_sync import ChangeSync, Step
 from .config import Config
 from .counters import RateCounters
-from .decision_service import DecisionServer, LocalDecider, RemoteDecider, frame_limit
+from .decision_service import DecisionServer, DecisionServiceError, LocalDecider, RemoteDecider, frame_limit
 from .index_share import SharedSnapshots
 from .logs import PseudonymFilter, configure_logging
 from .metrics import Metrics, forget_process, multiprocess_registry, use_multiprocess_files
@@ -44,6 +41,7 @@ from .relay.sandbox import SandboxUpstream
 from .roles.background import Background
 from .roles.enforcement import Enforcement
 from .roles.front import Front
+from .run_directory import RunDirectory, RunPaths
 from .services.context import AdminContext, StoreNotFound
 from .shared_counters import SharedCounters
 from .startup import StartupError, naming_setting
@@ -195,46 +193,9 @@ class Guard(_GuardProcess):
 
     async def stop(self) -> None:
         """Stop accepting, let sessions in flight finish within the grace period, then stop
-        the workers and flush the audit trail."""
+        the background duties and flush the audit trail."""
         await super().stop()
         log.info("smtp-guard stopped")
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """The private directory where the processes of one multi-worker guard meet. It is made
-    afresh at every start (0700, in shared memory when the system has /dev/shm: the counters,
-    the snapshot and the metrics files are memory that several processes map, never disk
-    I/O) and removed at the end, so nothing in it outlives the run."""
-
-    root: Path
-
-    @classmethod
-    def create(cls) -> RunPaths:
-        shm = Path("/dev/shm")
-        parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-        return cls(Path(tempfile.mkdtemp(prefix="smtp-guard.", dir=parent)))
-
-    @property
-    def counters(self) -> Path:
-        return self.root / "counters"
-
-    @property
-    def index(self) -> Path:
-        return self.root / "index"
-
-    @property
-    def decisions(self) -> Path:
-        return self.root / "decisions" / "socket"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics"
-
-
-# Rate-limit buckets the workers share: far more than the keys refilling at once (a bucket
-# that is full again is dropped); 48 bytes each.
-COUNTER_SLOTS = 1 << 17
 
 
 class Supervisor(_GuardProcess):
@@ -245,14 +206,16 @@ class Supervisor(_GuardProcess):
 
     async def _start(self) -> None:
         config, run = self.config, self._running
-        paths = RunPaths.create()
-        run.callback(shutil.rmtree, paths.root, ignore_errors=True)
-        paths.metrics.mkdir()
-        use_multiprocess_files(paths.metrics)
-        self.metrics = Metrics()
-        self.http = _http_listener(multiprocess_registry(paths.metrics), self.readiness)
-        counters = SharedCounters.create(paths.counters, COUNTER_SLOTS)
+        run_directory = RunDirectory(config.smtp.listen)
+        paths = run_directory.claim()
+        run.callback(run_directory.release)
+        with naming_setting(f"[smtp] workers {config.smtp.workers} (run directory {paths.root})", True, OSError):
+            paths.metrics.mkdir(mode=0o700)
+            use_multiprocess_files(paths.metrics)
+            self.metrics = Metrics()
+            counters = SharedCounters.create(paths.counters, config.smtp.rate_limit_keys)
         run.callback(counters.close)
+        self.http = _http_listener(multiprocess_registry(paths.metrics), self.readiness)
         self.backends, self.enforcement, upstream = await self._enforce(
             self.metrics, counters, paths.index)
         self.background = Background(config, self.backends, self.enforcement, upstream, self.metrics,
@@ -261,7 +224,8 @@ class Supervisor(_GuardProcess):
         pipeline = default_pipeline(config, self.backends.tombstones, self.enforcement.index,
                                     breakers=self.background.breaker_state, counters=counters, clock=self.clock)
         decisions = DecisionServer(pipeline, paths.decisions, max_frame=frame_limit(config.smtp))
-        await decisions.start()
+        with naming_setting(f"[smtp] workers {config.smtp.workers} (decision socket)", True, DecisionServiceError):
+            await decisions.start()
         run.push_async_callback(decisions.stop)
         await self._follow_changes(self.backends, [*self.enforcement.change_steps, *self.background.change_steps])
         self.workers = WorkerPool(config.smtp.workers, run_worker, (config, paths), config.smtp.shutdown_grace,

@@ -117,6 +117,10 @@ class SMTPConfig:
     # SMTP front processes on the one listen port (roles/supervisor.py); 1 runs everything in
     # one process.
     workers: int = _at_least(1, minimum=1)
+    # With workers > 1: rate-limit keys (buckets) the workers can track at once in their
+    # shared table (64 bytes each in shared memory). A bucket that is full again is dropped;
+    # past this many still refilling, a new key is deferred (451 4.3.5) and logged.
+    rate_limit_keys: int = _at_least(131072, minimum=1024)
     tls: TLSListenConfig = TLSListenConfig()
     auth: AuthConfig = AuthConfig()
 

@@ -8,14 +8,13 @@ shared memory, an unlock. The token-bucket rules are ``counters.py``'s (``take_f
 
 How the composition root uses it::
 
-    # supervisor, before it starts the workers; tmpfs (/dev/shm, /run/...) is best: on a
-    # disk-backed file the kernel also writes dirty pages back in the background
-    counters = SharedCounters.create(run_dir / "rate-counters", capacity=1_000_000)
+    # supervisor (app.py), before it starts the workers, in its private run directory on
+    # tmpfs (on a disk-backed file the kernel also writes dirty pages back in the background)
+    counters = SharedCounters.create(paths.counters, config.smtp.rate_limit_keys)
     ...start the workers, giving each the path (never the object)...
     # worker process, at start-up
-    counters = SharedCounters.attach(path)   # then default_pipeline(..., counters=counters)
-    # shutdown: each worker ``counters.close()``; the supervisor, once they have exited,
-    counters.close(); counters.unlink()
+    counters = SharedCounters.attach(paths.counters)   # then default_pipeline(..., counters=counters)
+    # shutdown: every process ``counters.close()``; the supervisor removes the run directory
 
 ``create`` always makes a fresh table (written beside the path, then renamed over it, so an
 attach never sees half a header); a worker restarted later attaches to the running table.
@@ -122,6 +121,9 @@ class SharedCounters:
         try:
             os.fchmod(fd, 0o600)  # whatever the umask
             os.ftruncate(fd, size)  # zeros: every slot empty
+            # Reserve the pages now: a sparse file on a full tmpfs would fail only later, as a
+            # SIGBUS in the middle of a rate-limit check. ENOSPC here is an error at start-up.
+            os.posix_fallocate(fd, 0, size)
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             header = memoryview(mapping)[:8 * _HEADER_WORDS]  # released below: mmap.close needs it
             words, floats = header.cast("q"), header.cast("d")
@@ -232,10 +234,6 @@ class SharedCounters:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    def unlink(self) -> None:
-        """Remove the file (supervisor, at shutdown). Processes still attached keep their view."""
-        self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> SharedCounters:
         return self
@@ -375,7 +373,7 @@ class _Table:
                 raise CountersFull(
                     f"rate counters full: all {self.capacity} buckets in {self._path} are still "
                     f"refilling, so a new key cannot be counted and its mail is deferred; "
-                    f"raise the counters capacity")
+                    f"raise [smtp] rate_limit_keys")
         if reused:
             words[_H_EVICTED] += 1
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -255,7 +256,7 @@ async def test_sigterm_drains_both_workers(supervised, sink: Sink) -> None:
 
 async def test_workers_of_a_killed_supervisor_stop_and_free_the_port(supervised, sink: Sink) -> None:
     """A supervisor killed with SIGKILL cannot stop its workers; without it they would keep the
-    port and defer every message. They notice and exit, so a new start gets the port."""
+    port and defer every message. They notice and exit: the port is free again."""
     guard = await supervised()
     pids = guard.worker_pids()
     assert guard.process is not None
@@ -266,6 +267,7 @@ async def test_workers_of_a_killed_supervisor_stop_and_free_the_port(supervised,
     with socket.socket() as probe:  # the port is free again (no SO_REUSEPORT: nobody may hold it)
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(guard.address)
+    shutil.rmtree(f"/dev/shm/smtp-guard.127.0.0.1-{guard.smtp_port}", ignore_errors=True)  # what it left
 
 
 def _running(pid: int) -> bool:
@@ -275,3 +277,43 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+async def test_a_second_supervisor_on_the_same_address_is_refused(supervised, tmp_path: Path) -> None:
+    """SO_REUSEPORT would let it share the port, with rate limits and a breaker of its own."""
+    guard = await supervised()
+    assert guard.process is not None
+    second = subprocess.run([sys.executable, "-m", "smtp_guard", "serve", "--config", str(guard.config_file)],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert second.returncode == 1
+    assert (f"[smtp] listen 127.0.0.1:{guard.smtp_port}: another smtp-guard (pid {guard.process.pid}) already "
+            "serves this address with workers") in second.stderr
+    assert await guard.ready()  # the first one is untouched
+
+
+async def test_a_killed_supervisor_leaves_its_run_directory_to_the_next_start(supervised) -> None:
+    guard = await supervised()
+    assert guard.process is not None
+    run_directory = next(Path("/dev/shm").glob(f"smtp-guard.127.0.0.1-{guard.smtp_port}"))
+    assert (run_directory / "counters").exists()
+    guard.process.kill()
+    guard.process.wait()
+    await wait_until(lambda: not any(_running(pid) for pid in _pids_using(run_directory)), timeout=20,
+                     what="the orphaned workers to exit")
+    assert (run_directory / "counters").exists()  # left behind ...
+    await guard.start()  # ... and taken over by the next start on the same address
+    assert guard.process.pid and (run_directory / "counters").exists()
+    await guard.stop()
+    assert not run_directory.exists()  # a clean stop removes it
+
+
+def _pids_using(directory: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(directory) in (proc / "maps").read_text():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids

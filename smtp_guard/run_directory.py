@@ -1,0 +1,118 @@
+"""The private run directory where the processes of one multi-worker guard meet.
+
+It holds what the supervisor and its workers share: the rate-limit table, the suppression
+snapshot, the decision socket and the metrics files. It lives in shared memory (``/dev/shm``
+when the system has it: these are memory that several processes map, never disk I/O), is
+private to the guard's user (0700) and is emptied at every start and removed at the end.
+
+Its name comes from ``[smtp] listen`` (``smtp-guard.127.0.0.1-2525``), and the supervisor holds
+a lock on it for its whole life. That does two jobs:
+
+* **one supervisor per address.** Workers bind with SO_REUSEPORT, which would let a second
+  guard started with the same ``listen`` share the port silently — each with its own rate-limit
+  table, breaker and release worker, so every limit would double. The second start is refused,
+  naming the first one's pid;
+* **nothing left behind.** A supervisor killed with SIGKILL cannot remove its directory (up to
+  a whole suppression snapshot); the next start on that address finds it unlocked and empties it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ListenAddress
+from .startup import StartupError
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
+LOCK_NAME = "supervisor.lock"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each shared piece lives; handed to every worker (a path, never an open object)."""
+
+    root: Path
+
+    @property
+    def counters(self) -> Path:
+        return self.root / "counters"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def decisions(self) -> Path:
+        return self.root / "decisions" / "socket"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+
+class RunDirectory:
+    """Claimed by the supervisor at start (``claim``), released at the end (``release``)."""
+
+    def __init__(self, listen: ListenAddress, parent: Path | None = None) -> None:
+        if parent is None:
+            shm = Path("/dev/shm")
+            parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+        self.paths = RunPaths(parent / f"smtp-guard.{_UNSAFE.sub('_', listen.host)}-{listen.port}")
+        self._listen = listen
+        self._lock: int | None = None
+
+    def claim(self) -> RunPaths:
+        """Take the directory for this supervisor, empty, or raise StartupError."""
+        root = self.paths.root
+        setting = f"[smtp] listen {self._listen} (run directory {root})"
+        try:
+            root.mkdir(mode=0o700, exist_ok=True)
+            self._check_private(root, setting)
+            lock = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as error:
+            raise StartupError(f"{setting}: {error.strerror or error}") from error
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(lock, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(lock)
+            raise StartupError(f"[smtp] listen {self._listen}: another smtp-guard (pid {other}) already serves "
+                               "this address with workers; stop it first, or choose another address") from None
+        self._lock = lock
+        try:
+            os.ftruncate(lock, 0)
+            os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+            for leftover in root.iterdir():  # from a supervisor that was killed
+                if leftover.name == LOCK_NAME:
+                    continue
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+        except OSError as error:
+            self.release()
+            raise StartupError(f"{setting}: {error.strerror or error}") from error
+        return self.paths
+
+    @staticmethod
+    def _check_private(root: Path, setting: str) -> None:
+        # A world-writable parent (/dev/shm, /tmp): someone else may have made this name first.
+        info = os.lstat(root)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            raise StartupError(f"{setting}: not a private directory of this user (mode 0700); "
+                               "remove it, or choose another address")
+
+    def release(self) -> None:
+        """Remove the directory, then drop the lock (a new start may claim it from then on)."""
+        if self._lock is None:
+            return
+        shutil.rmtree(self.paths.root, ignore_errors=True)
+        os.close(self._lock)
+        self._lock = None
