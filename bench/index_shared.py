@@ -127,7 +127,6 @@ async def phase_build(store_path: Path, directory: Path, count: int) -> dict[str
 
     async with Database(store_path) as db:
         shared = SharedSnapshots(directory, SQLiteSuppressionStore(db))
-        shared.clear()
         gc.collect()
         before, peak_reset = status_kb("VmRSS"), reset_peak()
         started = time.monotonic()

@@ -18,9 +18,9 @@ caller applies the few changes logged since (``IndexReloader`` does, before it s
 
 Old snapshots need no clean-up: the new file is renamed over the old one, and a process
 still mapping the old one keeps its pages (Linux keeps an unlinked inode until its last
-mapping goes) until it swaps. ``clear`` removes the directory's files; the supervisor calls
-it once at start-up, so a file never outlives the run that built it (a restored store or an
-erased address does not come back from a file of an earlier run).
+mapping goes) until it swaps. The directory is in the supervisor's run directory, which is
+emptied at every start (``run_directory.py``), so a file never outlives the run that built it
+(a restored store or an erased address does not come back from a file of an earlier run).
 
 The directory must be on a local file system (``flock`` between processes of one host).
 """
@@ -84,18 +84,6 @@ class SharedSnapshots:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(problem) from error
             raise StoreError(problem) from error
-
-    def clear(self) -> None:
-        """Remove the snapshot and any temp file a crashed writer left (supervisor start-up,
-        before any worker runs: it blocks while a build holds the lock)."""
-        self._prepare_directory()
-        descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            self.path.unlink(missing_ok=True)
-            self._remove_temporaries()
-        finally:
-            os.close(descriptor)  # releases the lock
 
     # --- internals -----------------------------------------------------------------------------
 

@@ -264,16 +264,6 @@ async def test_a_full_disk_is_a_store_error_naming_the_directory(store: SQLiteSu
     assert shared.builds == 0 and not shared.path.exists()
 
 
-async def test_clear_removes_the_file_and_left_over_temp_files(store: SQLiteSuppressionStore, tmp_path: Path) -> None:
-    shared = SharedSnapshots(tmp_path / "index", store)
-    await shared.get(PRIORITY, NOW)
-    (tmp_path / "index" / f".{SNAPSHOT_NAME}.abc.tmp").write_bytes(b"half")
-    shared.clear()
-    assert [p.name for p in (tmp_path / "index").iterdir()] == ["suppressions.lock"]
-    await shared.get(PRIORITY, NOW)
-    assert shared.builds == 2
-
-
 async def test_reloaders_of_two_workers_share_one_build_and_follow_the_store(store: SQLiteSuppressionStore,
                                                                             tmp_path: Path) -> None:
     await store.add([address("a@example.com", "complained")], bulk=True)

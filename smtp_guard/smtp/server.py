@@ -521,8 +521,10 @@ class GuardSMTP(SMTP):
         """Waiting for the client's next command, outside DATA and with no upstream transaction
         open: safe to close. (A command still being answered, such as a first RCPT waiting for
         the upstream, is not idle: cutting it would lose the reply the client is owed.)"""
-        return not self.in_data and not self._in_command and (self.envelope is None or getattr(self.envelope, "guard_txn", None) is None
-                                     or not getattr(self.envelope, "rcpt_tos", None))
+        if self.in_data or self._in_command:
+            return False
+        envelope = self.envelope
+        return envelope is None or getattr(envelope, "guard_txn", None) is None or not getattr(envelope, "rcpt_tos", None)
 
 
 def _log_delivery_failure(txn_id: str, delivery: asyncio.Task[Any]) -> None:
