@@ -43,8 +43,10 @@ from .roles.enforcement import Enforcement
 from .roles.front import Front
 from .run_directory import RunDirectory, RunPaths
 from .services.context import AdminContext, StoreNotFound
+from .services.propagation import STALE_AFTER
 from .shared_counters import SharedCounters
 from .startup import StartupError, naming_setting
+from .store.base import StoreError
 from .store.sqlite.db import Database
 from .store.sqlite.erasure import SQLiteErasureStore
 from .workers import WorkerPool
@@ -229,10 +231,10 @@ class Supervisor(_GuardProcess):
         run.push_async_callback(decisions.stop)
         await self._follow_changes(self.backends, [*self.enforcement.change_steps, *self.background.change_steps])
         self.workers = WorkerPool(config.smtp.workers, run_worker, (config, paths), config.smtp.shutdown_grace,
-                                  on_exit=lambda pid: forget_process(pid, paths.metrics))
+                                  on_exit=lambda pid, instance_id: self._worker_gone(paths, pid, instance_id),
+                                  on_change=self._workers_accepting)
         await self.workers.start()
         run.push_async_callback(self._stop_workers)
-        self.readiness.set("listener", None)
         await self.background.start_probes(run)
         log.info("smtp-guard supervisor: %d workers listening on %s, relaying to %s; store %s; config %s",
                  config.smtp.workers, config.smtp.listen, _upstream_text(config), config.store.path, config.source)
@@ -240,6 +242,30 @@ class Supervisor(_GuardProcess):
     async def _stop_workers(self) -> None:
         self.readiness.set("listener", "shutting down")
         await self.workers.stop()
+
+    def _workers_accepting(self, accepting: int) -> None:
+        """The port is open while one worker accepts; not ready only when none does."""
+        total = self.config.smtp.workers
+        if accepting == 0:
+            self.readiness.set("listener", f"no worker is accepting connections (0 of {total}); restarting")
+            return
+        self.readiness.set("listener", None)
+        if accepting < total:
+            log.warning("%d of %d workers accepting connections (the port still works); restarting the others",
+                        accepting, total)
+
+    async def _worker_gone(self, paths: RunPaths, pid: int, instance_id: str | None) -> None:
+        """Drop what a dead worker left: its metrics files (its counts stay in the scrape)
+        and its change-sync row, which would otherwise stay fresh for STALE_AFTER and make an
+        admin command wait for a process that is gone."""
+        forget_process(pid, paths.metrics)
+        if instance_id is None:
+            return
+        try:
+            await self.backends.changes.remove(instance_id)
+        except StoreError as error:
+            log.warning("could not remove the dead worker (pid %d) from the store's running guards (%s); "
+                        "admin commands skip it once its heartbeat is %.0fs old", pid, error, STALE_AFTER)
 
     async def stop(self) -> None:
         await super().stop()
@@ -273,15 +299,24 @@ class Worker(_GuardProcess):
 
 
 def run_worker(number: int, ready: Connection, config: Config, paths: RunPaths) -> None:
-    """A worker process's main (started by WorkerPool): serve until SIGTERM, then drain."""
+    """A worker process's main (started by WorkerPool): serve until SIGTERM, then drain.
+
+    It shares the supervisor's process group: Ctrl-C (SIGINT) and a closed terminal (SIGHUP)
+    reach it as well as the supervisor, which then stops it with SIGTERM. Ignored first, so a
+    worker never stops on its own while the supervisor is about to restart it or drain it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     log_pseudonyms = configure_logging(config.logging)
     worker = Worker(config, paths, log_pseudonyms=log_pseudonyms)
 
     def started(error: StartupError | None) -> None:
-        ready.send(("ready", "") if error is None else ("failed", f"worker {number}: {error}"))
+        # "ready" carries its change-sync row, which the supervisor removes if it dies
+        ready.send(("ready", worker.change_sync.instance.id) if error is None
+                   else ("failed", f"worker {number}: {error}"))
         ready.close()
 
-    _run_until_signalled(worker, config, started, orphaned=_parent_gone(os.getppid()))
+    _run_until_signalled(worker, config, started, orphaned=_parent_gone(os.getppid()),
+                         stop_signals=(signal.SIGTERM,))
 
 
 def _parent_gone(supervisor: int) -> Callable[[], bool]:
@@ -299,16 +334,37 @@ class _Service(Protocol):
 ORPHAN_CHECK_INTERVAL = 1.0
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def _run_until_signalled(service: _Service, config: Config,
                          started: Callable[[StartupError | None], None] = lambda error: None,
-                         orphaned: Callable[[], bool] = lambda: False) -> None:
+                         orphaned: Callable[[], bool] = lambda: False,
+                         stop_signals: Sequence[signal.Signals] = STOP_SIGNALS) -> None:
+    """Start ``service``, serve until one of ``stop_signals``, then stop it gracefully. A stop
+    signal during the start cancels the start (which unwinds what it had started) and returns
+    quietly: a slow start must not outlast ``docker stop``'s grace and end in SIGKILL."""
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in stop_signals:
             loop.add_signal_handler(signum, stop.set)
+        starting = asyncio.create_task(service.start(), name="start")
+        stopping = asyncio.create_task(stop.wait(), name="stop signal")
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("stop signal during start-up: undoing the start")
+            starting.cancel()
+            try:
+                await starting
+            except asyncio.CancelledError:
+                pass
+            except StartupError:
+                pass  # it failed while unwinding; stopping was asked for anyway
+            return
+        stopping.cancel()
         try:
-            await service.start()
+            starting.result()
         except StartupError as error:
             started(error)
             raise
@@ -333,7 +389,7 @@ def _upstream_text(config: Config) -> str:
 
 
 def serve_forever(config: Config) -> None:
-    """``smtp-guard serve``: run until SIGTERM/SIGINT, then shut down gracefully."""
+    """``smtp-guard serve``: run until SIGTERM, SIGINT or SIGHUP, then shut down gracefully."""
     log_pseudonyms = configure_logging(config.logging)
     if config.upstream.mode == "sandbox":
         log.warning("upstream is the SANDBOX: mail is captured in %s and not delivered; "

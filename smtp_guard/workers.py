@@ -1,15 +1,24 @@
 """The supervisor's worker processes: start N, restart one that dies, drain them all on stop.
 
 Workers are started fresh (``spawn``), never forked from the supervisor's running event loop,
-with a pipe on which each says once whether it started: ``("ready", "")`` after its listener
-is bound, or ``("failed", message)`` with the one-line StartupError. A start succeeds only
-when every worker is ready; a worker that fails at the first start fails the whole start
-(the operator sees its message and the exit status), so a broken setting never leaves a
-supervisor running without workers.
+with a pipe on which each says once whether it started: ``("ready", instance_id)`` after its
+listener is bound (``instance_id``: its change-sync row in the store, "" if it has none), or
+``("failed", message)`` with the one-line StartupError. A start succeeds only when every
+worker is ready; a worker that fails at the first start fails the whole start (the operator
+sees its message and the exit status), so a broken setting never leaves a supervisor running
+without workers.
 
 Later, a worker that exits without being asked to is started again at once, or after a
 pause that doubles (up to ``MAX_BACKOFF``) while it keeps dying within ``STABLE_AFTER``
-seconds of its start: a worker that crashes on every start must not spin the machine.
+seconds of becoming ready: a worker that crashes on every start must not spin the machine.
+A replacement that does not say "ready" within ``start_timeout`` (hung: a locked store, a
+stopped process) is terminated, killed if it does not exit, and counts as one more death.
+Each worker number has at most one restart in flight, and restarts of different numbers run
+side by side: a worker in its backoff pause never delays another's restart.
+
+``on_exit`` hears of every worker that is gone (its pid and change-sync row id), so the
+supervisor can drop what the dead process left behind; ``on_change`` hears the number of
+workers accepting connections (ready and alive) whenever it changes, for ``/readyz``.
 
 ``stop()`` sends SIGTERM to every worker — each stops accepting and gives the sessions in
 flight ``[smtp] shutdown_grace`` to finish — and SIGKILLs any still running past that and a
@@ -19,13 +28,16 @@ margin.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
+import os
+import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from .periodic import Periodic
 from .startup import StartupError
@@ -45,29 +57,53 @@ class _Worker:
     process: BaseProcess
     started_at: float
     ready: Connection
-    failures: int = 0  # deaths in a row within STABLE_AFTER of their start
+    ready_at: float | None = None  # when it said "ready"; None while it starts
+    instance_id: str | None = None  # its change-sync row, from its "ready"
+    failures: int = 0  # deaths in a row within STABLE_AFTER of becoming ready (or before it)
+
+    @property
+    def is_accepting(self) -> bool:
+        return self.ready_at is not None and self.process.is_alive()
+
+
+async def _nothing(pid: int, instance_id: str | None) -> None:
+    return None
 
 
 class WorkerPool:
     """``target(number, ready_connection, *args)`` is the worker's main (a module-level
-    function: it is pickled into the new process); ``on_exit`` is told a worker's pid once
-    it is gone; ``grace`` is ``[smtp] shutdown_grace``."""
+    function: it is pickled into the new process); ``grace`` is ``[smtp] shutdown_grace``;
+    ``on_exit(pid, instance_id)`` is awaited once a worker is gone; ``on_change(accepting)``
+    is called when the number of ready, alive workers changes."""
 
     def __init__(self, count: int, target: Callable[..., Any], args: tuple[Any, ...], grace: float,
-                 on_exit: Callable[[int], None] = lambda pid: None) -> None:
+                 on_exit: Callable[[int, str | None], Awaitable[None]] = _nothing,
+                 on_change: Callable[[int], None] = lambda accepting: None,
+                 start_timeout: float = START_TIMEOUT) -> None:
         self.count = count
         self.target = target
         self.args = args
         self.grace = grace
         self.on_exit = on_exit
+        self.on_change = on_change
+        self.start_timeout = start_timeout
         self._workers: dict[int, _Worker] = {}
         self._stopping = False
-        self._restarting: set[int] = set()
+        self._restarts: dict[int, asyncio.Task[None]] = {}
+        self._accepting: int | None = None  # as last told to on_change
         self._watch: Periodic | None = None
+
+    def __repr__(self) -> str:
+        return (f"<WorkerPool {self.accepting}/{self.count} accepting, "
+                f"restarting={sorted(self._restarts)} stopping={self._stopping}>")
 
     @property
     def alive(self) -> int:
         return sum(1 for worker in self._workers.values() if worker.process.is_alive())
+
+    @property
+    def accepting(self) -> int:
+        return sum(1 for worker in self._workers.values() if worker.is_accepting)
 
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers.values() if w.process.pid is not None]
@@ -82,6 +118,7 @@ class WorkerPool:
         except BaseException:
             await self.stop()
             raise
+        self._report_accepting()
         self._watch = Periodic("workers", WATCH_INTERVAL, self._check, "could not check the worker processes")
         self._watch.start()
 
@@ -103,68 +140,137 @@ class WorkerPool:
         log.info("worker %d ready (pid %s)", worker.number, worker.process.pid)
 
     async def _first_word(self, worker: _Worker) -> tuple[str, str]:
-        """What the worker said on its pipe, or ("failed", "") when it exited or stayed silent."""
-        deadline = time.monotonic() + START_TIMEOUT
+        """What the worker said on its pipe, or ("failed", "") when it exited or stayed silent.
+        On "ready", the worker is marked ready and its instance id kept."""
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if worker.ready.poll():
                 try:
                     status, message = worker.ready.recv()
-                    return str(status), str(message)
                 except EOFError:  # exited before saying anything
                     return "failed", ""
+                if status == "ready":
+                    worker.ready_at = time.monotonic()
+                    worker.instance_id = str(message) or None
+                return str(status), str(message)
             await asyncio.sleep(0.02)
-        return "failed", f"worker {worker.number} did not start within {START_TIMEOUT:.0f}s"
+        return "failed", f"worker {worker.number} did not start within {self.start_timeout:g}s"
+
+    def _report_accepting(self) -> None:
+        if self._stopping:
+            return  # the supervisor says "shutting down" meanwhile
+        accepting = self.accepting
+        if accepting != self._accepting:
+            self._accepting = accepting
+            self.on_change(accepting)
 
     async def _check(self) -> None:
         for number, worker in list(self._workers.items()):
-            if self._stopping or worker.process.is_alive() or number in self._restarting:
+            if self._stopping:
+                return
+            if number in self._restarts or worker.process.is_alive():
                 continue
-            self._restarting.add(number)
-            try:
-                await self._restart(worker)
-            finally:
-                self._restarting.discard(number)
+            task = asyncio.create_task(self._restart(worker), name=f"restart worker {number}")
+            self._restarts[number] = task
+            task.add_done_callback(functools.partial(self._restart_done, number))
+        self._report_accepting()
+
+    def _restart_done(self, number: int, task: asyncio.Task[None]) -> None:
+        if self._restarts.get(number) is task:
+            del self._restarts[number]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("could not start worker %d again; trying at the next check", number,
+                      exc_info=task.exception())
 
     async def _restart(self, worker: _Worker) -> None:
-        lived = time.monotonic() - worker.started_at
-        failures = worker.failures + 1 if lived < STABLE_AFTER else 0
-        pause = 0.0 if failures == 0 else min(MAX_BACKOFF, 2.0 ** (failures - 1))
-        log.error("worker %d (pid %s) exited with status %s after %.0fs; starting it again%s", worker.number,
-                  worker.process.pid, worker.process.exitcode, lived, f" in {pause:.0f}s" if pause else "")
-        worker.ready.close()
-        if worker.process.pid is not None:
-            self.on_exit(worker.process.pid)
-        await asyncio.sleep(pause)
-        if self._stopping:
-            return
-        replacement = self._spawn(worker.number)
-        replacement.failures = failures
-        self._workers[worker.number] = replacement
-        status, message = await self._first_word(replacement)
-        if status == "ready":
-            log.info("worker %d ready again (pid %s)", worker.number, replacement.process.pid)
-        else:
+        """Start ``worker``'s number again (it is dead), until a replacement says "ready"."""
+        while True:
+            self._report_accepting()
+            failures, pause = self._after_death(worker)
+            await self._forget(worker)
+            await asyncio.sleep(pause)
+            if self._stopping:
+                return
+            replacement = self._spawn(worker.number)
+            replacement.failures = failures
+            self._workers[worker.number] = replacement
+            status, message = await self._first_word(replacement)
+            if status == "ready":
+                log.info("worker %d ready again (pid %s)", worker.number, replacement.process.pid)
+                self._report_accepting()
+                return
             log.error("worker %d did not start again: %s", worker.number, message or "it exited")
+            await self._end(replacement, KILL_MARGIN)
+            worker = replacement
+
+    def _after_death(self, worker: _Worker) -> tuple[int, float]:
+        """Log the death; the deaths in a row it makes and the pause before the next start.
+        Its life counts from "ready": a start that takes long is not a life that lasted."""
+        now = time.monotonic()
+        lived = None if worker.ready_at is None else now - worker.ready_at
+        failures = 0 if lived is not None and lived >= STABLE_AFTER else worker.failures + 1
+        pause = 0.0 if failures == 0 else min(MAX_BACKOFF, 2.0 ** (failures - 1))
+        how_long = "before it was ready" if lived is None else f"after {lived:.0f}s"
+        log.error("worker %d (pid %s) exited with status %s %s; starting it again%s", worker.number,
+                  worker.process.pid, worker.process.exitcode, how_long, f" in {pause:.0f}s" if pause else "")
+        return failures, pause
+
+    async def _forget(self, worker: _Worker) -> None:
+        """Tell ``on_exit`` that ``worker`` is gone (a failing callback does not stop a restart)."""
+        worker.ready.close()
+        if worker.process.pid is None:
+            return
+        try:
+            await self.on_exit(worker.process.pid, worker.instance_id)
+        except Exception:
+            log.exception("worker %d (pid %s): could not clean up after it", worker.number, worker.process.pid)
+
+    async def _end(self, worker: _Worker, wait: float) -> None:
+        """SIGTERM, then SIGKILL if still running after ``wait`` seconds; joined when this returns."""
+        if worker.process.is_alive():
+            _terminate(worker.process)
+        deadline = time.monotonic() + wait
+        while worker.process.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await _kill(worker, wait)
 
     async def stop(self) -> None:
         """SIGTERM every worker, wait for the drain, SIGKILL what is left."""
         self._stopping = True
         if self._watch is not None:
             await self._watch.stop()
+        restarts = list(self._restarts.values())
+        for task in restarts:
+            task.cancel()
+        await asyncio.gather(*restarts, return_exceptions=True)
         workers = list(self._workers.values())
         for worker in workers:
             if worker.process.is_alive():
-                worker.process.terminate()
+                _terminate(worker.process)
         deadline = time.monotonic() + self.grace + KILL_MARGIN
         while any(w.process.is_alive() for w in workers) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for worker in workers:
-            if worker.process.is_alive():
-                log.warning("worker %d (pid %s) still running %.0fs after SIGTERM; killing it",
-                            worker.number, worker.process.pid, self.grace + KILL_MARGIN)
-                worker.process.kill()
-            worker.process.join(timeout=5)
-            worker.ready.close()
-            if worker.process.pid is not None:
-                self.on_exit(worker.process.pid)
+            await _kill(worker, self.grace + KILL_MARGIN)
+            await self._forget(worker)
         self._workers.clear()
+
+
+async def _kill(worker: _Worker, waited: float) -> None:
+    """SIGKILL ``worker`` if it is still running ``waited`` seconds after SIGTERM; join it."""
+    if worker.process.is_alive():
+        log.warning("worker %d (pid %s) still running %.0fs after SIGTERM; killing it",
+                    worker.number, worker.process.pid, waited)
+        worker.process.kill()
+    await asyncio.to_thread(worker.process.join, 5)
+
+
+def _terminate(process: BaseProcess) -> None:
+    """SIGTERM, then SIGCONT: a stopped process acts on the SIGTERM only once it runs again
+    (systemd sends the same pair)."""
+    process.terminate()
+    if process.pid is not None:
+        try:
+            os.kill(process.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,7 +36,9 @@ CONNECTIONS = 20
 class Supervised:
     """``smtp-guard serve`` with workers = 2, its config file and ports."""
 
-    def __init__(self, tmp_path: Path, sink: Sink, extra: str, reload_interval: str) -> None:
+    def __init__(self, tmp_path: Path, sink: Sink, extra: str, reload_interval: str,
+                 own_session: bool = False) -> None:
+        self.own_session = own_session  # its own process group, as a terminal gives it
         self.smtp_port = free_port()
         self.metrics_port = free_port()
         self.config_file = tmp_path / "smtp-guard.toml"
@@ -53,10 +56,13 @@ class Supervised:
     def address(self) -> tuple[str, int]:
         return "127.0.0.1", self.smtp_port
 
-    async def start(self) -> None:
+    def launch(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "smtp_guard", "serve", "--config", str(self.config_file)],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=self.own_session)
+
+    async def start(self) -> None:
+        self.launch()
         await wait_until(self.ready, timeout=60, interval=0.1, what="the supervisor and both workers to be ready")
 
     async def ready(self) -> bool:
@@ -108,6 +114,12 @@ class Supervised:
         assert result.exit_code == 0, result.output
         return result.output
 
+    async def readyz(self) -> tuple[int, str] | None:
+        try:
+            return await self.get("/readyz")
+        except aiohttp.ClientError:
+            return None
+
     def output(self) -> str:
         self.log.flush()
         self.log.seek(0)
@@ -129,11 +141,16 @@ class Supervised:
 async def supervised(tmp_path: Path, sink: Sink) -> AsyncIterator[object]:
     started: list[Supervised] = []
 
-    async def start(extra: str = "", reload_interval: str = "60s") -> Supervised:
-        """``reload_interval``: long by default, so only the change generation brings news."""
-        guard = Supervised(tmp_path, sink, extra, reload_interval)
+    async def start(extra: str = "", reload_interval: str = "60s", own_session: bool = False,
+                    wait: bool = True) -> Supervised:
+        """``reload_interval``: long by default, so only the change generation brings news.
+        ``wait=False``: launched, not waited for."""
+        guard = Supervised(tmp_path, sink, extra, reload_interval, own_session)
         started.append(guard)
-        await guard.start()
+        if wait:
+            await guard.start()
+        else:
+            guard.launch()
         return guard
 
     yield start
@@ -317,3 +334,74 @@ def _pids_using(directory: Path) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+async def test_readyz_says_not_ready_while_no_worker_accepts(supervised, sink: Sink) -> None:
+    guard = await supervised()
+    for pid in guard.worker_pids():
+        os.kill(pid, signal.SIGKILL)
+
+    async def not_ready() -> str | None:
+        answer = await guard.readyz()
+        return answer[1] if answer is not None and answer[0] == 503 else None
+
+    text = await wait_until(not_ready, timeout=10, interval=0.02, what="/readyz to say no worker accepts")
+    assert "listener: no worker is accepting connections (0 of 2); restarting" in text
+    await wait_until(guard.ready, timeout=30, what="ready again once the workers are back")
+    outcomes = await send_each(guard, [f"back{i}@example.com" for i in range(CONNECTIONS)])
+    assert all(o.data is not None and o.data.startswith("250") for o in outcomes)
+
+
+async def test_a_change_right_after_a_worker_crash_does_not_wait_for_the_dead_worker(supervised, sink: Sink) -> None:
+    """The supervisor removes the dead worker's row from the running guards at once; without
+    that, the row stays fresh for STALE_AFTER and ``--wait`` gives up after confirm_timeout."""
+    guard = await supervised()
+    victim = guard.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    started = time.monotonic()
+    output = await asyncio.to_thread(guard.cli, "suppress", "add", "gone@example.com", "--list", "unsubscribed",
+                                     "--wait")  # exit status 0: every running guard confirmed
+    assert time.monotonic() - started < 4  # confirm_timeout is 5s
+    assert re.search(r"In force on [23] running guards\.", output), output
+    assert f":{victim} " not in output  # not named as unconfirmed or silent
+    await wait_until(lambda: len(guard.worker_pids()) == 2 and victim not in guard.worker_pids(), timeout=30,
+                     what="the replacement worker")
+    await wait_until(guard.ready, timeout=30, what="ready again")
+    outcomes = await send_each(guard, ["gone@example.com"] * CONNECTIONS)
+    assert all(o.rcpt["gone@example.com"].startswith("550") for o in outcomes)  # the replacement too
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT])
+async def test_a_terminal_signal_to_the_process_group_drains_like_sigterm(supervised, sink: Sink, signum) -> None:
+    """Ctrl-C and a closed terminal reach every process of the group: the workers ignore them
+    and the supervisor stops them gracefully, so sessions in flight finish."""
+    guard = await supervised(own_session=True)
+    pids = guard.worker_pids()
+    sink.hang_on, sink.hang_seconds = "data", 1.5
+    sending = asyncio.gather(*(send(guard.address, SENDER, [f"h{i}@example.com"], message()) for i in range(8)))
+    await wait_until(lambda: sink.transactions_started >= 8, timeout=10, what="every session in DATA")
+    assert guard.process is not None
+    os.killpg(guard.process.pid, signum)
+    outcomes = await sending
+    assert all(o.data is not None and o.data.startswith("250") for o in outcomes)  # drained, not cut
+    assert await asyncio.to_thread(guard.process.wait, 30) == 0
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    assert "starting it again" not in guard.output()
+    assert len(sink.messages) == 8
+
+
+async def test_sigterm_during_start_up_stops_at_once(supervised, sink: Sink) -> None:
+    """A start that would take long (a worker that never says ready: stopped here) is cancelled
+    by SIGTERM, not waited for: exit 0 within seconds, no worker left behind."""
+    guard = await supervised(wait=False)
+    pids = await wait_until(lambda: guard.worker_pids(), timeout=30, interval=0.01, what="a worker process")
+    os.kill(pids[0], signal.SIGSTOP)  # the supervisor would wait START_TIMEOUT (60s) for it
+    assert guard.process is not None
+    pids = await wait_until(lambda: len(guard.worker_pids()) == 2 and guard.worker_pids(), timeout=30,
+                            what="both workers spawned (the start waits for them)")
+    started = time.monotonic()
+    guard.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(guard.process.wait, 20) == 0, guard.output()
+    assert time.monotonic() - started < 8
+    await wait_until(lambda: all(not _running(pid) for pid in pids), timeout=5, what="no worker left")
+    assert "Traceback" not in guard.output()

@@ -1,0 +1,32 @@
+"""Worker mains for test_worker_pool.py: tiny stand-ins for ``app.run_worker`` that start in
+a fraction of a second and misbehave when the test asks them to.
+
+A file in the control directory chooses what the next start of worker N does:
+``hang-N`` (removed by the start that reads it): never say "ready" and ignore SIGTERM, like a
+worker stuck on a locked store; ``delay-N`` (kept): wait that many seconds before "ready".
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+
+def serve(number: int, ready: Connection, control: Path) -> None:
+    """Say ("ready", "w<N>-<pid>"), then sleep until SIGTERM (default action: exit)."""
+    hang = control / f"hang-{number}"
+    if hang.exists():
+        hang.unlink()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(60)
+    delay = control / f"delay-{number}"
+    if delay.exists():
+        time.sleep(float(delay.read_text()))
+    ready.send(("ready", f"w{number}-{os.getpid()}"))
+    ready.close()
+    while True:
+        time.sleep(60)

@@ -1,0 +1,127 @@
+"""WorkerPool on its own, with stand-in workers (``pool_targets.py``) that start fast and
+hang, die or start slowly on purpose: restarts, backoff, readiness counts and clean-up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_until
+from pool_targets import serve
+from smtp_guard import workers
+from smtp_guard.workers import WorkerPool
+
+
+class Recorder:
+    """What the pool told its callbacks."""
+
+    def __init__(self) -> None:
+        self.accepting: list[int] = []
+        self.exits: list[tuple[int, str | None]] = []
+
+    async def on_exit(self, pid: int, instance_id: str | None) -> None:
+        self.exits.append((pid, instance_id))
+
+    def on_change(self, accepting: int) -> None:
+        self.accepting.append(accepting)
+
+
+@pytest.fixture
+async def make_pool(tmp_path: Path) -> AsyncIterator[Callable[..., WorkerPool]]:
+    pools: list[WorkerPool] = []
+
+    def make(count: int, recorder: Recorder, start_timeout: float = 10.0) -> WorkerPool:
+        pool = WorkerPool(count, serve, (tmp_path,), grace=0.5, on_exit=recorder.on_exit,
+                          on_change=recorder.on_change, start_timeout=start_timeout)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        await pool.stop()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_a_dead_worker_is_forgotten_with_its_instance_id_and_readiness_follows(make_pool) -> None:
+    recorder = Recorder()
+    pool = make_pool(2, recorder)
+    await pool.start()
+    assert recorder.accepting == [2]
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    await wait_until(lambda: recorder.accepting[-1:] == [2] and len(recorder.accepting) == 3, timeout=10,
+                     what="the worker to be started again")
+    assert recorder.accepting == [2, 1, 2]
+    assert recorder.exits == [(victim, f"w1-{victim}")]  # the id it sent with "ready"
+    assert victim not in pool.pids()
+
+
+async def test_a_replacement_that_hangs_at_start_is_killed_and_started_again(
+        make_pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(workers, "STABLE_AFTER", 0.0)  # the first death: no pause
+    monkeypatch.setattr(workers, "KILL_MARGIN", 0.5)
+    caplog.set_level(logging.INFO, logger="smtp_guard.workers")
+    recorder = Recorder()
+    pool = make_pool(1, recorder, start_timeout=1.0)
+    await pool.start()
+    (tmp_path / "hang-1").touch()
+    os.kill(pool.pids()[0], signal.SIGKILL)
+    await wait_until(lambda: not (tmp_path / "hang-1").exists(), timeout=10, what="the replacement to hang")
+    hung = pool.pids()[0]
+    await wait_until(lambda: recorder.accepting[-1:] == [1] and len(recorder.accepting) == 3, timeout=10,
+                     what="a second replacement to start")
+    assert not _running(hung)  # SIGTERM ignored: killed
+    assert hung not in pool.pids()
+    assert "worker 1 did not start again: worker 1 did not start within 1s" in caplog.text
+    assert "still running 0s after SIGTERM; killing it" in caplog.text
+    # the hung start counts as a death in a row: the next start waits (backoff)
+    assert f"worker 1 (pid {hung}) exited with status -9 before it was ready; starting it again in 1s" in caplog.text
+
+
+async def test_restarts_of_two_workers_run_side_by_side_and_stop_cancels_them(
+        make_pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers, "STABLE_AFTER", 0.0)
+    monkeypatch.setattr(workers, "KILL_MARGIN", 0.5)
+    recorder = Recorder()
+    pool = make_pool(2, recorder, start_timeout=30.0)
+    await pool.start()
+    (tmp_path / "hang-1").touch()  # worker 1's replacement will hang for the whole start timeout
+    killed_at = time.monotonic()
+    for pid in pool.pids():
+        os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: recorder.accepting[-1:] == [1], timeout=10, what="worker 2 to be ready again")
+    assert time.monotonic() - killed_at < 10  # not behind worker 1's 30 s start
+    hung = pool.pids()[0]
+    assert _running(hung)
+    started = time.monotonic()
+    await pool.stop()  # cancels worker 1's restart; the hung process ignores SIGTERM: killed
+    assert time.monotonic() - started < 0.5 + workers.KILL_MARGIN + 2
+    assert not _running(hung) and pool.pids() == []
+
+
+async def test_backoff_counts_a_life_from_ready_not_from_spawn(
+        make_pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that takes longer to start than STABLE_AFTER, then dies at once, still backs off."""
+    monkeypatch.setattr(workers, "STABLE_AFTER", 0.5)
+    caplog.set_level(logging.INFO, logger="smtp_guard.workers")
+    (tmp_path / "delay-1").write_text("0.8")
+    recorder = Recorder()
+    pool = make_pool(1, recorder)
+    await pool.start()
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    await wait_until(lambda: f"(pid {victim}) exited" in caplog.text, timeout=10, what="the death to be noticed")
+    assert f"worker 1 (pid {victim}) exited with status -9 after 0s; starting it again in 1s" in caplog.text
