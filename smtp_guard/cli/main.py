@@ -35,8 +35,11 @@ def main() -> None:
 def serve(config) -> None:  # type: ignore[no-untyped-def]
     """Run the relay: SMTP listener, metrics listener and the hold release worker.
 
-    Stops gracefully on SIGTERM or Ctrl-C: stops accepting, lets sessions in flight finish
+    Stops gracefully on SIGTERM, SIGHUP or Ctrl-C: stops accepting, lets sessions in flight finish
     (up to [smtp] shutdown_grace seconds), and never acknowledges a half-relayed message.
+
+    With [smtp] workers = N above 1 it runs a supervisor and N worker processes on the one
+    listen port; the supervisor restarts a worker that dies and serves /metrics for all.
     """
     from ..app import serve_forever
     from ..startup import StartupError
