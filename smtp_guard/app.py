@@ -29,6 +29,7 @@ from .backends import Backends, load_tombstones, open_backends, store_exists
 from .change_sync import ChangeSync, Step
 from .config import Config
 from .counters import RateCounters
+from .decision_service import DEFAULT_TIMEOUT as DECISION_TIMEOUT
 from .decision_service import DecisionServer, DecisionServiceError, LocalDecider, RemoteDecider, frame_limit
 from .index_share import SharedSnapshots
 from .logs import PseudonymFilter, configure_logging
@@ -225,7 +226,8 @@ class Supervisor(_GuardProcess):
         await self.background.start(run)
         pipeline = default_pipeline(config, self.backends.tombstones, self.enforcement.index,
                                     breakers=self.background.breaker_state, counters=counters, clock=self.clock)
-        decisions = DecisionServer(pipeline, paths.decisions, max_frame=frame_limit(config.smtp))
+        decisions = DecisionServer(pipeline, paths.decisions, max_frame=frame_limit(config.smtp),
+                                   expire_after=DECISION_TIMEOUT, clock=self.clock)
         with naming_setting(f"[smtp] workers {config.smtp.workers} (decision socket)", True, DecisionServiceError):
             await decisions.start()
         run.push_async_callback(decisions.stop)
@@ -290,7 +292,7 @@ class Worker(_GuardProcess):
             self.metrics, counters, paths.index)
         pipeline = default_pipeline(config, backends.tombstones, enforcement.index, counters=counters,
                                     clock=self.clock)
-        decider = RemoteDecider(paths.decisions, max_frame=frame_limit(config.smtp))
+        decider = RemoteDecider(paths.decisions, timeout=DECISION_TIMEOUT, max_frame=frame_limit(config.smtp))
         run.push_async_callback(decider.close)
         front = Front(config, backends, enforcement, pipeline, decider, upstream, self.metrics, self.readiness,
                       self.clock)

@@ -46,8 +46,9 @@ import os
 import pickle
 import stat
 import struct
+import time
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 from . import replies
 from .addresses import Mailbox
@@ -307,10 +308,18 @@ class DecisionServer:
     are decided one at a time against the one state, in the order they arrive."""
 
     def __init__(self, pipeline: Pipeline, socket_path: str | os.PathLike[str], *,
-                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 max_frame: int = DEFAULT_MAX_FRAME, expire_after: float | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``expire_after``: a request whose message time (``MessageContext.now``, the worker's
+        clock, the same wall clock as ``clock``) is older than this is dropped unanswered: the
+        worker gave up on it after its own timeout, the same figure (the supervisor passes
+        ``DEFAULT_TIMEOUT``). None: every request is decided, whatever its time."""
         self.path = Path(socket_path)
         self._pipeline = pipeline
         self._max_frame = max_frame
+        self._expire_after = expire_after
+        self._clock = clock
+        self.expired = 0
         self._server: asyncio.Server | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the socket it made
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -414,6 +423,14 @@ class DecisionServer:
                     # stream cannot be trusted either, so the connection goes (others stay).
                     log.warning("decision service: dropping a connection that sent a bad frame (%s)", error)
                     return
+                if self._expire_after is not None and self._clock() - message.now > self._expire_after:
+                    # The worker stopped waiting and deferred it: deciding it now would spend
+                    # rate-limit tokens and count recipients for a message that was not sent,
+                    # and keep an overloaded supervisor busy with work nobody waits for.
+                    self.expired += 1
+                    log.warning("decision service: dropped a request %.1fs old (the worker deferred it)",
+                                self._clock() - message.now)
+                    continue
                 writer.write(self._answer(request_id, message))
                 await writer.drain()
         except ConnectionError:

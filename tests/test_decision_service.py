@@ -516,3 +516,20 @@ async def test_a_socket_path_too_long_for_unix_sockets_is_explained(pipeline: Pi
     path = tmp_path / "run" / ("x" * 120 + ".sock")
     with pytest.raises(DecisionServiceError, match="shorter than 108 bytes"):
         await DecisionServer(pipeline, path).start()
+
+
+async def test_a_request_the_worker_gave_up_on_is_not_decided(pipeline: Pipeline, state: BreakerState,
+                                                               socket_path: Path) -> None:
+    """Its worker deferred the message after its own timeout: counting its recipients now would
+    tally mail that was not sent (and keep an overloaded supervisor busy for nobody)."""
+    server = DecisionServer(pipeline, socket_path, expire_after=5.0, clock=lambda: NOW + 6.0)
+    await server.start()
+    try:
+        async with remote(socket_path, timeout=0.5) as worker:
+            stale = await worker.decide_message(message(recipients(3), now=NOW))
+            fresh = await worker.decide_message(message(recipients(3, start=3), now=NOW + 2.0))
+    finally:
+        await server.stop()
+    assert deferred_by(stale) == "decision_service.timeout" and server.expired == 1
+    assert held(fresh) == [] and server.served == 1
+    assert state.tallies[STREAM].size == 3  # only the fresh message's recipients
