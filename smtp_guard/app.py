@@ -130,7 +130,14 @@ class _GuardProcess:
         raise NotImplementedError
 
     async def stop(self) -> None:
+        """Stop accepting, let sessions in flight finish within the grace period, then stop
+        everything else and flush the audit trail (what was started, in reverse order)."""
         await self._running.aclose()
+        log.info("%s stopped", self._name)
+
+    @property
+    def _name(self) -> str:
+        return "smtp-guard"
 
     async def _enforce(self, metrics: Metrics, counters: RateCounters | None = None,
                        shared_index: Path | None = None) -> tuple[Backends, Enforcement, Upstream]:
@@ -194,12 +201,6 @@ class Guard(_GuardProcess):
     def metrics_address(self) -> tuple[str, int] | None:
         return self.http.address
 
-    async def stop(self) -> None:
-        """Stop accepting, let sessions in flight finish within the grace period, then stop
-        the background duties and flush the audit trail."""
-        await super().stop()
-        log.info("smtp-guard stopped")
-
 
 class Supervisor(_GuardProcess):
     """The guard with ``[smtp] workers`` > 1, minus the workers' fronts: backends, enforcement
@@ -219,8 +220,7 @@ class Supervisor(_GuardProcess):
             counters = SharedCounters.create(paths.counters, config.smtp.rate_limit_keys)
         run.callback(counters.close)
         self.http = _http_listener(multiprocess_registry(paths.metrics), self.readiness)
-        self.backends, self.enforcement, upstream = await self._enforce(
-            self.metrics, counters, paths.index)
+        self.backends, self.enforcement, upstream = await self._enforce(self.metrics, counters, paths.index)
         self.background = Background(config, self.backends, self.enforcement, upstream, self.metrics,
                                      self.readiness, self.http, self.clock)
         await self.background.start(run)
@@ -269,10 +269,6 @@ class Supervisor(_GuardProcess):
             log.warning("could not remove the dead worker (pid %d) from the store's running guards (%s); "
                         "admin commands skip it once its heartbeat is %.0fs old", pid, error, STALE_AFTER)
 
-    async def stop(self) -> None:
-        await super().stop()
-        log.info("smtp-guard stopped")
-
 
 class Worker(_GuardProcess):
     """One SMTP front of a multi-worker guard: its own store connection and index overlay,
@@ -284,12 +280,15 @@ class Worker(_GuardProcess):
         self.paths = paths
         self.metrics = Metrics()  # recorded into the supervisor's multiprocess files (inherited environment)
 
+    @property
+    def _name(self) -> str:
+        return f"smtp-guard worker (pid {os.getpid()})"
+
     async def _start(self) -> None:
         config, paths, run = self.config, self.paths, self._running
         counters = SharedCounters.attach(paths.counters)
         run.callback(counters.close)
-        backends, enforcement, upstream = await self._enforce(
-            self.metrics, counters, paths.index)
+        backends, enforcement, upstream = await self._enforce(self.metrics, counters, paths.index)
         pipeline = default_pipeline(config, backends.tombstones, enforcement.index, counters=counters,
                                     clock=self.clock)
         decider = RemoteDecider(paths.decisions, timeout=DECISION_TIMEOUT, max_frame=frame_limit(config.smtp))
