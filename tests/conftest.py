@@ -108,6 +108,15 @@ def open_umask() -> Iterator[None]:
         os.umask(previous)
 
 
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan is reaped by init, a child of ours by us)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago, for programs that cannot be told port 0."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

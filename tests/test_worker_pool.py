@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import process_running, wait_until
 from pool_targets import serve
 from smtp_guard import workers
 from smtp_guard.workers import WorkerPool
@@ -47,13 +47,6 @@ async def make_pool(tmp_path: Path) -> AsyncIterator[Callable[..., WorkerPool]]:
         await pool.stop()
 
 
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
 
 async def test_a_dead_worker_is_forgotten_with_its_instance_id_and_readiness_follows(make_pool) -> None:
     recorder = Recorder()
@@ -83,7 +76,7 @@ async def test_a_replacement_that_hangs_at_start_is_killed_and_started_again(
     hung = pool.pids()[0]
     await wait_until(lambda: recorder.accepting[-1:] == [1] and len(recorder.accepting) == 3, timeout=10,
                      what="a second replacement to start")
-    assert not _running(hung)  # SIGTERM ignored: killed
+    assert not process_running(hung)  # SIGTERM ignored: killed
     assert hung not in pool.pids()
     assert "worker 1 did not start again: worker 1 did not start within 1s" in caplog.text
     assert "still running 0s after SIGTERM; killing it" in caplog.text
@@ -105,11 +98,11 @@ async def test_restarts_of_two_workers_run_side_by_side_and_stop_cancels_them(
     await wait_until(lambda: recorder.accepting[-1:] == [1], timeout=10, what="worker 2 to be ready again")
     assert time.monotonic() - killed_at < 10  # not behind worker 1's 30 s start
     hung = pool.pids()[0]
-    assert _running(hung)
+    assert process_running(hung)
     started = time.monotonic()
     await pool.stop()  # cancels worker 1's restart; the hung process ignores SIGTERM: killed
     assert time.monotonic() - started < 0.5 + workers.KILL_MARGIN + 2
-    assert not _running(hung) and pool.pids() == []
+    assert not process_running(hung) and pool.pids() == []
 
 
 async def test_backoff_counts_a_life_from_ready_not_from_spawn(

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from click.testing import CliRunner
 
-from conftest import free_port, wait_until
+from conftest import free_port, process_running, wait_until
 from sink import Sink
 from smtp_client import message, send
 from smtp_guard.cli.main import main
@@ -279,21 +279,13 @@ async def test_workers_of_a_killed_supervisor_stop_and_free_the_port(supervised,
     assert guard.process is not None
     guard.process.kill()
     guard.process.wait()
-    await wait_until(lambda: all(not _running(pid) for pid in pids), timeout=20,
+    await wait_until(lambda: all(not process_running(pid) for pid in pids), timeout=20,
                      what="the orphaned workers to exit")
     with socket.socket() as probe:  # the port is free again (no SO_REUSEPORT: nobody may hold it)
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(guard.address)
     shutil.rmtree(f"/dev/shm/smtp-guard.127.0.0.1-{guard.smtp_port}", ignore_errors=True)  # what it left
 
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan is reaped by init, a child of ours by us)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 async def test_a_second_supervisor_on_the_same_address_is_refused(supervised, tmp_path: Path) -> None:
@@ -315,7 +307,7 @@ async def test_a_killed_supervisor_leaves_its_run_directory_to_the_next_start(su
     assert (run_directory / "counters").exists()
     guard.process.kill()
     guard.process.wait()
-    await wait_until(lambda: not any(_running(pid) for pid in _pids_using(run_directory)), timeout=20,
+    await wait_until(lambda: not any(process_running(pid) for pid in _pids_using(run_directory)), timeout=20,
                      what="the orphaned workers to exit")
     assert (run_directory / "counters").exists()  # left behind ...
     await guard.start()  # ... and taken over by the next start on the same address
@@ -403,5 +395,5 @@ async def test_sigterm_during_start_up_stops_at_once(supervised, sink: Sink) -> 
     guard.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(guard.process.wait, 20) == 0, guard.output()
     assert time.monotonic() - started < 8
-    await wait_until(lambda: all(not _running(pid) for pid in pids), timeout=5, what="no worker left")
+    await wait_until(lambda: all(not process_running(pid) for pid in pids), timeout=5, what="no worker left")
     assert "Traceback" not in guard.output()
