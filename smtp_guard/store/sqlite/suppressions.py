@@ -269,12 +269,12 @@ def _load_snapshot(path: Any, priority: tuple[str, ...], now: float, busy_timeou
         if len(order) > 256:
             raise StoreError(f"{len(order)} suppression lists; the index holds at most 256")
         # SQLite ranks each row's list and keeps the best one per hash, so Python only copies
-        # two integer columns into arrays. NOT INDEXED: a sequential scan plus one sort measured
-        # 2x faster than walking the key_hash index with a table look-up per row.
+        # two integer columns into arrays. The covering index (migration 5) hands the rows over
+        # in key_hash order from the index alone: no table look-up per row and no sort.
         rank = "CASE list_name " + " ".join(f"WHEN ? THEN {i}" for i in range(len(order))) + " END"
         cursor = connection.execute(
-            f"SELECT key_hash, MIN({rank}) FROM suppressions NOT INDEXED WHERE kind = 'address' AND {_LIVE} "
-            "GROUP BY key_hash ORDER BY key_hash", (*order, now))
+            f"SELECT key_hash, MIN({rank}) FROM suppressions INDEXED BY suppressions_snapshot "
+            f"WHERE kind = 'address' AND {_LIVE} GROUP BY key_hash ORDER BY key_hash", (*order, now))
         hashes, lists = array("q"), array("B")
         first, second = itemgetter(0), itemgetter(1)
         while chunk := cursor.fetchmany(_FETCH_CHUNK):
