@@ -55,7 +55,6 @@ KILL_MARGIN = 5.0
 class _Worker:
     number: int
     process: BaseProcess
-    started_at: float
     ready: Connection
     ready_at: float | None = None  # when it said "ready"; None while it starts
     instance_id: str | None = None  # its change-sync row, from its "ready"
@@ -98,10 +97,6 @@ class WorkerPool:
                 f"restarting={sorted(self._restarts)} stopping={self._stopping}>")
 
     @property
-    def alive(self) -> int:
-        return sum(1 for worker in self._workers.values() if worker.process.is_alive())
-
-    @property
     def accepting(self) -> int:
         return sum(1 for worker in self._workers.values() if worker.is_accepting)
 
@@ -130,7 +125,7 @@ class WorkerPool:
         process.start()
         send.close()  # the worker holds its end; ours would keep the pipe open after it died
         log.info("worker %d started (pid %s)", number, process.pid)
-        return _Worker(number, process, time.monotonic(), receive)
+        return _Worker(number, process, receive)
 
     async def _wait_ready(self, worker: _Worker) -> None:
         status, message = await self._first_word(worker)
