@@ -54,6 +54,7 @@ from .workers import WorkerPool
 
 if TYPE_CHECKING:
     from .admin.http import HTTPListener
+    from .admin.server import AdminListener
 
 log = logging.getLogger("smtp_guard")
 
@@ -73,16 +74,22 @@ async def init_store(config: Config) -> bool:
 
 @asynccontextmanager
 async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminContext]:
-    """Backends for one admin operation (CLI command or API request), on the store the guard
-    created (StoreNotFound when there is none)."""
+    """Backends for one admin command, on the store the guard created (StoreNotFound when
+    there is none)."""
     if not store_exists(config):
         raise StoreNotFound(config, WELL_KNOWN_CONFIGS)
     async with open_backends(config, server=False) as backends:
-        yield AdminContext(
-            config=config, suppressions=backends.suppressions, holds=backends.holds, breakers=backends.breakers,
-            audit=backends.audit, erasure=backends.erasure, key_ring=backends.tombstones.ring,
-            tombstones=backends.tombstones, normalizer=backends.normalizer, actor=actor, changes=backends.changes,
-        )
+        yield admin_context(config, backends, actor)
+
+
+def admin_context(config: Config, backends: Backends, actor: str) -> AdminContext:
+    """An admin operation on open backends: a CLI command's own, or the running guard's for
+    the admin API (whose tombstones follow erasures made anywhere)."""
+    return AdminContext(
+        config=config, suppressions=backends.suppressions, holds=backends.holds, breakers=backends.breakers,
+        audit=backends.audit, erasure=backends.erasure, key_ring=backends.tombstones.ring,
+        tombstones=backends.tombstones, normalizer=backends.normalizer, actor=actor, changes=backends.changes,
+    )
 
 
 def build_upstream(config: Config) -> Upstream:
@@ -165,6 +172,21 @@ class _GuardProcess:
         await change_sync.start()
         self.change_sync = change_sync
 
+    async def _serve_admin(self, backends: Backends, metrics: Metrics) -> None:
+        """The admin API and console (``[admin] listen``), acting on this process's backends.
+        Started after the change sync: a change it makes is confirmed by this guard too."""
+        config = self.config
+        self.admin: AdminListener | None = None
+        if config.admin.listen is None:
+            return
+        from .admin.server import AdminListener  # aiohttp: only processes that serve HTTP import it
+
+        listener = AdminListener(config, lambda actor: admin_context(config, backends, actor), self.readiness,
+                                 metrics, self.clock)
+        await listener.start()
+        self._running.push_async_callback(listener.stop)
+        self.admin = listener
+
 
 class Guard(_GuardProcess):
     """The running relay in one process (``[smtp] workers = 1``): every role. ``await start()``
@@ -189,6 +211,7 @@ class Guard(_GuardProcess):
                            self.metrics, self.readiness, self.clock)
         await self._follow_changes(self.backends, [*self.enforcement.change_steps, *self.background.change_steps])
         await self.front.start(run)
+        await self._serve_admin(self.backends, self.metrics)
         await self.background.start_probes(run)
         log.info("smtp-guard listening on %s:%d, relaying to %s; store %s; config %s", *self.smtp_address,
                  _upstream_text(config), config.store.path, config.source)
@@ -237,6 +260,7 @@ class Supervisor(_GuardProcess):
                                   on_change=self._workers_accepting)
         await self.workers.start()
         run.push_async_callback(self._stop_workers)
+        await self._serve_admin(self.backends, self.metrics)
         await self.background.start_probes(run)
         log.info("smtp-guard supervisor: %d workers listening on %s, relaying to %s; store %s; config %s",
                  config.smtp.workers, config.smtp.listen, _upstream_text(config), config.store.path, config.source)

@@ -34,6 +34,7 @@ UpstreamMode = Literal["smtp", "sandbox"]
 UpstreamTLS = Literal["none", "opportunistic", "starttls", "implicit"]
 BareLineEndings = Literal["reject", "normalize"]
 LogFormat = Literal["text", "json"]
+AdminRole = Literal["viewer", "admin"]
 
 
 class ConfigError(Exception):
@@ -194,9 +195,33 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AdminToken:
+    """One ``[admin.tokens]`` entry: the token itself is never in the config, only its hash."""
+
+    role: AdminRole
+    hash: str  # "sha256:<64 hex digits>", printed by `smtp-guard admin token create`
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     listen: ListenAddress | None = None
-    tokens: Mapping[str, str] = field(default_factory=dict)
+    # name -> AdminToken; the name is recorded as the actor of every change made with it.
+    tokens: Mapping[str, AdminToken] = field(default_factory=dict)
+    # Certificate and key (PEM) to serve the API and console over HTTPS; both or neither.
+    tls_cert: str = _path()
+    tls_key: str = _path()
+    # A console login lasts this long, then asks for the token again.
+    session_lifetime: float = _duration(8 * 3600.0)
+    # Largest suppression import upload, in bytes.
+    max_upload: int = _at_least(1024 ** 3, minimum=1)
+    # Failed logins (bad or missing token) from one address within the window before it is
+    # refused with 429 without the token being checked.
+    auth_max_failures: int = _at_least(10, minimum=1)
+    auth_failure_window: float = _duration(60.0)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
 
 
 @dataclass(frozen=True)
@@ -496,6 +521,7 @@ _ALIASES = {
     "ErasureAction": "Literal['reject', 'drop']",
     "ListScope": "Literal['all', 'marketing']",
     "ProtectionAction": "Literal['defer', 'hold']",
+    "AdminRole": "Literal['viewer', 'admin']",
     "RateKey": "Literal['client', 'auth_user', 'sender', 'sender_domain', 'stream', 'recipient_domain']",
 }
 
@@ -573,12 +599,43 @@ def _build_lists(table: Mapping[str, Any], where: str) -> dict[str, ListConfig]:
     return lists
 
 
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _build_admin(table: Mapping[str, Any], where: str) -> AdminConfig:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    admin: AdminConfig = _build_section(AdminConfig, {k: v for k, v in table.items() if k != "tokens"}, where)
+    raw_tokens = table.get("tokens", {})
+    if not isinstance(raw_tokens, Mapping):
+        raise ConfigError(f"{where}.tokens: expected a table like [admin.tokens], got {raw_tokens!r}")
+    tokens = {}
+    for name, raw in raw_tokens.items():
+        key = f"{where}.tokens.{name}"
+        if not _TOKEN_NAME.fullmatch(name):
+            raise ConfigError(f"{key}: a token name is letters, digits, '.', '_' and '-' (at most 64)")
+        raw = _resolve_env(raw, {})
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{key}: tokens are stored hashed, never in clear; run `smtp-guard admin token "
+                              f"create {name} --role viewer|admin` and paste the line it prints")
+        _check_keys(raw, {"role", "hash"}, key)
+        role = _coerce(_resolve_env(raw.get("role", ""), ""), "", "Literal['viewer', 'admin']", f"{key}.role")
+        digest = _resolve_env(raw.get("hash", ""), "")
+        if not isinstance(digest, str) or not _TOKEN_HASH.fullmatch(digest):
+            raise ConfigError(f"{key}.hash: expected \"sha256:\" and 64 hex digits, as printed by "
+                              f"`smtp-guard admin token create {name}`")
+        tokens[name] = AdminToken(role=role, hash=digest)
+    if bool(admin.tls_cert) != bool(admin.tls_key):
+        raise ConfigError(f"{where}: tls_cert and tls_key go together (HTTPS needs both, plain HTTP neither)")
+    return replace(admin, tokens=tokens)
+
+
 _SECTIONS: dict[str, type] = {
     "smtp": SMTPConfig,
     "upstream": UpstreamConfig,
     "store": StoreConfig,
     "metrics": MetricsConfig,
-    "admin": AdminConfig,
     "addresses": AddressConfig,
     "hold": HoldConfig,
     "erasure": ErasureConfig,
@@ -747,11 +804,13 @@ def build_config(data: Mapping[str, Any], source: str, *, base_dir: Path | None 
     Relative paths are resolved against ``base_dir`` (the config file's directory); an empty
     ``[store] path`` becomes the user's data directory."""
     where = source
-    _check_keys(data, set(_SECTIONS) | {"access", "lists", "classify", "classes", "rate_limits"}, where)
+    _check_keys(data, set(_SECTIONS) | {"admin", "access", "lists", "classify", "classes", "rate_limits"}, where)
     kwargs: dict[str, Any] = {"source": source}
     for name, cls in _SECTIONS.items():
         if name in data:
             kwargs[name] = _build_section(cls, data[name], f"{where}: [{name}]")
+    if "admin" in data:
+        kwargs["admin"] = _build_admin(data["admin"], f"{where}: [admin]")
     if "access" in data:
         kwargs["access"] = _build_access(data["access"], f"{where}: [access]")
     if "lists" in data:

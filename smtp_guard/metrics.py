@@ -78,6 +78,15 @@ class Metrics:
         self.sessions_refused = Counter(
             "smtp_guard_sessions_refused_total",
             "SMTP client connections refused at connect, by reason.", ["reason"], registry=r)
+        self.admin_requests = Counter(
+            "smtp_guard_admin_requests_total",
+            "Admin API and console requests, by method, route template and HTTP status.",
+            ["method", "route", "status"], registry=r)
+        self.admin_auth_failures = Counter(
+            "smtp_guard_admin_auth_failures_total",
+            "Admin requests refused for authentication, by reason (missing or invalid token or session, "
+            "forbidden: role too low, throttled: too many failures from one address).",
+            ["reason"], registry=r)
         self.relay_denied = Counter(
             "smtp_guard_relay_denied_total",
             "MAIL commands refused because the client may not relay (network or AUTH).", registry=r)

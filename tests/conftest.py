@@ -203,6 +203,27 @@ async def start_guard(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[...,
             raise AssertionError(f"guard.stop() did not finish within {STOP_LIMIT}s (task stacks above)") from None
 
 
+@pytest.fixture
+async def start_admin(start_guard: Callable[..., Awaitable[Guard]]) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """``admin = await start_admin(admin={...}, **overrides)``: a Guard with its admin listener on
+    loopback and an HTTP client (tests/admin_client.py); the client closes at teardown."""
+    from admin_client import AdminAPI, admin_overrides
+
+    import aiohttp
+
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def start(admin: Mapping[str, Any] | None = None, **overrides: Any) -> AdminAPI:
+        guard = await start_guard(admin=admin_overrides(**(admin or {})), **overrides)
+        http = aiohttp.ClientSession()
+        sessions.append(http)
+        return AdminAPI(guard, http)
+
+    yield start
+    for http in sessions:
+        await http.close()
+
+
 # --- TLS ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

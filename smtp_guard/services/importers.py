@@ -179,6 +179,26 @@ async def import_file(ctx: AdminContext, path: str | os.PathLike[str], fmt: str 
     return result
 
 
+def check_file(path: str | os.PathLike[str], fmt: str = "auto", list_name: str | None = None) -> ImportFormat:
+    """The file's format, or ImportFailed for everything ``import_file`` would refuse before its
+    first write (unreadable, unknown layout, a column the format needs missing): an upload can
+    be refused whole instead of half-imported."""
+    name = str(path)
+    try:
+        raw = open(path, "rb")
+    except OSError as error:
+        raise ImportFailed(f"cannot read {name}: {error.strerror or error}") from None
+    with raw:
+        head = raw.peek(4096)[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+        try:
+            detected, rows = _open_rows(text, head, name, fmt, list_name)
+            next(rows, None)  # the row readers check their columns when the first row is read
+        finally:
+            text.detach()
+    return detected
+
+
 async def _commit(ctx: AdminContext, batch: list[SuppressionEntry], counts: _Counts) -> None:
     """Write one batch in one transaction (emptying ``batch``) and count what was new."""
     if batch:

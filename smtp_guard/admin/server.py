@@ -1,0 +1,175 @@
+"""The admin listener (``[admin] listen``): the API under ``/api/v1/``, the web console at
+``/``, and ``/healthz`` + ``/readyz``, in the guard's own event loop.
+
+It acts on the guard's own backends through the same ``services`` as the CLI, so an API change
+takes the CLI's path: committed, then confirmed "in force" by every running guard before the
+response returns. Middleware, outermost first: metrics (route template and status), errors
+(RFC 7807 problem details under /api/), bearer-token check for /api/ (with the console's
+session check beside it); a client that keeps failing to authenticate is throttled.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from ..config import Config
+from ..metrics import Metrics
+from ..readiness import Readiness
+from ..smtp.auth import AuthThrottle
+from ..startup import naming_setting
+from . import api
+from .imports import ImportJobs
+from .problems import Problem
+from .requests import CONFIG, CONTEXTS, JOBS, PRINCIPAL, ContextFactory
+from .tokens import TokenCheck
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+THROTTLE = web.AppKey("throttle", AuthThrottle)
+METRICS = web.AppKey("metrics", Metrics)
+TOKENS = web.AppKey("tokens", TokenCheck)
+
+
+class AdminListener:
+    def __init__(self, config: Config, contexts: ContextFactory, readiness: Readiness, metrics: Metrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        admin = config.admin
+        self._config = config
+        self._readiness = readiness
+        self._runner: web.AppRunner | None = None
+        self.jobs = ImportJobs(Path(config.store.data_dir) / "uploads", admin.max_upload, clock)
+        app = web.Application(middlewares=[_observe, _errors, _authenticate])
+        app[CONFIG] = config
+        app[CONTEXTS] = contexts
+        app[JOBS] = self.jobs
+        app[METRICS] = metrics
+        app[TOKENS] = TokenCheck(admin.tokens)
+        app[THROTTLE] = AuthThrottle(admin.auth_max_failures, admin.auth_failure_window, clock)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        api.add_routes(app)
+        self.app = app
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready = self._readiness.is_ready
+        lines = ["ready" if ready else "not ready", *map(str, self._readiness.checks())]
+        return web.Response(status=200 if ready else 503, text="\n".join(lines) + "\n")
+
+    async def start(self) -> None:
+        admin = self._config.admin
+        assert admin.listen is not None
+        tls = None
+        if admin.tls_enabled:
+            with naming_setting(f"[admin] tls_cert {admin.tls_cert} / tls_key {admin.tls_key}", True, OSError):
+                tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                tls.load_cert_chain(admin.tls_cert, admin.tls_key)
+        if not admin.tokens:
+            log.warning("[admin] listen is set but [admin.tokens] is empty: the API and console refuse every "
+                        "request; create a token with `smtp-guard admin token create NAME --role admin`")
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        with naming_setting(f"[admin] listen {admin.listen}", True, OSError):
+            await web.TCPSite(self._runner, admin.listen.host, admin.listen.port, ssl_context=tls).start()
+        log.info("admin API and console on %s://%s", "https" if tls else "http", self.address_text)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self._runner is None or not self._runner.addresses:
+            return None
+        host, port = self._runner.addresses[0][:2]
+        return host, port
+
+    @property
+    def address_text(self) -> str:
+        host, port = self.address or ("?", 0)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def stop(self) -> None:
+        await self.jobs.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def _route(request: web.Request) -> str:
+    """A bounded label: the route's template (/api/v1/holds/{id}), never the path itself."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as error:
+        status = error.status
+        raise
+    finally:
+        request.app[METRICS].admin_requests.labels(request.method, _route(request), str(status)).inc()
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    is_api = request.path.startswith("/api/")
+    try:
+        response = await handler(request)
+    except Problem as refused:
+        if refused.status in (401, 403, 429):
+            request.app[METRICS].admin_auth_failures.labels(_reason(refused)).inc()
+        response = refused.response()
+    except web.HTTPException as error:
+        if not is_api or error.status < 400:
+            raise
+        field = "body" if error.status == 413 else None
+        response = Problem(error.status, error.reason, f"{request.method} {request.path}: {error.reason}",
+                           field=field).response()
+    except Exception:
+        log.exception("admin request %s %s failed", request.method, request.path)
+        response = Problem(500, "Internal error", "the guard could not complete this request; its log says why"
+                           ).response()
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _reason(problem: Problem) -> str:
+    return {401: "invalid" if problem.extra.get("token_presented") else "missing", 403: "forbidden",
+            429: "throttled"}[problem.status]
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer tokens for /api/ (the console checks its own session cookie)."""
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    throttle = request.app[THROTTLE]
+    client = request.remote or ""
+    if throttle.is_throttled(client):
+        window = request.app[CONFIG].admin.auth_failure_window
+        raise Problem(429, "Too many failed logins", f"too many failed logins from {client}; wait and retry "
+                      "with a valid token", headers={"Retry-After": str(int(window))})
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    who = request.app[TOKENS].principal(token) if scheme.lower() == "bearer" and token else None
+    if who is None:
+        throttle.record_failure(client)
+        detail = ("the token is not valid (not in [admin.tokens])" if token
+                  else "send Authorization: Bearer TOKEN (smtp-guard admin token create makes one)")
+        raise Problem(401, "Unauthorized", detail, token_presented=bool(token),
+                      headers={"WWW-Authenticate": 'Bearer realm="smtp-guard"'})
+    request[PRINCIPAL] = who
+    return await handler(request)
