@@ -24,6 +24,7 @@ def main() -> None:
     Erase (GDPR):     smtp-guard erase jane@example.com --ref DSR-2026-0042
     New config:       smtp-guard config example > guard.toml
     Check it:         smtp-guard config check --config guard.toml
+    API token:        smtp-guard admin token create ops --role admin
 
     Every command that reads a config takes --config FILE (or SMTP_GUARD_CONFIG); run
     `smtp-guard COMMAND --help`.
@@ -82,6 +83,7 @@ def hash_password_command(password: str) -> None:
 
 
 def _register() -> None:
+    from .admin import admin
     from .audit import audit
     from .breaker import breaker
     from .config import config
@@ -95,6 +97,7 @@ def _register() -> None:
     main.add_command(audit)
     main.add_command(breaker)
     main.add_command(config)
+    main.add_command(admin)
 
 
 _register()
