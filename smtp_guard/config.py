@@ -225,6 +225,33 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class DNSConfig:
+    # Name servers as "IP" or "IP:PORT" ("[v6]:PORT"); empty: the system's (/etc/resolv.conf).
+    servers: tuple[str, ...] = ()
+    # How long one lookup may take before it counts as a timeout.
+    timeout: float = _duration(5.0)
+
+    def nameservers(self) -> list[tuple[str, int]]:
+        """The servers as (IP, port); validated when the config loads."""
+        return [_nameserver(text, "[dns] servers") for text in self.servers]
+
+
+def _nameserver(text: str, where: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]{1,5}))?|([0-9.]+)(?::([0-9]{1,5}))?|([0-9A-Fa-f:]+)", text.strip())
+    if not match:
+        raise ConfigError(f"{where}: {text!r} is not \"IP\" or \"IP:PORT\" (IPv6: \"[::1]:53\")")
+    host = match.group(1) or match.group(3) or match.group(5)
+    port = int(match.group(2) or match.group(4) or 53)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{where}: {host!r} is not an IP address (name servers are given by address)") from None
+    if not 0 < port <= 65535:
+        raise ConfigError(f"{where}: port {port} is out of range 1-65535")
+    return host, port
+
+
+@dataclass(frozen=True)
 class AddressConfig:
     """Rules that decide which spellings of an address are the same person."""
 
@@ -402,6 +429,7 @@ class Config:
     store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()
     admin: AdminConfig = AdminConfig()
+    dns: DNSConfig = DNSConfig()
     addresses: AddressConfig = AddressConfig()
     lists: Mapping[str, ListConfig] = field(default_factory=lambda: dict(DEFAULT_LISTS))
     hold: HoldConfig = HoldConfig()
@@ -637,6 +665,7 @@ _SECTIONS: dict[str, type] = {
     "store": StoreConfig,
     "metrics": MetricsConfig,
     "addresses": AddressConfig,
+    "dns": DNSConfig,
     "hold": HoldConfig,
     "erasure": ErasureConfig,
     "streams": StreamsConfig,
@@ -853,6 +882,8 @@ def _resolve_paths(section: Any, base_dir: Path | None) -> Any:
 
 
 def _validate(config: Config, where: str) -> None:
+    for server in config.dns.servers:
+        _nameserver(server, f"{where}: [dns] servers")
     up = config.upstream
     if up.mode == "smtp" and not up.host:
         raise ConfigError(

@@ -382,3 +382,24 @@ def create_store(config_file: Path) -> None:
 
     result = CliRunner().invoke(main, ["init", "--config", str(config_file)], env={"SMTP_GUARD_CONFIG": None})
     assert result.exit_code == 0, result.output
+
+
+# --- DNS ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def dns_server() -> Iterator[Callable[..., Any]]:
+    """``server = dns_server(Zone(txt=..., mx=..., a=...))``: dnsmasq on loopback serving exactly
+    that zone (tests/dns_server.py); stopped at teardown. ``server.address`` goes into
+    ``[dns] servers``."""
+    from dns_server import DNSServer, Zone
+
+    started: list[DNSServer] = []
+
+    def start(zone: Zone | None = None) -> DNSServer:
+        server = DNSServer(zone or Zone()).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

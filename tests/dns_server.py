@@ -1,0 +1,156 @@
+"""A real DNS server on loopback for tests: Debian's dnsmasq, started per test on a high port
+with exactly the records the test gives, and nothing else.
+
+Names under ``local`` domains (".test" by default) that the test did not define are answered
+NXDOMAIN, as a real authoritative server would; anything else is REFUSED (no upstream).
+``[dns] servers = [server.address]`` points the guard at it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rdatatype
+import pytest
+
+DNSMASQ_PATHS = ("/usr/sbin/dnsmasq", "/usr/bin/dnsmasq")
+
+
+def dnsmasq_path() -> str:
+    found = next((path for path in DNSMASQ_PATHS if os.access(path, os.X_OK)), None) or shutil.which("dnsmasq")
+    if found is None:
+        message = "dnsmasq is not installed (Debian package dnsmasq-base; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def txt_strings(text: str) -> list[str]:
+    """One TXT record's text as the <=255-byte strings DNS carries (a 2048-bit DKIM key is longer)."""
+    return [text[i:i + 255] for i in range(0, len(text), 255)] or [""]
+
+
+@dataclass
+class Zone:
+    txt: dict[str, list[str]] = field(default_factory=dict)  # name -> TXT records (each one text)
+    mx: list[tuple[str, str, int]] = field(default_factory=list)  # (domain, exchange, preference); "." = null MX
+    a: dict[str, str] = field(default_factory=dict)  # name -> IPv4 or IPv6 address
+    local: Sequence[str] = ("test",)  # undefined names under these get NXDOMAIN
+
+    def conf(self) -> str:
+        """dnsmasq's config file text (its parser, unlike its command line, reads quoted text,
+        so a TXT record may hold commas, as DMARC's rua= lists do)."""
+        lines = [f"local=/{domain}/" for domain in self.local]
+        for name, records in self.txt.items():
+            for text in records:
+                quoted = ",".join('"' + part.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                                  for part in txt_strings(text))
+                lines.append(f"txt-record={name},{quoted}")
+        lines += [f"mx-host={domain},{exchange},{preference}" for domain, exchange, preference in self.mx]
+        lines += [f"host-record={name},{address}" for name, address in self.a.items()]
+        return "\n".join(lines) + "\n"
+
+
+class DNSServer:
+    def __init__(self, zone: Zone) -> None:
+        self.zone = zone
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stderr = ""
+        self._conf = ""
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "DNSServer":
+        for _ in range(5):  # a free port can be taken between the probe and dnsmasq's bind
+            self.port = _free_udp_port()
+            with tempfile.NamedTemporaryFile("w", prefix="dnsmasq-", suffix=".conf", delete=False) as conf:
+                conf.write(self.zone.conf())
+            self._conf = conf.name
+            self._process = subprocess.Popen(
+                [dnsmasq_path(), "--keep-in-foreground", f"--port={self.port}", "--listen-address=127.0.0.1",
+                 "--bind-interfaces", "--no-resolv", "--no-hosts", f"--conf-file={self._conf}", "--pid-file=",
+                 "--cache-size=0", f"--user={_user()}", "--log-facility=-"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            if self._answers():
+                return self
+            self.stop()
+        raise AssertionError(f"dnsmasq did not start: {self._stderr}")
+
+    def _answers(self) -> bool:
+        deadline = time.monotonic() + 5
+        query = dns.message.make_query("probe.invalid.", dns.rdatatype.A)
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                self._stderr = (self._process.stderr.read() if self._process.stderr else b"").decode(errors="replace")
+                return False
+            try:
+                dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.2)
+                return True
+            except (dns.exception.Timeout, OSError):
+                continue
+        return False
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            if self._process.stderr:
+                self._process.stderr.close()
+            self._process = None
+        if self._conf:
+            os.unlink(self._conf)
+            self._conf = ""
+
+    def __enter__(self) -> "DNSServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class SilentDNSServer:
+    """A UDP port that takes queries and never answers: a resolver's timeout, for real."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
