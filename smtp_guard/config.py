@@ -225,6 +225,36 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class DKIMKeyConfig:
+    """One ``[[dkim.keys]]`` entry. Mail whose From domain is ``domain`` or under it is signed
+    with every key of the most specific such domain (RSA and Ed25519 together, when both)."""
+
+    domain: str
+    selector: str
+    key_file: str = _path()  # PEM (PKCS#8 or PKCS#1), RSA or Ed25519: `smtp-guard dkim keygen` writes one
+
+
+# Signed when present (RFC 6376 section 5.4.1's list, plus the unsubscribe and feedback headers).
+DKIM_SIGNED_HEADERS = (
+    "From", "Reply-To", "Subject", "Date", "To", "Cc", "Message-ID", "In-Reply-To", "References",
+    "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Content-ID", "Content-Description",
+    "Resent-Date", "Resent-From", "Resent-Sender", "Resent-To", "Resent-Cc", "Resent-Message-ID",
+    "List-Id", "List-Help", "List-Unsubscribe", "List-Unsubscribe-Post", "List-Subscribe", "List-Post",
+    "List-Owner", "List-Archive", "Feedback-ID",
+)
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    keys: tuple[DKIMKeyConfig, ...] = ()
+    # Header fields signed when the message has them.
+    headers: tuple[str, ...] = DKIM_SIGNED_HEADERS
+    # Signed once more than present, so that nobody can add one after signing without breaking
+    # the signature (a second From or List-Unsubscribe above the signed one).
+    oversign: tuple[str, ...] = ("From", "Subject", "List-Unsubscribe", "List-Unsubscribe-Post")
+
+
+@dataclass(frozen=True)
 class DNSConfig:
     # Name servers as "IP" or "IP:PORT" ("[v6]:PORT"); empty: the system's (/etc/resolv.conf).
     servers: tuple[str, ...] = ()
@@ -430,6 +460,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     admin: AdminConfig = AdminConfig()
     dns: DNSConfig = DNSConfig()
+    dkim: DKIMConfig = DKIMConfig()
     addresses: AddressConfig = AddressConfig()
     lists: Mapping[str, ListConfig] = field(default_factory=lambda: dict(DEFAULT_LISTS))
     hold: HoldConfig = HoldConfig()
@@ -785,6 +816,57 @@ def _build_classes(table: Any, where: str) -> dict[str, ClassConfig]:
     return classes
 
 
+_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]")
+_SELECTOR = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 field name: printable ASCII but ':'
+
+
+def _build_dkim(table: Any, where: str) -> DKIMConfig:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    _check_keys(table, {"keys", "headers", "oversign"}, where)
+    dkim: DKIMConfig = _build_section(DKIMConfig, {k: v for k, v in table.items() if k != "keys"}, where)
+    for name in ("headers", "oversign"):
+        for header in getattr(dkim, name):
+            if not _HEADER_NAME.fullmatch(header):
+                raise ConfigError(f"{where}.{name}: {header!r} is not a header field name")
+    signed = {h.lower() for h in dkim.headers}
+    if "from" not in signed:
+        raise ConfigError(f"{where}.headers: must include \"From\" (RFC 6376 requires signing it)")
+    if missing := [h for h in dkim.oversign if h.lower() not in signed]:
+        raise ConfigError(f"{where}.oversign: {', '.join(missing)} must also be in headers")
+    raw_keys = table.get("keys", [])
+    if not isinstance(raw_keys, list):
+        raise ConfigError(f"{where}.keys: expected [[dkim.keys]] tables")
+    keys, seen = [], set()
+    for number, raw in enumerate(raw_keys, start=1):
+        here = f"{where}.keys[{number}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{here}: expected a table with domain, selector and key_file")
+        _check_keys(raw, {"domain", "selector", "key_file"}, here)
+        values = {}
+        for name in ("domain", "selector", "key_file"):
+            value = _resolve_env(raw.get(name), "")
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{here}.{name}: required (a string)")
+            values[name] = value
+        domain = values["domain"].lower().rstrip(".")
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ConfigError(f"{here}.domain: {values['domain']!r} is not a domain name") from None
+        if not _DOMAIN.fullmatch(domain):
+            raise ConfigError(f"{here}.domain: {values['domain']!r} is not a domain name, e.g. \"example.com\"")
+        selector = values["selector"].lower()
+        if not _SELECTOR.fullmatch(selector):
+            raise ConfigError(f"{here}.selector: {values['selector']!r} is not a DNS label, e.g. \"s2026\"")
+        if (domain, selector) in seen:
+            raise ConfigError(f"{here}: selector {selector!r} of {domain} is configured twice")
+        seen.add((domain, selector))
+        keys.append(DKIMKeyConfig(domain, selector, values["key_file"]))
+    return replace(dkim, keys=tuple(keys))
+
+
 def _build_rate_limits(raw_rules: Any, where: str) -> tuple[RateLimitRule, ...]:
     if not isinstance(raw_rules, list):
         raise ConfigError(f"{where}: expected a list of rules ([[rate_limits]])")
@@ -833,13 +915,15 @@ def build_config(data: Mapping[str, Any], source: str, *, base_dir: Path | None 
     Relative paths are resolved against ``base_dir`` (the config file's directory); an empty
     ``[store] path`` becomes the user's data directory."""
     where = source
-    _check_keys(data, set(_SECTIONS) | {"admin", "access", "lists", "classify", "classes", "rate_limits"}, where)
+    _check_keys(data, set(_SECTIONS) | {"admin", "dkim", "access", "lists", "classify", "classes", "rate_limits"}, where)
     kwargs: dict[str, Any] = {"source": source}
     for name, cls in _SECTIONS.items():
         if name in data:
             kwargs[name] = _build_section(cls, data[name], f"{where}: [{name}]")
     if "admin" in data:
         kwargs["admin"] = _build_admin(data["admin"], f"{where}: [admin]")
+    if "dkim" in data:
+        kwargs["dkim"] = _build_dkim(data["dkim"], f"{where}: [dkim]")
     if "access" in data:
         kwargs["access"] = _build_access(data["access"], f"{where}: [access]")
     if "lists" in data:
@@ -878,6 +962,10 @@ def _resolve_paths(section: Any, base_dir: Path | None) -> Any:
             resolved = _resolve_paths(value, base_dir)
             if resolved is not value:
                 changes[f.name] = resolved
+        elif isinstance(value, tuple) and value and all(is_dataclass(item) for item in value):
+            items = tuple(_resolve_paths(item, base_dir) for item in value)
+            if any(new is not old for new, old in zip(items, value)):
+                changes[f.name] = items
     return replace(section, **changes) if changes else section
 
 
