@@ -92,11 +92,26 @@ def admin_context(config: Config, backends: Backends, actor: str) -> AdminContex
     )
 
 
-def build_upstream(config: Config) -> Upstream:
+def build_upstream(config: Config, metrics: Metrics) -> Upstream:
+    """The upstream every relay and release goes through; DKIM-signing when keys are configured."""
+    upstream: Upstream
     with naming_setting(f"[store] path {config.store.path} (sandbox Maildir)", True, OSError):
         if config.upstream.mode == "sandbox":
-            return SandboxUpstream(config.store.data_dir / "sandbox")
-        return SMTPUpstream(config.upstream)
+            upstream = SandboxUpstream(config.store.data_dir / "sandbox")
+        else:
+            upstream = SMTPUpstream(config.upstream)
+    if not config.dkim.keys:
+        return upstream
+    # Imported only when signing: dkimpy, cryptography and PyNaCl cost every process memory.
+    from .dkim.keys import DKIMKeyError
+    from .dkim.signer import DKIMSigner
+    from .relay.signing import SigningUpstream
+
+    try:
+        signer = DKIMSigner.from_config(config.dkim)
+    except DKIMKeyError as error:
+        raise StartupError(str(error)) from error
+    return SigningUpstream(upstream, signer, metrics)
 
 
 def _http_listener(registry: CollectorRegistry, readiness: Readiness) -> HTTPListener:
@@ -158,7 +173,7 @@ class _GuardProcess:
         snapshots = None if shared_index is None else SharedSnapshots(shared_index, backends.suppressions)
         enforcement = Enforcement(self.config, backends, metrics, self.readiness, self.clock, snapshots)
         await enforcement.start(run)
-        upstream = build_upstream(self.config)
+        upstream = build_upstream(self.config, metrics)
         run.push_async_callback(upstream.close)
         return backends, enforcement, upstream
 

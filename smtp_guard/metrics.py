@@ -78,6 +78,15 @@ class Metrics:
         self.sessions_refused = Counter(
             "smtp_guard_sessions_refused_total",
             "SMTP client connections refused at connect, by reason.", ["reason"], registry=r)
+        self.dkim_messages = Counter(
+            "smtp_guard_dkim_messages_total",
+            "Messages leaving for the upstream by DKIM outcome (signed; not_configured: no [[dkim.keys]] for "
+            "the From domain; failed: deferred with 451, never relayed unsigned).",
+            ["outcome"], registry=r)
+        self.dkim_broken_signatures = Counter(
+            "smtp_guard_dkim_broken_signatures_total",
+            "The platform's own DKIM signatures that a change made by the guard (a stripped or added "
+            "header, normalized line endings) invalidated.", registry=r)
         self.admin_requests = Counter(
             "smtp_guard_admin_requests_total",
             "Admin API and console requests, by method, route template and HTTP status.",

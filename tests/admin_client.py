@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from smtp_guard.admin.tokens import hash_token, new_token
+from smtp_guard.api_tokens import hash_token, new_token
 from smtp_guard.app import Guard
 
 ADMIN_TOKEN = new_token()

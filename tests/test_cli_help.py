@@ -28,9 +28,10 @@ def test_every_command_has_help_and_takes_config() -> None:
         result = runner.invoke(main, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
         assert (command.help or "").strip(), f"smtp-guard {' '.join(path)} has no help text"
-        # These read no config: two make a secret and print its hash, one prints the shipped file.
+        # These read no config: three make a secret and print what to configure, one prints the
+        # shipped file.
         if not isinstance(command, click.Group) and path not in (("hash-password",), ("config", "example"),
-                                                                 ("admin", "token", "create")):
+                                                                 ("admin", "token", "create"), ("dkim", "keygen")):
             assert "--config" in result.output, f"smtp-guard {' '.join(path)} does not take --config"
 
 

@@ -270,7 +270,8 @@ def test_example_config_shows_every_setting() -> None:
     # as commented examples (an empty array of tables cannot be written in TOML).
     by_entry = ("source", "lists", "classes", "rate_limits")
     gaps = [gap for field in dataclasses.fields(Config) if field.name not in by_entry
-            for gap in missing(getattr(defaults, field.name), document.get(field.name, {}), field.name)]
+            for gap in missing(getattr(defaults, field.name), document.get(field.name, {}), field.name)
+            if gap != "dkim.keys"]  # [[dkim.keys]]: an array of tables, shown commented
     for name, listing in DEFAULT_LISTS.items():
         gaps += missing(listing, document.get("lists", {}).get(name, {}), f"lists.{name}")
     for name, definition in DEFAULT_CLASSES.items():

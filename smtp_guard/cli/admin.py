@@ -7,8 +7,8 @@ from typing import cast
 
 import click
 
+from ..api_tokens import config_line, new_token
 from ..config import AdminRole
-from ..admin.tokens import config_line, new_token
 
 
 @click.group()

@@ -87,6 +87,7 @@ def _register() -> None:
     from .audit import audit
     from .breaker import breaker
     from .config import config
+    from .dkim import dkim
     from .erase import erase
     from .hold import hold
     from .suppress import suppress
@@ -98,6 +99,7 @@ def _register() -> None:
     main.add_command(breaker)
     main.add_command(config)
     main.add_command(admin)
+    main.add_command(dkim)
 
 
 _register()

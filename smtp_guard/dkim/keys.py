@@ -94,16 +94,6 @@ def load(path: str | Path, domain: str, selector: str) -> SigningKey:
     return from_pem(pem, domain, selector, where)
 
 
-def txt_tags(text: str) -> dict[str, str]:
-    """A DKIM key record's tags (``v=DKIM1; k=rsa; p=…``), whitespace removed as RFC 6376 allows."""
-    tags = {}
-    for part in text.split(";"):
-        name, sep, value = part.partition("=")
-        if sep:
-            tags[name.strip()] = "".join(value.split())
-    return tags
-
-
 def zone_lines(key: SigningKey) -> str:
     """The record as a zone file line, the text split into DNS's 255-byte strings."""
     text = key.txt_record()

@@ -34,6 +34,7 @@ from ..addresses import AddressNormalizer, InvalidAddress, Mailbox, key_hash, pa
 from ..classify import MessageClassifier, strip_headers
 from ..config import BareLineEndings
 from ..decision_service import MessageDecider
+from ..dkim.existing import broken_signatures, is_signed
 from ..metrics import Metrics
 from ..policy.base import Decision, MessageContext, RecipientContext, Verdict
 from ..policy.pipeline import Pipeline
@@ -256,6 +257,7 @@ class Transaction:
         return reply
 
     async def _deliver(self, content: bytes, message: MessageContext, trace: bytes) -> tuple[Reply, Outcome]:
+        received = content
         if b"\x00" in content:
             return replies.NUL_IN_MESSAGE, "refused"
         if has_bare_line_ending(content):
@@ -267,9 +269,11 @@ class Transaction:
         refusal = await self._apply_message_policies(message)
         if refusal is not None:
             return refusal
-        # The guard's own headers go on here, after stripping and before anything (such as a
-        # DKIM signature) is computed over the content, so upstream and hold queue get the same bytes.
+        # The guard's own headers go on here, after stripping; the upstream and the hold queue
+        # get the same bytes, and a DKIM signature (relay/signing.py) is made over them last.
         content = trace + strip_headers(content, self._parts.strip)
+        if is_signed(received):
+            self._check_platform_signatures(received, content)
         upstream_reply: Reply | None = None
         if self.relayed:
             assert self.upstream is not None
@@ -289,6 +293,15 @@ class Transaction:
         if upstream_reply is not None:
             return upstream_reply, "relayed"
         return replies.ACCEPTED_NOT_RELAYED, "dropped"
+
+    def _check_platform_signatures(self, received: bytes, relayed: bytes) -> None:
+        """Say when a change the guard made breaks the platform's own DKIM signature: the mail
+        still goes (the guard's own signature, if configured, covers what leaves)."""
+        for domain in broken_signatures(received, relayed):
+            self._parts.metrics.dkim_broken_signatures.inc()
+            log.warning("txn=%s the guard's changes (stripped headers or normalized line endings) break the "
+                        "platform's DKIM signature d=%s; relaying it anyway: sign with [[dkim.keys]] or stop "
+                        "stripping a signed header", self.txn_id, domain)
 
     async def _hold(self, content: bytes, message: MessageContext) -> Reply | None:
         """Store the held recipients durably; the reply for the client if that failed."""
