@@ -55,6 +55,7 @@ from .workers import WorkerPool
 if TYPE_CHECKING:
     from .admin.http import HTTPListener
     from .admin.server import AdminListener
+    from .unsubscribe.http import UnsubscribeListener
 
 log = logging.getLogger("smtp_guard")
 
@@ -79,17 +80,7 @@ async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminC
     if not store_exists(config):
         raise StoreNotFound(config, WELL_KNOWN_CONFIGS)
     async with open_backends(config, server=False) as backends:
-        yield admin_context(config, backends, actor)
-
-
-def admin_context(config: Config, backends: Backends, actor: str) -> AdminContext:
-    """An admin operation on open backends: a CLI command's own, or the running guard's for
-    the admin API (whose tombstones follow erasures made anywhere)."""
-    return AdminContext(
-        config=config, suppressions=backends.suppressions, holds=backends.holds, breakers=backends.breakers,
-        audit=backends.audit, erasure=backends.erasure, key_ring=backends.tombstones.ring,
-        tombstones=backends.tombstones, normalizer=backends.normalizer, actor=actor, changes=backends.changes,
-    )
+        yield backends.admin_context(config, actor)
 
 
 def build_upstream(config: Config, metrics: Metrics) -> Upstream:
@@ -196,11 +187,25 @@ class _GuardProcess:
             return
         from .admin.server import AdminListener  # aiohttp: only processes that serve HTTP import it
 
-        listener = AdminListener(config, lambda actor: admin_context(config, backends, actor), self.readiness,
+        listener = AdminListener(config, lambda actor: backends.admin_context(config, actor), self.readiness,
                                  metrics, self.clock)
         await listener.start()
         self._running.push_async_callback(listener.stop)
         self.admin = listener
+
+    async def _serve_unsubscribe(self, backends: Backends, metrics: Metrics) -> None:
+        """The one-click listener (``[unsubscribe] listen``): once per guard, like the admin API."""
+        self.unsubscribe: UnsubscribeListener | None = None
+        if not self.config.unsubscribe.enabled:
+            return
+        from .roles.front import unsubscriber_for
+        from .unsubscribe.http import UnsubscribeListener
+
+        listener = UnsubscribeListener(self.config.unsubscribe,
+                                       unsubscriber_for(self.config, backends, metrics, self.clock))
+        await listener.start()
+        self._running.push_async_callback(listener.stop)
+        self.unsubscribe = listener
 
 
 class Guard(_GuardProcess):
@@ -227,6 +232,7 @@ class Guard(_GuardProcess):
         await self._follow_changes(self.backends, [*self.enforcement.change_steps, *self.background.change_steps])
         await self.front.start(run)
         await self._serve_admin(self.backends, self.metrics)
+        await self._serve_unsubscribe(self.backends, self.metrics)
         await self.background.start_probes(run)
         log.info("smtp-guard listening on %s:%d, relaying to %s; store %s; config %s", *self.smtp_address,
                  _upstream_text(config), config.store.path, config.source)
@@ -276,6 +282,7 @@ class Supervisor(_GuardProcess):
         await self.workers.start()
         run.push_async_callback(self._stop_workers)
         await self._serve_admin(self.backends, self.metrics)
+        await self._serve_unsubscribe(self.backends, self.metrics)
         await self.background.start_probes(run)
         log.info("smtp-guard supervisor: %d workers listening on %s, relaying to %s; store %s; config %s",
                  config.smtp.workers, config.smtp.listen, _upstream_text(config), config.store.path, config.source)

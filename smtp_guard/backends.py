@@ -29,6 +29,7 @@ from .change_model import ChangeStore
 from .erasure.model import ErasureStore
 from .hold.model import HoldStore
 from .store.base import StoreError
+from .services.context import AdminContext
 from .suppression_model import SuppressionStore
 from .store.sqlite.audit import SQLiteAuditStore
 from .store.sqlite.breakers import SQLiteBreakerStore
@@ -51,6 +52,15 @@ class Backends:
     tombstones: TombstoneIndex  # every erasure, verified with the key ring
     normalizer: AddressNormalizer
     counters: RateCounters  # rate-limit buckets and pacing; shared by every worker process
+
+    def admin_context(self, config: Config, actor: str) -> AdminContext:
+        """An admin operation on these backends (a CLI command's own, or a running guard's for
+        the admin API and unsubscribes, whose tombstones follow erasures made anywhere)."""
+        return AdminContext(
+            config=config, suppressions=self.suppressions, holds=self.holds, breakers=self.breakers,
+            audit=self.audit, erasure=self.erasure, key_ring=self.tombstones.ring, tombstones=self.tombstones,
+            normalizer=self.normalizer, actor=actor, changes=self.changes,
+        )
 
 
 def store_exists(config: Config) -> bool:

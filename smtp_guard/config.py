@@ -255,6 +255,41 @@ class DKIMConfig:
 
 
 @dataclass(frozen=True)
+class UnsubscribeConfig:
+    """One-click unsubscribe (RFC 8058) handled by the guard itself: it adds List-Unsubscribe to
+    the mail it relays and takes the unsubscribes, whatever the platform does with them."""
+
+    # The one-click HTTP listener ("" or "off": no one-click, no header added). It must be
+    # reachable from the internet (mailbox providers POST to it), directly or through a proxy.
+    listen: ListenAddress | None = None
+    # The public https:// URL under which that listener is reached; tokens are appended to it.
+    base_url: str = ""
+    # Serve HTTPS on the listener itself (both or neither); without them put it behind a proxy.
+    tls_cert: str = _path()
+    tls_key: str = _path()
+    # An address on the guard's own SMTP listener for the mailto: form ("" : no mailto). Mail to
+    # it is accepted from any client (only to this address) and never relayed.
+    mailto: str = ""
+    # The suppression list an unsubscribe puts the recipient on.
+    list: str = "unsubscribed"
+    # How long a link keeps working (RFC 8058 asks for "some days"; providers may try later).
+    token_lifetime: float = _duration(60 * 86400.0)
+    # Which mail gets the headers (when it has no List-Unsubscribe of its own and one recipient):
+    # message classes, stream ids, and sender patterns (regex search); any match counts.
+    classes: tuple[str, ...] = ("marketing",)
+    streams: tuple[str, ...] = ()
+    senders: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+@dataclass(frozen=True)
 class DNSConfig:
     # Name servers as "IP" or "IP:PORT" ("[v6]:PORT"); empty: the system's (/etc/resolv.conf).
     servers: tuple[str, ...] = ()
@@ -461,6 +496,7 @@ class Config:
     admin: AdminConfig = AdminConfig()
     dns: DNSConfig = DNSConfig()
     dkim: DKIMConfig = DKIMConfig()
+    unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
     addresses: AddressConfig = AddressConfig()
     lists: Mapping[str, ListConfig] = field(default_factory=lambda: dict(DEFAULT_LISTS))
     hold: HoldConfig = HoldConfig()
@@ -697,6 +733,7 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "addresses": AddressConfig,
     "dns": DNSConfig,
+    "unsubscribe": UnsubscribeConfig,
     "hold": HoldConfig,
     "erasure": ErasureConfig,
     "streams": StreamsConfig,
@@ -814,6 +851,28 @@ def _build_classes(table: Any, where: str) -> dict[str, ClassConfig]:
             raise ConfigError(f"{where}.{name}: class names are lower-case letters, digits, '-' and '_'")
         classes[name] = _build_section(ClassConfig, raw, f"{where}.{name}")
     return classes
+
+
+def _validate_unsubscribe(config: Config, where: str) -> None:
+    unsub = config.unsubscribe
+    if unsub.list not in config.lists:
+        raise ConfigError(f"{where}: [unsubscribe] list: no list named {unsub.list!r}; configured lists are "
+                          f"{', '.join(config.lists)}")
+    if bool(unsub.tls_cert) != bool(unsub.tls_key):
+        raise ConfigError(f"{where}: [unsubscribe] tls_cert and tls_key go together")
+    for pattern in unsub.senders:
+        _compile_check(pattern, f"{where}: [unsubscribe] senders")
+    if not unsub.enabled:
+        if unsub.mailto or unsub.base_url:
+            raise ConfigError(f"{where}: [unsubscribe] mailto and base_url need listen = \"HOST:PORT\" (the "
+                              "one-click listener, which RFC 8058 requires beside the mailto)")
+        return
+    if not re.fullmatch(r"https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?", unsub.base_url):
+        raise ConfigError(f"{where}: [unsubscribe] base_url: {unsub.base_url!r} is not an https:// URL; RFC 8058 "
+                          "requires HTTPS, e.g. \"https://unsubscribe.example.com\"")
+    if unsub.mailto and not re.fullmatch(r"[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", unsub.mailto):
+        raise ConfigError(f"{where}: [unsubscribe] mailto: {unsub.mailto!r} is not a plain address, "
+                          "e.g. \"unsubscribe@unsubscribe.example.com\"")
 
 
 _DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]")
@@ -972,6 +1031,7 @@ def _resolve_paths(section: Any, base_dir: Path | None) -> Any:
 def _validate(config: Config, where: str) -> None:
     for server in config.dns.servers:
         _nameserver(server, f"{where}: [dns] servers")
+    _validate_unsubscribe(config, where)
     up = config.upstream
     if up.mode == "smtp" and not up.host:
         raise ConfigError(

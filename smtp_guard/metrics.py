@@ -87,6 +87,16 @@ class Metrics:
             "smtp_guard_dkim_broken_signatures_total",
             "The platform's own DKIM signatures that a change made by the guard (a stripped or added "
             "header, normalized line endings) invalidated.", registry=r)
+        self.unsubscribes = Counter(
+            "smtp_guard_unsubscribes_total",
+            "Unsubscribe requests through the guard's own List-Unsubscribe, by way (one_click: RFC 8058 POST, "
+            "mailto) and result (unsubscribed; malformed, forged or expired: refused; unavailable: store error).",
+            ["via", "result"], registry=r)
+        self.list_unsubscribe = Counter(
+            "smtp_guard_list_unsubscribe_total",
+            "Selected mail by what the guard did about List-Unsubscribe (added; platform_header: the platform "
+            "added its own; several_recipients: not added, the link names one person).",
+            ["outcome"], registry=r)
         self.admin_requests = Counter(
             "smtp_guard_admin_requests_total",
             "Admin API and console requests, by method, route template and HTTP status.",

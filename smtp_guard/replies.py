@@ -114,6 +114,10 @@ STORE_UNAVAILABLE = Reply(451, "4.3.0", "Message store unavailable, try again la
 # The disk holding the hold queue or the sandbox is full: RFC 3463 4.3.1, RFC 5321 452.
 STORE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
+# Mail to [unsubscribe] mailto: the unsubscribe is stored and in force, or why not.
+UNSUBSCRIBED = Reply(250, "2.0.0", "Unsubscribed: no more of this mail will be sent to this address")
+UNSUBSCRIBE_INVALID = Reply(550, "5.7.1", "Not a valid unsubscribe request (the link is altered, expired or not ours)")
+UNSUBSCRIBE_UNAVAILABLE = Reply(451, "4.3.0", "Unsubscribe could not be stored, try again later")
 # [dkim] asked for a signature and it could not be made: never relay that mail unsigned.
 DKIM_SIGNING_FAILED = Reply(451, "4.3.0", "Could not DKIM-sign the message, not relayed unsigned; try again later")
 # A policy that raised: fail closed and temporary (Postfix smtpd_policy_service_default_action).

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from conftest import TLSFiles, wait_until
-from smtp_guard.app import Guard, admin_context
+from smtp_guard.app import Guard
 from smtp_guard.audit_model import AuditFilter
 from smtp_guard.services.audit import query_audit
 from smtp_guard.config import load_config
@@ -68,7 +68,7 @@ listen = "127.0.0.1:0"
                                 headers={"Authorization": f"Bearer {token}x"}) as response:
                 assert response.status == 401
         # The change is audited under the token's name.
-        ctx = admin_context(guard.config, guard.backends, "test")
+        ctx = guard.backends.admin_context(guard.config, "test")
         records = await wait_until(lambda: query_audit(ctx, AuditFilter(kind="admin")), what="the audit record")
         assert [(r.verdict, r.actor) for r in records] == [("suppress.add", "api:alice")]
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ssl
 import time
 from contextlib import AsyncExitStack
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..backends import Backends
 from ..classify import MessageClassifier
@@ -26,6 +26,11 @@ from ..smtp.server import SMTPServer
 from ..startup import naming_setting
 from .enforcement import Enforcement
 
+if TYPE_CHECKING:
+    from ..unsubscribe.headers import ListUnsubscribe
+    from ..unsubscribe.inbox import UnsubscribeInbox
+    from ..unsubscribe.service import Unsubscriber
+
 
 def build_listener_tls(config: Config) -> ssl.SSLContext | None:
     tls = config.smtp.tls
@@ -36,6 +41,29 @@ def build_listener_tls(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+def _unsubscribe(config: Config, backends: Backends, metrics: Metrics, clock: Callable[[], float]
+                 ) -> tuple[ListUnsubscribe | None, UnsubscribeInbox | None]:
+    """The List-Unsubscribe headers and the mailto: mailbox, when [unsubscribe] is on."""
+    if not config.unsubscribe.enabled:
+        return None, None
+    from ..unsubscribe.headers import ListUnsubscribe
+    from ..unsubscribe.inbox import UnsubscribeInbox
+
+    unsubscriber = unsubscriber_for(config, backends, metrics, clock)
+    inbox = UnsubscribeInbox(config.unsubscribe.mailto, unsubscriber) if config.unsubscribe.mailto else None
+    return ListUnsubscribe(config.unsubscribe, unsubscriber), inbox
+
+
+def unsubscriber_for(config: Config, backends: Backends, metrics: Metrics, clock: Callable[[], float]
+                     ) -> Unsubscriber:
+    """Imported here, not at the top: cryptography costs a process memory it needs only for this."""
+    from ..unsubscribe.service import Unsubscriber
+    from ..unsubscribe.tokens import UnsubscribeTokens
+
+    tokens = UnsubscribeTokens(backends.tombstones.ring, config.unsubscribe.token_lifetime, clock)
+    return Unsubscriber(tokens, lambda actor: backends.admin_context(config, actor), config.unsubscribe.list, metrics)
+
+
 class Front:
     def __init__(self, config: Config, backends: Backends, enforcement: Enforcement, pipeline: Pipeline,
                  decider: MessageDecider, upstream: Upstream, metrics: Metrics, readiness: Readiness,
@@ -44,6 +72,7 @@ class Front:
         process, or the supervisor's for a worker)."""
         self._config = config
         self._readiness = readiness
+        list_unsubscribe, inbox = _unsubscribe(config, backends, metrics, clock)
         handler = GuardHandler(
             smtp_config=config.smtp, access=AccessControl(config.access.allow_networks),
             auth_enabled=bool(config.smtp.auth.users), normalizer=backends.normalizer, pipeline=pipeline,
@@ -51,6 +80,7 @@ class Front:
             clock=clock,
             record_erasure_attempts=backends.erasure.record_attempts,
             classifier=MessageClassifier(config.classify, config.streams), strip=config.streams.strip_headers,
+            list_unsubscribe=list_unsubscribe, inbox=inbox,
         )
         authenticator = Authenticator(config.smtp.auth.users) if config.smtp.auth.users else None
         with naming_setting("[smtp.tls] cert and key", True, OSError, ssl.SSLError):

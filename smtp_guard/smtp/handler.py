@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 from .. import replies
 from ..addresses import AddressNormalizer
@@ -27,6 +27,10 @@ from ..hold.model import HoldStore
 from .access import AccessControl
 from .trace import protocol_name, received_header
 from .transaction import Collaborators, Transaction
+
+if TYPE_CHECKING:  # built by the front only when [unsubscribe] is on
+    from ..unsubscribe.headers import ListUnsubscribe
+    from ..unsubscribe.inbox import UnsubscribeInbox
 
 log = logging.getLogger("smtp_guard.smtp")
 
@@ -54,6 +58,7 @@ class GuardHandler:
                  audit: AuditLog, metrics: Metrics,
                  record_erasure_attempts: Callable[[Sequence[ErasureAttempt]], Awaitable[None]],
                  classifier: MessageClassifier, strip: Sequence[str] = (),
+                 list_unsubscribe: ListUnsubscribe | None = None, inbox: UnsubscribeInbox | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._config = smtp_config
         self._access = access
@@ -64,7 +69,7 @@ class GuardHandler:
             pipeline=pipeline, decider=decider, upstream=upstream, holds=holds, normalizer=normalizer, classifier=classifier,
             metrics=metrics, record_audit=audit.record, record_erasure_attempts=record_erasure_attempts,
             max_recipients=smtp_config.max_recipients, bare_line_endings=smtp_config.bare_line_endings,
-            strip=tuple(strip), clock=clock,
+            strip=tuple(strip), clock=clock, list_unsubscribe=list_unsubscribe, inbox=inbox,
         )
 
     # --- session -------------------------------------------------------------------------------
@@ -87,11 +92,13 @@ class GuardHandler:
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
         client_ip = _client_ip(session)
-        if not (self._access.is_allowed_network(client_ip) or session.authenticated):
+        may_relay = self._access.is_allowed_network(client_ip) or session.authenticated
+        if not may_relay and self._parts.inbox is None:
             self._metrics.relay_denied.inc()
             log.info("relay denied for client %s (not in [access] allow_networks, not authenticated)", client_ip)
             return str(replies.AUTH_REQUIRED if self._auth_enabled else replies.RELAY_DENIED)
-        txn = Transaction(self._parts, client_ip, _auth_user(session))
+        # With [unsubscribe] mailto anyone may write to that one mailbox: each RCPT decides.
+        txn = Transaction(self._parts, client_ip, _auth_user(session), inbox_only=not may_relay)
         reply = txn.mail(address, mail_options)
         if reply.is_success:
             # aiosmtpd treats an empty mail_from as "no MAIL yet", so the null path stays "<>"

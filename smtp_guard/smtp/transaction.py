@@ -27,7 +27,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, replace
-from typing import Awaitable, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Literal, Sequence
 
 from .. import replies
 from ..addresses import AddressNormalizer, InvalidAddress, Mailbox, key_hash, parse_mailbox
@@ -45,11 +45,19 @@ from ..erasure.model import ErasureAttempt
 from ..hold.model import HeldRecipient, HoldStore, NewHold
 from ..store.base import StoreBusy, StoreError, StoreFull
 
+if TYPE_CHECKING:  # built by the front only when [unsubscribe] is on (they need cryptography)
+    from ..unsubscribe.headers import ListUnsubscribe
+    from ..unsubscribe.inbox import UnsubscribeInbox
+
 # The outcome line has been logged as "smtp_guard.smtp" since before this module existed
 # (README, "Logging"); operators filter on that name.
 log = logging.getLogger("smtp_guard.smtp")
 
 _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def _failure_outcome(reply: Reply) -> Outcome:
+    return "deferred" if reply.is_temporary else "refused"
 
 
 def has_bare_line_ending(content: bytes) -> bool:
@@ -80,6 +88,9 @@ class Collaborators:
     bare_line_endings: BareLineEndings = "reject"
     strip: tuple[str, ...] = ()  # header fields removed before relaying or holding
     clock: Callable[[], float] = time.time
+    # [unsubscribe]: the headers added to selected mail, and the mailto: mailbox (never relayed).
+    list_unsubscribe: ListUnsubscribe | None = None
+    inbox: UnsubscribeInbox | None = None
 
 
 class Transaction:
@@ -95,10 +106,14 @@ class Transaction:
     # One object per MAIL command, read on every RCPT: slots keep both cheap.
     __slots__ = ("_parts", "txn_id", "client", "auth_user", "sender", "mail_from", "mail_options",
                  "recipients", "upstream", "relayed", "paced", "held", "dropped", "refused",
-                 "erasure_attempts", "delivery")
+                 "erasure_attempts", "delivery", "inbox_only", "to_inbox")
 
-    def __init__(self, parts: Collaborators, client: str = "", auth_user: str | None = None) -> None:
+    def __init__(self, parts: Collaborators, client: str = "", auth_user: str | None = None,
+                 inbox_only: bool = False) -> None:
+        """``inbox_only``: a client that may not relay, allowed to write to the unsubscribe mailbox."""
         self._parts = parts
+        self.inbox_only = inbox_only
+        self.to_inbox = False  # the unsubscribe mailbox is a recipient: DATA is read, not relayed
         self.txn_id = secrets.token_hex(6)
         self.client = client  # the client's IP address
         self.auth_user = auth_user  # the AUTH user name, None when not authenticated
@@ -162,6 +177,14 @@ class Transaction:
         if address in self.recipients:
             # Named twice: one delivery, as from any MTA (and never relayed once and held once).
             return replies.DUPLICATE_RECIPIENT
+        if parts.inbox is not None and parts.inbox.is_inbox(address):
+            self.to_inbox = True
+            self.recipients.append(address)
+            return replies.RECIPIENT_OK
+        if self.inbox_only:
+            self.refused += 1
+            parts.metrics.relay_denied.inc()
+            return replies.RELAY_DENIED
         try:
             mailbox = parse_mailbox(address)
             key = parts.normalizer.key(mailbox)
@@ -260,6 +283,11 @@ class Transaction:
         received = content
         if b"\x00" in content:
             return replies.NUL_IN_MESSAGE, "refused"
+        if self.to_inbox:
+            assert self._parts.inbox is not None
+            inbox_reply = await self._parts.inbox.receive(content)
+            if not (self.relayed or self.held or self.dropped or self.paced):
+                return inbox_reply, "dropped" if inbox_reply.is_success else _failure_outcome(inbox_reply)
         if has_bare_line_ending(content):
             # One message in must be exactly one message out (SMTP smuggling): refuse, or turn
             # every bare CR/LF into CRLF so the upstream sees the same line structure we saw.
@@ -271,7 +299,11 @@ class Transaction:
             return refusal
         # The guard's own headers go on here, after stripping; the upstream and the hold queue
         # get the same bytes, and a DKIM signature (relay/signing.py) is made over them last.
-        content = trace + strip_headers(content, self._parts.strip)
+        content = strip_headers(content, self._parts.strip)
+        if self._parts.list_unsubscribe is not None:
+            content, done = self._parts.list_unsubscribe.decorate(content, message, self._delivery_keys())
+            self._parts.metrics.list_unsubscribe.labels(done).inc()
+        content = trace + content  # the trace field on top (RFC 5321 section 4.4)
         if is_signed(received):
             self._check_platform_signatures(received, content)
         upstream_reply: Reply | None = None
@@ -293,6 +325,12 @@ class Transaction:
         if upstream_reply is not None:
             return upstream_reply, "relayed"
         return replies.ACCEPTED_NOT_RELAYED, "dropped"
+
+    def _delivery_keys(self) -> list[str]:
+        """The matching keys of everyone this message goes to, now or when released."""
+        keys = [context.key for context in self.relayed.values()]
+        keys += [self._parts.normalizer.key(address) for address in self.held if address not in self.relayed]
+        return keys
 
     def _check_platform_signatures(self, received: bytes, relayed: bytes) -> None:
         """Say when a change the guard made breaks the platform's own DKIM signature: the mail
