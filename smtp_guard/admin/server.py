@@ -26,16 +26,13 @@ from ..startup import naming_setting
 from . import api
 from .imports import ImportJobs
 from .problems import Problem
-from .requests import CONFIG, CONTEXTS, JOBS, PRINCIPAL, ContextFactory
+from .requests import CONFIG, CONTEXTS, JOBS, METRICS, PRINCIPAL, THROTTLE, TOKENS, ContextFactory
 from .tokens import TokenCheck
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
-THROTTLE = web.AppKey("throttle", AuthThrottle)
-METRICS = web.AppKey("metrics", Metrics)
-TOKENS = web.AppKey("tokens", TokenCheck)
 
 
 class AdminListener:

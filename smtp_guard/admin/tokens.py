@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Literal, Mapping
 
 from ..config import AdminRole, AdminToken
 
@@ -21,10 +21,12 @@ PREFIX = "sgt_"
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the token's name (recorded as the actor of changes) and its role."""
+    """Who is calling: the token's name and role, and whether through the API or the console;
+    changes are recorded with the actor ``api:NAME`` or ``console:NAME``."""
 
     name: str
     role: AdminRole
+    channel: Literal["api", "console"] = "api"
 
     @property
     def may_change(self) -> bool:
@@ -32,7 +34,7 @@ class Principal:
 
     @property
     def actor(self) -> str:
-        return f"api:{self.name}"
+        return f"{self.channel}:{self.name}"
 
 
 def new_token() -> str:
