@@ -177,15 +177,19 @@ async def test_a_post_without_the_sessions_csrf_token_is_refused_and_changes_not
 async def test_a_cross_origin_post_is_refused_even_with_the_token(start_console: StartConsole) -> None:
     console = await start_console()
     await console.login()
-    for origin in ("http://evil.test", "null", console.admin.base.replace("127.0.0.1", "localhost")):
+    for headers in ({"Origin": "http://evil.test"}, {"Origin": console.admin.base.replace("127.0.0.1", "localhost")},
+                    {"Origin": "null", "Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
         page = await console.post("/suppressions", {"values": "cross@example.com", "list": "manual"},
-                                  headers={"Origin": origin})
-        assert page.status == 403 and "another site" in page.text, origin
+                                  headers=headers)
+        assert page.status == 403 and "another site" in page.text, headers
     assert await entries_for(console, "cross@example.com") == []
-    page = await console.post("/suppressions", {"values": "same@example.com", "list": "manual"},
-                              headers={"Origin": console.admin.base})
-    assert page.status == 303
-    assert len(await entries_for(console, "same@example.com")) == 1
+    # The console's own forms: the origin itself, or "null" (Referrer-Policy: no-referrer hides it).
+    for number, headers in enumerate(({"Origin": console.admin.base, "Sec-Fetch-Site": "same-origin"},
+                                      {"Origin": "null", "Sec-Fetch-Site": "same-origin"})):
+        page = await console.post("/suppressions", {"values": f"same{number}@example.com", "list": "manual"},
+                                  headers=headers)
+        assert page.status == 303
+        assert len(await entries_for(console, f"same{number}@example.com")) == 1
 
 
 async def test_a_viewer_sees_everything_but_no_change_form_and_cannot_post(start_console: StartConsole) -> None:
@@ -395,3 +399,37 @@ async def test_a_console_change_is_recorded_as_console_and_the_token_name(start_
 
     audit = await wait_until(erase_record, what="the erasure's audit record")
     assert "console:ops" in audit and "DSR-1" in audit and "gone@example.com" not in audit
+
+
+async def test_destructive_actions_need_their_confirmation_and_a_low_ceiling_is_refused(
+        start_console: StartConsole, sink: Sink) -> None:
+    console = await start_console(classify={"rules": [{"class": "sanction", "subject": "policy violation"}]},
+                                  classes={"sanction": {"approval_after": 2}})
+    guard = console.admin.guard
+    host, port = guard.smtp_address
+    await aiosmtplib.send(b"Subject: Policy violation\r\nX-Campaign-ID: s1\r\n\r\nclosed\r\n",
+                          sender="n@platform.test", recipients=[f"m{i}@users.example" for i in range(5)],
+                          hostname=host, port=port)
+    await wait_until(lambda: guard.backends.breakers.get("s1"), what="the trip to reach the store")
+    await console.login()
+    stream = await console.get("/breakers/s1")
+    assert stream.status == 200 and 'value="5"' in stream.text  # the ceiling suggested: its audience
+    page = await console.post("/breakers/approve", {"stream": "s1", "ceiling": "3"})
+    assert page.status == 422 and 'id="approve-ceiling-error"' in page.text and "already has 5 recipients" in page.text
+    page = await console.post("/breakers/cancel", {"stream": "s1"})
+    assert page.status == 422 and 'id="cancel-confirm-error"' in page.text
+    [held] = await guard.backends.holds.list()
+    page = await console.post(f"/holds/{held.id}/discard", {})
+    assert page.status == 422 and 'id="discard-confirm-error"' in page.text
+    page = await console.post("/erasures", {"targets": "m0@users.example", "reference": "DSR-9"})
+    assert page.status == 422 and 'id="erase-confirm-error"' in page.text
+    page = await console.post("/erasures", {"targets": "m0@users.example\nnope", "reference": "DSR-9",
+                                            "confirm": "1"})
+    assert page.status == 422 and "neither an address nor" in html.unescape(page.text)
+    assert (await guard.backends.holds.stream_counts("s1")) == {"held": 3}
+    assert await guard.backends.erasure.receipts(10) == []
+    assert sink.delivered_to() == ["m0@users.example", "m1@users.example"]
+
+    page = await console.post("/breakers/cancel", {"stream": "s1", "confirm": "1"})
+    assert page.status == 303 and page.location == "/breakers/s1"
+    assert "Cancelled stream &#39;s1&#39;; discarded 3 held recipient(s)." in (await console.follow(page)).text

@@ -89,6 +89,7 @@ def test_the_csrf_token_must_match_exactly() -> None:
 
 @pytest.mark.parametrize("origin, host, cross", [
     (None, "127.0.0.1:8080", False),
+    ("null", "127.0.0.1:8080", False),  # what a browser sends under Referrer-Policy: no-referrer
     ("http://127.0.0.1:8080", "127.0.0.1:8080", False),
     ("HTTP://127.0.0.1:8080", "127.0.0.1:8080", False),
     ("http://127.0.0.1:8081", "127.0.0.1:8080", True),
@@ -96,9 +97,16 @@ def test_the_csrf_token_must_match_exactly() -> None:
     ("https://127.0.0.1:8080", "127.0.0.1:8080", True),
     ("http://console.test", "console.test:80", False),
     ("http://[::1]:8080", "[::1]:8080", False),
-    ("null", "127.0.0.1:8080", True),
     ("", "127.0.0.1:8080", True),
 ])
 def test_the_origin_check(origin: str | None, host: str, cross: bool) -> None:
     headers = {"Host": host} | ({"Origin": origin} if origin is not None else {})
     assert is_cross_origin(make_mocked_request("POST", "/suppressions", headers=headers)) is cross
+
+
+@pytest.mark.parametrize("site, cross", [("same-origin", False), ("none", False), ("same-site", True),
+                                         ("cross-site", True), ("Cross-Site", True)])
+def test_fetch_metadata_names_a_cross_site_form_even_without_an_origin(site: str, cross: bool) -> None:
+    for origin in ({}, {"Origin": "null"}):
+        headers = {"Host": "127.0.0.1:8080", "Sec-Fetch-Site": site, **origin}
+        assert is_cross_origin(make_mocked_request("POST", "/suppressions", headers=headers)) is cross

@@ -6,9 +6,10 @@ restart logs everybody out and nothing about a session is ever written to disk. 
 ends ``[admin] session_lifetime`` after the login, or at logout.
 
 Every POST must carry the session's CSRF token in a form field (compared in constant time),
-and a POST whose ``Origin`` header names another origin is refused before its form is read:
-SameSite=Strict already keeps the cookie off cross-site requests, and these two keep a page
-on another port or subdomain of the same site from posting either.
+and a POST that the browser says comes from another origin (``Origin``, ``Sec-Fetch-Site``) is
+refused before its form is read: SameSite=Strict already keeps the cookie off cross-site
+requests, and these two keep a page on another port or subdomain of the same site from
+posting either.
 """
 
 from __future__ import annotations
@@ -104,11 +105,18 @@ def has_csrf_token(session: Session, presented: object) -> bool:
 
 
 def is_cross_origin(request: web.Request) -> bool:
-    """The request says it comes from a page of another origin (scheme, host or port), or from
-    an opaque one (``Origin: null``). A request without Origin is not judged here: the CSRF
-    token still guards it."""
+    """The browser says the request comes from a page of another origin: ``Origin`` names
+    another scheme, host or port, or ``Sec-Fetch-Site`` says ``cross-site`` or ``same-site``.
+
+    ``Origin: null`` is not judged: a browser sends it for the console's own forms, because the
+    console's ``Referrer-Policy: no-referrer`` also hides the origin of a POST (Fetch standard,
+    "serializing a request origin"). Neither is a request without these headers. The CSRF
+    token still guards both, and the SameSite=Strict cookie is not sent cross-site anyway.
+    """
+    if request.headers.get("Sec-Fetch-Site", "same-origin").lower() in ("cross-site", "same-site"):
+        return True
     origin = request.headers.get("Origin")
-    if origin is None:
+    if origin is None or origin == "null":
         return False
     parts = urlsplit(origin)
     if not parts.scheme or not parts.netloc:

@@ -24,6 +24,7 @@ PREVIEW_CHARACTERS = 20_000
 LIMIT = 100
 STATES: tuple[RecipientState, ...] = get_args(RecipientState)
 WAITING = ("held", "released")  # recipients a discard still reaches
+STREAM_RULES = ("breaker.", "gate.")
 
 
 def add_routes(app: web.Application) -> None:
@@ -60,7 +61,11 @@ async def hold_page(request: web.Request, errors: dict[str, str] | None = None, 
     message = details.message
     reasons = Counter((r.rule, r.reason) for r in message.recipients)
     preview = text_preview(message.content, PREVIEW_CHARACTERS) if message.content is not None else None
+    subject = next((value for name, value in details.headers if name.lower() == "subject"), "")
+    # Held by a breaker or an approval gate: the stream has a page with its decision.
+    stopped = any(r.rule.startswith(STREAM_RULES) for r in message.recipients)
     return render(request, "hold.html", status=status, message=message, message_headers=details.headers,
+                  subject=subject, stopped=stopped,
                   reasons=reasons, preview=preview, errors=errors or {}, counts=_counts(message),
                   waiting=[r for r in message.recipients if r.state in WAITING],
                   may_change=principal(request).may_change)

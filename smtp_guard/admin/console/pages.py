@@ -46,10 +46,10 @@ ENV.filters["time"] = format_time
 ENV.filters["quote"] = lambda text: quote(str(text), safe="")
 
 
-def list_choices(lists: Mapping[str, ListConfig], blank: str = "") -> list[tuple[str, str]]:
+def list_choices(lists: Mapping[str, ListConfig], blank: str = "", described: bool = True) -> list[tuple[str, str]]:
     """(value, label) options for a list <select>; ``blank`` labels the no-choice option."""
     choices = [("", blank)] if blank else []
-    return choices + [(name, f"{name} — {config.description}" if config.description else name)
+    return choices + [(name, f"{name} — {config.description}" if config.description and described else name)
                       for name, config in lists.items()]
 
 
