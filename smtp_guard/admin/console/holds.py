@@ -8,6 +8,7 @@ sender wrote, and its HTML is never rendered, nor anything it links to fetched.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import get_args
 
@@ -60,7 +61,9 @@ async def hold_page(request: web.Request, errors: dict[str, str] | None = None, 
         raise web.HTTPNotFound(text=f"No held message {hold_id}. The list of held mail shows the ids.") from None
     message = details.message
     reasons = Counter((r.rule, r.reason) for r in message.recipients)
-    preview = text_preview(message.content, PREVIEW_CHARACTERS) if message.content is not None else None
+    preview = None
+    if message.content is not None:  # parsing a large message must not hold up the guard's loop
+        preview = await asyncio.to_thread(text_preview, message.content, PREVIEW_CHARACTERS)
     subject = next((value for name, value in details.headers if name.lower() == "subject"), "")
     # Held by a breaker or an approval gate: the stream has a page with its decision.
     stopped = any(r.rule.startswith(STREAM_RULES) for r in message.recipients)

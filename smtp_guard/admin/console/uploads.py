@@ -23,6 +23,7 @@ from .login import csrf_refused
 from .pages import in_force_text, redirect, render, session
 
 CHUNK = 64 * 1024
+MAX_FIELD = 1000  # bytes of a text field (format, list, source)
 REFRESH_SECONDS = 1
 TEXT_FIELDS = frozenset({"format", "list", "source"})
 FORMAT_LABELS = {"auto": "detect from the file", "csv": "plain CSV", "sendgrid": "SendGrid", "mailchimp": "Mailchimp",
@@ -53,7 +54,7 @@ async def upload(request: web.Request) -> web.Response:
     reader = await request.multipart()
     first = await reader.next()
     if not isinstance(first, BodyPartReader) or first.name != CSRF_FIELD or \
-            not has_csrf_token(session(request), await first.text()):
+            not has_csrf_token(session(request), await _small_text(first, 200)):
         raise csrf_refused()
     require_admin(request)
     ctx = context(request)
@@ -71,7 +72,7 @@ async def upload(request: web.Request) -> web.Response:
                     form.error("file", refused.detail.removeprefix("file: "))
                     break
             elif part.name in TEXT_FIELDS:
-                form.data[part.name] = (await part.text())[:1000]
+                form.data[part.name] = await _small_text(part, MAX_FIELD)
         if path is None:
             form.error("file", "choose a file to upload")
         fmt = form.text("format") or "auto"
@@ -95,6 +96,14 @@ async def upload(request: web.Request) -> web.Response:
     finally:
         if path is not None:
             path.unlink(missing_ok=True)
+
+
+async def _small_text(part: BodyPartReader, limit: int) -> str:
+    """A text field of the form, read no further than ``limit`` bytes (the rest is skipped)."""
+    data = b""
+    while len(data) <= limit and (chunk := await part.read_chunk(limit + 1)):
+        data += chunk
+    return data[:limit].decode("utf-8", "replace")
 
 
 async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
