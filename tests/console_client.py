@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -37,7 +37,6 @@ class Console:
     http: aiohttp.ClientSession
     ssl_context: ssl.SSLContext | None = None
     csrf: str = ""
-    pages: list[Page] = field(default_factory=list)
 
     def url(self, path: str) -> str:
         return self.admin.url(path)

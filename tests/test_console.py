@@ -4,8 +4,8 @@ a held message's HTML is never rendered. (tests/test_console_browser.py drives i
 
 from __future__ import annotations
 
-import asyncio
 import html
+import re
 import time
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -249,7 +249,7 @@ async def test_form_errors_are_shown_at_their_field_and_nothing_is_stored(
     assert page.status == 422
     error = f'<p class="error" id="add-{field}-error">'
     assert error in page.text and message in html.unescape(page.text.split(error, 1)[1].split("</p>", 1)[0])
-    assert f'aria-describedby="' in page.text and 'aria-invalid="true"' in page.text
+    assert 'aria-describedby="' in page.text and 'aria-invalid="true"' in page.text
     assert html.escape(form["values"].split("\n")[0]) in page.text  # the operator's input is kept
     assert await entries_for(console, "ok@example.com") == []
 
@@ -304,7 +304,7 @@ async def test_a_held_messages_html_is_never_rendered(start_console: StartConsol
     for page in pages.values():
         lowered = page.text.lower()
         assert page.status == 200 and "<script" not in lowered and "<img" not in lowered and "<b>" not in lowered
-        assert "tracker.test" not in page.text or "&lt;img" in page.text
+        assert not re.search(r"<[^>]*tracker\.test", page.text)  # no tag of the page points at it
     with_plain = pages["held@example.com"].text
     # The text/plain part is shown, as text: its markup escaped, never a tag.
     assert "&lt;script&gt;alert(&#39;plain&#39;)&lt;/script&gt; Plain part with &lt;img src=http://tracker.test/p.gif&gt;" \
