@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal
 
+from ..services import propagation
 from ..services.context import AdminContext
 from ..services.importers import BadRow, ImportProgress, ImportResult, import_file
 from .problems import Problem
@@ -44,6 +45,8 @@ class ImportJob:
     error: str | None = None
     bad_rows: list[str] = field(default_factory=list)
     finished_at: float | None = None
+    # After the import: which running guards enforce it (the job is done only once they were asked).
+    in_force: propagation.Propagation | None = None
 
     @property
     def percent(self) -> float:
@@ -129,6 +132,7 @@ class ImportJobs:
         try:
             job.result = await import_file(ctx, path, fmt, list_name, source or f"upload:{job.file_name}",
                                            on_progress=on_progress, on_bad_row=on_bad_row)
+            job.in_force = await propagation.in_force(ctx.changes, ctx.config.store.confirm_timeout, ctx.clock)
             job.state = "done"
             log.info("import %s of %s by %s: %d new, %d present, %d bad rows", job.id, job.file_name, job.actor,
                      job.result.new, job.result.present, job.result.bad)

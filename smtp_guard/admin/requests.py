@@ -10,17 +10,23 @@ from typing import Any, Callable, Mapping
 from aiohttp import web
 
 from ..config import Config
+from ..metrics import Metrics
 from ..services import propagation
 from ..services.context import AdminContext
+from ..smtp.auth import AuthThrottle
 from .imports import ImportJobs
 from .problems import Problem, bad_input, malformed
-from .tokens import Principal
+from .tokens import Principal, TokenCheck
 
 ContextFactory = Callable[[str], AdminContext]  # actor -> context on the guard's own backends
 
 CONFIG = web.AppKey("config", Config)
 CONTEXTS: web.AppKey[ContextFactory] = web.AppKey("contexts")
 JOBS = web.AppKey("jobs", ImportJobs)
+METRICS = web.AppKey("metrics", Metrics)
+# The API's bearer check and the console's login share both: a failed login counts the same.
+TOKENS = web.AppKey("tokens", TokenCheck)
+THROTTLE = web.AppKey("throttle", AuthThrottle)
 PRINCIPAL = web.RequestKey("principal", Principal)  # set by the bearer check or the console's session
 
 
@@ -102,6 +108,10 @@ class InForce:
     unconfirmed: list[str]
     silent: list[str]
 
+    @classmethod
+    def of(cls, result: propagation.Propagation) -> InForce:
+        return cls(len(result.confirmed), [i.name for i in result.unconfirmed], [i.name for i in result.silent])
+
     def as_json(self) -> dict[str, Any]:
         return {"confirmed": self.confirmed, "unconfirmed": self.unconfirmed, "silent": self.silent,
                 "all_confirmed": not self.unconfirmed}
@@ -109,5 +119,4 @@ class InForce:
 
 async def in_force(ctx: AdminContext) -> InForce:
     """Wait, like a CLI command, until every running guard confirmed the change just committed."""
-    result = await propagation.in_force(ctx.changes, ctx.config.store.confirm_timeout, ctx.clock)
-    return InForce(len(result.confirmed), [i.name for i in result.unconfirmed], [i.name for i in result.silent])
+    return InForce.of(await propagation.in_force(ctx.changes, ctx.config.store.confirm_timeout, ctx.clock))

@@ -1,11 +1,13 @@
 """The admin listener (``[admin] listen``): the API under ``/api/v1/``, the web console at
 ``/``, and ``/healthz`` + ``/readyz``, in the guard's own event loop.
 
-It acts on the guard's own backends through the same ``services`` as the CLI, so an API change
-takes the CLI's path: committed, then confirmed "in force" by every running guard before the
-response returns. Middleware, outermost first: metrics (route template and status), errors
-(RFC 7807 problem details under /api/), bearer-token check for /api/ (with the console's
-session check beside it); a client that keeps failing to authenticate is throttled.
+It acts on the guard's own backends through the same ``services`` as the CLI, so an API or
+console change takes the CLI's path: committed, then confirmed "in force" by every running
+guard before the response returns. Middleware, outermost first: metrics (route template and
+status), errors (RFC 7807 problem details under /api/, HTML pages elsewhere, the console's
+security headers on every non-API response), the bearer-token check for /api/, the console's
+session and CSRF check for the rest; a client that keeps failing to authenticate (bad token or
+failed login alike) is throttled.
 """
 
 from __future__ import annotations
@@ -23,19 +25,17 @@ from ..metrics import Metrics
 from ..readiness import Readiness
 from ..smtp.auth import AuthThrottle
 from ..startup import naming_setting
-from . import api
+from . import api, console
 from .imports import ImportJobs
 from .problems import Problem
-from .requests import CONFIG, CONTEXTS, JOBS, PRINCIPAL, ContextFactory
+from .requests import CONFIG, CONTEXTS, JOBS, METRICS, PRINCIPAL, THROTTLE, TOKENS, ContextFactory
+from .sessions import SessionStore
 from .tokens import TokenCheck
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
-THROTTLE = web.AppKey("throttle", AuthThrottle)
-METRICS = web.AppKey("metrics", Metrics)
-TOKENS = web.AppKey("tokens", TokenCheck)
 
 
 class AdminListener:
@@ -46,7 +46,7 @@ class AdminListener:
         self._readiness = readiness
         self._runner: web.AppRunner | None = None
         self.jobs = ImportJobs(Path(config.store.data_dir) / "uploads", admin.max_upload, clock)
-        app = web.Application(middlewares=[_observe, _errors, _authenticate])
+        app = web.Application(middlewares=[_observe, _errors, _authenticate, console.authenticate])
         app[CONFIG] = config
         app[CONTEXTS] = contexts
         app[JOBS] = self.jobs
@@ -56,6 +56,7 @@ class AdminListener:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         api.add_routes(app)
+        console.add_routes(app, SessionStore(admin.session_lifetime, admin.tls_enabled, clock))
         self.app = app
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -130,19 +131,26 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Problem as refused:
         if refused.status in (401, 403, 429):
             request.app[METRICS].admin_auth_failures.labels(_reason(refused)).inc()
-        response = refused.response()
+        response = refused.response() if is_api else console.error_page(
+            request, refused.status, refused.title, refused.detail, refused.headers)
     except web.HTTPException as error:
-        if not is_api or error.status < 400:
+        if not is_api:
+            response = console.http_error_page(request, error)
+        elif error.status < 400:
             raise
-        field = "body" if error.status == 413 else None
-        response = Problem(error.status, error.reason, f"{request.method} {request.path}: {error.reason}",
-                           field=field).response()
+        else:
+            field = "body" if error.status == 413 else None
+            response = Problem(error.status, error.reason, f"{request.method} {request.path}: {error.reason}",
+                               field=field).response()
     except Exception:
         log.exception("admin request %s %s failed", request.method, request.path)
-        response = Problem(500, "Internal error", "the guard could not complete this request; its log says why"
-                           ).response()
+        title, detail = "Internal error", "the guard could not complete this request; its log says why"
+        response = Problem(500, title, detail).response() if is_api else console.error_page(
+            request, 500, title, detail.capitalize() + ".")
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Cache-Control", "no-store")
+    if not is_api:
+        console.harden(response)
     return response
 
 
@@ -153,7 +161,7 @@ def _reason(problem: Problem) -> str:
 
 @web.middleware
 async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer tokens for /api/ (the console checks its own session cookie)."""
+    """Bearer tokens for /api/ (``console.authenticate`` checks the console's session cookie)."""
     if not request.path.startswith("/api/"):
         return await handler(request)
     throttle = request.app[THROTTLE]

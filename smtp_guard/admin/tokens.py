@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Literal, Mapping
 
 from ..api_tokens import hash_token
 from ..config import AdminRole, AdminToken
@@ -13,10 +13,12 @@ from ..config import AdminRole, AdminToken
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the token's name (recorded as the actor of changes) and its role."""
+    """Who is calling: the token's name and role, and whether through the API or the console;
+    changes are recorded with the actor ``api:NAME`` or ``console:NAME``."""
 
     name: str
     role: AdminRole
+    channel: Literal["api", "console"] = "api"
 
     @property
     def may_change(self) -> bool:
@@ -24,7 +26,7 @@ class Principal:
 
     @property
     def actor(self) -> str:
-        return f"api:{self.name}"
+        return f"{self.channel}:{self.name}"
 
 
 class TokenCheck:
