@@ -21,6 +21,7 @@ from ..config import SMTPConfig
 from ..decision_service import MessageDecider
 from ..metrics import Metrics
 from ..policy.pipeline import Pipeline
+from ..recipient_domains import RecipientDomains
 from ..relay.base import Upstream
 from ..erasure.model import ErasureAttempt
 from ..hold.model import HoldStore
@@ -54,6 +55,7 @@ class GuardHandler:
                  audit: AuditLog, metrics: Metrics,
                  record_erasure_attempts: Callable[[Sequence[ErasureAttempt]], Awaitable[None]],
                  classifier: MessageClassifier, strip: Sequence[str] = (),
+                 recipient_domains: RecipientDomains | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._config = smtp_config
         self._access = access
@@ -64,7 +66,7 @@ class GuardHandler:
             pipeline=pipeline, decider=decider, upstream=upstream, holds=holds, normalizer=normalizer, classifier=classifier,
             metrics=metrics, record_audit=audit.record, record_erasure_attempts=record_erasure_attempts,
             max_recipients=smtp_config.max_recipients, bare_line_endings=smtp_config.bare_line_endings,
-            strip=tuple(strip), clock=clock,
+            strip=tuple(strip), clock=clock, recipient_domains=recipient_domains,
         )
 
     # --- session -------------------------------------------------------------------------------
