@@ -49,7 +49,7 @@ class Front:
         self.recipient_domains = None
         if config.recipient_domains.check:
             self.recipient_domains = RecipientDomains(resolver(config.dns), config.recipient_domains, metrics,
-                                                      shadow=config.policy.shadow)
+                                                      clock, shadow=config.policy.shadow)
         handler = GuardHandler(
             smtp_config=config.smtp, access=AccessControl(config.access.allow_networks),
             auth_enabled=bool(config.smtp.auth.users), normalizer=backends.normalizer, pipeline=pipeline,
