@@ -102,11 +102,12 @@ class Report:
 
     def as_text(self) -> str:
         lines = [*self.notes, *([""] if self.notes else [])]
+        width = max((len(f.check) for f in self.findings), default=0)
         for domain in self.domains:
-            lines += [domain.domain, *_finding_lines(domain.findings), ""]
+            lines += [domain.domain, *_finding_lines(domain.findings, width), ""]
         up = self.upstream
         title = f"upstream {up.host}:{up.port} (tls {up.tls})" if up.host else "upstream"
-        lines += [title, *_finding_lines(up.findings), ""]
+        lines += [title, *_finding_lines(up.findings, width), ""]
         counts = self.counts()
         summary = ", ".join(f"{counts[s.value]} {s.name}" for s in (Status.FAIL, Status.WARN, Status.OK, Status.SKIP)
                             if counts[s.value])
@@ -114,8 +115,7 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-def _finding_lines(findings: Sequence[Finding]) -> list[str]:
-    width = max((len(f.check) for f in findings), default=0)
+def _finding_lines(findings: Sequence[Finding], width: int) -> list[str]:
     lines = []
     for finding in findings:
         lines.append(f"  {finding.status.name:<5} {finding.check:<{width}}  {finding.message}")

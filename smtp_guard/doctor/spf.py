@@ -214,7 +214,7 @@ class Evaluation:
 
     result: Result
     reason: str = ""
-    matched: str = ""  # the mechanism that matched, as written (with the domain whose record has it)
+    matched: str = ""  # the mechanism that matched, as written, and the domain whose record has it
     lookups: int = 0
     void_lookups: int = 0
 
@@ -253,7 +253,8 @@ class _Run:
         values = _MacroValues(self.sender, domain, self.ip, self.helo)
         for term in record.terms:
             if await self._matches(term, domain, values):
-                self.matched = f"{term.text} (in {domain})"
+                if term.mechanism != "include":  # an include that passed keeps what matched inside it
+                    self.matched = f"{term.text} in {domain}"
                 return term.result
         if record.redirect is not None:
             self.count(f"redirect={record.redirect}")
@@ -277,6 +278,8 @@ class _Run:
                 result = await self.check_host(target)
                 if result == "none":
                     raise PermError(f"{term.text}: {target} has no SPF record")
+                if result != "pass":
+                    self.matched = ""  # what failed inside the include decides nothing here
                 return result == "pass"
             if term.mechanism == "exists":
                 return bool(await self._addresses(target, 4))

@@ -12,6 +12,7 @@ still flows, only without knowing who receives it.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from datetime import datetime, timezone
 
@@ -51,7 +52,8 @@ async def _connect(config: UpstreamConfig) -> Finding:
                        fix="check [upstream] host and port, that the upstream runs, and that no firewall drops the "
                            "connection")
     except OSError as error:
-        return Finding("upstream.connect", Status.FAIL, _subject(config), f"cannot connect: {error.strerror or error}",
+        reason = os.strerror(error.errno) if error.errno else str(error)  # not "Connect call failed (...)"
+        return Finding("upstream.connect", Status.FAIL, _subject(config), f"cannot connect: {reason}",
                        fix="check [upstream] host and port and that the upstream runs")
     writer.close()
     try:
