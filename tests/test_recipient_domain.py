@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any, Callable
+
+from click.testing import CliRunner
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
 from smtp_guard.audit_model import AuditFilter
+from smtp_guard.cli.main import main
+from smtp_guard.suppression_model import SuppressionEntry
 
-from conftest import ManualClock, wait_until
+from conftest import ManualClock, create_store, wait_until
 from dns_server import DNSServer, SilentDNSServer, Zone
 from smtp_client import message, raw, read_reply, send
 
@@ -162,11 +167,12 @@ async def test_shadow_mode_records_but_relays(start_guard, sink, dns_server):
 
 
 async def test_suppressed_recipients_keep_their_reason_and_cost_no_lookup(start_guard, sink, dns_server):
-    from test_metrics_e2e import put_on_list
-
     server = dns_server(ZONE)
     guard = await checking_guard(start_guard, server)
-    await put_on_list(guard, "gone@nullmx.test", "unsubscribed")
+    entry = SuppressionEntry("address", guard.backends.normalizer.key("gone@nullmx.test"), "unsubscribed",
+                             reason="test", source="test", created_at=time.time())
+    await guard.backends.suppressions.add([entry])
+    await guard.enforcement.reloader.refresh()
     outcome = await send(guard.smtp_address, SENDER, ["gone@nullmx.test"], message())
     assert outcome.rcpt == {"gone@nullmx.test": str(replies.SUPPRESSED)}
     assert server.queries() == []
@@ -181,6 +187,20 @@ async def test_with_the_check_off_dns_is_never_asked(start_guard, sink, dns_serv
     assert server.queries() == []
     assert guard.front.recipient_domains is None
     assert lookups(guard, "ok") == 0 and cache_hits(guard) == 0
+
+
+def test_suppress_check_never_asks_dns(tmp_path: Path, dns_server) -> None:
+    """`suppress check` explains the pipeline; the domain check is the server's, and DNS-free."""
+    server = dns_server(ZONE)
+    config_file = tmp_path / "guard.toml"
+    config_file.write_text(f'[store]\npath = "{tmp_path / "data" / "guard.sqlite3"}"\n'
+                           f'[dns]\nservers = ["{server.address}"]\n[recipient_domains]\ncheck = true\n')
+    create_store(config_file)
+    result = CliRunner().invoke(main, ["suppress", "check", "x@nullmx.test", "--config", str(config_file)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Verdict   pass" in result.output
+    assert server.queries() == []
 
 
 async def test_address_literals_are_not_looked_up(start_guard, sink, dns_server):
