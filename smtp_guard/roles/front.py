@@ -46,7 +46,7 @@ class Front:
         process, or the supervisor's for a worker)."""
         self._config = config
         self._readiness = readiness
-        self.recipient_domains = None
+        self.recipient_domains: RecipientDomains | None = None
         if config.recipient_domains.check:
             self.recipient_domains = RecipientDomains(resolver(config.dns), config.recipient_domains, metrics,
                                                       clock, shadow=config.policy.shadow)
