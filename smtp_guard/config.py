@@ -301,6 +301,25 @@ class DNSConfig:
         return [_nameserver(text, "[dns] servers") for text in self.servers]
 
 
+@dataclass(frozen=True)
+class RecipientDomainsConfig:
+    """The recipient domain check at RCPT: a domain that cannot receive mail is refused before
+    the platform's mail to it reaches the upstream (which would only bounce it later)."""
+
+    # Refuse (550 5.1.2) a recipient whose domain does not exist (NXDOMAIN), publishes a null MX
+    # (RFC 7505) or has neither MX nor address records; defer (451 4.4.3) when DNS times out or
+    # fails. Off by default: it adds a DNS lookup per new domain to the RCPT path.
+    check: bool = False
+    # How long a domain's answer is remembered: one that receives mail ...
+    ttl: float = _duration(3600.0)
+    # ... and one that was refused (short: a domain being set up starts working soon after).
+    negative_ttl: float = _duration(300.0)
+    # Most domains remembered at once (the least recently used is forgotten first).
+    cache_size: int = _at_least(100_000, minimum=1)
+    # Decide, log, audit and count, but let the mail pass ("would have refused").
+    shadow: bool = False
+
+
 def _nameserver(text: str, where: str) -> tuple[str, int]:
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]{1,5}))?|([0-9.]+)(?::([0-9]{1,5}))?|([0-9A-Fa-f:]+)", text.strip())
     if not match:
@@ -495,6 +514,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     admin: AdminConfig = AdminConfig()
     dns: DNSConfig = DNSConfig()
+    recipient_domains: RecipientDomainsConfig = RecipientDomainsConfig()
     dkim: DKIMConfig = DKIMConfig()
     unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
     addresses: AddressConfig = AddressConfig()
@@ -734,6 +754,7 @@ _SECTIONS: dict[str, type] = {
     "addresses": AddressConfig,
     "dns": DNSConfig,
     "unsubscribe": UnsubscribeConfig,
+    "recipient_domains": RecipientDomainsConfig,
     "hold": HoldConfig,
     "erasure": ErasureConfig,
     "streams": StreamsConfig,

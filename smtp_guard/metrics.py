@@ -24,6 +24,8 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 MESSAGE_OUTCOMES = ("relayed", "held", "dropped", "refused", "deferred")
 UPSTREAM_ERROR_CLASSES = ("4xx", "5xx", "connection", "timeout")
 AUTH_FAILURE_OUTCOMES = ("invalid", "throttled")
+# What a recipient domain's DNS said (recipient_domains.DomainStatus).
+DOMAIN_LOOKUP_RESULTS = ("ok", "null_mx", "nxdomain", "no_mail_server", "dns_timeout", "dns_error")
 # Gauges only the background role sets: with several processes the value it set last.
 SET_BY_SUPERVISOR: Final = "mostrecent"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -161,9 +163,23 @@ class Metrics:
         self.breakers_tripped = Gauge(
             "smtp_guard_breakers_tripped", "Streams tripped and waiting for an admin's approval or cancellation.",
             registry=r, multiprocess_mode=SET_BY_SUPERVISOR)
+        # The recipient domain check ([recipient_domains]).
+        self.domain_lookups = Counter(
+            "smtp_guard_recipient_domain_lookups_total",
+            "DNS lookups of recipient domains (cache misses), by result: ok, null_mx, nxdomain, "
+            "no_mail_server (refused at RCPT), dns_timeout, dns_error (deferred).", ["result"], registry=r)
+        self.domain_cache_hits = Counter(
+            "smtp_guard_recipient_domain_cache_hits_total",
+            "Recipient domain checks answered from memory, without a DNS lookup.", registry=r)
+        self.domain_lookup_duration = Histogram(
+            "smtp_guard_recipient_domain_lookup_duration_seconds",
+            "Time a recipient domain's DNS lookup took (the RCPT that needed it waited as long).",
+            registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         for outcome in MESSAGE_OUTCOMES:
             self.messages.labels(outcome)
         for error_class in UPSTREAM_ERROR_CLASSES:
             self.upstream_errors.labels(error_class)
         for auth_outcome in AUTH_FAILURE_OUTCOMES:
             self.auth_failures.labels(auth_outcome)
+        for result in DOMAIN_LOOKUP_RESULTS:
+            self.domain_lookups.labels(result)

@@ -70,6 +70,13 @@ REFUSED = Reply(550, "5.7.1", "Refused by policy")
 BREAKER_DEFERRED = Reply(451, "4.7.1", "Stream paused by the volume breaker pending review, try again later")
 STREAM_CANCELLED = Reply(550, "5.7.1", "This mailing was cancelled by an administrator")
 HELD_FOR_REVIEW = Reply(250, "2.1.5", "Recipient OK (held for review)")
+# The recipient domain check ([recipient_domains]): the domain cannot receive mail (RFC 5321
+# section 5.1, RFC 7505), so the address is a bad destination (X.1.2); DNS trouble is a routing
+# problem of ours (X.4.3), never a reason to refuse.
+DOMAIN_NULL_MX = Reply(550, "5.1.2", "Recipient domain accepts no mail (it publishes a null MX)")
+DOMAIN_NOT_FOUND = Reply(550, "5.1.2", "Recipient domain does not exist")
+DOMAIN_NO_MAIL_SERVER = Reply(550, "5.1.2", "Recipient domain has no mail server (no MX or address record)")
+DOMAIN_LOOKUP_FAILED = Reply(451, "4.4.3", "Recipient domain could not be looked up in DNS, try again later")
 
 
 def rate_limited(rule_name: str) -> Reply:

@@ -3,12 +3,15 @@ with exactly the records the test gives, and nothing else.
 
 Names under ``local`` domains (".test" by default) that the test did not define are answered
 NXDOMAIN, as a real authoritative server would; anything else is REFUSED (no upstream).
-``[dns] servers = [server.address]`` points the guard at it.
+``[dns] servers = [server.address]`` points the guard at it; ``server.queries()`` lists the
+queries it received (dnsmasq's own query log), so a test can prove a lookup did or did not
+go out.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -69,6 +72,7 @@ class DNSServer:
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr = ""
         self._conf = ""
+        self._log = ""
 
     @property
     def address(self) -> str:
@@ -80,10 +84,11 @@ class DNSServer:
             with tempfile.NamedTemporaryFile("w", prefix="dnsmasq-", suffix=".conf", delete=False) as conf:
                 conf.write(self.zone.conf())
             self._conf = conf.name
+            self._log = conf.name.removesuffix(".conf") + ".log"
             self._process = subprocess.Popen(
                 [dnsmasq_path(), "--keep-in-foreground", f"--port={self.port}", "--listen-address=127.0.0.1",
                  "--bind-interfaces", "--no-resolv", "--no-hosts", f"--conf-file={self._conf}", "--pid-file=",
-                 "--cache-size=0", f"--user={_user()}", "--log-facility=-"],
+                 "--cache-size=0", f"--user={_user()}", f"--log-facility={self._log}", "--log-queries"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             if self._answers():
                 return self
@@ -105,6 +110,14 @@ class DNSServer:
                 continue
         return False
 
+    def queries(self) -> list[tuple[str, str]]:
+        """(type, name) of every query received since the start, in order (the start-up probe left out)."""
+        if not self._log or not os.path.exists(self._log):
+            return []
+        with open(self._log, encoding="utf-8", errors="replace") as log:
+            found = [(m.group(1), m.group(2)) for m in _QUERY_LINE.finditer(log.read())]
+        return [(rdtype, name) for rdtype, name in found if name != "probe.invalid"]
+
     def stop(self) -> None:
         if self._process is not None:
             self._process.terminate()
@@ -119,6 +132,8 @@ class DNSServer:
         if self._conf:
             os.unlink(self._conf)
             self._conf = ""
+        if self._log and os.path.exists(self._log):
+            os.unlink(self._log)
 
     def __enter__(self) -> "DNSServer":
         return self.start()
@@ -141,6 +156,10 @@ class SilentDNSServer:
 
     def close(self) -> None:
         self._socket.close()
+
+
+# dnsmasq --log-queries: "Nov 29 03:48:45 dnsmasq[13327]: query[MX] shop.test from 127.0.0.1"
+_QUERY_LINE = re.compile(r"\]: query\[([A-Z0-9]+)\] (\S+) from ")
 
 
 def _free_udp_port() -> int:

@@ -25,6 +25,7 @@ def main() -> None:
     New config:       smtp-guard config example > guard.toml
     Check it:         smtp-guard config check --config guard.toml
     API token:        smtp-guard admin token create ops --role admin
+    Domain DNS:       smtp-guard doctor --config guard.toml   (DKIM, SPF, DMARC, MX, upstream TLS)
 
     Every command that reads a config takes --config FILE (or SMTP_GUARD_CONFIG); run
     `smtp-guard COMMAND --help`.
@@ -88,6 +89,7 @@ def _register() -> None:
     from .breaker import breaker
     from .config import config
     from .dkim import dkim
+    from .doctor import doctor
     from .erase import erase
     from .hold import hold
     from .suppress import suppress
@@ -100,6 +102,7 @@ def _register() -> None:
     main.add_command(config)
     main.add_command(admin)
     main.add_command(dkim)
+    main.add_command(doctor)
 
 
 _register()

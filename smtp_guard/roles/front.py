@@ -15,9 +15,11 @@ from ..backends import Backends
 from ..classify import MessageClassifier
 from ..config import Config
 from ..decision_service import MessageDecider
+from ..dns_resolver import resolver
 from ..metrics import Metrics
 from ..policy.pipeline import Pipeline
 from ..readiness import Readiness
+from ..recipient_domains import RecipientDomains
 from ..relay.base import Upstream
 from ..smtp.access import AccessControl
 from ..smtp.auth import Authenticator
@@ -73,6 +75,10 @@ class Front:
         self._config = config
         self._readiness = readiness
         list_unsubscribe, inbox = _unsubscribe(config, backends, metrics, clock)
+        self.recipient_domains: RecipientDomains | None = None
+        if config.recipient_domains.check:
+            self.recipient_domains = RecipientDomains(resolver(config.dns), config.recipient_domains, metrics,
+                                                      clock, shadow=config.policy.shadow)
         handler = GuardHandler(
             smtp_config=config.smtp, access=AccessControl(config.access.allow_networks),
             auth_enabled=bool(config.smtp.auth.users), normalizer=backends.normalizer, pipeline=pipeline,
@@ -81,6 +87,7 @@ class Front:
             record_erasure_attempts=backends.erasure.record_attempts,
             classifier=MessageClassifier(config.classify, config.streams), strip=config.streams.strip_headers,
             list_unsubscribe=list_unsubscribe, inbox=inbox,
+            recipient_domains=self.recipient_domains,
         )
         authenticator = Authenticator(config.smtp.auth.users) if config.smtp.auth.users else None
         with naming_setting("[smtp.tls] cert and key", True, OSError, ssl.SSLError):
@@ -88,6 +95,8 @@ class Front:
         self.smtp = SMTPServer(handler, config.smtp, metrics, tls, authenticator, clock)
 
     async def start(self, running: AsyncExitStack) -> None:
+        if self.recipient_domains is not None:  # unwound after the listener stopped
+            running.push_async_callback(self.recipient_domains.close)
         with naming_setting(f"[smtp] listen {self._config.smtp.listen}", True, OSError):
             await self.smtp.start()
         running.push_async_callback(self._stop)

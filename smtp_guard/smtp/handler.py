@@ -21,6 +21,7 @@ from ..config import SMTPConfig
 from ..decision_service import MessageDecider
 from ..metrics import Metrics
 from ..policy.pipeline import Pipeline
+from ..recipient_domains import RecipientDomains
 from ..relay.base import Upstream
 from ..erasure.model import ErasureAttempt
 from ..hold.model import HoldStore
@@ -59,6 +60,7 @@ class GuardHandler:
                  record_erasure_attempts: Callable[[Sequence[ErasureAttempt]], Awaitable[None]],
                  classifier: MessageClassifier, strip: Sequence[str] = (),
                  list_unsubscribe: ListUnsubscribe | None = None, inbox: UnsubscribeInbox | None = None,
+                 recipient_domains: RecipientDomains | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._config = smtp_config
         self._access = access
@@ -70,6 +72,7 @@ class GuardHandler:
             metrics=metrics, record_audit=audit.record, record_erasure_attempts=record_erasure_attempts,
             max_recipients=smtp_config.max_recipients, bare_line_endings=smtp_config.bare_line_endings,
             strip=tuple(strip), clock=clock, list_unsubscribe=list_unsubscribe, inbox=inbox,
+            recipient_domains=recipient_domains,
         )
 
     # --- session -------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from ..dkim.existing import broken_signatures, is_signed
 from ..metrics import Metrics
 from ..policy.base import Decision, MessageContext, RecipientContext, Verdict
 from ..policy.pipeline import Pipeline
+from ..recipient_domains import RecipientDomains
 from ..relay.base import Upstream, UpstreamError, UpstreamTransaction
 from ..replies import Reply
 from ..audit_model import AuditRecord
@@ -91,6 +92,7 @@ class Collaborators:
     # [unsubscribe]: the headers added to selected mail, and the mailto: mailbox (never relayed).
     list_unsubscribe: ListUnsubscribe | None = None
     inbox: UnsubscribeInbox | None = None
+    recipient_domains: RecipientDomains | None = None  # [recipient_domains] check = true
 
 
 class Transaction:
@@ -202,6 +204,11 @@ class Transaction:
             self._record_shadow(mailbox.text, shadowed)
         if decision.tombstone is not None:
             self._note_erasure_attempt(decision)
+        if parts.recipient_domains is not None and (
+                decision.verdict is Verdict.PASS or decision.verdict is Verdict.HOLD and decision.release_at is not None):
+            # Only for recipients on their way to the upstream (relayed now, or paced): the
+            # pipeline's own refusals and holds keep their reasons.
+            decision = await self._check_domain(parts.recipient_domains, mailbox, decision)
         if decision.verdict is Verdict.PASS:
             return await self._relay(context, decision)
         reply = decision.reply or replies.RECIPIENT_OK
@@ -219,6 +226,17 @@ class Transaction:
             self.refused += 1
         self._record(mailbox.text, decision)
         return reply
+
+    async def _check_domain(self, domains: RecipientDomains, mailbox: Mailbox, decision: Decision) -> Decision:
+        """The recipient domain check: its refusal or deferral replaces the pipeline's pass
+        (in shadow mode it is only recorded as "would have")."""
+        found = await domains.check(mailbox.domain)
+        if found is None:
+            return decision
+        if domains.shadow:
+            self._record_shadow(mailbox.text, found)
+            return decision
+        return found
 
     async def _relay(self, context: RecipientContext, decision: Decision) -> Reply:
         """Offer a passing recipient to the upstream; its answer is the client's answer."""
