@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from aiohttp import web
 
 from ..config import Config
 from ..services import propagation
 from ..services.context import AdminContext
-from .imports import ImportJobs
 from .problems import Problem, bad_input, malformed
 from .tokens import Principal
+
+if TYPE_CHECKING:  # imports.py reports "in force" with this module's in_force
+    from .imports import ImportJobs
 
 ContextFactory = Callable[[str], AdminContext]  # actor -> context on the guard's own backends
 
 CONFIG = web.AppKey("config", Config)
 CONTEXTS: web.AppKey[ContextFactory] = web.AppKey("contexts")
-JOBS = web.AppKey("jobs", ImportJobs)
+JOBS: web.AppKey[ImportJobs] = web.AppKey("jobs")
 PRINCIPAL = web.RequestKey("principal", Principal)  # set by the bearer check or the console's session
 
 
@@ -59,6 +61,13 @@ async def json_object(request: web.Request, allowed: set[str],
     for name in sorted(required - body.keys()):
         raise bad_input(name, "required")
     return body
+
+
+async def optional_json_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    """Like ``json_object``, for a route whose body may be left out (an empty object then)."""
+    if not request.body_exists:
+        return {}
+    return await json_object(request, allowed)
 
 
 def string(body: Mapping[str, Any], name: str, default: str | None = None, max_length: int = 1000) -> str:
