@@ -47,3 +47,13 @@ async def trip_gate(admin: Any, stream: str, recipients: list[str]) -> None:
     outcome = await send(admin.guard.smtp_address, SENDER, recipients, gated_notice(stream))
     assert outcome.accepted == recipients, outcome
     await wait_until(lambda: admin.guard.backends.breakers.get(stream), what="the trip to reach the store")
+
+
+async def finished_job(admin: Any, location: str) -> dict[str, Any]:
+    """Poll an import job's page until the job is done or failed; return it."""
+    async def poll() -> dict[str, Any] | None:
+        status, job, _ = await admin.call("GET", location, token=admin.viewer_token)
+        assert status == 200, job
+        return job if job["state"] != "running" else None
+
+    return await wait_until(poll, what=f"the import job {location} to finish")  # type: ignore[no-any-return]

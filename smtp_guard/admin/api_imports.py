@@ -55,13 +55,18 @@ async def import_suppressions(request: web.Request) -> web.Response:
         detected = await asyncio.to_thread(importers.check_file, path, fmt, list_name, file_name)
     except importers.ImportFailed as error:
         path.unlink(missing_ok=True)
-        raise bad_input("file", f"{error}; nothing was imported") from None
+        raise bad_input("file", f"{_in_api_terms(str(error))}; nothing was imported") from None
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     job = jobs.start(ctx, path, file_name, detected, list_name, source)
     location = request.app.router["import_job"].url_for(id=job.id)
     return web.json_response(job.as_json(), status=202, headers={"Location": str(location)})
+
+
+def _in_api_terms(message: str) -> str:
+    """The importer speaks to the CLI's user; here its options are query parameters."""
+    return message.replace("--list ", "?list=").replace("--format ", "?format=")
 
 
 async def list_imports(request: web.Request) -> web.Response:
