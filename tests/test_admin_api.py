@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any, Awaitable, Callable
 
+import aiohttp
 import aiosmtplib
 import pytest
+
+from smtp_guard.store.base import StoreError
 
 from admin_setup import finished_job
 from conftest import wait_until
@@ -219,3 +222,25 @@ async def test_an_unknown_route_or_method_is_a_problem_too(start_admin: Start) -
     assert status == 404 and response.content_type == "application/problem+json"
     status, body, response = await admin.call("PUT", "/api/v1/suppressions", json={})
     assert status == 405 and body["status"] == 405
+
+
+async def test_an_export_the_store_fails_midway_is_cut_off_not_ended(start_admin: Start,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 200 is sent before the entries are read: a store error midway must not look like the
+    end of a complete export, so the connection ends without the final chunk."""
+    admin = await start_admin()
+    await add(admin, ["jane@example.com"])
+    store = admin.guard.backends.suppressions
+    read = store.query
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        async for entry in read(*args, **kwargs):
+            yield entry
+        raise StoreError("disk I/O error")
+
+    monkeypatch.setattr(store, "query", failing)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with admin.http.get(admin.url("/api/v1/suppressions/export"),
+                                  headers={"Authorization": f"Bearer {admin.admin_token}"}) as response:
+            assert response.status == 200
+            await response.read()
