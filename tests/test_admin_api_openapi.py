@@ -37,6 +37,17 @@ def changing() -> list[tuple[str, str]]:
     return sorted((method, path) for method, path in documented() if method != "GET")
 
 
+def test_the_document_is_valid_openapi_3_1() -> None:
+    schema = schemathesis.openapi.from_dict(DOCUMENT)
+    schema.validate()  # against the OpenAPI 3.1 meta-schema
+    assert all(result.ok() for result in schema.get_all_operations())
+    # Every operation says what a problem looks like when the token is missing or wrong.
+    for method, path in documented():
+        assert {"401", "429"} <= DOCUMENT["paths"][path][method.lower()]["responses"].keys(), (method, path)
+    for method, path in changing():
+        assert "403" in DOCUMENT["paths"][path][method.lower()]["responses"], (method, path)
+
+
 async def test_every_api_route_is_documented_and_every_documented_route_served(start_admin: Start) -> None:
     admin = await start_admin()
     served = {(route.method, route.resource.canonical) for route in admin.guard.admin.app.router.routes()

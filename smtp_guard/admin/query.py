@@ -43,10 +43,10 @@ class Query:
         # int() alone would also take " 7", "+7", "7_000" and non-ASCII digits.
         if not (text.isascii() and text.isdigit()):
             raise bad_input(name, f"{text[:40]!r} is not a whole number")
-        value = int(text[:20])  # longer is out of range anyway; int() of a huge string is slow
-        if not minimum <= value <= maximum or len(text) > 20:
+        # Twenty digits is past any maximum here; int() of a huge string would cost time.
+        if len(text) > 20 or not minimum <= int(text) <= maximum:
             raise bad_input(name, f"must be between {minimum} and {maximum}")
-        return value
+        return int(text)
 
     def choice(self, name: str, choices: tuple[T, ...], default: T) -> T:
         text = self._params.get(name)
