@@ -71,6 +71,7 @@ async def test_a_file_the_importer_would_refuse_is_a_422_and_stores_nothing(star
         ("?list=no-such-list", b"email\r\njane@example.com\r\n", "list"),
         ("?format=excel", b"email\r\njane@example.com\r\n", "format"),
         ("?list=unsubscribed&colour=red", b"email\r\njane@example.com\r\n", "colour"),
+        ("?list=unsubscribed&file_name=a%0Ab.csv", b"email\r\njane@example.com\r\n", "file_name"),
     ]:
         status, body, _ = await admin.call("POST", "/api/v1/suppressions/import" + query, data=data)
         assert (status, body["field"]) == (422, field), (query, body)

@@ -42,6 +42,9 @@ async def import_suppressions(request: web.Request) -> web.Response:
         known_list(ctx, list_name)
     source = query.text("source", max_length=200)
     file_name = query.text("file_name", max_length=255) or "upload"
+    for name, value in (("source", source), ("file_name", file_name)):
+        if value is not None and not value.isprintable():  # both end up in logs and messages
+            raise bad_input(name, "contains control characters")
     if request.content_type in FORM_TYPES:
         raise Problem(415, "Unsupported media type", "send the file itself as the body (e.g. curl --data-binary "
                       "@bounces.csv -H 'Content-Type: text/csv'), not a form", field="file")
