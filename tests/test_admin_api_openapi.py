@@ -64,12 +64,18 @@ async def test_the_document_is_served_behind_the_token(start_admin: Start) -> No
     assert body == DOCUMENT and body["openapi"].startswith("3.1")
 
 
-@pytest.mark.parametrize("method, path", changing())
-async def test_every_changing_route_refuses_a_viewer(start_admin: Start, method: str, path: str) -> None:
-    admin = await start_admin()
-    concrete = path.replace("{id}", "0123456789abcdef").replace("{stream}", "spring-sale")
-    status, body, _ = await admin.call(method, concrete, token=admin.viewer_token, json={})
-    assert status == 403 and "role 'admin'" in body["detail"], (method, path, body)
+def concrete(path: str) -> str:
+    return path.replace("{id}", "0123456789abcdef").replace("{stream}", "spring-sale")
+
+
+async def test_every_route_needs_a_token_and_every_change_role_admin(start_admin: Start) -> None:
+    admin = await start_admin(admin={"auth_max_failures": 100})  # one failure per route, none throttled
+    for method, path in sorted(documented()):
+        status, body, response = await admin.call(method, concrete(path), token=None, json={})
+        assert status == 401 and response.content_type == "application/problem+json", (method, path, body)
+    for method, path in changing():
+        status, body, _ = await admin.call(method, concrete(path), token=admin.viewer_token, json={})
+        assert status == 403 and "role 'admin'" in body["detail"], (method, path, body)
 
 
 @pytest.mark.timeout(180)
