@@ -80,6 +80,7 @@ async def test_one_bad_entry_refuses_the_whole_erasure(start_admin: Start, sink:
     for payload, field in [
         ({"addresses": ["jane@example.com", "not an address"], "reference": "DSR-1"}, "addresses"),
         ({"addresses": ["jane@example.com"], "reference": "  "}, "reference"),
+        ({"addresses": ["jane@example.com"], "reference": "DSR-\udc00"}, "reference"),
         ({"addresses": ["jane@example.com"]}, "reference"),
         ({"addresses": [], "reference": "DSR-1"}, "addresses"),
         ({"addresses": ["jane@example.com"], "reference": "DSR-1", "why": "asked"}, "why"),

@@ -60,7 +60,20 @@ async def json_object(request: web.Request, allowed: set[str],
             raise bad_input(name, f"unknown field; known fields are {', '.join(sorted(allowed))}")
     for name in sorted(required - body.keys()):
         raise bad_input(name, "required")
+    for name, value in body.items():
+        if not _is_unicode(value):
+            raise bad_input(name, "holds text that is not valid Unicode (an unpaired surrogate such as \\ud800)")
     return body
+
+
+def _is_unicode(value: Any) -> bool:
+    """JSON can escape an unpaired surrogate (RFC 8259 section 8.2), which no UTF-8 store or
+    log takes: refused here rather than failing on its way to the disk."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def optional_json_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:

@@ -239,7 +239,8 @@ def parse_cursor(text: str) -> int:
     """The store position in a cursor. Cursors are opaque to clients: the prefix lets the
     format change without an old cursor being misread."""
     number = text.removeprefix(_CURSOR_PREFIX)
-    if number == text or not number.isascii() or not number.isdigit() or len(number) > 19:
+    # A row id is a signed 64-bit integer; a larger one would overflow on its way to SQLite.
+    if number == text or not number.isascii() or not number.isdigit() or len(number) > 19 or int(number) >= 1 << 63:
         raise InvalidCursor(text)
     return int(number)
 
