@@ -91,6 +91,8 @@ async def test_a_suppression_added_through_the_api_is_in_force_when_it_returns(s
     ({"values": [], "list": "manual"}, "values"),
     ({"list": "manual"}, "values"),
     ({"values": ["a@example.com"], "list": "manual", "lifetime": "soon"}, "lifetime"),
+    ({"values": ["a@example.com"], "list": "manual", "lifetime": "36501d"}, "lifetime"),
+    ({"values": ["a@example.com"], "list": "manual", "lifetime": 10 ** 400}, "lifetime"),
     ({"values": ["a@example.com"], "list": "manual", "reason": "\ud800"}, "reason"),  # JSON escapes it; no store takes it
 ])
 async def test_bad_input_names_the_field_and_stores_nothing(start_admin: Start, payload: dict[str, Any],

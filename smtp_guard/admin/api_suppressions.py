@@ -7,6 +7,7 @@ of millions costs the guard no more memory than a page.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Collection
 
 from aiohttp import web
@@ -27,6 +28,8 @@ EXPORT_FORMATS: tuple[suppression_service.ExportFormat, ...] = ("csv", "jsonl")
 EXPORT_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
 EXPORT_CHUNK = 64 * 1024  # characters gathered before a write: one chunk per line would cost a syscall each
 MAX_PAGE = 1000
+# Longer is "never" in all but name, and an expiry past the year 9999 is a time no export can write.
+MAX_LIFETIME = 100 * 365 * 86400
 
 
 def routes(prefix: str) -> list[web.RouteDef]:
@@ -145,7 +148,13 @@ def _lifetime(value: Any) -> float | None:
         seconds = parse_duration(value, "lifetime")
     except ConfigError as error:
         raise bad_input("lifetime", str(error).removeprefix("lifetime: ")) from None
-    return suppression_service.FOREVER if seconds is None else seconds
+    except OverflowError:  # a JSON integer past any float
+        seconds = math.inf
+    if seconds is None:
+        return suppression_service.FOREVER
+    if seconds > MAX_LIFETIME:
+        raise bad_input("lifetime", 'longer than 100 years; write "never" for an entry that never expires')
+    return seconds
 
 
 async def export_suppressions(request: web.Request) -> web.StreamResponse:
