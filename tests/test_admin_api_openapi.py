@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from importlib import resources
 from typing import Any, Awaitable, Callable
 
@@ -96,10 +95,8 @@ async def test_schemathesis_finds_no_server_error_and_no_response_outside_the_do
     assert status == 202 and (await finished_job(admin, response.headers["Location"]))["state"] == "done"
     known["/api/v1/imports/"] = {"id": body["id"]}
 
-    started = time.monotonic()
     failures = await asyncio.to_thread(run_schemathesis, admin.base, admin.admin_token, known)
     assert not failures, "\n\n".join(failures)
-    print(f"schemathesis: {len(documented())} operations in {time.monotonic() - started:.1f}s")
 
 
 def run_schemathesis(base_url: str, token: str, known: dict[str, dict[str, str]]) -> list[str]:
