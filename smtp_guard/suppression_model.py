@@ -82,6 +82,16 @@ class SuppressionFilter:
     include_expired: bool = False
 
 
+@dataclass(frozen=True)
+class SuppressionPage:
+    """One page of a listing in storage order. ``next`` is the position (a row id) the next
+    page starts after, None on the last page: positions never change, so paging never repeats
+    or skips an entry, whatever is added or removed meanwhile."""
+
+    entries: tuple[SuppressionEntry, ...]
+    next: int | None
+
+
 class SuppressionStore(Protocol):
     async def add(self, entries: Sequence[SuppressionEntry], *, bulk: bool = False) -> int:
         """Insert or update entries (same kind, value and list = same entry). Returns how many
@@ -95,6 +105,10 @@ class SuppressionStore(Protocol):
 
     def query(self, filters: SuppressionFilter, now: float, limit: int | None = None) -> AsyncIterator[SuppressionEntry]:
         """Entries matching the filters, oldest first."""
+
+    async def page(self, filters: SuppressionFilter, now: float, limit: int, after: int | None = None) -> SuppressionPage:
+        """At most ``limit`` entries matching the filters in storage order, past position ``after``
+        (the previous page's ``next``)."""
 
     async def count_by_list(self, now: float) -> dict[str, int]:
         """Live (unexpired) entries per list."""

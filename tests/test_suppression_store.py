@@ -132,6 +132,22 @@ async def test_query_filters_and_orders_oldest_first(store) -> None:
     assert [e.value for e in limited] == ["old@example.com"]
 
 
+async def test_pages_follow_storage_order_without_repeats_or_gaps_while_entries_change(store) -> None:
+    await store.add([address(f"u{i}@example.com", created_at=NOW - i) for i in range(5)])
+    await store.add([address("gone@example.com", expires_at=NOW - 1)])
+    first = await store.page(SuppressionFilter(), NOW, 2)
+    assert [e.value for e in first.entries] == ["u0@example.com", "u1@example.com"] and first.next is not None
+    # Removing a listed entry and adding a new one do not shift the pages that follow.
+    await store.remove("address", "u0@example.com")
+    await store.add([address("late@example.com", created_at=NOW - 100)])
+    second = await store.page(SuppressionFilter(), NOW, 2, after=first.next)
+    assert [e.value for e in second.entries] == ["u2@example.com", "u3@example.com"]
+    last = await store.page(SuppressionFilter(), NOW, 2, after=second.next)
+    assert [e.value for e in last.entries] == ["u4@example.com", "late@example.com"] and last.next is None
+    expired = await store.page(SuppressionFilter(include_expired=True, contains="gone"), NOW, 10)
+    assert [e.value for e in expired.entries] == ["gone@example.com"] and expired.next is None
+
+
 async def test_count_by_list_counts_live_entries(store) -> None:
     await store.add([address("a@example.com", "bounced"), address("b@example.com", "bounced", expires_at=NOW - 1),
                      domain("example.org", "complained")])

@@ -1,6 +1,8 @@
 """Suppression imports through the API and console: the upload is streamed to a private file
 beside the store, checked whole (format, columns) before anything is written, then imported by
-``services.importers`` in the background while the caller polls its progress.
+``services.importers`` in the background while the caller polls its progress. A job is
+``done`` once its entries are in force on every running guard (or the job says which guard
+did not confirm them), as a CLI import reports when it returns.
 
 Jobs live in the process's memory: after a restart a job's page is gone, but the import is
 idempotent, so uploading the file again finishes it without duplicating anything.
@@ -19,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal
 
-from ..services import propagation
 from ..services.context import AdminContext
 from ..services.importers import BadRow, ImportProgress, ImportResult, import_file
 from .problems import Problem
+from .requests import InForce, in_force
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,7 @@ class ImportJob:
     error: str | None = None
     bad_rows: list[str] = field(default_factory=list)
     finished_at: float | None = None
-    # After the import: which running guards enforce it (the job is done only once they were asked).
-    in_force: propagation.Propagation | None = None
+    in_force: InForce | None = None  # None until done, and when nothing was imported
 
     @property
     def percent(self) -> float:
@@ -63,6 +64,7 @@ class ImportJob:
             "size": self.size, "actor": self.actor, "started_at": self.started_at, "finished_at": self.finished_at,
             "percent": self.percent, "rows": self.progress.rows if self.progress else 0,
             "error": self.error, "bad_rows": self.bad_rows,
+            "in_force": None if self.in_force is None else self.in_force.as_json(),
             "result": None if result is None else {
                 "format": result.format, "read": result.read, "new": result.new, "present": result.present,
                 "expired": result.expired, "bad": result.bad, "erased": result.erased, "lists": list(result.lists)},
@@ -130,10 +132,11 @@ class ImportJobs:
             job.progress = progress
 
         try:
-            job.result = await import_file(ctx, path, fmt, list_name, source or f"upload:{job.file_name}",
-                                           on_progress=on_progress, on_bad_row=on_bad_row)
-            job.in_force = await propagation.in_force(ctx.changes, ctx.config.store.confirm_timeout, ctx.clock)
-            job.state = "done"
+            result = await import_file(ctx, path, fmt, list_name, source or f"upload:{job.file_name}",
+                                       on_progress=on_progress, on_bad_row=on_bad_row, name=job.file_name)
+            if result.new or result.present:  # entries already present may have a new expiry
+                job.in_force = await in_force(ctx)
+            job.result, job.state = result, "done"
             log.info("import %s of %s by %s: %d new, %d present, %d bad rows", job.id, job.file_name, job.actor,
                      job.result.new, job.result.present, job.result.bad)
         except asyncio.CancelledError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from aiohttp import web
 
@@ -14,15 +14,17 @@ from ..metrics import Metrics
 from ..services import propagation
 from ..services.context import AdminContext
 from ..smtp.auth import AuthThrottle
-from .imports import ImportJobs
 from .problems import Problem, bad_input, malformed
 from .tokens import Principal, TokenCheck
+
+if TYPE_CHECKING:  # imports.py reports "in force" with this module's in_force
+    from .imports import ImportJobs
 
 ContextFactory = Callable[[str], AdminContext]  # actor -> context on the guard's own backends
 
 CONFIG = web.AppKey("config", Config)
 CONTEXTS: web.AppKey[ContextFactory] = web.AppKey("contexts")
-JOBS = web.AppKey("jobs", ImportJobs)
+JOBS: web.AppKey[ImportJobs] = web.AppKey("jobs")
 METRICS = web.AppKey("metrics", Metrics)
 # The API's bearer check and the console's login share both: a failed login counts the same.
 TOKENS = web.AppKey("tokens", TokenCheck)
@@ -64,7 +66,27 @@ async def json_object(request: web.Request, allowed: set[str],
             raise bad_input(name, f"unknown field; known fields are {', '.join(sorted(allowed))}")
     for name in sorted(required - body.keys()):
         raise bad_input(name, "required")
+    for name, value in body.items():
+        if not _is_unicode(value):
+            raise bad_input(name, "holds text that is not valid Unicode (an unpaired surrogate such as \\ud800)")
     return body
+
+
+def _is_unicode(value: Any) -> bool:
+    """JSON can escape an unpaired surrogate (RFC 8259 section 8.2), which no UTF-8 store or
+    log takes: refused here rather than failing on its way to the disk."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def optional_json_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    """Like ``json_object``, for a route whose body may be left out (an empty object then)."""
+    if not request.body_exists:
+        return {}
+    return await json_object(request, allowed)
 
 
 def string(body: Mapping[str, Any], name: str, default: str | None = None, max_length: int = 1000) -> str:

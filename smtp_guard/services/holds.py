@@ -13,6 +13,7 @@ from typing import Sequence
 
 from ..audit_model import AuditRecord
 from ..hold.model import HeldMessage, RecipientState
+from ..hold.preview import Preview, text_preview
 from .context import AdminContext
 
 
@@ -38,6 +39,7 @@ class NotARecipient(ValueError):
 class HoldDetails:
     message: HeldMessage
     headers: tuple[tuple[str, str], ...]  # empty once the content is deleted
+    preview: Preview | None = None  # the body as plain text (None: deleted, or no text part)
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,9 @@ async def list_holds(ctx: AdminContext, state: RecipientState | None = "held", l
 
 async def show_hold(ctx: AdminContext, hold_id: str) -> HoldDetails:
     message = await _get(ctx, hold_id)
-    headers = parse_headers(message.content) if message.content is not None else ()
-    return HoldDetails(message, headers)
+    if message.content is None:
+        return HoldDetails(message, ())
+    return HoldDetails(message, parse_headers(message.content), text_preview(message.content))
 
 
 async def release_hold(ctx: AdminContext, hold_id: str, recipients: Sequence[str] | None = None) -> HoldAction:

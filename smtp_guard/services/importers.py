@@ -128,15 +128,18 @@ class _Counts:
 async def import_file(ctx: AdminContext, path: str | os.PathLike[str], fmt: str = "auto",
                       list_name: str | None = None, source: str | None = None, skip_rows: int = 0,
                       on_progress: Callable[[ImportProgress], None] = lambda progress: None,
-                      on_bad_row: Callable[[BadRow], None] = lambda bad: None) -> ImportResult:
+                      on_bad_row: Callable[[BadRow], None] = lambda bad: None,
+                      name: str | None = None) -> ImportResult:
     """Import one export file; see the module docstring for formats and guarantees.
 
     Raises ImportFailed when the file cannot be read or recognized; rows that cannot be
-    imported go to ``on_bad_row`` and the rest are kept.
+    imported go to ``on_bad_row`` and the rest are kept. ``name`` is what messages and the
+    audit trail call the file, and what a SendGrid export's list is read from (default: the
+    path; an upload is stored under a name of the guard's own).
     """
     if list_name is not None:
         require_list(ctx, list_name)
-    name = str(path)
+    name = str(path) if name is None else name
     try:
         raw = open(path, "rb")
     except OSError as error:
@@ -179,11 +182,12 @@ async def import_file(ctx: AdminContext, path: str | os.PathLike[str], fmt: str 
     return result
 
 
-def check_file(path: str | os.PathLike[str], fmt: str = "auto", list_name: str | None = None) -> ImportFormat:
+def check_file(path: str | os.PathLike[str], fmt: str = "auto", list_name: str | None = None,
+               name: str | None = None) -> ImportFormat:
     """The file's format, or ImportFailed for everything ``import_file`` would refuse before its
     first write (unreadable, unknown layout, a column the format needs missing): an upload can
-    be refused whole instead of half-imported."""
-    name = str(path)
+    be refused whole instead of half-imported. ``name`` as for ``import_file``."""
+    name = str(path) if name is None else name
     try:
         raw = open(path, "rb")
     except OSError as error:

@@ -12,12 +12,13 @@ disagree with "enforce". Every change is recorded in the audit trail (who, what,
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from array import array
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Literal, Sequence, TextIO
+from typing import Any, AsyncIterator, Iterable, Literal, Sequence, TextIO
 
 from ..addresses import InvalidAddress, key_hash, parse_mailbox
 from ..audit_model import AuditRecord
@@ -40,6 +41,7 @@ ExportFormat = Literal["csv", "jsonl"]
 EXPORT_COLUMNS = ("kind", "value", "list", "reason", "source", "created_at", "expires_at", "include_subdomains")
 # ``lifetime=FOREVER`` overrides a list's default lifetime with "never expires".
 FOREVER = math.inf
+_CURSOR_PREFIX = "r"
 
 
 class InvalidTarget(ValueError):
@@ -48,6 +50,14 @@ class InvalidTarget(ValueError):
     def __init__(self, value: str, why: str) -> None:
         super().__init__(f"{value!r} {why}")
         self.value = value
+
+
+class InvalidCursor(ValueError):
+    """A paging cursor that no listing handed out (mistyped, or cut short)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("not a cursor from a previous page; start again without one")
+        self.text = text
 
 
 class UnknownList(ValueError):
@@ -80,6 +90,12 @@ class RemoveResult:
     @property
     def total(self) -> int:
         return sum(count for _, count in self.removed)
+
+
+@dataclass(frozen=True)
+class EntryPage:
+    entries: tuple[SuppressionEntry, ...]
+    next_cursor: str | None  # pass it back for the next page; None after the last
 
 
 @dataclass(frozen=True)
@@ -209,23 +225,60 @@ async def list_entries(ctx: AdminContext, filters: SuppressionFilter, limit: int
     return [entry async for entry in ctx.suppressions.query(filters, ctx.clock(), limit)]
 
 
+async def list_page(ctx: AdminContext, filters: SuppressionFilter, limit: int = 100,
+                    cursor: str | None = None) -> EntryPage:
+    """One page of matching entries in storage order. Raises InvalidCursor for a cursor that
+    no page handed out."""
+    if filters.list_name is not None:
+        require_list(ctx, filters.list_name)
+    page = await ctx.suppressions.page(filters, ctx.clock(), limit, None if cursor is None else parse_cursor(cursor))
+    return EntryPage(page.entries, None if page.next is None else _CURSOR_PREFIX + str(page.next))
+
+
+def parse_cursor(text: str) -> int:
+    """The store position in a cursor. Cursors are opaque to clients: the prefix lets the
+    format change without an old cursor being misread."""
+    number = text.removeprefix(_CURSOR_PREFIX)
+    # A row id is a signed 64-bit integer; a larger one would overflow on its way to SQLite.
+    if number == text or not number.isascii() or not number.isdigit() or len(number) > 19 or int(number) >= 1 << 63:
+        raise InvalidCursor(text)
+    return int(number)
+
+
 async def export(ctx: AdminContext, filters: SuppressionFilter, file: TextIO, fmt: ExportFormat = "csv") -> int:
     """Write matching entries to ``file`` as CSV (with a header) or JSON lines; returns how many.
 
     Times are ISO 8601 UTC; the CSV reads back with ``smtp-guard suppress import``.
     """
-    count = 0
-    writer = csv.writer(file) if fmt == "csv" else None
+    count = -1 if fmt == "csv" else 0  # the CSV's header line is not an entry
+    async for line in export_lines(ctx, filters, fmt):
+        file.write(line)
+        count += 1
+    return count
+
+
+async def export_lines(ctx: AdminContext, filters: SuppressionFilter, fmt: ExportFormat = "csv") -> AsyncIterator[str]:
+    """The export as text lines, read from the store as they are wanted (an HTTP export sends
+    each on its way instead of holding millions in memory). CSV starts with its header."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer) if fmt == "csv" else None
     if writer is not None:
         writer.writerow(EXPORT_COLUMNS)
+        yield _taken(buffer)
     async for entry in ctx.suppressions.query(filters, ctx.clock()):
         row = export_row(entry)
         if writer is not None:
             writer.writerow(["" if v is None else str(v).lower() if isinstance(v, bool) else v for v in row.values()])
+            yield _taken(buffer)
         else:
-            file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        count += 1
-    return count
+            yield json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def _taken(buffer: io.StringIO) -> str:
+    text = buffer.getvalue()
+    buffer.seek(0)
+    buffer.truncate()
+    return text
 
 
 def export_row(entry: SuppressionEntry) -> dict[str, Any]:

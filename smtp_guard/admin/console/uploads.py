@@ -16,7 +16,7 @@ from aiohttp import BodyPartReader, web
 
 from ...services import importers
 from ..problems import Problem
-from ..requests import JOBS, InForce, context, principal, require_admin
+from ..requests import JOBS, context, principal, require_admin
 from ..sessions import CSRF_FIELD, has_csrf_token
 from .forms import Form
 from .login import csrf_refused
@@ -118,6 +118,6 @@ async def job_page(request: web.Request) -> web.Response:
                                     "import itself is idempotent, so uploading the file again finishes it.")
     in_force = None
     if job.in_force is not None:
-        in_force = in_force_text(InForce.of(job.in_force))
+        in_force = in_force_text(job.in_force)
     return render(request, "import_job.html", job=job, in_force=in_force,
                   refresh=REFRESH_SECONDS if job.state == "running" else None)

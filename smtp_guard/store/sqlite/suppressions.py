@@ -30,6 +30,7 @@ from ...suppression_model import (
     SuppressionDelta,
     SuppressionEntry,
     SuppressionFilter,
+    SuppressionPage,
     SuppressionSnapshot,
 )
 from ..base import StoreError
@@ -164,19 +165,7 @@ class SQLiteSuppressionStore:
         Read a page at a time, each after the last (created_at, id) seen: no read stays open
         on the shared connection between pages (db.py), so the consumer may write meanwhile.
         """
-        where: list[str] = []
-        parameters: list[Any] = []
-        for column, value in (("list_name", filters.list_name), ("kind", filters.kind), ("source", filters.source)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                parameters.append(value)
-        if filters.contains:
-            # instr() rather than LIKE: addresses contain "_" and "%", LIKE wildcards.
-            where.append("instr(lower(value), ?) > 0")
-            parameters.append(filters.contains.lower())
-        if not filters.include_expired:
-            where.append(_LIVE)
-            parameters.append(now)
+        where, parameters = _where(filters, now)
         after: tuple[float, int] | None = None
         left = limit
         while left is None or left > 0:
@@ -193,6 +182,20 @@ class SQLiteSuppressionStore:
             after = (rows[-1][5], rows[-1][-1])
             if left is not None:
                 left -= len(rows)
+
+    async def page(self, filters: SuppressionFilter, now: float, limit: int, after: int | None = None) -> SuppressionPage:
+        """Entries in row id order: the primary key walks straight to ``after`` and stops at the
+        page's end, where an order by time would sort the whole table for every page."""
+        where, parameters = _where(filters, now)
+        if after is not None:
+            where.append("id > ?")
+            parameters.append(after)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        # One row more than asked says whether another page follows.
+        rows = await self._db.fetchall(f"SELECT {_COLUMNS}, id FROM suppressions {clause}ORDER BY id LIMIT ?",
+                                       (*parameters, limit + 1))
+        more = len(rows) > limit
+        return SuppressionPage(tuple(_entry(row[:-1]) for row in rows[:limit]), rows[limit - 1][-1] if more else None)
 
     async def count_by_list(self, now: float) -> dict[str, int]:
         rows = await self._db.fetchall(
@@ -294,6 +297,24 @@ def _load_snapshot(path: Any, priority: tuple[str, ...], now: float, busy_timeou
     finally:
         connection.close()
     return SuppressionSnapshot(hashes, lists, order, domains, seq=int(seq), next_expiry=next_expiry)
+
+
+def _where(filters: SuppressionFilter, now: float) -> tuple[list[str], list[Any]]:
+    """The WHERE clauses (joined by AND) and their parameters for the filters."""
+    where: list[str] = []
+    parameters: list[Any] = []
+    for column, value in (("list_name", filters.list_name), ("kind", filters.kind), ("source", filters.source)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            parameters.append(value)
+    if filters.contains:
+        # instr() rather than LIKE: addresses contain "_" and "%", LIKE wildcards.
+        where.append("instr(lower(value), ?) > 0")
+        parameters.append(filters.contains.lower())
+    if not filters.include_expired:
+        where.append(_LIVE)
+        parameters.append(now)
+    return where, parameters
 
 
 def _row(entry: SuppressionEntry, now: float) -> tuple[Any, ...]:
