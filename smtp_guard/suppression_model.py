@@ -80,6 +80,8 @@ class SuppressionFilter:
     source: str | None = None
     contains: str | None = None
     include_expired: bool = False
+    # Only entries added at or after this time (what a platform has not fetched yet).
+    since: float | None = None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ mailto: mailbox on its own SMTP listener, and the tokens that must not be forged
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import time
@@ -13,16 +14,20 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 import dkim
 import pytest
+from click.testing import CliRunner
 
+from admin_client import ADMIN_TOKEN, admin_overrides
 from conftest import ManualClock, wait_until
 from dns_server import Zone
 from sink import Sink
 from smtp_client import message, send
 from smtp_guard import replies
+from smtp_guard.cli.main import main
 from smtp_guard.services.erasure import erase, target_of
 from smtp_guard.services.propagation import in_force
+from smtp_guard.suppression_model import SuppressionEntry
 from smtp_guard.unsubscribe.tokens import InvalidToken, UnsubscribeTokens
-from test_dkim import dkim_config, make_key, verifies
+from test_dkim import dkim_config, make_key, verifier, verifies
 
 Start = Callable[..., Awaitable[Any]]
 SENDER = "news@shop.test"
@@ -199,8 +204,7 @@ async def test_the_added_header_is_dkim_signed_and_verifies(start_guard: Start, 
     content = sink.messages[-1].content
     assert links(content)
     assert verifies(content, server) == [True]
-    signed = dkim.DKIM(content)
-    assert signed.verify(dnsfunc=__import__("test_dkim").verifier(server))
+    assert dkim.DKIM(content).verify(dnsfunc=verifier(server))
     assert b"list-unsubscribe : list-unsubscribe : list-unsubscribe-post" in content.replace(b"\r\n ", b" ")
 
 
@@ -214,3 +218,30 @@ async def test_an_erased_address_is_acknowledged_and_not_stored_again(start_guar
     status, _ = await one_click(guard, https)
     assert status == 200
     assert await guard.backends.suppressions.find("jane@example.com", ["example.com"], time.time()) == []
+
+
+async def test_the_platform_fetches_the_unsubscribes_it_has_not_seen(start_guard: Start, sink: Sink,
+                                                                     tmp_path: Path) -> None:
+    guard = await start(start_guard, admin=admin_overrides())
+    before = time.time()
+    await send(guard.smtp_address, SENDER, ["old@example.com"], message())
+    await guard.backends.suppressions.add([SuppressionEntry("address", "earlier@example.com", "unsubscribed",
+                                                            source="one-click", created_at=before - 7200)])
+    await one_click(guard, links(sink.messages[-1].content)[0])
+
+    config_file = tmp_path / "cli.toml"
+    config_file.write_text(f'[store]\npath = "{guard.config.store.path}"\n')
+    result = await asyncio.to_thread(CliRunner().invoke, main, [
+        "suppress", "export", "--list", "unsubscribed", "--source", "one-click", "--since", "1h",
+        "--format", "jsonl", "--config", str(config_file)], env={"SMTP_GUARD_CONFIG": None})
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.stdout.splitlines() if "@" in line] == [
+        line for line in result.stdout.splitlines() if "old@example.com" in line]
+
+    host, port = guard.admin.address
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{host}:{port}/api/v1/suppressions",
+                            params={"list": "unsubscribed", "source": "one-click", "since": "1h"},
+                            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as response:
+            body = await response.json()
+    assert [item["value"] for item in body["items"]] == ["old@example.com"]

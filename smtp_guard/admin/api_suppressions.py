@@ -22,7 +22,7 @@ from .requests import context, in_force, json_object, require_admin, string, str
 
 log = logging.getLogger(__name__)
 
-FILTERS = ("list", "kind", "source", "contains", "include_expired")
+FILTERS = ("list", "kind", "source", "contains", "include_expired", "since")
 KINDS: tuple[EntryKind, ...] = ("address", "domain")
 EXPORT_FORMATS: tuple[suppression_service.ExportFormat, ...] = ("csv", "jsonl")
 EXPORT_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
@@ -74,7 +74,8 @@ def _filters(query: Query, ctx: AdminContext) -> SuppressionFilter:
     list_name = query.text("list", max_length=63)
     kind = query.optional_choice("kind", KINDS)
     return SuppressionFilter(None if list_name is None else known_list(ctx, list_name), kind,
-                             query.text("source"), query.text("contains") or None, query.flag("include_expired"))
+                             query.text("source"), query.text("contains") or None, query.flag("include_expired"),
+                             query.time("since", ctx.clock()))
 
 
 async def list_suppressions(request: web.Request) -> web.Response:

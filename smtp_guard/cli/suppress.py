@@ -7,12 +7,14 @@ prints results and turns service errors into messages that say what to type next
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Awaitable, Sequence, TypeVar
 
 import click
 
 from ..config import Config, ConfigError, parse_duration
 from ..services import importers
+from ..services.audit import BadTime, parse_time
 from ..services import suppressions as service
 from ..suppression_model import EntryKind, SuppressionEntry, SuppressionFilter
 from .common import admin_context, confirm_in_force, run, wait_option, with_config
@@ -50,9 +52,13 @@ def _call(coroutine: Awaitable[T]) -> T:
 
 
 def _filters(list_name: str | None, kind: str | None, source: str | None, contains: str | None,
-             include_expired: bool) -> SuppressionFilter:
+             include_expired: bool, since: str | None) -> SuppressionFilter:
     chosen_kind: EntryKind | None = kind  # type: ignore[assignment]  # click.Choice guarantees it
-    return SuppressionFilter(list_name, chosen_kind, source, contains, include_expired)
+    try:
+        since_time = None if since is None else parse_time(since, time.time())
+    except BadTime as error:
+        raise click.BadParameter(str(error), param_hint="--since") from None
+    return SuppressionFilter(list_name, chosen_kind, source, contains, include_expired, since_time)
 
 
 def _filter_options(function: Any) -> Any:
@@ -63,6 +69,9 @@ def _filter_options(function: Any) -> Any:
         click.option("--source", metavar="TEXT", help="Only entries with this source (e.g. sendgrid, cli)."),
         click.option("--contains", metavar="TEXT", help="Only values containing TEXT (case-insensitive)."),
         click.option("--include-expired", is_flag=True, help="Also entries whose expiry has passed."),
+        click.option("--since", metavar="TIME",
+                     help="Only entries added at or after TIME: 30m, 1h, 2d, 1w ago, or an ISO 8601 time (UTC "
+                          "without a zone), e.g. the unsubscribes a platform has not fetched yet."),
     )):
         function = option(function)
     return function
@@ -206,7 +215,7 @@ async def _check(config: Config, address: str) -> service.CheckResult:
 @click.option("--limit", type=click.IntRange(min=1), default=50, help="At most this many entries, oldest first.")
 @with_config
 def list_command(config: Config, list_name: str | None, kind: str | None, source: str | None,
-                 contains: str | None, include_expired: bool, limit: int) -> None:
+                 contains: str | None, include_expired: bool, since: str | None, limit: int) -> None:
     """List entries, oldest first.
 
     \b
@@ -214,7 +223,7 @@ def list_command(config: Config, list_name: str | None, kind: str | None, source
       smtp-guard suppress list --list unsubscribed --limit 20
       smtp-guard suppress list --contains @example.com --include-expired
     """
-    entries = _call(_list(config, _filters(list_name, kind, source, contains, include_expired), limit))
+    entries = _call(_list(config, _filters(list_name, kind, source, contains, include_expired, since), limit))
     if not entries:
         click.echo("No entries match. Add one: smtp-guard suppress add jane@example.com --list unsubscribed")
         return
@@ -236,7 +245,7 @@ async def _list(config: Config, filters: SuppressionFilter, limit: int) -> list[
               help="Write to this file; - is standard output.")
 @with_config
 def export_command(config: Config, list_name: str | None, kind: str | None, source: str | None,
-                   contains: str | None, include_expired: bool, fmt: str, output: str) -> None:
+                   contains: str | None, include_expired: bool, since: str | None, fmt: str, output: str) -> None:
     """Write entries to a file or standard output.
 
     The CSV reads back with `smtp-guard suppress import`.
@@ -247,8 +256,9 @@ def export_command(config: Config, list_name: str | None, kind: str | None, sour
     Examples:
       smtp-guard suppress export -o suppressions.csv
       smtp-guard suppress export --list complained --format jsonl > complained.jsonl
+      smtp-guard suppress export --list unsubscribed --source one-click --since 1d   # the guard's own unsubscribes
     """
-    filters = _filters(list_name, kind, source, contains, include_expired)
+    filters = _filters(list_name, kind, source, contains, include_expired, since)
     count = _call(_export(config, filters, output, fmt))
     click.echo(f"Exported {count} entr{'y' if count == 1 else 'ies'}"
                f"{f' to {output}' if output != '-' else ''}.", err=True)

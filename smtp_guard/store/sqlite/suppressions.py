@@ -311,6 +311,9 @@ def _where(filters: SuppressionFilter, now: float) -> tuple[list[str], list[Any]
         # instr() rather than LIKE: addresses contain "_" and "%", LIKE wildcards.
         where.append("instr(lower(value), ?) > 0")
         parameters.append(filters.contains.lower())
+    if filters.since is not None:
+        where.append("created_at >= ?")
+        parameters.append(filters.since)
     if not filters.include_expired:
         where.append(_LIVE)
         parameters.append(now)
