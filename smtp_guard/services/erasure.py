@@ -8,6 +8,7 @@ the server's own ErasurePolicy), and no file in the data directory holds any spe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from dataclasses import dataclass
@@ -109,7 +110,8 @@ async def _purge(ctx: AdminContext, target: ErasureTarget, tombstone: Tombstone)
     key_hashes = [key_hash(target.normalized)] if target.normalized else None
     counts = await ctx.erasure.purge_address(key_hashes, matches, ctx.key_ring.pseudonyms(target.token),
                                              tombstone.id)
-    counts.append(PurgeCount("sandbox", "files", _purge_sandbox(ctx, target, matches)))
+    # File work in a thread: the admin API runs this inside the guard's event loop.
+    counts.append(PurgeCount("sandbox", "files", await asyncio.to_thread(_purge_sandbox, ctx, target, matches)))
     return counts
 
 
@@ -184,7 +186,8 @@ async def verify(ctx: AdminContext, address: str) -> Verification:
             domain_chain=tuple(ctx.normalizer.domain_chain(mailbox.domain)), sender="", client_ip=""))
     pattern = address_pattern(mailbox, ctx.normalizer, ctx.config.addresses)
     packed = address_pattern(mailbox, ctx.normalizer, ctx.config.addresses, packed=True)
-    findings = scan_directory(ctx.config.store.data_dir, pattern, packed)
+    # Reading the data directory in a thread: the admin API runs this inside the guard's event loop.
+    findings = await asyncio.to_thread(scan_directory, ctx.config.store.data_dir, pattern, packed)
     return Verification(normalized, tombstone, decision, tuple(findings))
 
 
