@@ -24,9 +24,11 @@ import aiohttp
 import pytest
 from click.testing import CliRunner
 
+from admin_client import ADMIN_TOKEN
 from conftest import free_port, process_running, wait_until
 from sink import Sink
 from smtp_client import message, send
+from smtp_guard.api_tokens import hash_token
 from smtp_guard.cli.main import main
 
 SENDER = "news@shop.test"
@@ -397,3 +399,30 @@ async def test_sigterm_during_start_up_stops_at_once(supervised, sink: Sink) -> 
     assert time.monotonic() - started < 8
     await wait_until(lambda: all(not process_running(pid) for pid in pids), timeout=5, what="no worker left")
     assert "Traceback" not in guard.output()
+
+
+async def test_the_admin_api_and_one_click_unsubscribe_serve_from_the_supervisor(supervised, sink: Sink) -> None:
+    """The supervisor serves the admin API and the unsubscribe listener; what they change is in
+    force on both workers when they answer, and a link a worker sealed opens there."""
+    admin_port, unsubscribe_port = free_port(), free_port()
+    guard = await supervised(
+        f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n[admin.tokens]\n'
+        f'ops = {{ role = "admin", hash = "{hash_token(ADMIN_TOKEN)}" }}\n\n'
+        f'[unsubscribe]\nlisten = "127.0.0.1:{unsubscribe_port}"\nbase_url = "https://unsub.test"\n')
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{admin_port}/api/v1/suppressions", headers=headers,
+                             json={"values": ["gone@example.com"], "list": "manual"}) as response:
+            body = await response.json()
+        assert response.status == 201 and body["in_force"]["confirmed"] == 3 and body["in_force"]["all_confirmed"]
+        outcomes = await send_each(guard, ["gone@example.com"] * CONNECTIONS)
+        assert all(o.rcpt["gone@example.com"].startswith("550") for o in outcomes)
+
+        await send(guard.address, SENDER, ["jane@example.com"], message())
+        link = re.search(rb"<https://unsub\.test(/u/[A-Za-z0-9_-]+)>", sink.messages[-1].content)
+        assert link, sink.messages[-1].content[:400]
+        async with http.post(f"http://127.0.0.1:{unsubscribe_port}{link.group(1).decode()}",
+                             data="List-Unsubscribe=One-Click") as response:
+            assert response.status == 200
+    outcomes = await send_each(guard, ["jane@example.com"] * CONNECTIONS)
+    assert all(o.rcpt["jane@example.com"].startswith("550") for o in outcomes)
