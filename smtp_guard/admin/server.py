@@ -13,7 +13,6 @@ failed login alike) is throttled.
 from __future__ import annotations
 
 import logging
-import ssl
 import time
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -21,10 +20,10 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from ..config import Config
+from ..http_site import Site, add_health_routes
 from ..metrics import Metrics
 from ..readiness import Readiness
 from ..smtp.auth import AuthThrottle
-from ..startup import naming_setting
 from . import api, console
 from .imports import ImportJobs
 from .problems import Problem
@@ -35,7 +34,6 @@ from .tokens import TokenCheck
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class AdminListener:
@@ -43,8 +41,6 @@ class AdminListener:
                  clock: Callable[[], float] = time.time) -> None:
         admin = config.admin
         self._config = config
-        self._readiness = readiness
-        self._runner: web.AppRunner | None = None
         self.jobs = ImportJobs(Path(config.store.data_dir) / "uploads", admin.max_upload, clock)
         app = web.Application(middlewares=[_observe, _errors, _authenticate, console.authenticate])
         app[CONFIG] = config
@@ -53,54 +49,29 @@ class AdminListener:
         app[METRICS] = metrics
         app[TOKENS] = TokenCheck(admin.tokens)
         app[THROTTLE] = AuthThrottle(admin.auth_max_failures, admin.auth_failure_window, clock)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
+        add_health_routes(app, readiness)
         api.add_routes(app)
         console.add_routes(app, SessionStore(admin.session_lifetime, admin.tls_enabled, clock))
         self.app = app
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        ready = self._readiness.is_ready
-        lines = ["ready" if ready else "not ready", *map(str, self._readiness.checks())]
-        return web.Response(status=200 if ready else 503, text="\n".join(lines) + "\n")
+        self._site = Site(app)
 
     async def start(self) -> None:
         admin = self._config.admin
         assert admin.listen is not None
-        tls = None
-        if admin.tls_enabled:
-            with naming_setting(f"[admin] tls_cert {admin.tls_cert} / tls_key {admin.tls_key}", True, OSError):
-                tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                tls.load_cert_chain(admin.tls_cert, admin.tls_key)
         if not admin.tokens:
             log.warning("[admin] listen is set but [admin.tokens] is empty: the API and console refuse every "
                         "request; create a token with `smtp-guard admin token create NAME --role admin`")
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
-        await self._runner.setup()
-        with naming_setting(f"[admin] listen {admin.listen}", True, OSError):
-            await web.TCPSite(self._runner, admin.listen.host, admin.listen.port, ssl_context=tls).start()
-        log.info("admin API and console on %s://%s", "https" if tls else "http", self.address_text)
+        await self._site.start(admin.listen, "admin", admin.tls_cert, admin.tls_key)
+        log.info("admin API and console on %s://%s", "https" if admin.tls_enabled else "http",
+                 self._site.address_text)
 
     @property
     def address(self) -> tuple[str, int] | None:
-        if self._runner is None or not self._runner.addresses:
-            return None
-        host, port = self._runner.addresses[0][:2]
-        return host, port
-
-    @property
-    def address_text(self) -> str:
-        host, port = self.address or ("?", 0)
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return self._site.address
 
     async def stop(self) -> None:
         await self.jobs.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._site.stop()
 
 
 def _route(request: web.Request) -> str:

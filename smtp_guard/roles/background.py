@@ -74,8 +74,7 @@ class Background:
         self.release_worker.start()
         running.push_async_callback(self.release_worker.stop)
         if config.metrics.listen is not None:
-            with naming_setting(f"[metrics] listen {config.metrics.listen}", True, OSError):
-                await self.http.start(config.metrics.listen.host, config.metrics.listen.port)
+            await self.http.start(config.metrics.listen)
             running.push_async_callback(self.http.stop)
 
     async def start_probes(self, running: AsyncExitStack) -> None:

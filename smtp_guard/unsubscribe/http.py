@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import html
 import logging
-import ssl
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from ..config import UnsubscribeConfig
-from ..startup import naming_setting
+from ..http_site import Site
 from .service import Outcome, Unsubscriber
 
 log = logging.getLogger(__name__)
@@ -43,13 +42,13 @@ class UnsubscribeListener:
     def __init__(self, config: UnsubscribeConfig, unsubscriber: Unsubscriber) -> None:
         self._config = config
         self._unsubscriber = unsubscriber
-        self._runner: web.AppRunner | None = None
         prefix = urlsplit(config.base_url).path.rstrip("/")
         app = web.Application(client_max_size=4096)  # a one-click body is 26 bytes
         app.router.add_get(f"{prefix}/u/{{token}}", self._confirm_page)
         app.router.add_post(f"{prefix}/u/{{token}}", self._unsubscribe)
         app.router.add_get("/healthz", self._healthz)
         self.app = app
+        self._site = Site(app)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -73,29 +72,15 @@ class UnsubscribeListener:
     async def start(self) -> None:
         config = self._config
         assert config.listen is not None
-        tls = None
-        if config.tls_enabled:
-            with naming_setting(f"[unsubscribe] tls_cert {config.tls_cert} / tls_key {config.tls_key}", True,
-                                OSError):
-                tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                tls.load_cert_chain(config.tls_cert, config.tls_key)
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
-        await self._runner.setup()
-        with naming_setting(f"[unsubscribe] listen {config.listen}", True, OSError):
-            await web.TCPSite(self._runner, config.listen.host, config.listen.port, ssl_context=tls).start()
-        log.info("one-click unsubscribe on %s (links %s/u/…)", self.address, config.base_url.rstrip("/"))
+        await self._site.start(config.listen, "unsubscribe", config.tls_cert, config.tls_key)
+        log.info("one-click unsubscribe on %s (links %s/u/…)", self._site.address_text, config.base_url.rstrip("/"))
 
     @property
     def address(self) -> tuple[str, int] | None:
-        if self._runner is None or not self._runner.addresses:
-            return None
-        host, port = self._runner.addresses[0][:2]
-        return host, port
+        return self._site.address
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._site.stop()
 
 
 def _page(status: int, title: str, text: str, form: str = "") -> web.Response:
