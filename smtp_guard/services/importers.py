@@ -36,10 +36,11 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Literal, Mapping, Sequence, TextIO
 
 from ..suppression_model import SuppressionEntry
 from .context import AdminContext
@@ -140,38 +141,28 @@ async def import_file(ctx: AdminContext, path: str | os.PathLike[str], fmt: str 
     if list_name is not None:
         require_list(ctx, list_name)
     name = str(path) if name is None else name
-    try:
-        raw = open(path, "rb")
-    except OSError as error:
-        raise ImportFailed(f"cannot read {name}: {error.strerror or error}") from None
-    with raw:
+    with _opened(path, name) as (raw, head, text):
         stat = os.fstat(raw.fileno())
-        head = raw.peek(4096)[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
-        # Bad UTF-8 becomes U+FFFD and that row is reported (see _Rules.entry), not the file.
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
-        try:
-            detected, rows = _open_rows(text, head, name, fmt, list_name)
-            rules = _Rules(ctx, name, list_name, source or "", _default_source(detected, name), stat.st_mtime)
-            counts = _Counts()
-            batch: list[SuppressionEntry] = []
-            position = 0
-            for row in rows:
-                position += 1
-                if position <= skip_rows:
-                    counts.skipped += 1
-                else:
-                    entry = rules.accept(row, counts, on_bad_row)
-                    if entry is not None:
-                        batch.append(entry)
-                # Commit by row position, not by entries collected, so progress.rows is exact
-                # (a resume point) even in a stretch of bad or skipped rows.
-                if position % BATCH_SIZE == 0:
-                    await _commit(ctx, batch, counts)
-                    on_progress(ImportProgress(position, raw.tell(), stat.st_size))
-            await _commit(ctx, batch, counts)
-            on_progress(ImportProgress(position, raw.tell(), stat.st_size))
-        finally:
-            text.detach()  # ``with raw`` closes the file
+        detected, rows = _open_rows(text, head, name, fmt, list_name)
+        rules = _Rules(ctx, name, list_name, source or "", _default_source(detected, name), stat.st_mtime)
+        counts = _Counts()
+        batch: list[SuppressionEntry] = []
+        position = 0
+        for row in rows:
+            position += 1
+            if position <= skip_rows:
+                counts.skipped += 1
+            else:
+                entry = rules.accept(row, counts, on_bad_row)
+                if entry is not None:
+                    batch.append(entry)
+            # Commit by row position, not by entries collected, so progress.rows is exact
+            # (a resume point) even in a stretch of bad or skipped rows.
+            if position % BATCH_SIZE == 0:
+                await _commit(ctx, batch, counts)
+                on_progress(ImportProgress(position, raw.tell(), stat.st_size))
+        await _commit(ctx, batch, counts)
+        on_progress(ImportProgress(position, raw.tell(), stat.st_size))
     result = ImportResult(name, detected, counts.read, counts.new, counts.present, counts.expired, counts.bad,
                           counts.skipped, tuple(counts.lists), counts.erased)
     if result.new or result.present:
@@ -188,19 +179,27 @@ def check_file(path: str | os.PathLike[str], fmt: str = "auto", list_name: str |
     first write (unreadable, unknown layout, a column the format needs missing): an upload can
     be refused whole instead of half-imported. ``name`` as for ``import_file``."""
     name = str(path) if name is None else name
+    with _opened(path, name) as (_, head, text):
+        detected, rows = _open_rows(text, head, name, fmt, list_name)
+        next(rows, None)  # the row readers check their columns when the first row is read
+    return detected
+
+
+@contextmanager
+def _opened(path: str | os.PathLike[str], name: str) -> Iterator[tuple[BinaryIO, bytes, TextIO]]:
+    """The file, its first bytes (for telling JSON from CSV) and a text view of it."""
     try:
         raw = open(path, "rb")
     except OSError as error:
         raise ImportFailed(f"cannot read {name}: {error.strerror or error}") from None
     with raw:
         head = raw.peek(4096)[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+        # Bad UTF-8 becomes U+FFFD and that row is reported (see _Rules.entry), not the file.
         text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
         try:
-            detected, rows = _open_rows(text, head, name, fmt, list_name)
-            next(rows, None)  # the row readers check their columns when the first row is read
+            yield raw, head, text
         finally:
-            text.detach()
-    return detected
+            text.detach()  # ``with raw`` closes the file
 
 
 async def _commit(ctx: AdminContext, batch: list[SuppressionEntry], counts: _Counts) -> None:
