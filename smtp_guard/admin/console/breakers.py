@@ -35,10 +35,7 @@ def add_routes(app: web.Application) -> None:
 
 async def list_page(request: web.Request) -> web.Response:
     form = query(request)
-    status_text = form.text("status") or "tripped"
-    if status_text != "all" and status_text not in STATUSES:
-        form.error("status", f"choose one of {', '.join(STATUSES)} or all")
-        status_text = "tripped"
+    status_text = form.choice_or_all("status", STATUSES, "tripped")
     status = next((s for s in STATUSES if s == status_text), None)  # None: all
     summaries = await service.list_breakers(context(request), status, LIMIT)
     return render(request, "breakers.html", status=422 if form.errors else 200, form=form, status_filter=status_text,

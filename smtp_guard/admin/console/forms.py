@@ -8,7 +8,7 @@ kept and each error next to its field.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from aiohttp import web
 from multidict import MultiDict, MultiMapping
@@ -65,6 +65,14 @@ class Form:
             self.error(name, f"must be between {minimum} and {maximum}")
             return default
         return value
+
+    def choice_or_all(self, name: str, choices: Sequence[str], default: str) -> str:
+        """One of ``choices`` or "all" (a list page's filter); ``default`` when absent or unknown."""
+        text = self.text(name) or default
+        if text != "all" and text not in choices:
+            self.error(name, f"choose one of {', '.join(choices)} or all")
+            return default
+        return text
 
     def error(self, name: str, message: str) -> None:
         self.errors.setdefault(name, message)  # the first problem with a field is the one to fix

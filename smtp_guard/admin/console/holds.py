@@ -37,10 +37,7 @@ def add_routes(app: web.Application) -> None:
 
 async def list_page(request: web.Request) -> web.Response:
     form = query(request)
-    state_text = form.text("state") or "held"
-    if state_text != "all" and state_text not in STATES:
-        form.error("state", f"choose one of {', '.join(STATES)} or all")
-        state_text = "held"
+    state_text = form.choice_or_all("state", STATES, "held")
     state = next((s for s in STATES if s == state_text), None)  # None: all
     messages = await service.list_holds(context(request), state, LIMIT)
     return render(request, "holds.html", status=422 if form.errors else 200, form=form, state=state_text,
