@@ -35,6 +35,7 @@ UpstreamTLS = Literal["none", "opportunistic", "starttls", "implicit"]
 BareLineEndings = Literal["reject", "normalize"]
 LogFormat = Literal["text", "json"]
 AdminRole = Literal["viewer", "admin"]
+CountersOnError = Literal["defer", "allow"]
 
 
 class ConfigError(Exception):
@@ -187,6 +188,29 @@ class StoreConfig:
     @property
     def data_dir(self) -> Path:
         return Path(self.path).parent
+
+
+@dataclass(frozen=True)
+class CountersConfig:
+    """Where the rate-limit counters live (docs/design.md, "Scale"). Without ``url``, in the
+    guard itself (one process, or its workers' shared memory): each guard instance has limits
+    of its own. With several instances behind a load balancer, one Redis server they share:
+    a limit holds across all of them, and survives the restart of any of them."""
+
+    # "redis://HOST:6379/0", "rediss://HOST:6380/0" (TLS) or "unix:///run/redis/redis.sock";
+    # a password goes in the URL ("redis://:PASSWORD@HOST:6379/0").
+    url: str = ""
+    # When Redis cannot be reached or answer within timeout: "defer" every recipient a rate
+    # limit applies to (451 4.3.0; the platform retries), or "allow" it uncounted (logged,
+    # audited and counted as "would have deferred"). Never silently unlimited.
+    on_error: CountersOnError = "defer"
+    # Longest wait for one answer from Redis, connecting included; an RCPT waits as long.
+    timeout: float = _duration(1.0)
+    # Connections each guard process opens to Redis at most; more requests at once wait
+    # (within timeout) for one to be free.
+    max_connections: int = _at_least(32, minimum=1)
+    # Put before every key the guard writes: several guard deployments can share one database.
+    key_prefix: str = "smtp-guard:"
 
 
 @dataclass(frozen=True)
@@ -511,6 +535,7 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     access: AccessConfig = AccessConfig()
     store: StoreConfig = StoreConfig()
+    counters: CountersConfig = CountersConfig()
     metrics: MetricsConfig = MetricsConfig()
     admin: AdminConfig = AdminConfig()
     dns: DNSConfig = DNSConfig()
@@ -638,6 +663,7 @@ _ALIASES = {
     "ProtectionAction": "Literal['defer', 'hold']",
     "AdminRole": "Literal['viewer', 'admin']",
     "RateKey": "Literal['client', 'auth_user', 'sender', 'sender_domain', 'stream', 'recipient_domain']",
+    "CountersOnError": "Literal['defer', 'allow']",
 }
 
 
@@ -750,6 +776,7 @@ _SECTIONS: dict[str, type] = {
     "smtp": SMTPConfig,
     "upstream": UpstreamConfig,
     "store": StoreConfig,
+    "counters": CountersConfig,
     "metrics": MetricsConfig,
     "addresses": AddressConfig,
     "dns": DNSConfig,
@@ -1105,6 +1132,19 @@ def _validate(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: [breaker] learning_rate must be in (0, 1] and factor positive")
     if config.upstream.max_connections < 1:
         raise ConfigError(f"{where}: [upstream] max_connections must be at least 1")
+    _validate_counters(config.counters, where)
+
+
+_COUNTERS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _validate_counters(counters: CountersConfig, where: str) -> None:
+    if not counters.url:
+        return
+    scheme, sep, rest = counters.url.partition("://")
+    if not sep or scheme.lower() not in _COUNTERS_SCHEMES or not rest.strip("/"):
+        raise ConfigError(f"{where}: [counters] url must be a Redis URL such as \"redis://10.0.0.7:6379/0\", "
+                          "\"rediss://HOST:6380/0\" (TLS) or \"unix:///run/redis/redis.sock\"")
 
 
 def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:

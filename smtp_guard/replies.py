@@ -129,6 +129,9 @@ UNSUBSCRIBE_UNAVAILABLE = Reply(451, "4.3.0", "Unsubscribe could not be stored, 
 DKIM_SIGNING_FAILED = Reply(451, "4.3.0", "Could not DKIM-sign the message, not relayed unsigned; try again later")
 # A policy that raised: fail closed and temporary (Postfix smtpd_policy_service_default_action).
 POLICY_FAILED = Reply(451, "4.3.5", "Policy check failed, try again later")
+# [counters] url: the shared rate counters (Redis) cannot be reached, so no rate limit can be
+# checked; mail is not let through uncounted unless [counters] on_error = "allow".
+COUNTERS_UNAVAILABLE = Reply(451, "4.3.0", "Rate limit counters unavailable, try again later")
 UPSTREAM_CHANGED = Reply(451, "4.4.0", "Upstream refused a recipient it had accepted, try again later")
 
 # --- aiosmtpd's own replies ---------------------------------------------------------------------
