@@ -88,6 +88,9 @@ class RateCounters(Protocol):
         ``CountersUnavailable``; the request may then have been settled in part (tokens taken
         and not given back: the limits err on the slow side)."""
 
+    async def probe(self) -> str | None:
+        """What keeps the counters from answering right now (for ``/readyz``), or None."""
+
 
 @dataclass(slots=True)
 class Bucket:
@@ -205,6 +208,9 @@ class InMemoryCounters:
 
     async def settle(self, request: Request, now: float) -> Settlement:
         return settle_on(self, request, now)  # never suspends: the loop is its lock
+
+    async def probe(self) -> str | None:
+        return None
 
     # The same operations one at a time, synchronously (tests and benchmarks).
 

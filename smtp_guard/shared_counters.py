@@ -173,6 +173,9 @@ class SharedCounters:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    async def probe(self) -> str | None:
+        return None
+
     # The same operations one at a time, synchronously (tests and benchmarks).
 
     def take(self, key: str, rate: float, burst: float, now: float, amount: int = 1) -> bool:
