@@ -123,8 +123,18 @@ class SMTPConfig:
     # shared table (64 bytes each in shared memory). A bucket that is full again is dropped;
     # past this many still refilling, a new key is deferred (451 4.3.5) and logged.
     rate_limit_keys: int = _at_least(131072, minimum=1024)
+    # Load balancers whose connections start with a PROXY protocol header (v1 or v2) naming
+    # the real client, as networks ("10.0.0.5/32"): access, rate limits, the Received header
+    # and the audit see that client. A PROXY header from anywhere else closes the connection.
+    proxy_protocol_from: tuple[str, ...] = ()
+    # How long a listed load balancer may take to send its header after connecting.
+    proxy_protocol_timeout: float = _duration(5.0)
     tls: TLSListenConfig = TLSListenConfig()
     auth: AuthConfig = AuthConfig()
+
+    def proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """``proxy_protocol_from`` as networks; validated when the config loads."""
+        return [_network(text, "[smtp] proxy_protocol_from") for text in self.proxy_protocol_from]
 
 
 @dataclass(frozen=True)
@@ -342,6 +352,14 @@ class RecipientDomainsConfig:
     cache_size: int = _at_least(100_000, minimum=1)
     # Decide, log, audit and count, but let the mail pass ("would have refused").
     shadow: bool = False
+
+
+def _network(text: str, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a network; write e.g. \"10.0.0.5/32\" "
+                          "(the load balancer's address)") from None
 
 
 def _nameserver(text: str, where: str) -> tuple[str, int]:
@@ -1100,6 +1118,14 @@ def _validate(config: Config, where: str) -> None:
             "internet; list the sending platform's networks instead (e.g. \"10.1.2.0/24\"), or set "
             "allow_open_relay = true if that is really meant"
         )
+    proxies = [n for n in config.smtp.proxy_networks() if n.prefixlen < (8 if n.version == 4 else 16)]
+    if proxies and not config.access.allow_open_relay:
+        # Whoever may send a PROXY header chooses the client address the guard believes,
+        # allow_networks included: as dangerous as a wide allow-list.
+        raise ConfigError(
+            f"{where}: [smtp] proxy_protocol_from {', '.join(map(str, proxies))} lets much of the internet "
+            "claim any client address (an allowed network included); list the load balancers' own "
+            "addresses (e.g. \"10.0.0.5/32\"), or set [access] allow_open_relay = true if that is really meant")
     if config.smtp.workers > 1 and config.smtp.listen.port == 0:
         raise ConfigError(f"{where}: [smtp] workers = {config.smtp.workers} needs a fixed listen port: with port 0 "
                           "each worker would get its own port; set listen = \"host:PORT\"")

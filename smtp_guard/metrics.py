@@ -29,6 +29,8 @@ DOMAIN_LOOKUP_RESULTS = ("ok", "null_mx", "nxdomain", "no_mail_server", "dns_tim
 # Shared rate counters in Redis ([counters] url): what was asked, and how it failed.
 REDIS_OPERATIONS = ("settle", "ping")
 REDIS_ERRORS = ("connection", "timeout", "response")
+# PROXY protocol headers on the SMTP listener ([smtp] proxy_protocol_from), by result.
+PROXY_HEADER_RESULTS = ("accepted", "local", "invalid", "untrusted")
 # Gauges only the background role sets: with several processes the value it set last.
 SET_BY_SUPERVISOR: Final = "mostrecent"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -191,6 +193,12 @@ class Metrics:
             "answer within [counters] timeout; response: Redis refused the command, e.g. out of memory). "
             "Each failed settle deferred its mail (451 4.3.0) or let it through uncounted ([counters] on_error).",
             ["operation", "error"], registry=r)
+        self.proxy_headers = Counter(
+            "smtp_guard_proxy_headers_total",
+            "PROXY protocol headers at the start of SMTP connections, by result (accepted: a listed load "
+            "balancer named the client; local: its own connection, e.g. a health check; invalid: a listed "
+            "balancer's connection without a valid header, closed; untrusted: a header from an address not "
+            "in [smtp] proxy_protocol_from, refused and closed).", ["result"], registry=r)
         for outcome in MESSAGE_OUTCOMES:
             self.messages.labels(outcome)
         for error_class in UPSTREAM_ERROR_CLASSES:
@@ -199,6 +207,8 @@ class Metrics:
             self.auth_failures.labels(auth_outcome)
         for result in DOMAIN_LOOKUP_RESULTS:
             self.domain_lookups.labels(result)
+        for result in PROXY_HEADER_RESULTS:
+            self.proxy_headers.labels(result)
         for operation in REDIS_OPERATIONS:
             for error in REDIS_ERRORS:
                 self.redis_errors.labels(operation, error)
