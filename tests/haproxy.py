@@ -1,6 +1,6 @@
-"""A real HAProxy for tests: Debian's haproxy in the foreground, on a loopback high port, with
-the reference configuration's shape (config/haproxy.cfg): TCP mode, ``send-proxy-v2`` to the
-guards, health checks on their ``/readyz`` — never the system's service.
+"""A real HAProxy for tests: Debian's haproxy in the foreground on a loopback high port, running
+the shipped reference configuration (config/haproxy.cfg) with only its addresses replaced by
+the test's — never the system's service.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Sequence
 import pytest
 
 HAPROXY_PATHS = ("/usr/sbin/haproxy", "/usr/bin/haproxy")
+REFERENCE = Path(__file__).resolve().parent.parent / "config" / "haproxy.cfg"
 
 
 def haproxy_path() -> str:
@@ -50,17 +51,23 @@ class HAProxy:
         return "127.0.0.1", self.port
 
     def config(self) -> str:
-        servers = "\n".join(
-            f"    server guard{i} {smtp[0]}:{smtp[1]} {self.proxy_protocol} source 127.0.0.1 "
-            f"check port {metrics[1]} inter 1s fall 2 rise 1"
-            for i, (smtp, metrics) in enumerate(self.guards, 1))
-        return (
-            "global\n    maxconn 200\n\n"
-            "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 330s\n    timeout server 330s\n\n"
-            f"frontend smtp\n    bind 127.0.0.1:{self.port}\n    default_backend guards\n\n"
-            "backend guards\n    balance roundrobin\n    option httpchk GET /readyz\n"
-            "    http-check expect status 200\n"
-            f"{servers}\n")
+        """config/haproxy.cfg on loopback: its listener on this port, its servers the test's
+        guards (checked on their own metrics ports), its log to nowhere (no syslog here)."""
+        lines = []
+        for line in REFERENCE.read_text().splitlines():
+            words = line.split()
+            if words[:1] == ["log"] and len(words) > 1 and words[1].startswith("/"):
+                continue
+            if words[:1] == ["bind"]:
+                line = f"    bind 127.0.0.1:{self.port}"
+            elif words[:1] == ["server"]:
+                continue
+            lines.append(line)
+        lines += [f"    server guard{i} {smtp[0]}:{smtp[1]} port {metrics[1]} source 127.0.0.1"
+                  for i, (smtp, metrics) in enumerate(self.guards, 1)]
+        if self.proxy_protocol != "send-proxy-v2":
+            lines = [line.replace("send-proxy-v2", self.proxy_protocol) for line in lines]
+        return "\n".join(lines) + "\n"
 
     def start(self) -> HAProxy:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The PROXY protocol behind a load balancer ([smtp] proxy_protocol_from), with a real HAProxy.
+"""The PROXY protocol behind a load balancer ([smtp] proxy_protocol_from), with a real HAProxy
+running the shipped config/haproxy.cfg (v2, and v1 with send-proxy).
 
 The loopback range gives every party an address of its own: HAProxy connects to the guard
 from 127.0.0.1 (the only address the guard takes PROXY headers from); clients come from
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import pytest
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
@@ -61,11 +63,13 @@ async def closed_after(reader: asyncio.StreamReader) -> bytes:
         return await reader.read()
 
 
-async def test_through_haproxy_the_guard_sees_the_real_client(start_guard, sink, tmp_path: Path) -> None:
+@pytest.mark.parametrize("send_proxy", ["send-proxy-v2", "send-proxy"])
+async def test_through_haproxy_the_guard_sees_the_real_client(start_guard, sink, tmp_path: Path,
+                                                             send_proxy: str) -> None:
     guard = await start_guard(rate_limits=[{"name": "per-client", "key": "client", "rate": "1/h"}],
                               **BEHIND_BALANCER)
     assert guard.metrics_address is not None
-    balancer = HAProxy(tmp_path / "haproxy", [(guard.smtp_address, guard.metrics_address)]).start()
+    balancer = HAProxy(tmp_path / "haproxy", [(guard.smtp_address, guard.metrics_address)], send_proxy).start()
     try:
         allowed = await send_from(ALLOWED, balancer.address, ["a@example.com"])
         assert allowed.rcpt["a@example.com"].startswith("250") and allowed.data is not None
