@@ -342,6 +342,7 @@ class GuardSMTP(SMTP):
             reason, reply = "max_sessions", replies.TOO_MANY_SESSIONS
         if reason is not None:
             self._guard_metrics.sessions_refused.labels(reason).inc()
+            self._proxy_awaited = False  # refused for a reason of its own, header or not
             transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
             transport.close()
             return
