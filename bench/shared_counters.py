@@ -36,7 +36,7 @@ from typing import Callable
 from checkout import code_version, cpu_model  # also puts this checkout first on sys.path
 
 from smtp_guard.addresses import key_hash
-from smtp_guard.counters import CountersFull, InMemoryCounters, RateCounters, Take
+from smtp_guard.counters import CountersFull, InMemoryCounters, Take
 from smtp_guard.shared_counters import SharedCounters
 
 T0 = 1_700_000_000.0
@@ -62,7 +62,7 @@ def best_ns(run: Callable[[int], None], ops: int, rounds: int = 5) -> float:
     return best
 
 
-def workloads(counters: RateCounters, keys: list[str]) -> dict[str, Callable[[int], None]]:
+def workloads(counters: InMemoryCounters | SharedCounters, keys: list[str]) -> dict[str, Callable[[int], None]]:
     def hot(ops: int) -> None:
         take = counters.take
         for i in range(ops):
@@ -172,7 +172,7 @@ def main() -> None:
     keys = [f"ratelimit.domain:d{i}.example" for i in range(args.keys)]
     with tempfile.TemporaryDirectory(dir="/dev/shm") as shm, tempfile.TemporaryDirectory() as disk:
         shm_path, disk_path = Path(shm) / "rate-counters", Path(disk) / "rate-counters"
-        implementations: dict[str, RateCounters] = {
+        implementations: dict[str, InMemoryCounters | SharedCounters] = {
             "InMemoryCounters": InMemoryCounters(),
             "SharedCounters /dev/shm": SharedCounters.create(shm_path, capacity=4 * args.keys),
             f"SharedCounters {filesystem(Path(disk))}": SharedCounters.create(disk_path, capacity=4 * args.keys),

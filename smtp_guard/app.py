@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from .backends import Backends, load_tombstones, open_backends, store_exists
+from .backends import Backends, load_tombstones, open_backends, open_counters, store_exists
 from .change_sync import ChangeSync, Step
 from .config import Config
 from .counters import RateCounters
@@ -45,7 +45,6 @@ from .roles.front import Front
 from .run_directory import RunDirectory, RunPaths
 from .services.context import AdminContext, StoreNotFound
 from .services.propagation import STALE_AFTER
-from .shared_counters import SharedCounters
 from .startup import StartupError, naming_setting
 from .store.base import StoreError
 from .store.sqlite.db import Database
@@ -152,11 +151,11 @@ class _GuardProcess:
     def _name(self) -> str:
         return "smtp-guard"
 
-    async def _enforce(self, metrics: Metrics, counters: RateCounters | None = None,
+    async def _enforce(self, metrics: Metrics, counters: RateCounters,
                        shared_index: Path | None = None) -> tuple[Backends, Enforcement, Upstream]:
         """The steps every guard process starts with: its backends, the index and tombstones
-        it enforces from, and its upstream. ``counters`` and ``shared_index`` (a directory):
-        what the processes of a multi-worker guard share."""
+        it enforces from, and its upstream. ``counters``: this process's (``open_counters``);
+        ``shared_index`` (a directory): the snapshot the processes of a multi-worker guard share."""
         run = self._running
         backends = await run.enter_async_context(open_backends(self.config, server=True, counters=counters))
         if self._log_pseudonyms is not None:  # logs name people as the audit trail does, from here on
@@ -220,7 +219,8 @@ class Guard(_GuardProcess):
 
     async def _start(self) -> None:
         config, run = self.config, self._running
-        self.backends, self.enforcement, self.upstream = await self._enforce(self.metrics)
+        counters = await run.enter_async_context(open_counters(config, self.metrics))
+        self.backends, self.enforcement, self.upstream = await self._enforce(self.metrics, counters)
         self.background = Background(config, self.backends, self.enforcement, self.upstream, self.metrics,
                                      self.readiness, self.http, self.clock)
         await self.background.start(run)
@@ -261,8 +261,8 @@ class Supervisor(_GuardProcess):
             paths.metrics.mkdir(mode=0o700)
             use_multiprocess_files(paths.metrics)
             self.metrics = Metrics()
-            counters = SharedCounters.create(paths.counters, config.smtp.rate_limit_keys)
-        run.callback(counters.close)
+        counters = await run.enter_async_context(open_counters(config, self.metrics, shared=paths.counters,
+                                                               create=True))
         self.http = _http_listener(multiprocess_registry(paths.metrics), self.readiness)
         self.backends, self.enforcement, upstream = await self._enforce(self.metrics, counters, paths.index)
         self.background = Background(config, self.backends, self.enforcement, upstream, self.metrics,
@@ -332,8 +332,7 @@ class Worker(_GuardProcess):
 
     async def _start(self) -> None:
         config, paths, run = self.config, self.paths, self._running
-        counters = SharedCounters.attach(paths.counters)
-        run.callback(counters.close)
+        counters = await run.enter_async_context(open_counters(config, self.metrics, shared=paths.counters))
         backends, enforcement, upstream = await self._enforce(self.metrics, counters, paths.index)
         pipeline = default_pipeline(config, backends.tombstones, enforcement.index, counters=counters,
                                     clock=self.clock)

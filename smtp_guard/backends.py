@@ -20,6 +20,8 @@ from typing import AsyncIterator
 from .addresses import AddressNormalizer
 from .config import Config
 from .counters import InMemoryCounters, RateCounters
+from .metrics import Metrics
+from .shared_counters import SharedCounters
 from .erasure.index import TombstoneIndex
 from .erasure.keys import ErasureKeyError, open_key_ring
 from .erasure.pseudonyms import Pseudonymizer, PseudonymizingAuditStore
@@ -99,6 +101,33 @@ async def open_backends(config: Config, *, server: bool, counters: RateCounters 
         )
     finally:
         await db.close()
+
+
+@asynccontextmanager
+async def open_counters(config: Config, metrics: Metrics, *, shared: Path | None = None, create: bool = False,
+                        ) -> AsyncIterator[RateCounters]:
+    """The rate counters of one guard process (docs/design.md, "Scale"): in Redis when
+    ``[counters] url`` is set — the same buckets for every process of every guard instance;
+    else the worker processes' table in shared memory at ``shared`` (the supervisor
+    ``create``s it, each worker attaches to it); else this process's own, in memory."""
+    if config.counters.url:
+        from .redis_counters import RedisCounters  # redis-py: only in the processes that use it
+
+        with naming_setting("[counters] url", True, ValueError):
+            redis_counters = RedisCounters.connect(config.counters, metrics)
+        try:
+            yield redis_counters
+        finally:
+            await redis_counters.close()
+    elif shared is not None:
+        with naming_setting(f"[smtp] workers {config.smtp.workers} (run directory {shared.parent})", True, OSError):
+            table = SharedCounters.create(shared, config.smtp.rate_limit_keys) if create else SharedCounters.attach(shared)
+        try:
+            yield table
+        finally:
+            table.close()
+    else:
+        yield InMemoryCounters()
 
 
 @asynccontextmanager

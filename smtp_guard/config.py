@@ -35,6 +35,7 @@ UpstreamTLS = Literal["none", "opportunistic", "starttls", "implicit"]
 BareLineEndings = Literal["reject", "normalize"]
 LogFormat = Literal["text", "json"]
 AdminRole = Literal["viewer", "admin"]
+CountersOnError = Literal["defer", "allow"]
 
 
 class ConfigError(Exception):
@@ -122,8 +123,18 @@ class SMTPConfig:
     # shared table (64 bytes each in shared memory). A bucket that is full again is dropped;
     # past this many still refilling, a new key is deferred (451 4.3.5) and logged.
     rate_limit_keys: int = _at_least(131072, minimum=1024)
+    # Load balancers whose connections start with a PROXY protocol header (v1 or v2) naming
+    # the real client, as networks ("10.0.0.5/32"): access, rate limits, the Received header
+    # and the audit see that client. A PROXY header from anywhere else closes the connection.
+    proxy_protocol_from: tuple[str, ...] = ()
+    # How long a listed load balancer may take to send its header after connecting.
+    proxy_protocol_timeout: float = _duration(5.0)
     tls: TLSListenConfig = TLSListenConfig()
     auth: AuthConfig = AuthConfig()
+
+    def proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """``proxy_protocol_from`` as networks; validated when the config loads."""
+        return [_network(text, "[smtp] proxy_protocol_from") for text in self.proxy_protocol_from]
 
 
 @dataclass(frozen=True)
@@ -187,6 +198,29 @@ class StoreConfig:
     @property
     def data_dir(self) -> Path:
         return Path(self.path).parent
+
+
+@dataclass(frozen=True)
+class CountersConfig:
+    """Where the rate-limit counters live (docs/design.md, "Scale"). Without ``url``, in the
+    guard itself (one process, or its workers' shared memory): each guard instance has limits
+    of its own. With several instances behind a load balancer, one Redis server they share:
+    a limit holds across all of them, and survives the restart of any of them."""
+
+    # "redis://HOST:6379/0", "rediss://HOST:6380/0" (TLS) or "unix:///run/redis/redis.sock";
+    # a password goes in the URL ("redis://:PASSWORD@HOST:6379/0").
+    url: str = ""
+    # When Redis cannot be reached or answer within timeout: "defer" every recipient a rate
+    # limit applies to (451 4.3.0; the platform retries), or "allow" it uncounted (logged,
+    # audited and counted as "would have deferred"). Never silently unlimited.
+    on_error: CountersOnError = "defer"
+    # Longest wait for one answer from Redis, connecting included; an RCPT waits as long.
+    timeout: float = _duration(1.0)
+    # Connections each guard process opens to Redis at most; more requests at once wait
+    # (within timeout) for one to be free.
+    max_connections: int = _at_least(32, minimum=1)
+    # Put before every key the guard writes: several guard deployments can share one database.
+    key_prefix: str = "smtp-guard:"
 
 
 @dataclass(frozen=True)
@@ -318,6 +352,14 @@ class RecipientDomainsConfig:
     cache_size: int = _at_least(100_000, minimum=1)
     # Decide, log, audit and count, but let the mail pass ("would have refused").
     shadow: bool = False
+
+
+def _network(text: str, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a network; write e.g. \"10.0.0.5/32\" "
+                          "(the load balancer's address)") from None
 
 
 def _nameserver(text: str, where: str) -> tuple[str, int]:
@@ -511,6 +553,7 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     access: AccessConfig = AccessConfig()
     store: StoreConfig = StoreConfig()
+    counters: CountersConfig = CountersConfig()
     metrics: MetricsConfig = MetricsConfig()
     admin: AdminConfig = AdminConfig()
     dns: DNSConfig = DNSConfig()
@@ -638,6 +681,7 @@ _ALIASES = {
     "ProtectionAction": "Literal['defer', 'hold']",
     "AdminRole": "Literal['viewer', 'admin']",
     "RateKey": "Literal['client', 'auth_user', 'sender', 'sender_domain', 'stream', 'recipient_domain']",
+    "CountersOnError": "Literal['defer', 'allow']",
 }
 
 
@@ -750,6 +794,7 @@ _SECTIONS: dict[str, type] = {
     "smtp": SMTPConfig,
     "upstream": UpstreamConfig,
     "store": StoreConfig,
+    "counters": CountersConfig,
     "metrics": MetricsConfig,
     "addresses": AddressConfig,
     "dns": DNSConfig,
@@ -1073,6 +1118,14 @@ def _validate(config: Config, where: str) -> None:
             "internet; list the sending platform's networks instead (e.g. \"10.1.2.0/24\"), or set "
             "allow_open_relay = true if that is really meant"
         )
+    proxies = [n for n in config.smtp.proxy_networks() if n.prefixlen < (8 if n.version == 4 else 16)]
+    if proxies and not config.access.allow_open_relay:
+        # Whoever may send a PROXY header chooses the client address the guard believes,
+        # allow_networks included: as dangerous as a wide allow-list.
+        raise ConfigError(
+            f"{where}: [smtp] proxy_protocol_from {', '.join(map(str, proxies))} lets much of the internet "
+            "claim any client address (an allowed network included); list the load balancers' own "
+            "addresses (e.g. \"10.0.0.5/32\"), or set [access] allow_open_relay = true if that is really meant")
     if config.smtp.workers > 1 and config.smtp.listen.port == 0:
         raise ConfigError(f"{where}: [smtp] workers = {config.smtp.workers} needs a fixed listen port: with port 0 "
                           "each worker would get its own port; set listen = \"host:PORT\"")
@@ -1105,6 +1158,19 @@ def _validate(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: [breaker] learning_rate must be in (0, 1] and factor positive")
     if config.upstream.max_connections < 1:
         raise ConfigError(f"{where}: [upstream] max_connections must be at least 1")
+    _validate_counters(config.counters, where)
+
+
+_COUNTERS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _validate_counters(counters: CountersConfig, where: str) -> None:
+    if not counters.url:
+        return
+    scheme, sep, rest = counters.url.partition("://")
+    if not sep or scheme.lower() not in _COUNTERS_SCHEMES or not rest.strip("/"):
+        raise ConfigError(f"{where}: [counters] url must be a Redis URL such as \"redis://10.0.0.7:6379/0\", "
+                          "\"rediss://HOST:6380/0\" (TLS) or \"unix:///run/redis/redis.sock\"")
 
 
 def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:

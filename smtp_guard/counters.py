@@ -1,21 +1,30 @@
 """Rate-limit counters: token buckets behind a small interface (docs/design.md, "Scale").
 
 A bucket holds up to ``burst`` tokens and refills at ``rate`` tokens per second; an absent
-bucket is a full one. Policies call the interface synchronously with the time (``now``) they
-were given, so time-dependent behaviour is tested with an injected clock.
+bucket is a full one. Time is the ``now`` the caller gives (the policies' clock), so
+time-dependent behaviour is tested with an injected clock.
 
-``InMemoryCounters`` is the embedded implementation: one process, no I/O. The worker processes
-of one machine share ``SharedCounters`` (shared_counters.py: a table in shared memory); guard
-instances on several machines would need a third (Redis: one hash per key with ``tokens`` and
-``updated``, each method one Lua script so that ``take_all`` stays all-or-nothing across keys).
-``app.py`` chooses; nothing else changes: policies only see the Protocol. The token-bucket rules
-themselves are written once, here (``Bucket``, ``take_from``, ``reserve_from``): an
-implementation only says where buckets are kept (``Buckets``) and makes each call atomic.
+A policy never calls the counters itself (policies do no I/O): it asks for a ``Request`` —
+everything one recipient or one message needs, in one atomic step — and the pipeline has it
+``settle``d (policy/pipeline.py). Three implementations:
+
+* ``InMemoryCounters``: one process, no I/O (here);
+* ``SharedCounters``: the worker processes of one machine (shared_counters.py: a table in
+  shared memory);
+* ``RedisCounters``: every process of every guard instance (redis_counters.py: one Lua script
+  per request, so one round trip, atomic across all the request's buckets).
+
+``backends.open_counters`` chooses; nothing else changes: policies only see the Protocol. The
+token-bucket rules are written once, here (``Bucket``, ``take_from``, ``reserve_from``,
+``settle_on``): the two embedded implementations only say where buckets are kept (``Buckets``)
+and make each call atomic. Redis runs them as Lua, a line-for-line translation that
+tests/test_redis_counters.py holds to this one (the same operations, the same answers, to the
+last bit).
 
 An implementation with a fixed capacity may raise ``CountersFull`` for a key it cannot track;
-the pipeline fails closed on it (451 4.3.5), like on any policy error.
+one that cannot be reached raises ``CountersUnavailable``. The pipeline fails closed on both.
 
-Pacing (hold-and-pace) uses the same buckets: ``schedule`` reserves a token now and may leave
+Pacing (hold-and-pace) uses the same buckets: a reservation takes a token now and may leave
 the bucket in debt, so the n-th reservation of a backlog is due (n - tokens) / rate seconds
 from now — releases are spaced by 1/rate and never exceed ``burst + rate x elapsed``, however
 deep the backlog (the generic cell rate algorithm, expressed with a token count).
@@ -28,7 +37,7 @@ from typing import Protocol, Sequence
 
 # A token due within this many seconds counts as there: at wall-clock magnitudes (1.7e9 s) a
 # float time is only exact to about 2e-7 s, and "exactly 1/rate later" must not fall short.
-_SLACK = 1e-6
+SLACK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -41,23 +50,46 @@ class Take:
     amount: int = 1
 
 
-class RateCounters(Protocol):
-    """Token buckets shared by every policy that limits a rate.
+@dataclass(frozen=True)
+class Request:
+    """What one decision needs from the counters, settled in one atomic step:
+
+    1. ``take_all``: every take, or none (the enforced "defer" rules). If one is short, the
+       settlement names it and nothing else is done;
+    2. ``groups``: each group all-or-nothing on its own (rules in shadow mode: what they would
+       have done);
+    3. ``reserve``: one token reserved from each, in order (the "hold" rules: pacing).
 
     A request larger than ``burst`` succeeds when the bucket is full and leaves it in debt
     (the average rate still holds); otherwise such a request could never pass.
     """
 
-    def take(self, key: str, rate: float, burst: float, now: float, amount: int = 1) -> bool:
-        """Take ``amount`` tokens if they are there; False (and nothing taken) otherwise."""
+    take_all: tuple[Take, ...] = ()
+    groups: tuple[tuple[Take, ...], ...] = ()
+    reserve: tuple[Take, ...] = ()  # their amounts are not read: a reservation is one token
 
-    def take_all(self, takes: Sequence[Take], now: float) -> Take | None:
-        """All-or-nothing: take every request, or none. Returns None when all were taken,
-        else the first request that could not be met (nothing was taken)."""
 
-    def schedule(self, key: str, rate: float, burst: float, now: float) -> float:
-        """Reserve one token; return when it is (or was) available: ``now`` if a token is
-        there, else a later time. Reservations queue up: the bucket goes into debt."""
+@dataclass(frozen=True)
+class Settlement:
+    """What became of a ``Request``: ``short``, the first take of ``take_all`` that could not be
+    met (then nothing was taken and the rest is empty); else, per group, whether it was met,
+    and per reservation when its token is (or was) there: ``now``, or later for a bucket in debt."""
+
+    short: Take | None
+    met: tuple[bool, ...] = ()
+    due: tuple[float, ...] = ()
+
+
+class RateCounters(Protocol):
+    """Token buckets shared by every policy that limits a rate."""
+
+    async def settle(self, request: Request, now: float) -> Settlement:
+        """Settle ``request`` atomically at ``now``. Raises ``CountersFull`` or
+        ``CountersUnavailable``; the request may then have been settled in part (tokens taken
+        and not given back: the limits err on the slow side)."""
+
+    async def probe(self) -> str | None:
+        """What keeps the counters from answering right now (for ``/readyz``), or None."""
 
 
 @dataclass(slots=True)
@@ -74,7 +106,7 @@ class Bucket:
             self.updated = now
 
     def can_take(self, amount: float, rate: float, burst: float) -> bool:
-        return self.tokens + rate * _SLACK >= min(amount, burst)
+        return self.tokens + rate * SLACK >= min(amount, burst)
 
     def full_at(self, rate: float, burst: float) -> float:
         """When the bucket is full again, and so the same as no bucket (eviction)."""
@@ -82,7 +114,7 @@ class Bucket:
 
     def due(self, rate: float, now: float) -> float:
         """When the last token taken is there: ``now``, or once the debt is paid back."""
-        if self.tokens + rate * _SLACK >= 0:
+        if self.tokens + rate * SLACK >= 0:
             return now
         return now + (-self.tokens) / rate
 
@@ -91,6 +123,12 @@ class CountersFull(Exception):
     """A ``RateCounters`` of fixed capacity cannot track one more key: every bucket it holds
     is still refilling. Nothing was taken. The pipeline defers (451 4.3.5, fail closed): a
     limiter that cannot count a key must neither let that key's mail through nor crash."""
+
+
+class CountersUnavailable(Exception):
+    """The counters cannot be reached (Redis down, too slow, refusing): the request may or may
+    not have been settled. The pipeline defers the recipient (451 4.3.0) unless ``[counters]
+    on_error = "allow"``; never silently unlimited. The text says what failed, for the log."""
 
 
 class Buckets(Protocol):
@@ -108,7 +146,8 @@ class Buckets(Protocol):
 
 
 def take_from(buckets: Buckets, takes: Sequence[Take], now: float) -> Take | None:
-    """``RateCounters.take_all`` on ``buckets``: every bucket is loaded before any is changed,
+    """All-or-nothing on ``buckets``: every take, or none; the first short one (None: all were
+    taken). Every bucket is loaded before any is changed,
     so a short bucket (or ``CountersFull``) leaves every bucket as it was."""
     # Requests for the same key add up before checking (two rules may share a bucket only
     # by name, but one rule may ask for the same key twice, e.g. two recipients' domain).
@@ -128,11 +167,21 @@ def take_from(buckets: Buckets, takes: Sequence[Take], now: float) -> Take | Non
 
 
 def reserve_from(buckets: Buckets, key: str, rate: float, burst: float, now: float) -> float:
-    """``RateCounters.schedule`` on ``buckets``."""
+    """One reservation on ``buckets``: take a token, into debt if need be; when it is due."""
     bucket = buckets.load(key, rate, burst, now)
     bucket.tokens -= 1
     buckets.save(key, bucket, rate, burst)
     return bucket.due(rate, now)
+
+
+def settle_on(buckets: Buckets, request: Request, now: float) -> Settlement:
+    """``RateCounters.settle`` on ``buckets`` (the caller makes the whole of it atomic)."""
+    short = take_from(buckets, request.take_all, now)
+    if short is not None:
+        return Settlement(short)
+    met = tuple(take_from(buckets, group, now) is None for group in request.groups)
+    due = tuple(reserve_from(buckets, take.key, take.rate, take.burst, now) for take in request.reserve)
+    return Settlement(None, met, due)
 
 
 class InMemoryCounters:
@@ -156,6 +205,14 @@ class InMemoryCounters:
 
     def __repr__(self) -> str:
         return f"<InMemoryCounters buckets={len(self._buckets)} next_sweep_at={self._sweep_at}>"
+
+    async def settle(self, request: Request, now: float) -> Settlement:
+        return settle_on(self, request, now)  # never suspends: the loop is its lock
+
+    async def probe(self) -> str | None:
+        return None
+
+    # The same operations one at a time, synchronously (tests and benchmarks).
 
     def take(self, key: str, rate: float, burst: float, now: float, amount: int = 1) -> bool:
         return take_from(self, (Take(key, rate, burst, amount),), now) is None

@@ -108,7 +108,7 @@ class LocalDecider:
         return f"<LocalDecider {self._pipeline!r}>"
 
     async def decide_message(self, message: MessageContext) -> MessageOutcome:
-        return self._pipeline.decide_message(message)
+        return await self._pipeline.decide_message(message)
 
     async def close(self) -> None:
         return None
@@ -303,9 +303,11 @@ class RemoteDecider:
 # --- the supervisor's side ---------------------------------------------------------------------
 
 class DecisionServer:
-    """Serves ``pipeline.decide_message`` to the workers. Each request is decided in the event
-    loop, synchronously (the message policies are CPU-only), so requests from every worker
-    are decided one at a time against the one state, in the order they arrive."""
+    """Serves ``pipeline.decide_message`` to the workers. Each request is decided in a task of
+    its own, started in the order requests arrive: the message policies are CPU-only and run
+    without a pause, so each decision is taken whole against the one state; only settling the
+    rate counters may wait (for Redis, ``[counters] url``), and a request waiting there holds
+    up no other — answers go back as they are ready, matched by their id."""
 
     def __init__(self, pipeline: Pipeline, socket_path: str | os.PathLike[str], *,
                  max_frame: int = DEFAULT_MAX_FRAME, expire_after: float | None = None,
@@ -323,6 +325,7 @@ class DecisionServer:
         self._server: asyncio.Server | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the socket it made
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._deciding: set[asyncio.Task[None]] = set()
         self.served = 0
 
     def __repr__(self) -> str:
@@ -351,9 +354,9 @@ class DecisionServer:
         if server is None:
             return
         server.close()
-        for handler in list(self._handlers):
-            handler.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        for task in [*self._handlers, *self._deciding]:
+            task.cancel()
+        await asyncio.gather(*self._handlers, *self._deciding, return_exceptions=True)
         await server.wait_closed()
         try:
             info = os.stat(self.path)
@@ -431,19 +434,26 @@ class DecisionServer:
                     log.warning("decision service: dropped a request %.1fs old (the worker deferred it)",
                                 self._clock() - message.now)
                     continue
-                writer.write(self._answer(request_id, message))
-                await writer.drain()
+                deciding = asyncio.create_task(self._answer(request_id, message, writer), name="decision")
+                self._deciding.add(deciding)
+                deciding.add_done_callback(self._deciding.discard)
         except ConnectionError:
             pass
         finally:
             self._handlers.discard(handler)
-            writer.close()
+            writer.close()  # answers still being decided for it are dropped: the worker is gone
 
-    def _answer(self, request_id: int, message: MessageContext) -> bytes:
+    async def _answer(self, request_id: int, message: MessageContext, writer: asyncio.StreamWriter) -> None:
         try:
-            frame = encode(request_id, self._pipeline.decide_message(message))
+            frame = encode(request_id, await self._pipeline.decide_message(message))
         except Exception:
             log.exception("decision service: deciding a message failed; deferring it (451 4.3.5)")
             frame = encode(request_id, unavailable("decision_service.error", "the decision service failed"))
         self.served += 1
-        return frame
+        if writer.is_closing():
+            return  # the worker went away: nobody waits for this answer
+        writer.write(frame)  # one write per frame: answers of concurrent tasks never interleave
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass

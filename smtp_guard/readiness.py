@@ -2,8 +2,9 @@
 
 A load balancer or orchestrator sends mail only to a guard that is ready, so "ready" must not
 be a flag set once at start: it is the conjunction of checks that are each kept fresh —
-the suppression index is loaded, the SMTP listener is accepting, the store answers, and the
-upstream accepted a connection at its last probe. Each check says in words what is wrong, so
+the suppression index is loaded, the SMTP listener is accepting, the store answers, the
+rate counters answer (Redis, with ``[counters] url``), and the upstream accepted a connection
+at its last probe. Each check says in words what is wrong, so
 ``curl /readyz`` tells the operator what to fix.
 """
 
@@ -38,7 +39,7 @@ class Check:
 class Readiness:
     """The latest result of every check; the guard's loops and probes update it."""
 
-    NAMES = ("index", "listener", "store", "upstream")
+    NAMES = ("index", "listener", "store", "counters", "upstream")
 
     def __init__(self) -> None:
         self._problems: dict[str, str | None] = {name: "not checked yet" for name in self.NAMES}

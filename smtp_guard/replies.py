@@ -91,6 +91,9 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 STARTTLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many concurrent sessions, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+# A PROXY protocol header from an address not in [smtp] proxy_protocol_from: the connection is
+# closed (a client must not choose the address the guard believes).
+PROXY_REFUSED = Reply(554, "5.7.0", "PROXY protocol header not accepted from this address")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for message data, closing connection")
 SESSION_TIMEOUT = Reply(421, "4.4.2", "Session time limit reached, closing connection")
@@ -129,6 +132,9 @@ UNSUBSCRIBE_UNAVAILABLE = Reply(451, "4.3.0", "Unsubscribe could not be stored, 
 DKIM_SIGNING_FAILED = Reply(451, "4.3.0", "Could not DKIM-sign the message, not relayed unsigned; try again later")
 # A policy that raised: fail closed and temporary (Postfix smtpd_policy_service_default_action).
 POLICY_FAILED = Reply(451, "4.3.5", "Policy check failed, try again later")
+# [counters] url: the shared rate counters (Redis) cannot be reached, so no rate limit can be
+# checked; mail is not let through uncounted unless [counters] on_error = "allow".
+COUNTERS_UNAVAILABLE = Reply(451, "4.3.0", "Rate limit counters unavailable, try again later")
 UPSTREAM_CHANGED = Reply(451, "4.4.0", "Upstream refused a recipient it had accepted, try again later")
 
 # --- aiosmtpd's own replies ---------------------------------------------------------------------

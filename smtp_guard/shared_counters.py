@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .addresses import key_hash
-from .counters import Bucket, CountersFull, Take, reserve_from, take_from
+from .counters import Bucket, CountersFull, Request, Settlement, Take, reserve_from, settle_on, take_from
 
 _MAGIC = int.from_bytes(b"SGRATE01", "little")  # read back in native order: also an endianness check
 _VERSION = 1
@@ -160,6 +160,23 @@ class SharedCounters:
             mapping.close()
             os.close(fd)
             raise
+
+    async def settle(self, request: Request, now: float) -> Settlement:
+        # Never suspends: the flock is held for the whole request and never across an await.
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            self._table.begin(now)
+            try:
+                return settle_on(self._table, request, now)
+            finally:
+                self._table.end()
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    async def probe(self) -> str | None:
+        return None
+
+    # The same operations one at a time, synchronously (tests and benchmarks).
 
     def take(self, key: str, rate: float, burst: float, now: float, amount: int = 1) -> bool:
         return self.take_all((Take(key, rate, burst, amount),), now) is None

@@ -4,6 +4,7 @@
 * ``start_guard`` — ``await start_guard(**overrides)`` runs a Guard relaying to ``sink``;
 * ``tls`` — a throwaway CA and server certificate (trustme), as files and SSL contexts;
 * ``postfix_sink`` — Postfix's own ``smtp-sink``, for a second, independent upstream;
+* ``redis_server`` — Debian's redis-server on a loopback high port (tests/redis_server.py);
 * ``wait_until`` and ``make_config`` — also importable (``from conftest import wait_until``).
 """
 
@@ -402,4 +403,19 @@ def dns_server() -> Iterator[Callable[..., Any]]:
 
     yield start
     for server in started:
+        server.stop()
+
+
+# --- Redis -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A running redis-server of this test's own (tests/redis_server.py): ``redis_server.url``
+    goes into ``[counters] url``; stopped at teardown."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
         server.stop()

@@ -45,6 +45,7 @@ def test_check_names_every_dangerous_setting(tmp_path: Path) -> None:
         '[access]\nallow_networks = ["0.0.0.0/0"]\nallow_open_relay = true\n'
         '[logging]\nplaintext_addresses = true\n'
         '[policy]\nshadow = true\n'
+        '[counters]\nurl = "redis://10.0.0.7:6379/0"\non_error = "allow"\n'
         '[upstream]\nmode = "smtp"\nhost = "mx.example.net"\ntls = "none"\n'
         '[store]\npath = "data/guard.sqlite3"\n')
     (tmp_path / "data").mkdir(mode=0o755)
@@ -54,10 +55,10 @@ def test_check_names_every_dangerous_setting(tmp_path: Path) -> None:
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     settings = [line.removeprefix("warning: ").split(":")[0] for line in warnings]
     assert settings == ["[access] allow_open_relay", "[logging] plaintext_addresses", "[policy] shadow",
-                        "[upstream] tls", "[smtp] listen", "[store] path", "[store] path"]
+                        "[counters] on_error", "[upstream] tls", "[smtp] listen", "[store] path", "[store] path"]
     assert "breaks the erasure guarantee" in result.stderr
     assert "chmod 0700" in result.stderr
-    assert result.stderr.splitlines()[-1] == "7 warnings."
+    assert result.stderr.splitlines()[-1] == "8 warnings."
     assert invoke("config", "check", "--config", str(config_file), "--strict").exit_code == 2
 
 

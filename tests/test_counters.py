@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from smtp_guard.counters import InMemoryCounters, RateCounters, Take
+from smtp_guard.counters import InMemoryCounters, RateCounters, Request, Settlement, Take
 from smtp_guard.shared_counters import SharedCounters
 
 T0 = 1_700_000_000.0
@@ -28,9 +28,26 @@ def counters(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Counter
         yield shared
 
 
-def test_counters_satisfy_the_interface(counters: Counters) -> None:
+async def test_counters_satisfy_the_interface(counters: Counters) -> None:
     interface: RateCounters = counters
-    assert interface.take("k", 1.0, 1.0, T0)
+    request = Request(take_all=(Take("k", 1.0, 1.0),), groups=((Take("g", 1.0, 1.0),),), reserve=(Take("p", 1.0, 1.0),))
+    assert await interface.settle(request, T0) == Settlement(None, (True,), (T0,))
+
+
+async def test_a_settlement_short_of_one_take_does_nothing_else(counters: Counters) -> None:
+    assert counters.take("k", 1.0, 1.0, T0)
+    short = Take("k", 1.0, 1.0)
+    request = Request(take_all=(Take("a", 1.0, 1.0), short), groups=((Take("g", 1.0, 1.0),),),
+                      reserve=(Take("p", 1.0, 1.0),))
+    assert await counters.settle(request, T0) == Settlement(short)
+    assert counters.take("a", 1.0, 1.0, T0) and counters.take("g", 1.0, 1.0, T0)
+    assert counters.schedule("p", 1.0, 1.0, T0) == T0, "nothing was reserved"
+
+
+async def test_a_settlement_reserves_in_order_into_debt(counters: Counters) -> None:
+    request = Request(groups=((Take("g", 1.0, 1.0, amount=2),), (Take("h", 1.0, 2.0, amount=2),)),
+                      reserve=(Take("p", 2.0, 1.0),) * 3)
+    assert await counters.settle(request, T0) == Settlement(None, (True, True), (T0, T0 + 0.5, T0 + 1.0))
 
 
 def test_burst_then_refill_at_rate(counters: Counters) -> None:

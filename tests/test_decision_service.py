@@ -218,7 +218,7 @@ async def test_a_policy_that_raises_is_deferred_as_in_the_single_process_guard(t
             outcome = await worker.decide_message(message(recipients(1)))
     finally:
         await server.stop()
-    assert outcome == Pipeline([], [Broken()]).decide_message(message(recipients(1)))
+    assert outcome == await Pipeline([], [Broken()]).decide_message(message(recipients(1)))
     assert outcome.message is not None and outcome.message.reply == replies.POLICY_FAILED
     assert outcome.message.rule == "broken.error"
 

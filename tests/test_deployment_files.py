@@ -40,3 +40,20 @@ def test_docker_image_names_its_config_for_serve_and_admin_commands() -> None:
     assert "COPY config/docker.toml /etc/smtp-guard/smtp-guard.toml" in dockerfile
     assert 'CMD ["serve"]' in dockerfile
     assert "chmod 0700 /var/lib/smtp-guard" in dockerfile
+
+
+def test_the_reference_haproxy_config_is_valid_and_fits_the_guard() -> None:
+    import subprocess
+
+    from haproxy import REFERENCE, haproxy_path
+
+    result = subprocess.run([haproxy_path(), "-c", "-f", str(REFERENCE)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = REFERENCE.read_text()
+    defaults = Config()
+    for side in ("client", "server"):
+        timeout = parse_duration(re.search(rf"timeout {side} (\S+)", text).group(1), side)  # type: ignore[union-attr]
+        assert timeout is not None and timeout > max(defaults.smtp.idle_timeout, defaults.upstream.command_timeout)
+    assert "send-proxy-v2" in text and "option httpchk GET /readyz" in text
+    assert f"maxconn {defaults.smtp.max_sessions} " in text
+    assert f"check port {defaults.metrics.listen.port if defaults.metrics.listen else 0} " in text

@@ -110,7 +110,7 @@ async def test_metrics_after_real_transactions(start_guard, sink):
     assert all(name.startswith("smtp_guard_") for name, _ in samples)
 
 
-READY = "ready\nindex: ok\nlistener: ok\nstore: ok\nupstream: ok\n"
+READY = "ready\nindex: ok\nlistener: ok\nstore: ok\ncounters: ok\nupstream: ok\n"
 
 
 async def test_health_and_readiness_through_shutdown(start_guard, sink):

@@ -10,10 +10,34 @@ from smtp_guard import replies
 from smtp_guard.addresses import key_hash, parse_mailbox
 from smtp_guard.config import ConfigError, RateLimitRule, build_config
 from smtp_guard.counters import InMemoryCounters
-from smtp_guard.policy.base import MessageContext, RecipientContext, Verdict
+from smtp_guard.policy.base import Ask, Decision, MessageContext, MessageVerdict, RecipientContext, Verdict
 from smtp_guard.policy.ratelimit import MessageRateLimitPolicy, RateLimitPolicy, format_rate
 
 T0 = 1_700_000_000.0
+
+
+class Counted:
+    """A rate-limit policy with its counters, asked as the pipeline asks it: the policy's
+    ``Ask`` settled with ``counters``, its answer returned."""
+
+    def __init__(self, policy: RateLimitPolicy | MessageRateLimitPolicy, counters: InMemoryCounters) -> None:
+        self.policy = policy
+        self.counters = counters
+
+    async def check(self, recipient: RecipientContext) -> Decision | None:
+        assert isinstance(self.policy, RateLimitPolicy)
+        return await self._answer(self.policy.check(recipient))
+
+    async def check_message(self, message: MessageContext) -> MessageVerdict | None:
+        assert isinstance(self.policy, MessageRateLimitPolicy)
+        return await self._answer(self.policy.check_message(message))
+
+    async def _answer(self, ask: Ask[Any] | None) -> Any:
+        return None if ask is None else ask.answer(await self.counters.settle(ask.request, ask.now))
+
+
+def limited(raw: tuple[RateLimitRule, ...], counters: InMemoryCounters | None = None) -> Counted:
+    return Counted(RateLimitPolicy(raw, lambda: T0), counters or InMemoryCounters())
 
 
 def rules(*raw: dict[str, Any]) -> tuple[RateLimitRule, ...]:
@@ -38,56 +62,52 @@ def test_rates_read_back_in_their_unit() -> None:
     assert [format_rate(r) for r in (2.0, 0.5, 1 / 3600, 1 / 86400)] == ["2/s", "30/m", "1/h", "1/d"]
 
 
-def test_auth_user_rule_ignores_unauthenticated_clients() -> None:
-    policy = RateLimitPolicy(rules({"name": "u", "key": "auth_user", "rate": "1/h"}), InMemoryCounters(), lambda: T0)
-    assert [policy.check(rcpt(f"r{i}@example.com")) for i in range(3)] == [None] * 3
-    assert policy.check(rcpt("a@example.com", auth_user="crm")) is None
-    decision = policy.check(rcpt("b@example.com", auth_user="crm"))
+async def test_auth_user_rule_ignores_unauthenticated_clients() -> None:
+    policy = limited(rules({"name": "u", "key": "auth_user", "rate": "1/h"}))
+    assert [await policy.check(rcpt(f"r{i}@example.com")) for i in range(3)] == [None] * 3
+    assert await policy.check(rcpt("a@example.com", auth_user="crm")) is None
+    decision = await policy.check(rcpt("b@example.com", auth_user="crm"))
     assert decision is not None and decision.verdict is Verdict.DEFER
     assert decision.reply == replies.rate_limited("u")
 
 
-def test_null_sender_has_its_own_bucket() -> None:
-    policy = RateLimitPolicy(rules({"name": "s", "key": "sender_domain", "rate": "1/h"}), InMemoryCounters(),
-                             lambda: T0)
-    assert policy.check(rcpt("a@example.com", sender="<>")) is None
-    assert policy.check(rcpt("a@example.com", sender="a@shop.test")) is None
-    assert policy.check(rcpt("a@example.com", sender="<>")) is not None
+async def test_null_sender_has_its_own_bucket() -> None:
+    policy = limited(rules({"name": "s", "key": "sender_domain", "rate": "1/h"}))
+    assert await policy.check(rcpt("a@example.com", sender="<>")) is None
+    assert await policy.check(rcpt("a@example.com", sender="a@shop.test")) is None
+    assert await policy.check(rcpt("a@example.com", sender="<>")) is not None
 
 
-def test_a_recipient_deferred_by_one_rule_is_not_charged_by_another() -> None:
-    counters = InMemoryCounters()
-    policy = RateLimitPolicy(rules({"name": "client", "key": "client", "rate": "1/h", "burst": 3},
-                                   {"name": "domain", "key": "recipient_domain", "rate": "1/h"}),
-                             counters, lambda: T0)
-    assert policy.check(rcpt("a@example.com")) is None
-    deferred = policy.check(rcpt("b@example.com"))
+async def test_a_recipient_deferred_by_one_rule_is_not_charged_by_another() -> None:
+    policy = limited(rules({"name": "client", "key": "client", "rate": "1/h", "burst": 3},
+                           {"name": "domain", "key": "recipient_domain", "rate": "1/h"}))
+    assert await policy.check(rcpt("a@example.com")) is None
+    deferred = await policy.check(rcpt("b@example.com"))
     assert deferred is not None and deferred.rule == "ratelimit.domain"
     # The client rule kept its tokens: two more recipients of other domains pass.
-    assert policy.check(rcpt("c@example.org")) is None
-    assert policy.check(rcpt("d@example.net")) is None
-    assert policy.check(rcpt("e@example.info")) is not None
+    assert await policy.check(rcpt("c@example.org")) is None
+    assert await policy.check(rcpt("d@example.net")) is None
+    assert await policy.check(rcpt("e@example.info")) is not None
 
 
-def test_hold_rules_reserve_and_the_latest_release_wins() -> None:
-    policy = RateLimitPolicy(rules({"name": "fast", "key": "client", "rate": "10/s", "action": "hold"},
-                                   {"name": "slow", "key": "sender", "rate": "1/s", "action": "hold"}),
-                             InMemoryCounters(), lambda: T0)
-    assert policy.check(rcpt("a@example.com")) is None
-    held = policy.check(rcpt("b@example.com"))
+async def test_hold_rules_reserve_and_the_latest_release_wins() -> None:
+    policy = limited(rules({"name": "fast", "key": "client", "rate": "10/s", "action": "hold"},
+                           {"name": "slow", "key": "sender", "rate": "1/s", "action": "hold"}))
+    assert await policy.check(rcpt("a@example.com")) is None
+    held = await policy.check(rcpt("b@example.com"))
     assert held is not None and held.verdict is Verdict.HOLD and held.reply == replies.PACED
     assert (held.rule, held.release_at) == ("ratelimit.slow", pytest.approx(T0 + 1.0))
 
 
-def test_message_defer_takes_nothing_when_any_recipient_is_short() -> None:
+async def test_message_defer_takes_nothing_when_any_recipient_is_short() -> None:
     counters = InMemoryCounters()
-    policy = MessageRateLimitPolicy(rules({"name": "d", "key": "recipient_domain", "rate": "1/h",
-                                           "match": {"class": "marketing"}}), counters)
-    assert policy.check_message(msg("a@example.com", "b@example.org")) is None
-    verdict = policy.check_message(msg("c@example.com", "d@example.net"))
+    policy = Counted(MessageRateLimitPolicy(rules({"name": "d", "key": "recipient_domain", "rate": "1/h",
+                                                   "match": {"class": "marketing"}})), counters)
+    assert await policy.check_message(msg("a@example.com", "b@example.org")) is None
+    verdict = await policy.check_message(msg("c@example.com", "d@example.net"))
     assert verdict is not None and verdict.message is not None and verdict.message.verdict is Verdict.DEFER
     assert counters.take("ratelimit.d:example.net", 1 / 3600, 1, T0), "example.net was not charged"
-    assert policy.check_message(msg("e@example.com", message_class="transactional")) is None
+    assert await policy.check_message(msg("e@example.com", message_class="transactional")) is None
 
 
 def test_rules_needing_the_message_are_left_to_the_message_phase() -> None:

@@ -214,18 +214,18 @@ def test_buckets_in_debt_are_kept(table: SharedCounters) -> None:
     assert table.schedule("paced", 1.0, 1.0, T0 + 9.9) == pytest.approx(T0 + 10.0)
 
 
-def test_a_full_table_defers_the_recipient_through_the_pipeline(table: SharedCounters,
+async def test_a_full_table_defers_the_recipient_through_the_pipeline(table: SharedCounters,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     for i in range(8):
         table.take(f"other{i}", 1.0, 2.0, T0)
     rules = build_config({"rate_limits": [{"name": "client", "key": "client", "rate": "1/h"}]}, "test").rate_limits
-    pipeline = Pipeline([RateLimitPolicy(rules, table, lambda: T0)])
+    pipeline = Pipeline([RateLimitPolicy(rules, lambda: T0)], counters=table)
     mailbox = parse_mailbox("someone@example.com")
     recipient = RecipientContext(mailbox=mailbox, key=mailbox.text, key_hash=key_hash(mailbox.text),
                                  domain_chain=("example.com",), sender="news@shop.test", client_ip="192.0.2.1",
                                  auth_user=None)
     with caplog.at_level(logging.ERROR):
-        decision = pipeline.decide(recipient)
+        decision = await pipeline.decide(recipient)
     assert (decision.verdict, decision.rule, decision.reply) == (Verdict.DEFER, "ratelimit.error",
                                                                  replies.POLICY_FAILED)
     assert "rate counters full: all 8 buckets" in caplog.text and "raise [smtp] rate_limit_keys" in caplog.text

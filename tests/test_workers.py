@@ -205,6 +205,19 @@ async def test_a_rate_limit_holds_across_workers(supervised, sink: Sink) -> None
     assert all(o.rcpt[next(iter(o.rcpt))].startswith("451 4.7.1") for o in deferred)
 
 
+async def test_with_redis_the_workers_count_there_and_share_no_table(supervised, sink: Sink, redis_server) -> None:
+    from smtp_guard.config import ListenAddress
+    from smtp_guard.run_directory import RunDirectory
+
+    guard = await supervised(f'[counters]\nurl = "{redis_server.url}"\n\n'
+                             '[[rate_limits]]\nname = "per-sender"\nkey = "sender"\nrate = "5/h"\nburst = 5\n')
+    outcomes = await send_each(guard, [f"r{i}@example.com" for i in range(CONNECTIONS)])
+    assert len([o for o in outcomes if o.accepted]) == 5 and len(sink.messages) == 5
+    assert redis_server.command("DBSIZE") == b":1\r\n", "one bucket, in Redis"
+    run_directory = RunDirectory(ListenAddress(*guard.address)).paths.root
+    assert run_directory.is_dir() and not (run_directory / "counters").exists()
+
+
 async def test_a_breaker_trips_once_for_a_stream_spread_over_both_workers(supervised, sink: Sink) -> None:
     guard = await supervised('[classify]\nrules = [{ class = "sanction", subject = "policy violation" }]\n\n'
                              '[classes.sanction]\napproval_after = 5\n',

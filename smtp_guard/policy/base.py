@@ -3,15 +3,20 @@
 A policy is a small object with one synchronous ``check`` returning a Decision, or None for
 "no opinion" (Postfix DUNNO). Synchronous makes "no I/O on the hot path" structural: a policy
 compiles its configuration up front and only looks things up.
+
+A policy that counts (rate limits) needs the shared counters, which may be a network away
+(Redis). It still does no I/O: its ``check`` returns an ``Ask`` — the counter ``Request`` and
+how to read its settlement — and the pipeline settles it (docs/design.md, "Scale").
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Callable, Generic, Mapping, Protocol, TypeVar
 
 from ..addresses import Mailbox
+from ..counters import Request, Settlement
 from ..erasure.model import Tombstone
 from ..replies import Reply
 
@@ -79,14 +84,28 @@ class MessageVerdict:
     recipients: Mapping[str, Decision] = field(default_factory=dict)  # by mailbox text
 
 
+_Opinion = TypeVar("_Opinion", Decision, MessageVerdict)
+
+
+@dataclass(frozen=True)
+class Ask(Generic[_Opinion]):
+    """A counting policy's question: settle ``request`` at ``now``, then ``answer`` says what
+    the settlement means (an opinion, or None). The pipeline settles it in one call to the
+    counters: one round trip to Redis for all of a recipient's (or a message's) buckets."""
+
+    request: Request
+    now: float
+    answer: Callable[[Settlement], _Opinion | None]
+
+
 class Policy(Protocol):
     """A recipient policy, asked at RCPT time."""
 
     name: str
     shadow: bool
 
-    def check(self, recipient: RecipientContext) -> Decision | None:
-        """A decision, or None for no opinion. Must not do I/O."""
+    def check(self, recipient: RecipientContext) -> Decision | Ask[Decision] | None:
+        """A decision, None for no opinion, or what to count first. Must not do I/O."""
 
 
 class MessagePolicy(Protocol):
@@ -95,5 +114,5 @@ class MessagePolicy(Protocol):
     name: str
     shadow: bool
 
-    def check_message(self, message: MessageContext) -> MessageVerdict | None:
-        """An opinion, or None. Must not do I/O; may update in-memory counters."""
+    def check_message(self, message: MessageContext) -> MessageVerdict | Ask[MessageVerdict] | None:
+        """An opinion, None, or what to count first. Must not do I/O; may update in-memory state."""

@@ -34,8 +34,8 @@ def default_pipeline(config: Config, tombstones: TombstoneIndex, suppressions: S
     rate_limits: list[Policy] = []
     message_rate_limits: list[MessagePolicy] = []
     if counters is not None and config.rate_limits:
-        rate_limits.append(RateLimitPolicy(config.rate_limits, counters, clock, shadow_all))
-        message_rate_limits.append(MessageRateLimitPolicy(config.rate_limits, counters, shadow_all))
+        rate_limits.append(RateLimitPolicy(config.rate_limits, clock, shadow_all))
+        message_rate_limits.append(MessageRateLimitPolicy(config.rate_limits, shadow_all))
     suppression = SuppressionPolicy(suppressions, config.lists, shadow_all=shadow_all)
     return Pipeline(
         [
@@ -50,4 +50,5 @@ def default_pipeline(config: Config, tombstones: TombstoneIndex, suppressions: S
             # 3. approval gates, volume breaker, fan-out detector (held or deferred per stream)
             BreakerPolicy(breakers or BreakerState(config.breaker), config.breaker, config.classes, shadow_all),
         ],
+        counters=counters, on_counters_error=config.counters.on_error,
     )

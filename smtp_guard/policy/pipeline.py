@@ -10,25 +10,50 @@ final decision (logged, audited, counted) and the pipeline goes on as if it had 
 A policy that raises fails closed and temporary (451 4.3.5, like Postfix's
 ``smtpd_policy_service_default_action``): a broken policy must never let mail through, and
 must never make the platform drop it either.
+
+A counting policy answers with an ``Ask``; the pipeline settles its request with the rate
+counters and hands the settlement back. That one ``await`` is the only place a decision may
+wait for I/O (the counters in Redis), and it is why ``decide`` is a coroutine although every
+policy is synchronous. When the counters cannot be reached, the recipient (or the message) is
+deferred with 451 4.3.0 — or, with ``[counters] on_error = "allow"``, the counting policy is
+passed over and the deferral it would have meant is recorded as "would have" (logged,
+audited, counted), never silently.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 from .. import replies
-from .base import Decision, MessageContext, MessagePolicy, Policy, RecipientContext, Verdict
+from ..config import CountersOnError
+from ..counters import CountersUnavailable, RateCounters
+from .base import Ask, Decision, MessageContext, MessagePolicy, MessageVerdict, Policy, RecipientContext, Verdict
 
 log = logging.getLogger(__name__)
 
 PASS = Decision(Verdict.PASS, "pass", "no policy objected", replies.RECIPIENT_OK)
 
 
+_Opinion = TypeVar("_Opinion", Decision, MessageVerdict)
+
+
 def _failed(name: str) -> Decision:
     log.exception("policy %s failed; deferring", name)
     return Decision(Verdict.DEFER, f"{name}.error", "policy raised an error", replies.POLICY_FAILED)
+
+
+def _unavailable(name: str, error: CountersUnavailable, on_error: CountersOnError) -> Decision:
+    """The decision a counting policy could not reach: enforced (``defer``), or only reported."""
+    if on_error == "allow":
+        log.warning("policy %s: rate counters unavailable (%s); letting the mail through uncounted "
+                    "([counters] on_error = \"allow\")", name, error)
+        reason = f"rate counters unavailable ({error}); not counted, allowed by [counters] on_error"
+    else:
+        log.error("policy %s: rate counters unavailable (%s); deferring (451 4.3.0)", name, error)
+        reason = f"rate counters unavailable ({error})"
+    return Decision(Verdict.DEFER, "counters.unavailable", reason, replies.COUNTERS_UNAVAILABLE)
 
 
 @dataclass
@@ -41,16 +66,35 @@ class MessageOutcome:
 
 
 class Pipeline:
-    def __init__(self, policies: Sequence[Policy], message_policies: Sequence[MessagePolicy] = ()) -> None:
+    def __init__(self, policies: Sequence[Policy], message_policies: Sequence[MessagePolicy] = (), *,
+                 counters: RateCounters | None = None, on_counters_error: CountersOnError = "defer") -> None:
+        """``counters``: what the counting policies' asks are settled with (they fail closed
+        without); ``on_counters_error``: ``[counters] on_error``."""
         self.policies = tuple(policies)
         self.message_policies = tuple(message_policies)
+        self._counters = counters
+        self._on_counters_error: CountersOnError = on_counters_error
 
-    def decide(self, recipient: RecipientContext) -> Decision:
+    async def _settle(self, ask: Ask[_Opinion]) -> _Opinion | None:
+        if self._counters is None:
+            raise RuntimeError("a counting policy in a pipeline built without rate counters")
+        return ask.answer(await self._counters.settle(ask.request, ask.now))
+
+    async def decide(self, recipient: RecipientContext) -> Decision:
         shadowed: list[Decision] = []
         final = PASS
         for policy in self.policies:
             try:
                 decision = policy.check(recipient)
+                if isinstance(decision, Ask):
+                    decision = await self._settle(decision)
+            except CountersUnavailable as error:
+                decision = _unavailable(policy.name, error, self._on_counters_error)
+                if self._on_counters_error == "allow":
+                    shadowed.append(decision)
+                    continue
+                final = decision
+                break
             except Exception:
                 final = _failed(policy.name)
                 break
@@ -67,12 +111,21 @@ class Pipeline:
             break
         return replace(final, shadowed=tuple(shadowed)) if shadowed else final
 
-    def decide_message(self, message: MessageContext) -> MessageOutcome:
+    async def decide_message(self, message: MessageContext) -> MessageOutcome:
         outcome = MessageOutcome()
         remaining = message
         for policy in self.message_policies:
             try:
                 verdict = policy.check_message(remaining)
+                if isinstance(verdict, Ask):
+                    verdict = await self._settle(verdict)
+            except CountersUnavailable as error:
+                unavailable = _unavailable(policy.name, error, self._on_counters_error)
+                if self._on_counters_error == "allow":
+                    outcome.shadowed.append(("", unavailable))
+                    continue
+                outcome.message = unavailable
+                return outcome
             except Exception:
                 outcome.message = _failed(policy.name)
                 return outcome

@@ -26,7 +26,10 @@ token and the latest release time wins. A rule in shadow mode (``shadow = true``
 it would have done. Tokens taken for a recipient that a later policy or the upstream refuses
 are not given back: the limits err on the slow side.
 
-Counters are the ``RateCounters`` interface (counters.py): synchronous, no I/O here.
+The counters may be a network away (Redis), so neither policy calls them: each returns an
+``Ask`` — one ``counters.Request`` with every take and reservation of the recipient (or the
+message), and how to read its settlement — and the pipeline settles it in one atomic call
+(policy/pipeline.py; one round trip to Redis).
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .. import replies
 from ..config import RateLimitRule
-from ..counters import RateCounters, Take
-from .base import Decision, MessageContext, MessageVerdict, RecipientContext, Verdict
+from ..counters import Request, Settlement, Take
+from .base import Ask, Decision, MessageContext, MessageVerdict, RecipientContext, Verdict
 
 _NO_OPINION_WITH_SHADOW = Decision(Verdict.PASS, "pass", "no policy objected", replies.RECIPIENT_OK)
 
@@ -130,42 +133,38 @@ class _Rule:
 _Applicable = Sequence[tuple[_Rule, str]]
 
 
-class _Limiter:
-    """What both phases share: the counters, and how one recipient's rules are applied."""
+def _enforced(applicable: _Applicable) -> list[tuple[_Rule, str]]:
+    """The enforced "defer" rules: taken all-or-nothing (a recipient deferred by one rule is
+    not charged by another)."""
+    return [(rule, bucket) for rule, bucket in applicable if rule.is_deferring and not rule.shadow]
 
-    def __init__(self, rules: Iterable[RateLimitRule], counters: RateCounters, shadow_all: bool) -> None:
-        self._rules = tuple(_Rule.compile(rule, shadow_all) for rule in rules)
-        self._counters = counters
 
-    def _take_enforced(self, applicable: _Applicable, now: float) -> Decision | None:
-        """Take the tokens of every enforced "defer" rule at once; the decision of the first
-        rule short of tokens (nothing taken), or None."""
-        by_key = {bucket: rule for rule, bucket in applicable if rule.is_deferring and not rule.shadow}
-        if not by_key:
-            return None
-        short = self._counters.take_all([rule.take(bucket) for rule, bucket in applicable
-                                         if rule.is_deferring and not rule.shadow], now)
-        return None if short is None else by_key[short.key].defer
+def _short_decision(applicable: _Applicable, short: Take) -> Decision:
+    """The deferral of the first enforced rule whose bucket was short."""
+    return next(rule.defer for rule, bucket in _enforced(applicable) if bucket == short.key)
 
-    def _schedule(self, applicable: _Applicable, now: float) -> tuple[Decision | None, list[Decision]]:
-        """Reserve a token in every "hold" rule, and try every shadowed "defer" rule alone.
-        Returns the enforced hold (latest release time wins), and the shadowed decisions."""
-        held: Decision | None = None
-        shadowed: list[Decision] = []
-        for rule, bucket in applicable:
-            if rule.is_deferring:
-                if rule.shadow and not self._counters.take(bucket, rule.limit.rate, rule.limit.burst, now):
-                    shadowed.append(rule.defer)
-                continue
-            release_at = self._counters.schedule(bucket, rule.limit.rate, rule.limit.burst, now)
-            if release_at <= now:
-                continue
-            decision = replace(rule.hold, release_at=release_at)
-            if rule.shadow:
-                shadowed.append(decision)
-            elif held is None or release_at > (held.release_at or now):
-                held = decision
-        return held, shadowed
+
+def _settled(applicable: _Applicable, due: Iterator[float], now: float,
+             met: Iterator[bool] | None = None) -> tuple[Decision | None, list[Decision]]:
+    """One recipient's settlement, read in configuration order: a reservation per "hold" rule
+    from ``due`` and, with ``met``, a take per shadowed "defer" rule. Returns the enforced hold
+    (the latest release time wins) and what the shadowed rules would have done."""
+    held: Decision | None = None
+    shadowed: list[Decision] = []
+    for rule, _ in applicable:
+        if rule.is_deferring:
+            if rule.shadow and met is not None and not next(met):
+                shadowed.append(rule.defer)
+            continue
+        release_at = next(due)
+        if release_at <= now:
+            continue
+        decision = replace(rule.hold, release_at=release_at)
+        if rule.shadow:
+            shadowed.append(decision)
+        elif held is None or release_at > (held.release_at or now):
+            held = decision
+    return held, shadowed
 
 
 def _with_shadowed(decision: Decision | None, shadowed: list[Decision]) -> Decision | None:
@@ -174,19 +173,19 @@ def _with_shadowed(decision: Decision | None, shadowed: list[Decision]) -> Decis
     return replace(decision or _NO_OPINION_WITH_SHADOW, shadowed=tuple(shadowed))
 
 
-class RateLimitPolicy(_Limiter):
+class RateLimitPolicy:
     """The rules decidable at RCPT (``RateLimitRule.needs_message`` is false)."""
 
     name = "ratelimit"
     # Shadow mode is per rule (``shadow = true`` or ``[policy] shadow``): decisions are marked.
     shadow = False
 
-    def __init__(self, rules: Iterable[RateLimitRule], counters: RateCounters,
-                 clock: Callable[[], float] = time.time, shadow_all: bool = False) -> None:
-        super().__init__([rule for rule in rules if not rule.needs_message], counters, shadow_all)
+    def __init__(self, rules: Iterable[RateLimitRule], clock: Callable[[], float] = time.time,
+                 shadow_all: bool = False) -> None:
+        self._rules = tuple(_Rule.compile(rule, shadow_all) for rule in rules if not rule.needs_message)
         self._clock = clock
 
-    def check(self, recipient: RecipientContext) -> Decision | None:
+    def check(self, recipient: RecipientContext) -> Ask[Decision] | None:
         if not self._rules:
             return None
         applicable = [(rule, bucket) for rule in self._rules if rule.matches_sender(recipient.sender)
@@ -194,24 +193,32 @@ class RateLimitPolicy(_Limiter):
                                                  recipient.auth_user)) is not None]
         if not applicable:
             return None
+        # Enforced "defer" rules all-or-nothing; each shadowed one alone; a reservation per "hold" rule.
+        request = Request(
+            take_all=tuple(rule.take(bucket) for rule, bucket in _enforced(applicable)),
+            groups=tuple((rule.take(bucket),) for rule, bucket in applicable if rule.is_deferring and rule.shadow),
+            reserve=tuple(rule.take(bucket) for rule, bucket in applicable if not rule.is_deferring))
         now = self._clock()
-        deferred = self._take_enforced(applicable, now)
-        if deferred is not None:
-            return deferred
-        held, shadowed = self._schedule(applicable, now)
+        return Ask(request, now, lambda settlement: self._answer(applicable, settlement, now))
+
+    @staticmethod
+    def _answer(applicable: _Applicable, settlement: Settlement, now: float) -> Decision | None:
+        if settlement.short is not None:
+            return _short_decision(applicable, settlement.short)
+        held, shadowed = _settled(applicable, iter(settlement.due), now, iter(settlement.met))
         return _with_shadowed(held, shadowed)
 
 
-class MessageRateLimitPolicy(_Limiter):
+class MessageRateLimitPolicy:
     """The rules that need the message: keyed by stream, or matching a class or header."""
 
     name = "ratelimit.message"
     shadow = False
 
-    def __init__(self, rules: Iterable[RateLimitRule], counters: RateCounters, shadow_all: bool = False) -> None:
-        super().__init__([rule for rule in rules if rule.needs_message], counters, shadow_all)
+    def __init__(self, rules: Iterable[RateLimitRule], shadow_all: bool = False) -> None:
+        self._rules = tuple(_Rule.compile(rule, shadow_all) for rule in rules if rule.needs_message)
 
-    def check_message(self, message: MessageContext) -> MessageVerdict | None:
+    def check_message(self, message: MessageContext) -> Ask[MessageVerdict] | None:
         if not self._rules or not message.recipients:
             return None
         rules = [rule for rule in self._rules if rule.matches_message(message)]
@@ -224,26 +231,30 @@ class MessageRateLimitPolicy(_Limiter):
                 if (bucket := rule.bucket(recipient, message.sender, message.client_ip, message.auth_user,
                                           message.stream)) is not None]
         everything = [pair for applicable in per_recipient.values() for pair in applicable]
-        deferred = self._take_enforced(everything, message.now)
-        if deferred is not None:
-            return MessageVerdict(message=deferred)
-        shadowed_defers = self._shadowed_message_defers(everything, message.now)
+        if not everything:
+            return None
+        # Each shadowed "defer" rule alone, for the whole message: what it would have deferred
+        # (reported for every recipient, as an enforced deferral would be).
+        shadow_defers = list(dict.fromkeys(r for r, _ in everything if r.shadow and r.is_deferring))
+        request = Request(
+            take_all=tuple(rule.take(bucket) for rule, bucket in _enforced(everything)),
+            groups=tuple(tuple(rule.take(bucket) for r, bucket in everything if r is rule) for rule in shadow_defers),
+            reserve=tuple(rule.take(bucket) for rule, bucket in everything if not rule.is_deferring))
+        return Ask(request, message.now,
+                   lambda settlement: self._answer(per_recipient, everything, shadow_defers, settlement, message.now))
+
+    @staticmethod
+    def _answer(per_recipient: dict[str, _Applicable], everything: _Applicable, shadow_defers: list[_Rule],
+                settlement: Settlement, now: float) -> MessageVerdict | None:
+        if settlement.short is not None:
+            return MessageVerdict(message=_short_decision(everything, settlement.short))
+        shadowed_defers = [rule.defer for rule, met in zip(shadow_defers, settlement.met) if not met]
+        due = iter(settlement.due)
         decided: dict[str, Decision] = {}
         for address, applicable in per_recipient.items():
-            # Shadowed "defer" rules were tried for the whole message above.
-            held, shadowed = self._schedule([(r, b) for r, b in applicable if not (r.shadow and r.is_deferring)],
-                                            message.now)
+            # Shadowed "defer" rules were settled for the whole message above.
+            held, shadowed = _settled(applicable, due, now)
             decision = _with_shadowed(held, shadowed_defers + shadowed)
             if decision is not None:
                 decided[address] = decision
         return MessageVerdict(recipients=decided) if decided else None
-
-    def _shadowed_message_defers(self, everything: _Applicable, now: float) -> list[Decision]:
-        """Each shadowed "defer" rule alone, for the whole message: what it would have
-        deferred (reported for every recipient, as an enforced deferral would be)."""
-        shadowed = []
-        for rule in dict.fromkeys(r for r, _ in everything if r.shadow and r.is_deferring):
-            takes = [rule.take(bucket) for r, bucket in everything if r is rule]
-            if self._counters.take_all(takes, now) is not None:
-                shadowed.append(rule.defer)
-        return shadowed

@@ -1,6 +1,6 @@
 """The duties that run once per guard, however many worker processes serve SMTP: releasing
 held mail, the breaker's sync with the store, statistics from the store, the readiness probes
-and the metrics and health listener.
+(store, rate counters, upstream) and the metrics and health listener.
 
 It also owns the breaker's stream state: the end-of-DATA decisions of every worker are taken
 against it, so a stream spread over several workers is counted once.
@@ -81,8 +81,10 @@ class Background:
         """Probe the store and the upstream once, then periodically. Called once the listener
         is bound, so a slow upstream never delays a start-up error, and /readyz tells the
         truth from its first answer."""
-        await asyncio.gather(self._probe_store(), self._probe_upstream())
+        await asyncio.gather(self._probe_store(), self._probe_counters(), self._probe_upstream())
         self._start_loop(running, Periodic("store-probe", PROBE_INTERVAL, self._probe_store, "store probe failed"))
+        self._start_loop(running, Periodic("counters-probe", PROBE_INTERVAL, self._probe_counters,
+                                           "rate counters probe failed"))
         self._start_loop(running, Periodic("upstream-probe", self._config.upstream.probe_interval,
                                            self._probe_upstream, "upstream probe failed"))
 
@@ -93,6 +95,9 @@ class Background:
 
     async def _probe_store(self) -> None:
         self._readiness.set("store", await probe_store(self._backends.holds.stats))
+
+    async def _probe_counters(self) -> None:
+        self._readiness.set("counters", await self._backends.counters.probe())
 
     async def _probe_upstream(self) -> None:
         self._readiness.set("upstream", await probe_upstream(self._config.upstream,

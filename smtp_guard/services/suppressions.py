@@ -197,7 +197,7 @@ async def check(ctx: AdminContext, address: str) -> CheckResult:
     # The same RecipientContext the SMTP front builds at RCPT time (smtp/transaction.py).
     recipient = RecipientContext(mailbox=mailbox, key=key, key_hash=key_hash(key), domain_chain=chain,
                                  sender="", client_ip="")
-    return CheckResult(mailbox.text, key, pipeline.decide(recipient), entries)
+    return CheckResult(mailbox.text, key, await pipeline.decide(recipient), entries)
 
 
 def _snapshot(entries: Iterable[SuppressionEntry], priority: Sequence[str]) -> SuppressionSnapshot:

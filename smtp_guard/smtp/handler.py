@@ -26,6 +26,7 @@ from ..relay.base import Upstream
 from ..erasure.model import ErasureAttempt
 from ..hold.model import HoldStore
 from .access import AccessControl
+from .proxy import client_ip
 from .trace import protocol_name, received_header
 from .transaction import Collaborators, Transaction
 
@@ -34,11 +35,6 @@ if TYPE_CHECKING:  # built by the front only when [unsubscribe] is on
     from ..unsubscribe.inbox import UnsubscribeInbox
 
 log = logging.getLogger("smtp_guard.smtp")
-
-
-def _client_ip(session: Any) -> str:
-    peer = getattr(session, "peer", None)
-    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
 def _auth_user(session: Any) -> str | None:
@@ -94,14 +90,14 @@ class GuardHandler:
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
-        client_ip = _client_ip(session)
-        may_relay = self._access.is_allowed_network(client_ip) or session.authenticated
+        client = client_ip(session)
+        may_relay = self._access.is_allowed_network(client) or session.authenticated
         if not may_relay and self._parts.inbox is None:
             self._metrics.relay_denied.inc()
-            log.info("relay denied for client %s (not in [access] allow_networks, not authenticated)", client_ip)
+            log.info("relay denied for client %s (not in [access] allow_networks, not authenticated)", client)
             return str(replies.AUTH_REQUIRED if self._auth_enabled else replies.RELAY_DENIED)
         # With [unsubscribe] mailto anyone may write to that one mailbox: each RCPT decides.
-        txn = Transaction(self._parts, client_ip, _auth_user(session), inbox_only=not may_relay)
+        txn = Transaction(self._parts, client, _auth_user(session), inbox_only=not may_relay)
         reply = txn.mail(address, mail_options)
         if reply.is_success:
             # aiosmtpd treats an empty mail_from as "no MAIL yet", so the null path stays "<>"
@@ -133,6 +129,6 @@ class GuardHandler:
             return b""
         protocol = protocol_name(extended=bool(session.extended_smtp), tls=session.ssl is not None,
                                  authenticated=bool(session.authenticated))
-        return received_header(helo=session.host_name or "", client_ip=_client_ip(session),
+        return received_header(helo=session.host_name or "", client_ip=client_ip(session),
                                hostname=server.hostname, protocol=protocol, txn_id=txn.txn_id,
                                when=self._clock())

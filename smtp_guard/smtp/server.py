@@ -9,7 +9,10 @@
 * three clocks instead of aiosmtpd's one: ``idle_timeout`` between a reply and the next
   command, ``data_timeout`` between two reads inside DATA, ``session_timeout`` for the whole
   session (a DATA in progress included) — each a 421 4.4.2 instead of a silent close;
-* AUTH failures counted per session and per client address (``AuthThrottle``).
+* AUTH failures counted per session and per client address (``AuthThrottle``);
+* the PROXY protocol from the load balancers in ``[smtp] proxy_protocol_from`` only
+  (``smtp/proxy.py``): aiosmtpd reads the header for those, and a connection from anywhere
+  else that starts with one is refused before aiosmtpd sees a byte of it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 import types
 from typing import Any, Awaitable, Callable
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, AuthResult, Session, _AuthMechAttr, syntax
 
 from .. import replies
@@ -34,6 +38,7 @@ from ..metrics import Metrics
 from .access import AccessControl
 from .auth import Authenticator, AuthThrottle
 from .handler import GuardHandler
+from .proxy import ProxyProtocol, client_ip, starts_with_header
 from .transaction import Transaction
 
 log = logging.getLogger("smtp_guard.smtp")
@@ -123,6 +128,10 @@ class CommandLineReader:
     async def read(self, n: int = -1) -> bytes:
         return await self._reader.read(n)
 
+    async def readexactly(self, n: int) -> bytes:
+        # Only aiosmtpd's PROXY header reader uses it (smtp/proxy.py), before the greeting.
+        return await self._reader.readexactly(n)
+
     async def readline(self) -> bytes:
         # Only AUTH reads a line this way (the client's answer to a 334 challenge). A broken
         # or too-long line becomes one that is not base64, so aiosmtpd answers it with its one
@@ -202,6 +211,11 @@ class GuardSession(Session):
     assignment is dropped here so no deprecated code path runs.
     """
 
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        # The client's address from a listed load balancer's PROXY header (smtp/proxy.py).
+        self.proxied_ip: str | None = None
+
     @property
     def login_data(self) -> None:
         return None
@@ -280,7 +294,7 @@ def _refers_to(value: Any, instance: object) -> bool:
 class GuardSMTP(SMTP):
     def __init__(self, handler: GuardHandler, registry: SessionRegistry, config: SMTPConfig,
                  metrics: Metrics, allow_plaintext_auth_on_loopback: bool, auth_throttle: AuthThrottle,
-                 setup: SessionSetup | None = None, **kwargs: Any) -> None:
+                 setup: SessionSetup | None = None, proxy: ProxyProtocol | None = None, **kwargs: Any) -> None:
         if setup is None:
             super().__init__(handler, **kwargs)
         else:
@@ -298,6 +312,11 @@ class GuardSMTP(SMTP):
         self._reading_data = False  # between the 354 and the final dot: data_timeout applies
         self._answering_hello = False  # inside HELO/EHLO: their 250 lines carry no enhanced code
         self._continuation_lines: list[bytes] = []  # of a multi-line reply, until its last line
+        self._proxy = proxy
+        self._proxy_awaited = False  # a listed load balancer's connection: its header not taken yet
+        # The first bytes of any other connection, until they tell whether it starts with a
+        # PROXY header (None: they told, it does not).
+        self._first_bytes: bytes | None = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -307,7 +326,14 @@ class GuardSMTP(SMTP):
         if not first:
             return  # the STARTTLS upgrade of an existing session
         peer = transport.get_extra_info("peername")
-        if self._plaintext_auth_on_loopback and isinstance(peer, tuple) and AccessControl.is_loopback(str(peer[0])):
+        peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if self._proxy is not None and self._proxy.is_trusted(peer_ip):
+            # aiosmtpd reads the header before its greeting; until then nothing is known of
+            # the client, not even whether it is on loopback.
+            self._proxy_timeout = self._proxy.timeout
+            self._proxy_awaited = True
+            self._first_bytes = None
+        elif self._plaintext_auth_on_loopback and AccessControl.is_loopback(peer_ip):
             self._auth_require_tls = False
         reason = None
         if not self._registry.accepting:
@@ -316,6 +342,7 @@ class GuardSMTP(SMTP):
             reason, reply = "max_sessions", replies.TOO_MANY_SESSIONS
         if reason is not None:
             self._guard_metrics.sessions_refused.labels(reason).inc()
+            self._proxy_awaited = False  # refused for a reason of its own, header or not
             transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
             transport.close()
             return
@@ -339,11 +366,54 @@ class GuardSMTP(SMTP):
         await self.loop.create_future()
 
     def data_received(self, data: bytes) -> None:
+        if self._first_bytes is not None:
+            data = self._first_bytes + data
+            header = starts_with_header(data)
+            if header is None:
+                self._first_bytes = data  # a beginning of one: wait for the rest
+                return
+            self._first_bytes = None
+            if header:
+                self._refuse_proxy_header()
+                return
         if self._reading_data:
             self._reset_timeout(self._guard_config.data_timeout)
         super().data_received(data)
 
+    def _refuse_proxy_header(self) -> None:
+        self._guard_metrics.proxy_headers.labels("untrusted").inc()
+        log.warning("PROXY protocol header from %s, which is not in [smtp] proxy_protocol_from: refused, "
+                    "connection closed", client_ip(self.session))
+        self._close_with(replies.PROXY_REFUSED)
+
+    def _take_proxy_header(self, header: ProxyData) -> bool:
+        """aiosmtpd's PROXY hook, for a listed load balancer's valid header: take the client's
+        address from it. False closes the connection."""
+        assert self._proxy is not None and isinstance(self.session, GuardSession)
+        self._proxy_awaited = False
+        client = self._proxy.client_of(header)
+        if client is None:
+            self._guard_metrics.proxy_headers.labels("invalid").inc()
+            log.warning("PROXY header from load balancer %s names a client that is not a TCP/IP one; closing",
+                        client_ip(self.session))
+            return False
+        if not client:
+            self._guard_metrics.proxy_headers.labels("local").inc()
+            return True  # the balancer's own connection: its address is the client's
+        self._guard_metrics.proxy_headers.labels("accepted").inc()
+        self.session.proxied_ip = client
+        if self._plaintext_auth_on_loopback and AccessControl.is_loopback(client):
+            self._auth_require_tls = False
+        return True
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._proxy_awaited:
+            # A listed balancer's connection that never gave a valid header (none, malformed,
+            # or too late): aiosmtpd closed it.
+            self._guard_metrics.proxy_headers.labels("invalid").inc()
+            log.warning("connection from load balancer %s closed without a valid PROXY header",
+                        client_ip(self.session))
+            self._proxy_awaited = False
         self._end_transaction(self.envelope)
         self._registry.remove(self)
         super().connection_lost(error)
@@ -443,6 +513,8 @@ class GuardSMTP(SMTP):
             self._answering_hello = False
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command == "PROXY":  # the listener's business, not the handler's
+            return self._take_proxy_header(args[0])
         if command == "DATA":
             # The final dot is in: from here the guard is working, not the client, and the
             # upstream's own timeouts bound that work. The clock restarts with the reply.
@@ -469,8 +541,8 @@ class GuardSMTP(SMTP):
 
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
         # Every credential check passes here (PLAIN and LOGIN, initial response or challenge).
-        client_ip = _client_ip(self.session)
-        if self._auth_throttle.is_throttled(client_ip):
+        client = client_ip(self.session)
+        if self._auth_throttle.is_throttled(client):
             outcome, result = "throttled", AuthResult(success=False, handled=False,
                                                       message=str(replies.AUTH_THROTTLED))
         else:
@@ -478,10 +550,10 @@ class GuardSMTP(SMTP):
             if result.success:
                 return result
             outcome = "invalid"
-            self._auth_throttle.record_failure(client_ip)
+            self._auth_throttle.record_failure(client)
         self._guard_metrics.auth_failures.labels(outcome).inc()
         self._auth_failures += 1
-        log.info("AUTH %s failed for client %s (%s, %d in this session)", mechanism, client_ip, outcome,
+        log.info("AUTH %s failed for client %s (%s, %d in this session)", mechanism, client, outcome,
                  self._auth_failures)
         if self._auth_failures >= self._guard_config.auth.max_failures_per_session:
             return AuthResult(success=False, handled=False, message=str(replies.AUTH_TOO_MANY_FAILURES))
@@ -534,11 +606,6 @@ def _log_delivery_failure(txn_id: str, delivery: asyncio.Task[Any]) -> None:
         log.error("txn=%s internal error in the delivery of a message whose client left", txn_id, exc_info=error)
 
 
-def _client_ip(session: Any) -> str:
-    peer = getattr(session, "peer", None)
-    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
-
-
 class SMTPServer:
     """Listening socket plus the sessions it spawned, with a time-limited graceful shutdown."""
 
@@ -553,6 +620,8 @@ class SMTPServer:
         # One throttle for every session: failures are counted per client address.
         self.auth_throttle = AuthThrottle(config.auth.max_failures_per_client, config.auth.failure_window, clock)
         self.registry = SessionRegistry(metrics)
+        self._proxy = ProxyProtocol(config.proxy_networks(), config.proxy_protocol_timeout) \
+            if config.proxy_protocol_from else None
         self._server: asyncio.base_events.Server | None = None
 
     def _smtp_kwargs(self) -> dict[str, Any]:
@@ -580,7 +649,7 @@ class SMTPServer:
             return GuardSMTP(
                 self._handler, self.registry, config, self._metrics,
                 allow_plaintext_auth_on_loopback=config.auth.allow_plaintext_on_loopback,
-                auth_throttle=self.auth_throttle, setup=setup)
+                auth_throttle=self.auth_throttle, setup=setup, proxy=self._proxy)
         return make
 
     async def start(self) -> None:

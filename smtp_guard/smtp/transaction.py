@@ -199,7 +199,7 @@ class Transaction:
             mailbox=mailbox, key=key, key_hash=key_hash(key), domain_chain=chain,
             sender=self.mail_from, client_ip=self.client, auth_user=self.auth_user,
         )
-        decision = parts.pipeline.decide(context)
+        decision = await parts.pipeline.decide(context)
         for shadowed in decision.shadowed:
             self._record_shadow(mailbox.text, shadowed)
         if decision.tombstone is not None:

@@ -1,0 +1,100 @@
+"""A real Redis server for tests: Debian's redis-server on a loopback high port, in a directory
+of its own, with nothing saved to disk — never the system's service.
+
+``server.url`` goes into ``[counters] url``; ``stop()`` and ``start()`` again (same port) make
+Redis go away and come back in the middle of a test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REDIS_SERVER_PATHS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
+
+
+def redis_server_path() -> str:
+    found = next((path for path in REDIS_SERVER_PATHS if os.access(path, os.X_OK)), None) \
+        or shutil.which("redis-server")
+    if found is None:
+        message = "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "redis.log"
+
+    def start(self) -> RedisServer:
+        """Start it (again, on the same port, after ``stop``); returns once it answers PING."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):  # a free port can be taken between the probe and redis-server's bind
+            self.port = self.port or _free_port()
+            self._process = subprocess.Popen(
+                [redis_server_path(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+                 "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
+                 "--logfile", str(self.log)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if self._answers():
+                return self
+            self.stop()
+            self.port = 0
+        raise AssertionError(f"redis-server did not start: {self.log.read_text() if self.log.exists() else ''}")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def command(self, *args: str) -> bytes:
+        """One command over a raw socket (RESP), its raw reply: for tests that look inside."""
+        request = f"*{len(args)}\r\n".encode() + b"".join(
+            f"${len(arg.encode())}\r\n".encode() + arg.encode() + b"\r\n" for arg in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as connection:
+            connection.sendall(request)
+            return connection.recv(65536)
+
+    def _answers(self) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                return False
+            try:
+                if self.command("PING").startswith(b"+PONG"):
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.02)
+        return False
