@@ -66,11 +66,11 @@ def init(config) -> None:  # type: ignore[no-untyped-def]
       smtp-guard init --config /etc/smtp-guard/smtp-guard.toml
       smtp-guard suppress import unsubscribes.csv --list unsubscribed --config /etc/smtp-guard/smtp-guard.toml
     """
-    from ..app import init_store
+    from ..backends import init_store
 
     created = run(init_store(config))
     state = "Created" if created else "Store already exists:"
-    click.echo(f"{state} {config.store.path} (erasure key {config.erasure_key_file}; back both up).")
+    click.echo(f"{state} {config.store.location} (erasure key {config.erasure_key_file}; back both up).")
 
 
 @main.command("hash-password")
