@@ -15,7 +15,7 @@ from __future__ import annotations
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from .addresses import AddressNormalizer
 from .audit_model import AuditStore
@@ -33,6 +33,7 @@ from .hold.model import HoldStore
 from .store.base import StoreError
 from .services.context import AdminContext
 from .suppression_model import SuppressionStore
+from .store.copy import CopiedTable, copy_store
 from .store.postgres.audit import PostgresAuditStore
 from .store.postgres.breakers import PostgresBreakerStore
 from .store.postgres.changes import PostgresChangeStore
@@ -176,6 +177,13 @@ async def open_change_store(config: Config) -> AsyncIterator[ChangeStore]:
     for its change to be in force, without loading the key ring and every tombstone again."""
     async with open_stores(config, migrate=False) as stores:
         yield stores.changes
+
+
+async def copy_sqlite_store(source: Path, url: str, progress: Callable[[CopiedTable], None]) -> list[CopiedTable]:
+    """``store copy``: the SQLite store at ``source`` into the empty PostgreSQL store at ``url``."""
+    if not source.is_file():
+        raise StoreError(f"no SQLite store at {source}; name the guard's [store] path")
+    return await copy_store(source, PostgresDatabase(url), progress)
 
 
 async def init_store(config: Config) -> bool:

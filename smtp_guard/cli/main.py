@@ -92,6 +92,7 @@ def _register() -> None:
     from .doctor import doctor
     from .erase import erase
     from .hold import hold
+    from .store import store
     from .suppress import suppress
 
     main.add_command(suppress)
@@ -103,6 +104,7 @@ def _register() -> None:
     main.add_command(admin)
     main.add_command(dkim)
     main.add_command(doctor)
+    main.add_command(store)
 
 
 _register()
