@@ -29,7 +29,7 @@ from smtp_guard.services.propagation import FORGET_AFTER
 from smtp_guard.store.sqlite.changes import SQLiteChangeStore
 from smtp_guard.store.sqlite.db import Database
 
-from conftest import make_config, wait_until
+from conftest import make_config, wait_until, store_toml, store_toml_of
 from smtp_client import dialogue, message, send
 
 SENDER = "news@shop.test"
@@ -42,7 +42,7 @@ SANCTION = {
 
 def write_cli_config(tmp_path: Path, guard: Guard, extra: str = "", confirm_timeout: str = "1s") -> Path:
     path = tmp_path / "smtp-guard.toml"
-    path.write_text(f'[store]\npath = "{guard.config.store.path}"\nconfirm_timeout = "{confirm_timeout}"\n{extra}')
+    path.write_text(f'[store]\n{store_toml_of(guard.config)}confirm_timeout = "{confirm_timeout}"\n{extra}')
     return path
 
 
@@ -149,7 +149,7 @@ async def test_hold_release_and_discard_report_the_running_guard(start_guard, si
 
 async def test_no_running_guard_is_said_and_fails_with_wait(tmp_path):
     config_file = tmp_path / "smtp-guard.toml"
-    config_file.write_text(f'[store]\npath = "{tmp_path / "data" / "guard.sqlite3"}"\n')
+    config_file.write_text(f'[store]\n{store_toml(tmp_path / "data" / "guard.sqlite3")}')
     await cli(config_file, "init")  # the store a guard would have created, no guard running
     result = await cli(config_file, "suppress", "add", "x@example.com", "--list", "manual")
     assert "No running guard uses this store" in result.output
