@@ -147,10 +147,10 @@ def make_config(tmp_path: Path, upstream_port: int, **overrides: Any) -> Config:
         "upstream": {"mode": "smtp", "host": "127.0.0.1", "port": upstream_port},
     }
     merged = _merge(data, overrides)
-    if "url" not in merged["store"]:  # the test's store path, or its PostgreSQL stand-in
-        store = dict(merged["store"])
-        path = store.pop("path")
-        merged["store"] = {**store, **store_settings(path)}
+    # The test's store path, or its PostgreSQL stand-in; a url the test gives stays as it is.
+    store = dict(merged["store"])
+    path = store.pop("path")
+    merged["store"] = store if "url" in store else {**store, **store_settings(path)}
     if merged["upstream"].get("mode") == "sandbox":  # a host beside the sandbox is refused
         merged["upstream"] = {k: v for k, v in merged["upstream"].items() if k not in ("host", "port")}
     return build_config(merged, "test")

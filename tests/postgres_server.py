@@ -22,6 +22,7 @@ from pathlib import Path
 import psycopg
 
 SUPERUSER = "postgres"
+PASSWORD_ROLE = "guard_with_password"
 
 
 def free_port() -> int:
@@ -50,6 +51,9 @@ class PostgresServer:
             os.chown(self.root, user.pw_uid, user.pw_gid)
         self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-locale",
                   "--no-sync")
+        # Every role logs in without a password, except PASSWORD_ROLE: the tests of a wrong one.
+        hba = self.data / "pg_hba.conf"
+        hba.write_text(f"host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
         self._databases: set[str] = set()
 
     def _run(self, program: str, *arguments: str) -> None:

@@ -50,12 +50,14 @@ def migrate_command(config: Config) -> None:
 
 
 @store.command("copy")
-@click.option("--from", "source", required=True, metavar="sqlite:///PATH",
-              help="The SQLite store to copy: sqlite:///absolute/path or a file path ([store] path).")
+@click.option("--from", "source", metavar="sqlite:///PATH",
+              help="The SQLite store to copy: sqlite:///absolute/path or a file path. Default: [store] path of "
+                   "--config.")
 @click.option("--to", "target", required=True, metavar="postgresql://…",
               help="The PostgreSQL store to fill (an empty database; its schema is created). The password "
                    "from PGPASSWORD or ~/.pgpass, not the command line.")
-def copy_command(source: str, target: str) -> None:
+@with_config
+def copy_command(config: Config, source: str | None, target: str) -> None:
     """Copy an installation's SQLite store into an empty PostgreSQL database.
 
     Every table (suppressions and their change log, hold queue, audit trail, tombstones,
@@ -69,11 +71,14 @@ def copy_command(source: str, target: str) -> None:
     Example:
       smtp-guard store copy --from sqlite:///var/lib/smtp-guard/guard.sqlite3 \\
         --to postgresql://smtpguard@db.internal/smtpguard
+      smtp-guard store copy --config /etc/smtp-guard/smtp-guard.toml --to postgresql://smtpguard@db.internal/smtpguard
     """
     from ..backends import copy_sqlite_store
     from ..store.copy import CopiedTable, TargetNotEmpty
 
-    path = _sqlite_path(source)
+    if source is None and config.store.is_postgresql:
+        raise click.UsageError("--config names a PostgreSQL store; give the SQLite store to copy with --from")
+    path = Path(config.store.path) if source is None else _sqlite_path(source)
     if urllib.parse.urlsplit(target).scheme not in ("postgresql", "postgres"):
         raise click.BadParameter("write a PostgreSQL URL: postgresql://USER@HOST[:PORT]/DATABASE", param_hint="--to")
 
