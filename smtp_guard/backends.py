@@ -12,6 +12,7 @@ and for admin commands alike.
 
 from __future__ import annotations
 
+import os
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,8 @@ async def open_stores(config: Config, *, migrate: bool, metrics: Metrics | None 
     it is opened: its file exists (``store_exists``) before an admin command gets here.
     ``metrics``: the PostgreSQL pool and query-time metrics of a guard process."""
     if config.store.is_postgresql:
+        if migrate:
+            make_private_directory(config.store.data_dir)
         db = postgres_database(config, metrics)
         await db.open(migrate_schema=migrate)
         try:
@@ -82,6 +85,14 @@ async def open_stores(config: Config, *, migrate: bool, metrics: Metrics | None 
         async with Database(config.store.path, config.store.busy_timeout) as sqlite:
             yield Stores(SQLiteSuppressionStore(sqlite), SQLiteHoldStore(sqlite), SQLiteErasureStore(sqlite),
                          SQLiteBreakerStore(sqlite), SQLiteChangeStore(sqlite), SQLiteAuditStore(sqlite))
+
+
+def make_private_directory(directory: Path) -> None:
+    """The guard's local directory beside a PostgreSQL store (erasure key, sandbox, uploads),
+    created 0700 at start as a SQLite store's directory is: it holds a secret and addresses."""
+    if not directory.is_dir():
+        directory.mkdir(parents=True, mode=0o700)
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
 
 
 def postgres_database(config: Config, metrics: Metrics | None = None) -> PostgresDatabase:

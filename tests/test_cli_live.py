@@ -1,8 +1,8 @@
 """A change is in force when the command returns (read-your-writes), on a running server.
 
 The guard serves on loopback; ``smtp-guard … --config FILE`` runs as the console script does,
-against the same SQLite file. The guards here poll the store's change log only once a minute
-(``[store] reload_interval = 60``), so what a test sees right after a command is the work of
+against the same store (a SQLite file, or PostgreSQL in that run). The guards here poll the
+store's change log only once a minute (``[store] reload_interval = 60``), so what a test sees right after a command is the work of
 the change generation alone: the command moved it, every running guard refreshed and said so,
 and only then did the command return. No test waits between the command and the send.
 """
@@ -20,16 +20,14 @@ from click.testing import CliRunner, Result
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
-from smtp_guard.change_model import GuardInstance
+from smtp_guard.change_model import ChangeStore, GuardInstance
 from smtp_guard.startup import StartupError
 from smtp_guard.change_sync import ChangeSync
 from smtp_guard.cli.common import NOT_CONFIRMED
 from smtp_guard.cli.main import main
 from smtp_guard.services.propagation import FORGET_AFTER
-from smtp_guard.store.sqlite.changes import SQLiteChangeStore
-from smtp_guard.store.sqlite.db import Database
 
-from conftest import make_config, wait_until, store_toml, store_toml_of
+from conftest import make_config, open_engine_store, wait_until, store_toml, store_toml_of
 from smtp_client import dialogue, message, send
 
 SENDER = "news@shop.test"
@@ -183,10 +181,10 @@ async def test_a_stopped_guard_is_no_longer_waited_for(start_guard, sink, tmp_pa
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteChangeStore]:
+async def store(tmp_path: Path) -> AsyncIterator[ChangeStore]:
     """A second connection to the guards' store, as another guard process would have."""
-    async with Database(tmp_path / "data" / "guard.sqlite3") as db:
-        yield SQLiteChangeStore(db)
+    async with open_engine_store(tmp_path / "data" / "guard.sqlite3") as engine:
+        yield engine.changes
 
 
 async def failing_refresh() -> None:
@@ -245,7 +243,7 @@ async def test_guard_row_is_removed_at_stop(start_guard, sink, store):
     assert await store.instances() == []
 
 
-async def test_failed_refresh_keeps_heartbeat_and_old_generation(store: SQLiteChangeStore) -> None:
+async def test_failed_refresh_keeps_heartbeat_and_old_generation(store: ChangeStore) -> None:
     calls: list[Any] = []
 
     async def refresh() -> None:
