@@ -16,10 +16,13 @@ from typing import Any, Awaitable, Callable
 
 import psycopg
 import pytest
+from psycopg import errors as pg_errors
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
 from smtp_guard.startup import StartupError
+from smtp_guard.store.base import StoreBusy, StoreError, StoreFull
+from smtp_guard.store.postgres.db import store_error
 from smtp_guard.suppression_model import SuppressionEntry
 
 from conftest import postgres_server, wait_until
@@ -206,3 +209,55 @@ async def test_postgresql_stopped_mid_run_gives_451_then_the_guard_resumes(
     assert time.monotonic() - started < 30
     await wait_until(lambda: guard.ready, timeout=15, what="/readyz to report ready again")
     assert len(await guard.backends.holds.list()) == 2
+
+
+async def test_the_password_may_come_from_a_pgpass_file(start_guard: Start, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config names no password; libpq finds it in the file PGPASSFILE names (~/.pgpass)."""
+    server = postgres_server()
+    server.admin(f"DROP ROLE IF EXISTS {PASSWORD_ROLE}")
+    server.admin(f"CREATE ROLE {PASSWORD_ROLE} LOGIN SUPERUSER PASSWORD 'from-pgpass'")
+    database = server.database_for(f"{tmp_path}/pgpass").rsplit("/", 1)[1]
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{server.port}:{database}:{PASSWORD_ROLE}:from-pgpass\n")
+    pgpass.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    guard = await start_guard(store=store_for(tmp_path, server.url(database, PASSWORD_ROLE)))
+    assert guard.ready or await wait_until(lambda: guard.ready, what="the guard to be ready")
+
+
+def test_driver_errors_become_store_errors_without_the_password() -> None:
+    url = "postgresql://guard:s3cret@db.internal/smtpguard"
+    full = store_error(pg_errors.DiskFull("could not extend file: No space left on device"), url)
+    assert isinstance(full, StoreFull)
+    busy = store_error(pg_errors.LockNotAvailable("canceling statement due to lock timeout"), url)
+    assert isinstance(busy, StoreBusy)
+    lost = store_error(psycopg.OperationalError("connection to guard:s3cret@db.internal lost"), url)
+    assert type(lost) is StoreError and "s3cret" not in str(lost)
+
+
+async def test_the_store_metrics_count_calls_and_connections(start_guard: Start, tmp_path: Path) -> None:
+    guard = await start_guard(store=store_for(tmp_path))
+    await guard.backends.holds.stats()
+    registry = guard.metrics.registry
+    assert registry.get_sample_value("smtp_guard_store_query_duration_seconds_count", {"kind": "statement"})
+    assert registry.get_sample_value("smtp_guard_store_pool_connections", {"state": "idle"}) is not None
+    assert registry.get_sample_value("smtp_guard_store_pool_connections", {"state": "in_use"}) is not None
+
+
+async def test_an_erasure_whose_vacuum_was_skipped_gives_no_receipt(start_guard: Start, tmp_path: Path) -> None:
+    """A role that may write the tables but not VACUUM them (not their owner): PostgreSQL only
+    warns and skips; the erasure then fails loudly instead of issuing a receipt that claims it."""
+    guard = await start_guard(store=store_for(tmp_path))
+    server = postgres_server()
+    database = guard.config.store.url.rsplit("/", 1)[1]
+    with psycopg.connect(guard.config.store.url, autocommit=True) as connection:
+        connection.execute("DROP ROLE IF EXISTS guard_writer")
+        connection.execute("CREATE ROLE guard_writer LOGIN")
+        connection.execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO guard_writer")
+    config_file = write_cli_config(tmp_path / "writer.toml", guard.config)
+    config_file.write_text(config_file.read_text().replace(guard.config.store.url,
+                                                           server.url(database, "guard_writer")))
+    failed = await cli(config_file, "erase", "jane@example.com", "--ref", "DSR-10", exit_code=1)
+    assert "VACUUM did not run on every purged table" in failed.output
+    assert await guard.backends.erasure.receipts() == []

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import psycopg
+
 from ...erasure.model import ErasureAttempt, ErasureReceipt, PurgeCount, Tombstone, receipt_from_dict
 from ...erasure.scan import Finding
 from ..base import StoreError
@@ -164,8 +166,20 @@ class PostgresErasureStore:
     async def make_unrecoverable(self) -> dict[str, str]:
         """VACUUM the purged tables (autocommit: VACUUM cannot run in a transaction) and say
         what PostgreSQL may still hold (module docstring)."""
+        warnings: list[str] = []
         async with self._db.connection() as conn:
-            await conn.execute(f"VACUUM (INDEX_CLEANUP ON) {', '.join(_PURGED_TABLES)}")
+            # A role that may not VACUUM a table gets a WARNING ("skipping ...") and no error:
+            # the receipt must not claim what did not happen.
+            handler = _notice_collector(warnings)
+            conn.add_notice_handler(handler)
+            try:
+                await conn.execute(f"VACUUM (INDEX_CLEANUP ON) {', '.join(_PURGED_TABLES)}")
+            finally:
+                conn.remove_notice_handler(handler)
+        if warnings:
+            raise StoreError(f"VACUUM did not run on every purged table ({'; '.join(warnings)}): the deleted rows stay "
+                             "in the database files. Let the guard's role own its tables (it created them when it "
+                             "migrated the store), then erase again")
         return dict(STORAGE_NOTES)
 
     async def copies(self, pattern: re.Pattern[bytes]) -> builtins.list[Finding]:
@@ -245,6 +259,13 @@ async def _erase_pseudonyms(conn: Connection, pseudonyms: Sequence[str], erased_
             (pseudonym, erased_label, pseudonym))
         changed += max(cursor.rowcount, 0)
     return changed
+
+
+def _notice_collector(warnings: list[str]) -> Callable[[psycopg.errors.Diagnostic], None]:
+    def collect(notice: psycopg.errors.Diagnostic) -> None:
+        if notice.severity_nonlocalized == "WARNING" and notice.message_primary:
+            warnings.append(notice.message_primary)
+    return collect
 
 
 def _matches(pattern: re.Pattern[bytes], table: str, columns: Sequence[str], row: Sequence[Any]) -> list[Finding]:
