@@ -113,11 +113,11 @@ async def test_a_release_is_delivered_once_although_both_instances_run_release_w
 
 async def test_a_copied_sqlite_store_enforces_the_same(start_guard: Start, tmp_path: Path) -> None:
     sqlite_dir = tmp_path / "sqlite"
-    sqlite_guard = await start_guard(store={"path": str(sqlite_dir / "guard.sqlite3")})
-    config_file = write_cli_config(tmp_path / "sqlite.toml", sqlite_guard.config)
+    config_file = tmp_path / "sqlite.toml"  # a SQLite store in every run, whatever the suite's engine
+    config_file.write_text(f'[store]\npath = "{sqlite_dir / "guard.sqlite3"}"\n')
+    await cli(config_file, "init")
     await cli(config_file, "suppress", "add", "gone@example.com", "@bounced.example", "--list", "manual")
     await cli(config_file, "erase", "jane@example.com", "--ref", "DSR-9")
-    await sqlite_guard.stop()
 
     url = postgres_server().create_database("copy_target")
     copied = await cli(config_file, "store", "copy", "--from", f"sqlite://{sqlite_dir / 'guard.sqlite3'}",
