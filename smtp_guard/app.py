@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from .backends import Backends, load_tombstones, open_backends, open_counters, store_exists
+from .backends import Backends, open_backends, open_counters, store_exists
 from .change_sync import ChangeSync, Step
 from .config import Config
 from .counters import RateCounters
@@ -47,8 +47,6 @@ from .services.context import AdminContext, StoreNotFound
 from .services.propagation import STALE_AFTER
 from .startup import StartupError, naming_setting
 from .store.base import StoreError
-from .store.sqlite.db import Database
-from .store.sqlite.erasure import SQLiteErasureStore
 from .workers import WorkerPool
 
 if TYPE_CHECKING:
@@ -63,20 +61,11 @@ log = logging.getLogger("smtp_guard")
 WELL_KNOWN_CONFIGS = (Path("/etc/smtp-guard/smtp-guard.toml"),)
 
 
-async def init_store(config: Config) -> bool:
-    """Create the store and the erasure key where the config says, as the guard's first start
-    would (``smtp-guard init``). Returns False when the store already existed."""
-    existed = store_exists(config)
-    async with Database(config.store.path, config.store.busy_timeout) as db:
-        await load_tombstones(config, SQLiteErasureStore(db), may_replace=True)
-    return not existed
-
-
 @asynccontextmanager
 async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminContext]:
     """Backends for one admin command, on the store the guard created (StoreNotFound when
     there is none)."""
-    if not store_exists(config):
+    if not await store_exists(config):
         raise StoreNotFound(config, WELL_KNOWN_CONFIGS)
     async with open_backends(config, server=False) as backends:
         yield backends.admin_context(config, actor)
@@ -85,7 +74,7 @@ async def open_admin_context(config: Config, actor: str) -> AsyncIterator[AdminC
 def build_upstream(config: Config, metrics: Metrics) -> Upstream:
     """The upstream every relay and release goes through; DKIM-signing when keys are configured."""
     upstream: Upstream
-    with naming_setting(f"[store] path {config.store.path} (sandbox Maildir)", True, OSError):
+    with naming_setting(f"{config.store.setting} (sandbox Maildir in {config.store.data_dir})", True, OSError):
         if config.upstream.mode == "sandbox":
             upstream = SandboxUpstream(config.store.data_dir / "sandbox")
         else:
@@ -157,7 +146,8 @@ class _GuardProcess:
         it enforces from, and its upstream. ``counters``: this process's (``open_counters``);
         ``shared_index`` (a directory): the snapshot the processes of a multi-worker guard share."""
         run = self._running
-        backends = await run.enter_async_context(open_backends(self.config, server=True, counters=counters))
+        backends = await run.enter_async_context(open_backends(self.config, server=True, counters=counters,
+                                                               metrics=metrics))
         if self._log_pseudonyms is not None:  # logs name people as the audit trail does, from here on
             self._log_pseudonyms.use(backends.audit.pseudonymizer)
         snapshots = None if shared_index is None else SharedSnapshots(shared_index, backends.suppressions)
@@ -235,7 +225,7 @@ class Guard(_GuardProcess):
         await self._serve_unsubscribe(self.backends, self.metrics)
         await self.background.start_probes(run)
         log.info("smtp-guard listening on %s:%d, relaying to %s; store %s; config %s", *self.smtp_address,
-                 _upstream_text(config), config.store.path, config.source)
+                 _upstream_text(config), config.store.location, config.source)
 
     @property
     def smtp_address(self) -> tuple[str, int]:
@@ -285,7 +275,7 @@ class Supervisor(_GuardProcess):
         await self._serve_unsubscribe(self.backends, self.metrics)
         await self.background.start_probes(run)
         log.info("smtp-guard supervisor: %d workers listening on %s, relaying to %s; store %s; config %s",
-                 config.smtp.workers, config.smtp.listen, _upstream_text(config), config.store.path, config.source)
+                 config.smtp.workers, config.smtp.listen, _upstream_text(config), config.store.location, config.source)
 
     async def _stop_workers(self) -> None:
         self.readiness.set("listener", "shutting down")

@@ -1,9 +1,9 @@
 """The backends: every store and shared counter, built from config in one place.
 
 The server's roles (front, background) and every admin operation (CLI, API) get their stores
-here, so there is one wiring of the store to keep right — and one seam where other engines
-(PostgreSQL for the stores, Redis for the counters) plug in: a second branch in
-``open_backends``, nothing else changes, since everything above only sees the Protocols.
+here, so there is one wiring of the store to keep right — and one seam where the engines plug
+in: ``open_stores`` builds the SQLite stores (``[store] path``) or the PostgreSQL ones
+(``[store] url``); everything above only sees the Protocols.
 
 Opening the backends also loads every erasure tombstone with a key ring that can verify them:
 acting on a store whose erasures are not enforceable would hide the problem, for the server
@@ -12,12 +12,14 @@ and for admin commands alike.
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
+import os
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from .addresses import AddressNormalizer
+from .audit_model import AuditStore
 from .config import Config
 from .counters import InMemoryCounters, RateCounters
 from .metrics import Metrics
@@ -25,6 +27,7 @@ from .shared_counters import SharedCounters
 from .erasure.index import TombstoneIndex
 from .erasure.keys import ErasureKeyError, open_key_ring
 from .erasure.pseudonyms import Pseudonymizer, PseudonymizingAuditStore
+from .metrics import Metrics
 from .startup import naming_setting
 from .breaker.model import BreakerStore
 from .change_model import ChangeStore
@@ -33,6 +36,15 @@ from .hold.model import HoldStore
 from .store.base import StoreError
 from .services.context import AdminContext
 from .suppression_model import SuppressionStore
+from .store.copy import CopiedTable, copy_store
+from .store.postgres.audit import PostgresAuditStore
+from .store.postgres.breakers import PostgresBreakerStore
+from .store.postgres.changes import PostgresChangeStore
+from .store.postgres.db import PostgresDatabase
+from .store.postgres.erasure import PostgresErasureStore
+from .store.postgres.holds import PostgresHoldStore
+from .store.postgres.schema import Migration
+from .store.postgres.suppressions import PostgresSuppressionStore
 from .store.sqlite.audit import SQLiteAuditStore
 from .store.sqlite.breakers import SQLiteBreakerStore
 from .store.sqlite.changes import SQLiteChangeStore
@@ -40,6 +52,58 @@ from .store.sqlite.db import Database
 from .store.sqlite.erasure import SQLiteErasureStore
 from .store.sqlite.holds import SQLiteHoldStore
 from .store.sqlite.suppressions import SQLiteSuppressionStore
+
+
+@dataclass(frozen=True)
+class Stores:
+    """One store's interfaces, whatever the engine."""
+
+    suppressions: SuppressionStore
+    holds: HoldStore
+    erasure: ErasureStore
+    breakers: BreakerStore
+    changes: ChangeStore
+    audit: AuditStore  # stores what it is given: wrap it (PseudonymizingAuditStore) before use
+
+
+@asynccontextmanager
+async def open_stores(config: Config, *, migrate: bool, metrics: Metrics | None = None) -> AsyncIterator[Stores]:
+    """The stores ``[store]`` names, open. ``migrate``: the schema may be created or upgraded
+    (the guard's start, ``init``, ``store migrate``); without it a PostgreSQL store must
+    already be current (admin commands never create one). A SQLite store is migrated whenever
+    it is opened: its file exists (``store_exists``) before an admin command gets here.
+    ``metrics``: the PostgreSQL pool and query-time metrics of a guard process."""
+    if config.store.is_postgresql:
+        if migrate:
+            make_private_directory(config.store.data_dir)
+        db = postgres_database(config, metrics)
+        await db.open(migrate_schema=migrate)
+        try:
+            yield Stores(PostgresSuppressionStore(db), PostgresHoldStore(db), PostgresErasureStore(db),
+                         PostgresBreakerStore(db), PostgresChangeStore(db), PostgresAuditStore(db))
+        finally:
+            await db.close()
+    else:
+        async with Database(config.store.path, config.store.busy_timeout) as sqlite:
+            yield Stores(SQLiteSuppressionStore(sqlite), SQLiteHoldStore(sqlite), SQLiteErasureStore(sqlite),
+                         SQLiteBreakerStore(sqlite), SQLiteChangeStore(sqlite), SQLiteAuditStore(sqlite))
+
+
+def make_private_directory(directory: Path) -> None:
+    """The guard's local directory beside a PostgreSQL store (erasure key, sandbox, uploads),
+    created 0700 at start as a SQLite store's directory is: it holds a secret and addresses."""
+    if not directory.is_dir():
+        directory.mkdir(parents=True, mode=0o700)
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+
+
+def postgres_database(config: Config, metrics: Metrics | None = None) -> PostgresDatabase:
+    store = config.store
+    return PostgresDatabase(
+        store.url, pool_size=store.pool_size, busy_timeout=store.busy_timeout,
+        on_query=None if metrics is None else (lambda kind, seconds: metrics.store_query_seconds.labels(kind)
+                                               .observe(seconds)),
+        on_pool=None if metrics is None else metrics.set_store_pool)
 
 
 @dataclass(frozen=True)
@@ -65,42 +129,59 @@ class Backends:
         )
 
 
-def store_exists(config: Config) -> bool:
-    return Path(config.store.path).is_file()
+async def store_exists(config: Config) -> bool:
+    """Whether the guard created the store: the SQLite file exists, or the PostgreSQL database
+    is reachable and migrated (StoreError when it cannot be reached)."""
+    if not config.store.is_postgresql:
+        return Path(config.store.path).is_file()
+    return await postgres_database(config).is_current()
+
+
+async def migrate_store(config: Config) -> tuple[int, list[Migration]]:
+    """Create or upgrade the schema (``store migrate``, ``init``): the version before, and the
+    migrations applied. A SQLite store is migrated by opening it (db.py), one version each."""
+    if config.store.is_postgresql:
+        db = postgres_database(config)
+        before = await db.version()
+        applied = await db.open(migrate_schema=True)
+        await db.close()
+        return before, applied
+    before = Database.version_of(config.store.path)
+    async with Database(config.store.path, config.store.busy_timeout) as sqlite:
+        after = await sqlite.version()
+    return before, [Migration(version, "SQLite schema") for version in range(before + 1, after + 1)]
 
 
 @asynccontextmanager
 async def open_backends(config: Config, *, server: bool, counters: RateCounters | None = None,
-                        ) -> AsyncIterator[Backends]:
+                        metrics: Metrics | None = None) -> AsyncIterator[Backends]:
     """The backends for one guard process (``server``: a start-up failure names the setting
-    to fix, and the erasure key may be created) or one admin operation (the store must exist:
-    callers check ``store_exists`` first, so an admin command never creates one).
+    to fix, the schema may be migrated and the erasure key created) or one admin operation
+    (the store must exist: callers check ``store_exists`` first, so an admin command never
+    creates one).
 
     ``counters``: the worker processes' shared buckets (the supervisor created them); by
-    default this process's own."""
-    with naming_setting(f"[store] path {config.store.path}", server, StoreError, OSError):
-        db = await Database(config.store.path, config.store.busy_timeout).open()
-    try:
-        erasure = SQLiteErasureStore(db)
+    default this process's own. ``metrics``: a guard process's, for the store's own."""
+    async with AsyncExitStack() as opened:
+        with naming_setting(config.store.setting, server, StoreError, OSError):
+            stores = await opened.enter_async_context(open_stores(config, migrate=server, metrics=metrics))
         with naming_setting(f"[erasure] key_file {config.erasure_key_file}", server, ErasureKeyError, OSError):
-            tombstones = await load_tombstones(config, erasure, may_replace=server)
+            tombstones = await load_tombstones(config, stores.erasure, may_replace=server)
             if server and tombstones.broken:
                 raise ErasureKeyError(f"{tombstones.broken}; restore the key file from backup")
         normalizer = AddressNormalizer(config.addresses)
         pseudonymizer = Pseudonymizer(normalizer, lambda: tombstones.ring, tombstones.lookup_token)
         yield Backends(
-            suppressions=SQLiteSuppressionStore(db),
-            holds=SQLiteHoldStore(db),
-            erasure=erasure,
-            breakers=SQLiteBreakerStore(db),
-            changes=SQLiteChangeStore(db),
-            audit=PseudonymizingAuditStore(SQLiteAuditStore(db), pseudonymizer),
+            suppressions=stores.suppressions,
+            holds=stores.holds,
+            erasure=stores.erasure,
+            breakers=stores.breakers,
+            changes=stores.changes,
+            audit=PseudonymizingAuditStore(stores.audit, pseudonymizer),
             tombstones=tombstones,
             normalizer=normalizer,
             counters=counters if counters is not None else InMemoryCounters(),
         )
-    finally:
-        await db.close()
 
 
 @asynccontextmanager
@@ -134,11 +215,27 @@ async def open_counters(config: Config, metrics: Metrics, *, shared: Path | None
 async def open_change_store(config: Config) -> AsyncIterator[ChangeStore]:
     """Only the change generation and the running guards: what an admin command needs to wait
     for its change to be in force, without loading the key ring and every tombstone again."""
-    async with Database(config.store.path, config.store.busy_timeout) as db:
-        yield SQLiteChangeStore(db)
+    async with open_stores(config, migrate=False) as stores:
+        yield stores.changes
 
 
-async def load_tombstones(config: Config, erasure: SQLiteErasureStore, *, may_replace: bool) -> TombstoneIndex:
+async def copy_sqlite_store(source: Path, url: str, progress: Callable[[CopiedTable], None]) -> list[CopiedTable]:
+    """``store copy``: the SQLite store at ``source`` into the empty PostgreSQL store at ``url``."""
+    if not source.is_file():
+        raise StoreError(f"no SQLite store at {source}; name the guard's [store] path")
+    return await copy_store(source, PostgresDatabase(url), progress)
+
+
+async def init_store(config: Config) -> bool:
+    """Create (or migrate) the store and the erasure key where the config says, as the guard's
+    first start would (``smtp-guard init``). Returns False when the store already existed."""
+    existed = await store_exists(config)
+    async with open_stores(config, migrate=True) as stores:
+        await load_tombstones(config, stores.erasure, may_replace=True)
+    return not existed
+
+
+async def load_tombstones(config: Config, erasure: ErasureStore, *, may_replace: bool) -> TombstoneIndex:
     """Every tombstone, with a key ring that can verify them: a missing, replaced or too-open
     key file stops here (ErasureKeyError). Only ``may_replace`` (the guard's start, ``init``)
     replaces a key nothing was made with."""

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -182,8 +183,18 @@ def default_store_path(environ: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    # "": default_store_path() (~/.local/share/smtp-guard/guard.sqlite3).
+    # SQLite: the database file. "": default_store_path() (~/.local/share/smtp-guard/guard.sqlite3).
     path: str = _path()
+    # PostgreSQL instead of SQLite (several guard instances on one store): a libpq URL such as
+    # "postgresql://guard@db.internal/smtpguard". Exactly one of path and url. The password is
+    # better kept out of the file: PGPASSWORD, ~/.pgpass, a service file (PGSERVICE) or the
+    # environment override SMTP_GUARD__STORE__URL.
+    url: str = ""
+    # With url: where this guard keeps its local files (erasure key by default, sandbox
+    # Maildir, import uploads). "": the user's data directory. With path: beside the store file.
+    directory: str = _path()
+    # With url: connections each guard process keeps to PostgreSQL at most.
+    pool_size: int = _at_least(10, minimum=1)
     # How often the running server looks for changes made by the CLI or API.
     reload_interval: float = _duration(1.0)
     # How often each guard process reads the change generation: an admin change is in force on
@@ -196,8 +207,33 @@ class StoreConfig:
     busy_timeout: float = _duration(5.0)
 
     @property
+    def is_postgresql(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def setting(self) -> str:
+        """The setting that names the store, with its value (the URL without its password),
+        for messages: ``[store] path /var/lib/…`` or ``[store] url postgresql://…``."""
+        return f"[store] url {self.location}" if self.url else f"[store] path {self.path}"
+
+    @property
+    def location(self) -> str:
+        """Where the store is, safe to print: the file, or the URL without its password."""
+        return redact_url(self.url) if self.url else self.path
+
+    @property
     def data_dir(self) -> Path:
-        return Path(self.path).parent
+        return Path(self.directory) if self.url else Path(self.path).parent
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password (logs, errors and `config check` print it)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = urllib.parse.quote(parts.username or "", safe="")
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if user else f":***@{host}"))
 
 
 @dataclass(frozen=True)
@@ -1060,9 +1096,7 @@ def build_config(data: Mapping[str, Any], source: str, *, base_dir: Path | None 
     if "rate_limits" in data:
         kwargs["rate_limits"] = _build_rate_limits(data["rate_limits"], f"{where}: [[rate_limits]]")
     config: Config = _resolve_paths(Config(**kwargs), base_dir)
-    if not config.store.path:
-        store = replace(config.store, path=default_store_path(os.environ if environ is None else environ))
-        config = replace(config, store=store)
+    config = replace(config, store=_locate_store(config.store, os.environ if environ is None else environ, where))
     from_environment = _env_names(dict(data))
     try:
         _validate(config, where)
@@ -1072,6 +1106,25 @@ def build_config(data: Mapping[str, Any], source: str, *, base_dir: Path | None 
         # A check across settings cannot tell which one is wrong: name the variables in play.
         raise ConfigError(f"{error} (settings from the environment: {', '.join(from_environment)})") from None
     return config
+
+
+def _locate_store(store: StoreConfig, environ: Mapping[str, str], where: str) -> StoreConfig:
+    """Exactly one store: a PostgreSQL URL, or a SQLite file (by default in the user's data
+    directory). With a URL the local files go to ``directory``, by default that same place."""
+    if store.url:
+        if store.path:
+            raise ConfigError(f"{where}: [store] path and url are both set; a guard uses one store: keep url "
+                              "for PostgreSQL (several instances) or path for SQLite, and remove the other")
+        parts = urllib.parse.urlsplit(store.url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ConfigError(f"{where}: [store] url {redact_url(store.url)!r} is not a PostgreSQL URL; write "
+                              "\"postgresql://USER@HOST[:PORT]/DATABASE\" (the password from PGPASSWORD or ~/.pgpass)")
+        directory = store.directory or str(Path(default_store_path(environ)).parent)
+        return replace(store, directory=directory)
+    if store.directory:
+        raise ConfigError(f"{where}: [store] directory is only for a PostgreSQL store ([store] url); a SQLite "
+                          "store keeps the guard's files beside its database file ([store] path)")
+    return store if store.path else replace(store, path=default_store_path(environ))
 
 
 def _resolve_paths(section: Any, base_dir: Path | None) -> Any:

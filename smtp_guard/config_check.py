@@ -88,21 +88,22 @@ def dangers(config: Config) -> list[Danger]:
 
 
 def _warn_files(config: Config, warn: Callable[[str, str], None]) -> None:
-    """The data directory and everything in it, and the key file: the guard's user only."""
-    store = Path(config.store.path)
-    if not store.exists():
-        warn("[store] path", f"{store} does not exist yet; `smtp-guard serve` or `smtp-guard init` creates it "
-             "(admin commands never do)")
-    too_open = [path for path in (store.parent, *_walk(store.parent), config.erasure_key_file)
-                if _is_too_open(path)]
+    """The data directory and everything in it, and the key file: the guard's user only. (A
+    PostgreSQL store's files are the database server's: only its local directory is checked.)"""
+    data_dir = config.store.data_dir
+    directory_setting = "[store] directory" if config.store.is_postgresql else "[store] path"
+    if not config.store.is_postgresql and not Path(config.store.path).exists():
+        warn("[store] path", f"{config.store.path} does not exist yet; `smtp-guard serve` or `smtp-guard init` "
+             "creates it (admin commands never do)")
+    too_open = [path for path in (data_dir, *_walk(data_dir), config.erasure_key_file) if _is_too_open(path)]
     for path in too_open[:MAX_LISTED]:
-        setting = "[erasure] key_file" if path == config.erasure_key_file else "[store] path"
+        setting = "[erasure] key_file" if path == config.erasure_key_file else directory_setting
         wanted = "0700" if path.is_dir() else "0600"
         warn(setting, f"{path} has mode {stat.S_IMODE(path.stat().st_mode):04o}; it holds addresses or secrets: "
              f"chmod {wanted} {path}")
     if len(too_open) > MAX_LISTED:
-        warn("[store] path", f"{len(too_open) - MAX_LISTED} more files under {store.parent} can be read by others: "
-             f"chmod -R go-rwx {store.parent}")
+        warn(directory_setting, f"{len(too_open) - MAX_LISTED} more files under {data_dir} can be read by others: "
+             f"chmod -R go-rwx {data_dir}")
 
 
 MAX_LISTED = 5  # files named one by one; a sandbox may hold thousands

@@ -199,6 +199,16 @@ class Metrics:
             "balancer named the client; local: its own connection, e.g. a health check; invalid: a listed "
             "balancer's connection without a valid header, closed; untrusted: a header from an address not "
             "in [smtp] proxy_protocol_from, refused and closed).", ["result"], registry=r)
+        # PostgreSQL store ([store] url) only: a SQLite store has no pool and no network.
+        self.store_query_seconds = Histogram(
+            "smtp_guard_store_query_duration_seconds",
+            "Time a PostgreSQL store call took, waiting for a pooled connection included, by kind "
+            "(statement: one statement; transaction: several, committed together).", ["kind"], registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.store_pool_connections = Gauge(
+            "smtp_guard_store_pool_connections",
+            "Connections of this guard's PostgreSQL pools, by state (in_use, idle); in_use at [store] pool_size "
+            "means calls wait for a connection.", ["state"], registry=r, multiprocess_mode="livesum")
         for outcome in MESSAGE_OUTCOMES:
             self.messages.labels(outcome)
         for error_class in UPSTREAM_ERROR_CLASSES:
@@ -212,3 +222,7 @@ class Metrics:
         for operation in REDIS_OPERATIONS:
             for error in REDIS_ERRORS:
                 self.redis_errors.labels(operation, error)
+
+    def set_store_pool(self, in_use: int, idle: int) -> None:
+        self.store_pool_connections.labels("in_use").set(in_use)
+        self.store_pool_connections.labels("idle").set(idle)

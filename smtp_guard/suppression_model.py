@@ -37,6 +37,22 @@ def list_order(priority: Sequence[str], names: Iterable[str]) -> tuple[str, ...]
     return known + tuple(sorted(set(names) - set(known)))
 
 
+def better_list(current: str | None, candidate: str, order: tuple[str, ...]) -> str:
+    """The more important of two lists (``order`` holds the configured priority; lists not in
+    it come after, by name)."""
+    if current is None:
+        return candidate
+    return min(current, candidate, key=lambda name: _rank(name, order))
+
+
+def _rank(name: str, order: tuple[str, ...]) -> tuple[int, int, str]:
+    return (0, order.index(name), "") if name in order else (1, 0, name)
+
+
+# Past this many logged changes a running server reloads the snapshot instead of applying them.
+MAX_DELTA = 50_000
+
+
 @dataclass(frozen=True)
 class DomainRule:
     list_name: str

@@ -6,6 +6,12 @@
 * ``postfix_sink`` — Postfix's own ``smtp-sink``, for a second, independent upstream;
 * ``redis_server`` — Debian's redis-server on a loopback high port (tests/redis_server.py);
 * ``wait_until`` and ``make_config`` — also importable (``from conftest import wait_until``).
+
+The store: SQLite files by default; with ``SMTP_GUARD_TEST_STORE=postgresql`` every test that
+uses a store through ``make_config``, ``start_guard`` or ``store_toml`` runs on PostgreSQL
+instead (one server per session, tests/postgres_server.py; a database of its own standing in
+for each SQLite path). Tests of SQLite itself (files, modes, WAL, locks) are marked
+``sqlite_only`` and skipped in that run. ``.ci/run`` runs the suite once per engine.
 """
 
 from __future__ import annotations
@@ -33,6 +39,14 @@ import trustme
 from smtp_guard.app import Guard
 from smtp_guard.config import Config, build_config
 from smtp_guard.store.sqlite.db import Database
+
+from postgres_server import PostgresServer, binaries
+
+TEST_STORE = os.environ.get("SMTP_GUARD_TEST_STORE", "sqlite")
+if TEST_STORE not in ("sqlite", "postgresql"):
+    raise RuntimeError(f"SMTP_GUARD_TEST_STORE={TEST_STORE!r}: write sqlite or postgresql")
+ON_POSTGRESQL = TEST_STORE == "postgresql"
+sqlite_only = pytest.mark.skipif(ON_POSTGRESQL, reason="tests the SQLite store itself (files, WAL, locks)")
 
 STOP_LIMIT = 60.0  # seconds a test guard may take to stop (shutdown_grace is 30 s by default)
 
@@ -74,6 +88,51 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
+_postgres: PostgresServer | None = None
+
+
+def postgres_server() -> PostgresServer:
+    """The session's PostgreSQL server, started on first use (stopped at the session's end)."""
+    global _postgres
+    if _postgres is None:
+        bin_dir = binaries()
+        if bin_dir is None:
+            reason = "the PostgreSQL server is not installed (apt-get install postgresql; .ci/run does this)"
+            if os.environ.get("CI") or ON_POSTGRESQL:
+                pytest.fail(f"{reason}, and this run needs it")
+            pytest.skip(reason)
+        server = PostgresServer(bin_dir)
+        server.start()
+        _postgres = server
+    return _postgres
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _postgres is not None:
+        _postgres.remove()
+
+
+def store_settings(path: Path | str) -> dict[str, Any]:
+    """``[store]`` settings for the store a test keeps at SQLite ``path``: that file, or in a
+    PostgreSQL run a database of its own for that path, with the guard's files (erasure key,
+    sandbox) in the same directory the file would be in."""
+    if ON_POSTGRESQL:
+        return {"url": postgres_server().database_for(str(path)), "directory": str(Path(path).parent)}
+    return {"path": str(path)}
+
+
+def store_toml(path: Path | str) -> str:
+    """The same as lines for a ``[store]`` table of a config file (no header)."""
+    return "".join(f'{key} = "{value}"\n' for key, value in store_settings(path).items())
+
+
+def store_toml_of(config: Config) -> str:
+    """``[store]`` lines naming the store a running guard's config uses."""
+    if config.store.is_postgresql:
+        return f'url = "{config.store.url}"\ndirectory = "{config.store.directory}"\n'
+    return f'path = "{config.store.path}"\n'
+
+
 def make_config(tmp_path: Path, upstream_port: int, **overrides: Any) -> Config:
     """A test Config: every listener on loopback port 0, fast intervals, store in ``tmp_path``,
     relaying to 127.0.0.1:``upstream_port``. Overrides are TOML-shaped and merge deeply::
@@ -89,6 +148,10 @@ def make_config(tmp_path: Path, upstream_port: int, **overrides: Any) -> Config:
         "upstream": {"mode": "smtp", "host": "127.0.0.1", "port": upstream_port},
     }
     merged = _merge(data, overrides)
+    # The test's store path, or its PostgreSQL stand-in; a url the test gives stays as it is.
+    store = dict(merged["store"])
+    path = store.pop("path")
+    merged["store"] = store if "url" in store else {**store, **store_settings(path)}
     if merged["upstream"].get("mode") == "sandbox":  # a host beside the sandbox is refused
         merged["upstream"] = {k: v for k, v in merged["upstream"].items() if k not in ("host", "port")}
     return build_config(merged, "test")
@@ -130,6 +193,50 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
     """A real SQLite store file in ``tmp_path``, migrated and open."""
     async with Database(tmp_path / "guard.sqlite3") as database:
         yield database
+
+
+@dataclass
+class EngineStore:
+    """The stores of one test store on this run's engine, and ``rows(sql)`` to read its tables
+    as they are (a plain SELECT, the same on both engines)."""
+
+    suppressions: Any
+    holds: Any
+    audit: Any
+    breakers: Any
+    erasure: Any
+    changes: Any
+    rows: Callable[[str], Awaitable[list[tuple[Any, ...]]]]
+
+
+@asynccontextmanager
+async def open_engine_store(path: Path, clock: Callable[[], float] = time.time,
+                            busy_timeout: float = 5.0) -> AsyncIterator[EngineStore]:
+    """The store at SQLite ``path`` — or, in a PostgreSQL run, its stand-in database — open,
+    with ``clock`` in the stores that take one."""
+    if ON_POSTGRESQL:
+        from smtp_guard.store.postgres import audit, breakers, changes, db as postgres, erasure, holds, suppressions
+
+        database = postgres.PostgresDatabase(postgres_server().database_for(str(path)), busy_timeout=busy_timeout)
+        await database.open(migrate_schema=True)
+        try:
+            yield EngineStore(suppressions.PostgresSuppressionStore(database, clock), holds.PostgresHoldStore(database, clock),
+                              audit.PostgresAuditStore(database), breakers.PostgresBreakerStore(database),
+                              erasure.PostgresErasureStore(database), changes.PostgresChangeStore(database),
+                              database.fetchall)
+        finally:
+            await database.close()
+        return
+    from smtp_guard.store.sqlite import audit as s_audit, breakers as s_breakers, changes as s_changes
+    from smtp_guard.store.sqlite import erasure as s_erasure, holds as s_holds, suppressions as s_suppressions
+
+    async with Database(path, busy_timeout) as sqlite:
+        async def rows(sql: str) -> list[tuple[Any, ...]]:
+            return [tuple(row) for row in await sqlite.fetchall(sql)]
+
+        yield EngineStore(s_suppressions.SQLiteSuppressionStore(sqlite, clock), s_holds.SQLiteHoldStore(sqlite, clock),
+                          s_audit.SQLiteAuditStore(sqlite), s_breakers.SQLiteBreakerStore(sqlite),
+                          s_erasure.SQLiteErasureStore(sqlite), s_changes.SQLiteChangeStore(sqlite), rows)
 
 
 class ManualClock:

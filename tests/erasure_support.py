@@ -18,16 +18,21 @@ from click.testing import CliRunner, Result
 from smtp_guard import replies
 from smtp_guard.app import Guard
 from smtp_guard.cli.main import main
+from smtp_guard.config import Config
 
 from smtp_client import dialogue
+
+from conftest import store_toml, store_toml_of
 
 SENDER = "news@shop.test"
 HOLD_LISTS = {"manual": {"action": "hold"}}
 
 
-def write_cli_config(path: Path, store_path: Path | str, *, key_file: Path | None = None) -> Path:
-    """A TOML config for the CLI on the given store (the manual list holds, as in the guard)."""
-    text = f'[store]\npath = "{store_path}"\n\n[lists.manual]\naction = "hold"\n'
+def write_cli_config(path: Path, store: Config | Path | str, *, key_file: Path | None = None) -> Path:
+    """A TOML config for the CLI on the store of a guard's config, or on the test store for a
+    path (the manual list holds, as in the guard)."""
+    lines = store_toml_of(store) if isinstance(store, Config) else store_toml(store)
+    text = f'[store]\n{lines}\n[lists.manual]\naction = "hold"\n'
     if key_file is not None:
         text += f'\n[erasure]\nkey_file = "{key_file}"\n'
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +41,7 @@ def write_cli_config(path: Path, store_path: Path | str, *, key_file: Path | Non
 
 
 def cli_config_for(tmp_path: Path, guard: Guard, name: str = "smtp-guard.toml") -> Path:
-    return write_cli_config(tmp_path / name, guard.config.store.path)
+    return write_cli_config(tmp_path / name, guard.config)
 
 
 async def cli(config_file: Path, *args: str, exit_code: int | None = 0) -> Result:

@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 import pytest
 
-from conftest import TLSFiles, wait_until
+from conftest import TLSFiles, wait_until, store_toml
 from smtp_guard.app import Guard
 from smtp_guard.audit_model import AuditFilter
 from smtp_guard.services.audit import query_audit
@@ -44,8 +44,7 @@ listen = "127.0.0.1:0"
 [metrics]
 listen = ""
 [store]
-path = "data/guard.sqlite3"
-[upstream]
+{store_toml(tmp_path / "data" / "guard.sqlite3")}[upstream]
 mode = "smtp"
 host = "127.0.0.1"
 port = {sink.port}

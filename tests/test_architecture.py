@@ -39,7 +39,8 @@ def violations(paths: list[Path], forbidden: tuple[str, ...]) -> list[str]:
             if any(name == f or name.startswith(f + ".") for f in forbidden)]
 
 
-ADAPTERS = ("smtp_guard.smtp", "smtp_guard.relay", "smtp_guard.store.sqlite", "smtp_guard.admin", "smtp_guard.cli")
+ADAPTERS = ("smtp_guard.smtp", "smtp_guard.relay", "smtp_guard.store.sqlite", "smtp_guard.store.postgres",
+            "smtp_guard.admin", "smtp_guard.cli")
 
 
 def test_policy_depends_on_no_adapter() -> None:
@@ -59,6 +60,17 @@ def test_only_the_backends_build_sqlite_stores() -> None:
     allowed = {PACKAGE / "app.py", PACKAGE / "backends.py", *files("store")}
     others = [path for path in PACKAGE.rglob("*.py") if path not in allowed]
     assert violations(others, ("smtp_guard.store.sqlite",)) == []
+
+
+def test_only_the_backends_build_postgresql_stores() -> None:
+    allowed = {PACKAGE / "app.py", PACKAGE / "backends.py", *files("store")}
+    others = [path for path in PACKAGE.rglob("*.py") if path not in allowed]
+    assert violations(others, ("smtp_guard.store.postgres", "psycopg", "psycopg_pool")) == []
+
+
+def test_the_engines_do_not_import_each_other() -> None:
+    assert violations(files("store/sqlite"), ("smtp_guard.store.postgres",)) == []
+    assert violations(files("store/postgres"), ("smtp_guard.store.sqlite",)) == []
 
 
 def test_imports_are_resolved() -> None:

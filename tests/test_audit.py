@@ -15,7 +15,8 @@ from smtp_guard.config import AuditConfig
 from smtp_guard.services.audit import BadTime, format_time, parse_time
 from smtp_guard.store.base import StoreError
 from smtp_guard.store.sqlite.audit import SQLiteAuditStore
-from smtp_guard.store.sqlite.db import Database
+
+from conftest import open_engine_store
 
 T0 = 1_700_000_000.0
 
@@ -41,12 +42,12 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> Non
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SQLiteAuditStore]:
-    async with Database(tmp_path / "guard.sqlite3") as db:
-        yield SQLiteAuditStore(db)
+    async with open_engine_store(tmp_path / "guard.sqlite3") as engine:
+        yield engine.audit
 
 
 class FlakyStore:
-    """A real SQLite audit store that can be made to fail, and that counts its writes."""
+    """A real audit store that can be made to fail, and that counts its writes."""
 
     def __init__(self, inner: SQLiteAuditStore) -> None:
         self.inner = inner

@@ -22,7 +22,7 @@ from smtp_guard.breaker import service
 from smtp_guard.breaker.model import BreakerRecord, BreakerStatus, BreakerStore
 from smtp_guard.cli.main import main
 
-from conftest import running_guard, wait_until
+from conftest import running_guard, wait_until, store_toml_of
 from smtp_client import message, send
 
 SENDER = "notices@platform.test"
@@ -50,7 +50,7 @@ def write_config(tmp_path: Path, guard: Guard) -> Path:
     """The same settings as the running guard, as the TOML file an admin's CLI reads."""
     path = tmp_path / "smtp-guard.toml"
     path.write_text(
-        f'[store]\npath = "{guard.config.store.path}"\n\n'
+        f'[store]\n{store_toml_of(guard.config)}\n'
         '[classify]\nrules = [{ class = "sanction", subject = "policy violation" }]\n\n'
         f'[classes.sanction]\napproval_after = {APPROVAL_AFTER}\n')
     return path

@@ -1,4 +1,4 @@
-"""``smtp-guard breaker`` on a real temp SQLite store, through the installed command group.
+"""``smtp-guard breaker`` on a real temp store (SQLite, or PostgreSQL in that run), through the installed command group.
 
 Breaker records and held mail are written through the stores as a running server writes
 them; the CLI then lists, shows, approves and cancels.
@@ -20,11 +20,9 @@ from smtp_guard.cli.breaker import breaker
 from smtp_guard.cli.main import main
 from smtp_guard.config import load_config
 from smtp_guard.hold.model import HeldRecipient, NewHold
-from smtp_guard.store.sqlite.breakers import SQLiteBreakerStore
-from smtp_guard.store.sqlite.db import Database
-from smtp_guard.store.sqlite.holds import SQLiteHoldStore
+from smtp_guard.services.context import AdminContext
 
-from conftest import create_store
+from conftest import create_store, store_toml
 
 T = TypeVar("T")
 SENDER = "notices@platform.test"
@@ -39,34 +37,34 @@ class Store:
     def __init__(self, tmp_path: Path) -> None:
         self.db_path = tmp_path / "data" / "guard.sqlite3"
         self.config = tmp_path / "smtp-guard.toml"
-        self.config.write_text(f'[store]\npath = "{self.db_path}"\n')
+        self.config.write_text(f'[store]\n{store_toml(self.db_path)}')
         create_store(self.config)
 
-    def run(self, action: Callable[[Database], Awaitable[T]]) -> T:
+    def run(self, action: Callable[[AdminContext], Awaitable[T]]) -> T:
         async def go() -> T:
-            async with Database(self.db_path) as db:
-                return await action(db)
+            async with open_admin_context(load_config(self.config), actor="test") as context:
+                return await action(context)
         return asyncio.run(go())
 
     def trip(self, stream: str = STREAM, recipients: int = 40, rule: str = "gate.sanction") -> None:
         record = BreakerRecord(stream=stream, rule=rule, sender=SENDER, message_class="sanction", status="tripped",
                                threshold=25, ceiling=None, recipients=recipients, tripped_at=1_780_000_000.0,
                                updated_at=1_780_000_000.0)
-        self.run(lambda db: SQLiteBreakerStore(db).save([record]))
+        self.run(lambda ctx: ctx.breakers.save([record]))
 
     def hold(self, *addresses: str, rule: str = "gate.sanction", stream: str = STREAM) -> str:
-        return self.run(lambda db: SQLiteHoldStore(db).hold(NewHold(
+        return self.run(lambda ctx: ctx.holds.hold(NewHold(
             txn_id="txn-1", client="192.0.2.7", sender=SENDER, mail_options=(), content=CONTENT,
             recipients=[HeldRecipient(a, "held", rule, "held by test") for a in addresses], stream=stream,
             message_class="sanction")))
 
     def states(self, hold_id: str) -> dict[str, str]:
-        message = self.run(lambda db: SQLiteHoldStore(db).get(hold_id))
+        message = self.run(lambda ctx: ctx.holds.get(hold_id))
         assert message is not None
         return {r.address: r.state for r in message.recipients}
 
     def record(self, stream: str = STREAM) -> BreakerRecord:
-        record = self.run(lambda db: SQLiteBreakerStore(db).get(stream))
+        record = self.run(lambda ctx: ctx.breakers.get(stream))
         assert record is not None
         return record
 
@@ -105,7 +103,7 @@ def test_list_shows_stopped_streams_with_audience_and_held_count(store: Store) -
 
 def test_show_gives_audience_baseline_and_samples(store: Store) -> None:
     store.trip()
-    store.run(lambda db: SQLiteBreakerStore(db).save_baselines([Baseline(SENDER, 120.0, 7, 1.0)]))
+    store.run(lambda ctx: ctx.breakers.save_baselines([Baseline(SENDER, 120.0, 7, 1.0)]))
     hold_id = store.hold(*[f"m{i}@users.example" for i in range(8)])
     output = ok(store.cli("show", STREAM))
     assert "Audience   40 distinct recipients" in output and "over a limit of 25" in output

@@ -1,4 +1,4 @@
-"""``smtp-guard hold`` and ``smtp-guard audit`` on a real temp SQLite store, through the CLI.
+"""``smtp-guard hold`` and ``smtp-guard audit`` on a real temp store (SQLite, or PostgreSQL in that run), through the CLI.
 
 The command groups are invoked as ``smtp-guard`` registers them, through the same
 ``admin_context`` (and so the composition root's stores) that the installed command uses.
@@ -23,10 +23,8 @@ from smtp_guard.cli.hold import hold
 from smtp_guard.config import load_config
 from smtp_guard.erasure.pseudonyms import Pseudonymizer
 from smtp_guard.hold.model import HeldMessage, HeldRecipient, NewHold
-from smtp_guard.store.sqlite.db import Database
-from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 
-from conftest import create_store
+from conftest import create_store, store_toml
 
 GROUPS: dict[str, click.Group] = {"hold": hold, "audit": audit}
 CONTENT = (b"From: Shop <news@shop.test>\r\nTo: undisclosed-recipients:;\r\n"
@@ -43,7 +41,7 @@ class Guard:
     def __init__(self, tmp_path: Path) -> None:
         self.db_path = tmp_path / "data" / "guard.sqlite3"
         self.config = tmp_path / "smtp-guard.toml"
-        self.config.write_text(f'[store]\npath = "{self.db_path}"\n')
+        self.config.write_text(f'[store]\n{store_toml(self.db_path)}')
         create_store(self.config)
         self.runner = CliRunner()
 
@@ -53,16 +51,16 @@ class Guard:
 
     def hold(self, *addresses: str, rule: str = "breaker.volume", reason: str = "stream over 10x baseline") -> str:
         async def store_hold() -> str:
-            async with Database(self.db_path) as db:
-                return await SQLiteHoldStore(db).hold(NewHold(
+            async with open_admin_context(load_config(self.config), actor="test") as context:
+                return await context.holds.hold(NewHold(
                     txn_id="txn-42", client="192.0.2.7", sender="news@shop.test", mail_options=(), content=CONTENT,
                     recipients=[HeldRecipient(a, "held", rule, reason) for a in addresses]))
         return asyncio.run(store_hold())
 
     def get(self, hold_id: str) -> HeldMessage:
         async def get() -> HeldMessage | None:
-            async with Database(self.db_path) as db:
-                return await SQLiteHoldStore(db).get(hold_id)
+            async with open_admin_context(load_config(self.config), actor="test") as context:
+                return await context.holds.get(hold_id)
         message = asyncio.run(get())
         assert message is not None
         return message

@@ -1,8 +1,8 @@
 """A change is in force when the command returns (read-your-writes), on a running server.
 
 The guard serves on loopback; ``smtp-guard … --config FILE`` runs as the console script does,
-against the same SQLite file. The guards here poll the store's change log only once a minute
-(``[store] reload_interval = 60``), so what a test sees right after a command is the work of
+against the same store (a SQLite file, or PostgreSQL in that run). The guards here poll the
+store's change log only once a minute (``[store] reload_interval = 60``), so what a test sees right after a command is the work of
 the change generation alone: the command moved it, every running guard refreshed and said so,
 and only then did the command return. No test waits between the command and the send.
 """
@@ -20,16 +20,14 @@ from click.testing import CliRunner, Result
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
-from smtp_guard.change_model import GuardInstance
+from smtp_guard.change_model import ChangeStore, GuardInstance
 from smtp_guard.startup import StartupError
 from smtp_guard.change_sync import ChangeSync
 from smtp_guard.cli.common import NOT_CONFIRMED
 from smtp_guard.cli.main import main
 from smtp_guard.services.propagation import FORGET_AFTER
-from smtp_guard.store.sqlite.changes import SQLiteChangeStore
-from smtp_guard.store.sqlite.db import Database
 
-from conftest import make_config, wait_until
+from conftest import make_config, open_engine_store, wait_until, store_toml, store_toml_of
 from smtp_client import dialogue, message, send
 
 SENDER = "news@shop.test"
@@ -42,7 +40,7 @@ SANCTION = {
 
 def write_cli_config(tmp_path: Path, guard: Guard, extra: str = "", confirm_timeout: str = "1s") -> Path:
     path = tmp_path / "smtp-guard.toml"
-    path.write_text(f'[store]\npath = "{guard.config.store.path}"\nconfirm_timeout = "{confirm_timeout}"\n{extra}')
+    path.write_text(f'[store]\n{store_toml_of(guard.config)}confirm_timeout = "{confirm_timeout}"\n{extra}')
     return path
 
 
@@ -149,7 +147,7 @@ async def test_hold_release_and_discard_report_the_running_guard(start_guard, si
 
 async def test_no_running_guard_is_said_and_fails_with_wait(tmp_path):
     config_file = tmp_path / "smtp-guard.toml"
-    config_file.write_text(f'[store]\npath = "{tmp_path / "data" / "guard.sqlite3"}"\n')
+    config_file.write_text(f'[store]\n{store_toml(tmp_path / "data" / "guard.sqlite3")}')
     await cli(config_file, "init")  # the store a guard would have created, no guard running
     result = await cli(config_file, "suppress", "add", "x@example.com", "--list", "manual")
     assert "No running guard uses this store" in result.output
@@ -183,10 +181,10 @@ async def test_a_stopped_guard_is_no_longer_waited_for(start_guard, sink, tmp_pa
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteChangeStore]:
+async def store(tmp_path: Path) -> AsyncIterator[ChangeStore]:
     """A second connection to the guards' store, as another guard process would have."""
-    async with Database(tmp_path / "data" / "guard.sqlite3") as db:
-        yield SQLiteChangeStore(db)
+    async with open_engine_store(tmp_path / "data" / "guard.sqlite3") as engine:
+        yield engine.changes
 
 
 async def failing_refresh() -> None:
@@ -245,7 +243,7 @@ async def test_guard_row_is_removed_at_stop(start_guard, sink, store):
     assert await store.instances() == []
 
 
-async def test_failed_refresh_keeps_heartbeat_and_old_generation(store: SQLiteChangeStore) -> None:
+async def test_failed_refresh_keeps_heartbeat_and_old_generation(store: ChangeStore) -> None:
     calls: list[Any] = []
 
     async def refresh() -> None:

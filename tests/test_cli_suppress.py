@@ -13,13 +13,13 @@ from smtp_guard import replies
 from smtp_guard.cli.main import main
 from smtp_guard.cli.suppress import suppress
 
-from conftest import create_store
+from conftest import create_store, store_toml
 
 
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "smtp-guard.toml"
-    path.write_text(f'[store]\npath = "{tmp_path / "data" / "guard.sqlite3"}"\n', encoding="utf-8")
+    path.write_text(f'[store]\n{store_toml(tmp_path / "data" / "guard.sqlite3")}', encoding="utf-8")
     create_store(path)
     return path
 

@@ -24,7 +24,7 @@ from smtp_guard.dkim import keys
 from smtp_guard.doctor.report import Finding, Report, Status
 from smtp_guard.doctor.runner import diagnose
 
-from conftest import TLSFiles, make_config
+from conftest import TLSFiles, make_config, store_toml
 from dns_server import DNSServer, SilentDNSServer, Zone
 from sink import Sink
 
@@ -334,8 +334,7 @@ ca_file = "{tls.ca_file}"
 servers = ["{server.address}"]
 
 [store]
-path = "{path.parent / 'data' / 'guard.sqlite3'}"
-
+{store_toml(path.parent / 'data' / 'guard.sqlite3')}
 [[dkim.keys]]
 domain = "{DOMAIN}"
 selector = "s1"

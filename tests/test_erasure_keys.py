@@ -180,13 +180,12 @@ async def test_running_guard_defers_all_mail_when_a_tombstone_needs_a_key_it_can
     recipient (451 4.3.5) instead of letting the erased address through — until the key
     file is fixed, which it picks up on its own."""
     guard = await start_guard()
-    store_path = guard.config.store.path
     guard_key = guard.config.erasure_key_file
     admin_key = tmp_path / "admin" / "erasure.key"
     admin_key.parent.mkdir()
     shutil.copy(guard_key, admin_key)
     admin_key.chmod(0o600)
-    admin_config = write_cli_config(tmp_path / "admin" / "smtp-guard.toml", store_path, key_file=admin_key)
+    admin_config = write_cli_config(tmp_path / "admin" / "smtp-guard.toml", guard.config, key_file=admin_key)
     guard_config = cli_config_for(tmp_path, guard)
 
     await cli(admin_config, "erase", "first@example.com", "--ref", "DSR-1")

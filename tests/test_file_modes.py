@@ -11,8 +11,10 @@ from pathlib import Path
 from smtp_guard import replies
 from smtp_guard.store.sqlite.db import Database
 
-from conftest import mode
+from conftest import mode, sqlite_only
 from smtp_client import message, send
+
+pytestmark = sqlite_only
 
 
 async def test_data_directory_store_sandbox_and_key_are_private(start_guard, tmp_path, open_umask):

@@ -1,21 +1,23 @@
 """Claims: a released recipient is attempted by one worker at a time, on any number of
-connections to the same store; a crashed attempt is retried once its lease has passed."""
+connections to the same store (two pools, on PostgreSQL); a crashed attempt is retried once its
+lease has passed."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from smtp_guard.hold.model import HeldRecipient, NewHold
-from smtp_guard.store.sqlite.db import Database
-from smtp_guard.store.sqlite.holds import SQLiteHoldStore
+
+from conftest import open_engine_store
 
 NOW = 1_800_000_000.0
 
 
 async def test_two_workers_on_one_store_claim_each_recipient_once(tmp_path: Path) -> None:
     path = tmp_path / "guard.sqlite3"
-    async with Database(path) as first_db, Database(path) as second_db:
-        first, second = SQLiteHoldStore(first_db, clock=lambda: NOW), SQLiteHoldStore(second_db, clock=lambda: NOW)
+    async with open_engine_store(path, clock=lambda: NOW) as first_store, \
+            open_engine_store(path, clock=lambda: NOW) as second_store:
+        first, second = first_store.holds, second_store.holds
         hold_id = await first.hold(NewHold(
             txn_id="t1", client="127.0.0.1", sender="news@shop.test", mail_options=(), content=b"Subject: x\r\n\r\nhi\r\n",
             recipients=[HeldRecipient("a@example.com", "released", "r", "paced", next_attempt_at=NOW),

@@ -18,7 +18,7 @@ from smtp_guard.cli.main import main
 from smtp_guard.hold.model import HeldMessage
 from smtp_guard.suppression_model import SuppressionEntry
 
-from conftest import running_guard, wait_until
+from conftest import running_guard, wait_until, store_toml_of
 from smtp_client import message, send, without_trace
 
 SENDER = "news@shop.test"
@@ -35,7 +35,7 @@ async def put_on_list(guard: Guard, address: str, list_name: str = "manual") -> 
 def write_cli_config(tmp_path: Path, guard: Guard) -> Path:
     """A TOML file for the CLI pointing at the running guard's store."""
     path = tmp_path / "smtp-guard.toml"
-    path.write_text(f'[store]\npath = "{guard.config.store.path}"\n\n[lists.manual]\naction = "hold"\n')
+    path.write_text(f'[store]\n{store_toml_of(guard.config)}\n[lists.manual]\naction = "hold"\n')
     return path
 
 

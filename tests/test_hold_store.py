@@ -1,18 +1,20 @@
-"""The SQLite hold queue on a real database file: durability and every state transition."""
+"""The hold queue on a real database (SQLite file, or PostgreSQL in that run): durability and
+every state transition."""
 
 from __future__ import annotations
 
 import sqlite3
 from contextlib import closing
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 
-from smtp_guard.hold.model import HeldRecipient, NewHold
+from smtp_guard.hold.model import HeldRecipient, HoldStore, NewHold
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 
-from conftest import ManualClock
+from conftest import ManualClock, open_engine_store, sqlite_only
 
 CONTENT = b"From: news@shop.test\r\nSubject: Spring sale\r\n\r\nHello\r\n"
 T0 = 1_700_000_000.0
@@ -32,14 +34,16 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def store(db: Database, clock: ManualClock) -> SQLiteHoldStore:
-    return SQLiteHoldStore(db, clock=clock)
+async def store(tmp_path: Path, clock: ManualClock) -> AsyncIterator[HoldStore]:
+    async with open_engine_store(tmp_path / "guard.sqlite3", clock=clock) as engine:
+        yield engine.holds
 
 
 def states(message) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return {r.address: r.state for r in message.recipients}
 
 
+@sqlite_only
 async def test_hold_is_durable_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "guard.sqlite3"
     async with Database(path) as db:
@@ -136,8 +140,10 @@ async def test_content_deleted_when_last_recipient_finishes(store: SQLiteHoldSto
     ]
 
 
+@sqlite_only
 async def test_discard_some_then_all_deletes_content_and_addresses(
-        store: SQLiteHoldStore, db: Database, clock: ManualClock) -> None:
+        db: Database, clock: ManualClock) -> None:
+    store = SQLiteHoldStore(db, clock=clock)
     secret = b"Subject: x\r\n\r\nDISTINCTIVE-BODY-MARKER\r\n"
     hold_id = await store.hold(new_hold("a@example.com", "b@example.com", "c@example.com", content=secret))
     await store.release(hold_id, clock.now, ["c@example.com"])

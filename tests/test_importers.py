@@ -11,7 +11,8 @@ from typing import AsyncIterator
 
 import pytest
 
-from smtp_guard.app import init_store, open_admin_context
+from smtp_guard.app import open_admin_context
+from smtp_guard.backends import init_store
 from smtp_guard.audit_model import AuditFilter
 from smtp_guard.config import Config, StoreConfig
 from smtp_guard.services import importers

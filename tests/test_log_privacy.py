@@ -32,7 +32,7 @@ from smtp_guard.erasure.model import Tombstone
 from smtp_guard.erasure.pseudonyms import Pseudonymizer
 from smtp_guard.logs import PLAINTEXT_WARNING, WITHHELD, PseudonymFilter, configure_logging
 
-from conftest import make_config, wait_until
+from conftest import make_config, wait_until, store_toml
 from erasure_support import SENDER, cli, cli_config_for, cli_json, contains_any, mail, rcpt_reply, refuses
 from sink import Sink
 from smtp_client import send
@@ -184,7 +184,7 @@ async def test_serve_logs_pseudonyms_from_its_first_message(tmp_path, sink):
     config_file = tmp_path / "guard.toml"
     config_file.write_text(
         f'[smtp]\nlisten = "127.0.0.1:0"\nhostname = "guard.test"\n\n[metrics]\nlisten = "127.0.0.1:0"\n\n'
-        f'[store]\npath = "{tmp_path / "data" / "guard.sqlite3"}"\n\n'
+        f'[store]\n{store_toml(tmp_path / "data" / "guard.sqlite3")}\n'
         f'[upstream]\nmode = "smtp"\nhost = "127.0.0.1"\nport = {sink.port}\n\n[logging]\nlevel = "debug"\n')
     stderr_path = tmp_path / "stderr"
     with open(stderr_path, "wb") as stderr:

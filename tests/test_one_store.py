@@ -14,8 +14,10 @@ from click.testing import CliRunner
 from smtp_guard import replies
 from smtp_guard.cli.main import main
 
-from conftest import wait_until
+from conftest import wait_until, sqlite_only
 from smtp_client import dialogue
+
+pytestmark = sqlite_only
 
 
 def smtp_guard(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

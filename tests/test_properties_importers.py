@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from smtp_guard.app import init_store, open_admin_context
+from smtp_guard.app import open_admin_context
+from smtp_guard.backends import init_store
 from smtp_guard.config import Config, StoreConfig
 from smtp_guard.services import suppressions as service
 from smtp_guard.services.context import AdminContext

@@ -22,7 +22,7 @@ from smtp_guard.audit_model import AuditFilter
 from smtp_guard.cli.main import main
 from smtp_guard.suppression_model import SuppressionEntry
 
-from conftest import ManualClock, create_store, wait_until
+from conftest import ManualClock, create_store, wait_until, store_toml
 from dns_server import DNSServer, SilentDNSServer, Zone
 from smtp_client import message, raw, read_reply, send
 
@@ -193,7 +193,7 @@ def test_suppress_check_never_asks_dns(tmp_path: Path, dns_server) -> None:
     """`suppress check` explains the pipeline; the domain check is the server's, and DNS-free."""
     server = dns_server(ZONE)
     config_file = tmp_path / "guard.toml"
-    config_file.write_text(f'[store]\npath = "{tmp_path / "data" / "guard.sqlite3"}"\n'
+    config_file.write_text(f'[store]\n{store_toml(tmp_path / "data" / "guard.sqlite3")}'
                            f'[dns]\nservers = ["{server.address}"]\n[recipient_domains]\ncheck = true\n')
     create_store(config_file)
     result = CliRunner().invoke(main, ["suppress", "check", "x@nullmx.test", "--config", str(config_file)],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -19,10 +19,9 @@ from smtp_guard.hold.model import HeldRecipient, NewHold, RecipientState
 from smtp_guard.hold.worker import ReleaseWorker
 from smtp_guard.relay.pool import SMTPUpstream
 from smtp_guard.store.base import StoreError
-from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 
-from conftest import ManualClock
+from conftest import ManualClock, open_engine_store
 
 T0 = 1_700_000_000.0
 CONTENT = b"From: news@shop.test\r\nSubject: Spring sale\r\n\r\nHello\r\n.leading dot\r\n"
@@ -67,8 +66,8 @@ async def sink() -> AsyncIterator[tuple[Sink, int]]:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SQLiteHoldStore]:
-    async with Database(tmp_path / "guard.sqlite3") as db:
-        yield SQLiteHoldStore(db, clock=lambda: T0)
+    async with open_engine_store(tmp_path / "guard.sqlite3", clock=lambda: T0) as engine:
+        yield engine.holds
 
 
 class Harness:
@@ -238,22 +237,28 @@ async def test_discarded_recipients_are_never_delivered(harness: Harness) -> Non
     assert harness.sink.recipients() == ["b@example.com"]
 
 
-class ForgetfulStore(SQLiteHoldStore):
+class ForgetfulStore:
     """The real store, made to fail the next record_attempt (the disk was full just then)."""
 
     fail_next = True
+
+    def __init__(self, inner: SQLiteHoldStore) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     async def record_attempt(self, hold_id: str, address: str, state: RecipientState, reply: str,
                              next_attempt_at: float | None) -> None:
         if self.fail_next:
             self.fail_next = False
             raise StoreError("database or disk is full")
-        await super().record_attempt(hold_id, address, state, reply, next_attempt_at)
+        await self.inner.record_attempt(hold_id, address, state, reply, next_attempt_at)
 
 
 async def test_delivery_not_repeated_when_recording_it_failed(tmp_path: Path, sink: tuple[Sink, int]) -> None:
-    async with Database(tmp_path / "guard.sqlite3") as db:
-        store = ForgetfulStore(db, clock=lambda: T0)
+    async with open_engine_store(tmp_path / "guard.sqlite3", clock=lambda: T0) as engine:
+        store = ForgetfulStore(engine.holds)
         upstream = upstream_for(sink[1])
         harness = Harness(store, upstream, sink[0])
         hold_id = await harness.hold("a@example.com")

@@ -17,7 +17,7 @@ import pytest
 
 from smtp_guard.app import Guard
 
-from conftest import free_port, wait_until
+from conftest import free_port, wait_until, store_toml, sqlite_only
 
 STARTUP_LIMIT = 1.0  # seconds from exec to exit, start-up failure included (Python start-up is ~0.3 s)
 
@@ -33,7 +33,7 @@ def serve(config_file: Path, timeout: float = 10.0) -> tuple[subprocess.Complete
 def write_config(tmp_path: Path, smtp_port: int, metrics_port: int, extra: str = "") -> Path:
     path = tmp_path / "guard.toml"
     path.write_text(f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
-                    f'[store]\npath = "data/guard.sqlite3"\n{extra}')
+                    f'[store]\n{store_toml(tmp_path / "data" / "guard.sqlite3")}{extra}')
     return path
 
 
@@ -79,6 +79,7 @@ def test_too_open_erasure_key_exits_non_zero_naming_the_setting(tmp_path: Path) 
     assert "Traceback" not in result.stderr
 
 
+@sqlite_only
 def test_unopenable_store_exits_non_zero_naming_the_setting(tmp_path: Path) -> None:
     (tmp_path / "data").write_text("a file where the data directory should be")
     result, _ = serve(write_config(tmp_path, free_port(), free_port()))

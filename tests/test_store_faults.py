@@ -40,8 +40,10 @@ from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.holds import SQLiteHoldStore
 from smtp_guard.suppression_model import SuppressionEntry
 
-from conftest import wait_until
+from conftest import wait_until, sqlite_only
 from smtp_client import message, send
+
+pytestmark = sqlite_only
 
 SENDER = "news@shop.test"
 HOLD_LISTS = {"manual": {"action": "hold"}}

@@ -1,28 +1,43 @@
-"""SQLiteSuppressionStore on a real SQLite file: upserts, change log, snapshot, expiry, purge."""
+"""The suppression store on a real database (SQLite file, or PostgreSQL in that run): upserts, change
+log, snapshot, expiry, purge."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 
 from smtp_guard.addresses import key_hash
 from smtp_guard.index import IndexReloader, SuppressionIndex
 from smtp_guard.store.base import StoreError
+from smtp_guard.store.postgres import suppressions as postgres_suppressions
 from smtp_guard.store.sqlite import suppressions as sqlite_suppressions
 from smtp_guard.store.sqlite.db import Database
 from smtp_guard.store.sqlite.suppressions import SQLiteSuppressionStore
+from smtp_guard.suppression_model import SuppressionStore
 from smtp_guard.suppression_model import DomainRule, SuppressionEntry, SuppressionFilter
 
-from conftest import ManualClock
+from conftest import EngineStore, ManualClock, open_engine_store, sqlite_only
 
 PRIORITY = ("complained", "unsubscribed", "invalid", "bounced", "manual")
 NOW = 1_700_000_000.0
 
 
 @pytest.fixture
-def store(db: Database) -> SQLiteSuppressionStore:
-    return SQLiteSuppressionStore(db, clock=ManualClock(NOW))
+async def db(tmp_path: Path) -> AsyncIterator[EngineStore]:
+    async with open_engine_store(tmp_path / "guard.sqlite3", clock=ManualClock(NOW)) as engine:
+        yield engine
+
+
+@pytest.fixture
+def store(db: EngineStore) -> SuppressionStore:
+    return db.suppressions  # type: ignore[no-any-return]
+
+
+def set_max_delta(monkeypatch: pytest.MonkeyPatch, value: int) -> None:
+    for module in (sqlite_suppressions, postgres_suppressions):
+        monkeypatch.setattr(module, "MAX_DELTA", value)
 
 
 def address(value: str, list_name: str = "unsubscribed", **fields: object) -> SuppressionEntry:
@@ -33,11 +48,11 @@ def domain(value: str, list_name: str = "unsubscribed", **fields: object) -> Sup
     return SuppressionEntry("domain", value, list_name, **{"created_at": NOW, **fields})  # type: ignore[arg-type]
 
 
-async def changes(db: Database) -> list[tuple[int | None, str | None]]:
-    return [(row[0], row[1]) for row in await db.fetchall("SELECT key_hash, domain FROM suppression_changes ORDER BY seq")]
+async def changes(db: EngineStore) -> list[tuple[int | None, str | None]]:
+    return [(row[0], row[1]) for row in await db.rows("SELECT key_hash, domain FROM suppression_changes ORDER BY seq")]
 
 
-async def entries(store: SQLiteSuppressionStore, **filters: object) -> list[SuppressionEntry]:
+async def entries(store: SuppressionStore, **filters: object) -> list[SuppressionEntry]:
     return [e async for e in store.query(SuppressionFilter(**filters), NOW)]  # type: ignore[arg-type]
 
 
@@ -181,7 +196,7 @@ async def test_snapshot_domains_and_seq(store, db) -> None:
     await store.add([domain("example.net", "bounced", expires_at=NOW - 1)])
     snap = await store.load_snapshot(PRIORITY, NOW)
     assert snap.domains == {"example.org": DomainRule("complained", False)}
-    (latest,) = await db.fetchone("SELECT MAX(seq) FROM suppression_changes")
+    ((latest,),) = await db.rows("SELECT MAX(seq) FROM suppression_changes")
     assert snap.seq == latest and snap.next_expiry is None
 
 
@@ -213,7 +228,7 @@ async def test_changes_since_asks_for_a_full_reload_after_a_bulk_write(store) ->
 
 
 async def test_changes_since_asks_for_a_full_reload_when_too_much_changed(store, monkeypatch) -> None:
-    monkeypatch.setattr(sqlite_suppressions, "MAX_DELTA", 3)
+    set_max_delta(monkeypatch, 3)
     await store.add([address(f"user{i}@example.com") for i in range(4)])
     assert (await store.changes_since(0, PRIORITY, NOW)).full_reload
     assert not (await store.changes_since(1, PRIORITY, NOW)).full_reload
@@ -253,7 +268,7 @@ async def test_purge_expired_deletes_and_logs(store, db) -> None:
 
 
 async def test_purge_of_many_entries_logs_one_reload_marker(store, db, monkeypatch) -> None:
-    monkeypatch.setattr(sqlite_suppressions, "MAX_DELTA", 2)
+    set_max_delta(monkeypatch, 2)
     await store.add([address(f"u{i}@example.com", "bounced", expires_at=NOW - 1) for i in range(3)], bulk=True)
     assert await store.purge_expired(NOW) == 3
     assert (await changes(db))[-1] == (None, None)
@@ -262,6 +277,7 @@ async def test_purge_of_many_entries_logs_one_reload_marker(store, db, monkeypat
 # --- failures -------------------------------------------------------------------------------------
 
 
+@sqlite_only
 async def test_sqlite_errors_become_store_errors(tmp_path: Path) -> None:
     database = Database(tmp_path / "guard.sqlite3")
     store = SQLiteSuppressionStore(database)

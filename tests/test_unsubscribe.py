@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from admin_client import ADMIN_TOKEN, admin_overrides
-from conftest import ManualClock, wait_until
+from conftest import ManualClock, wait_until, store_toml_of
 from dns_server import Zone
 from sink import Sink
 from smtp_client import message, send
@@ -230,7 +230,7 @@ async def test_the_platform_fetches_the_unsubscribes_it_has_not_seen(start_guard
     await one_click(guard, links(sink.messages[-1].content)[0])
 
     config_file = tmp_path / "cli.toml"
-    config_file.write_text(f'[store]\npath = "{guard.config.store.path}"\n')
+    config_file.write_text(f'[store]\n{store_toml_of(guard.config)}')
     result = await asyncio.to_thread(CliRunner().invoke, main, [
         "suppress", "export", "--list", "unsubscribed", "--source", "one-click", "--since", "1h",
         "--format", "jsonl", "--config", str(config_file)], env={"SMTP_GUARD_CONFIG": None})

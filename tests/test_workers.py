@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner
 
 from admin_client import ADMIN_TOKEN
-from conftest import free_port, process_running, wait_until
+from conftest import free_port, process_running, wait_until, store_toml
 from sink import Sink
 from smtp_client import message, send
 from smtp_guard.api_tokens import hash_token
@@ -48,7 +48,7 @@ class Supervised:
             f'[smtp]\nlisten = "127.0.0.1:{self.smtp_port}"\nhostname = "guard.test"\nworkers = 2\n'
             'shutdown_grace = "10s"\nmax_recipients = 1000\n\n'
             f'[metrics]\nlisten = "127.0.0.1:{self.metrics_port}"\n\n'
-            f'[store]\npath = "data/guard.sqlite3"\nreload_interval = "{reload_interval}"\n\n'
+            f'[store]\n{store_toml(tmp_path / "data" / "guard.sqlite3")}reload_interval = "{reload_interval}"\n\n'
             '[hold]\npoll_interval = "0.1s"\n\n[audit]\nflush_interval = "0.1s"\n\n'
             f'[upstream]\nmode = "smtp"\nhost = "127.0.0.1"\nport = {sink.port}\n\n{extra}')
         self.log = (tmp_path / "serve.log").open("w+")

@@ -43,7 +43,9 @@ def run(coroutine: Awaitable[T]) -> T:
         return asyncio.run(coroutine)  # type: ignore[arg-type]
     except StoreError as error:
         raise click.ClickException(
-            f"store error: {error}\nCheck [store] path in your config and that the file is readable and writable."
+            f"store error: {error}\nCheck [store] in your config: with path, that the file is readable and "
+            "writable; with url, that PostgreSQL is reachable and the role may log in (password from "
+            "PGPASSWORD, ~/.pgpass or SMTP_GUARD__STORE__URL)."
         ) from None
     except ErasureKeyError as error:
         raise click.ClickException(f"erasure key problem: {error}") from None
@@ -89,7 +91,7 @@ def confirm_in_force(config: Config, wait: bool) -> None:
     ``--wait`` exit NOT_CONFIRMED unless all do. Written to standard error, so ``--json``
     output stays clean."""
     result = run(_in_force(config))
-    for line in in_force_lines(result, config.store.path):
+    for line in in_force_lines(result, config.store.location, config.store.setting.split(" ", 2)[1]):
         click.echo(line, err=True)
     if wait and not result.is_confirmed:
         click.echo(f"Exit status {NOT_CONFIRMED}: the change is stored but not confirmed by every running guard.",
@@ -104,7 +106,9 @@ async def _in_force(config: Config) -> propagation.Propagation:
         return await propagation.in_force(changes, config.store.confirm_timeout)
 
 
-def in_force_lines(result: propagation.Propagation, store_path: str) -> list[str]:
+def in_force_lines(result: propagation.Propagation, store: str, setting: str = "path") -> list[str]:
+    """The "in force" report; ``store`` is where the change was made, ``setting`` the [store]
+    key that names it (path or url)."""
     lines = []
     for instance in result.unconfirmed:
         lines.append(f"Not confirmed in {result.timeout:g}s by guard {instance.name} (last heartbeat "
@@ -114,8 +118,8 @@ def in_force_lines(result: propagation.Propagation, store_path: str) -> list[str
                      "(killed, or hung): not waited for; if it still runs, it does not enforce this change.")
     running = len(result.confirmed) + len(result.unconfirmed)
     if not running:
-        lines.append(f"No running guard uses this store ({store_path}); the change applies when one starts. "
-                     "If a guard is running, it uses another store: compare its [store] path with this one.")
+        lines.append(f"No running guard uses this store ({store}); the change applies when one starts. "
+                     f"If a guard is running, it uses another store: compare its [store] {setting} with this one.")
     elif result.unconfirmed:
         lines.append(f"In force on {len(result.confirmed)} of {running} running guard{'s' if running != 1 else ''}.")
     else:

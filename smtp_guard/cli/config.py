@@ -55,7 +55,7 @@ def check(config: Config, strict: bool) -> None:
     from ..config_check import dangers
 
     found = dangers(config)
-    click.echo(f"{config.source}: valid. Store: {config.store.path}; upstream: "
+    click.echo(f"{config.source}: valid. Store: {config.store.location}; upstream: "
                + ("sandbox (captured, not delivered)" if config.upstream.mode == "sandbox"
                   else f"{config.upstream.host}:{config.upstream.port} tls={config.upstream.tls}")
                + f"; SMTP on {config.smtp.listen}.")

@@ -121,7 +121,8 @@ def verify_command(config: Config, address: str) -> None:
     """Prove that ADDRESS is enforced and that no plaintext copy of it remains.
 
     Checks the tombstone with the server's own erasure policy, then scans every file in the
-    data directory (database, WAL, sandbox captures, …) for every spelling that would match:
+    data directory (database, WAL, sandbox captures, …) and, with a PostgreSQL store, every
+    table of it for every spelling that would match:
     any case, any +tag, dots for dot-insensitive providers, alias and IDNA domains.
     Exit status 0 only when both hold.
 
@@ -137,11 +138,12 @@ def verify_command(config: Config, address: str) -> None:
         click.echo(f"NOT ENFORCED: no tombstone matches {address}; erase it with: "
                    f"smtp-guard erase {address} --ref REFERENCE")
     if result.is_clean:
-        click.echo(f"NO COPIES: no file under {config.store.data_dir} contains any spelling of the address.")
+        tables = f" nor any table of {config.store.location}" if config.store.is_postgresql else ""
+        click.echo(f"NO COPIES: no file under {config.store.data_dir}{tables} contains any spelling of the address.")
     else:
         click.echo(f"COPIES FOUND: {len(result.findings)} plaintext occurrence(s):")
         for finding in result.findings[:50]:
-            click.echo(f"  {finding.path} at byte {finding.offset}: {finding.text}")
+            click.echo(f"  {finding.location}: {finding.text}")
         click.echo("Held messages still addressed to others may mention it; discard or release them "
                    "(smtp-guard hold list), then erase again.")
     if not result.ok:

@@ -66,11 +66,11 @@ def init(config) -> None:  # type: ignore[no-untyped-def]
       smtp-guard init --config /etc/smtp-guard/smtp-guard.toml
       smtp-guard suppress import unsubscribes.csv --list unsubscribed --config /etc/smtp-guard/smtp-guard.toml
     """
-    from ..app import init_store
+    from ..backends import init_store
 
     created = run(init_store(config))
     state = "Created" if created else "Store already exists:"
-    click.echo(f"{state} {config.store.path} (erasure key {config.erasure_key_file}; back both up).")
+    click.echo(f"{state} {config.store.location} (erasure key {config.erasure_key_file}; back both up).")
 
 
 @main.command("hash-password")
@@ -92,6 +92,7 @@ def _register() -> None:
     from .doctor import doctor
     from .erase import erase
     from .hold import hold
+    from .store import store
     from .suppress import suppress
 
     main.add_command(suppress)
@@ -103,6 +104,7 @@ def _register() -> None:
     main.add_command(admin)
     main.add_command(dkim)
     main.add_command(doctor)
+    main.add_command(store)
 
 
 _register()

@@ -6,8 +6,11 @@ Plain data (frozen dataclasses) and a Protocol; ``store/sqlite/erasure.py`` impl
 from __future__ import annotations
 
 import builtins
+import re
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from .scan import Finding
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,16 @@ class ErasureReceipt:
             "purged": [{"store": p.store, "what": p.what, "count": p.count} for p in self.purged],
             "storage": dict(self.storage),
         }
+
+
+def receipt_from_dict(body: Mapping[str, Any]) -> ErasureReceipt:
+    """A receipt as stored (``ErasureReceipt.as_dict``)."""
+    purged = tuple(PurgeCount(str(p["store"]), str(p["what"]), int(p["count"])) for p in body["purged"])
+    return ErasureReceipt(
+        id=str(body["receipt"]), reference=str(body["reference"]), created_at=float(body["created_at"]),
+        tombstone_id=int(body["tombstone_id"]), key_id=str(body["key_id"]), purged=purged,
+        storage={str(k): str(v) for k, v in body["storage"].items()},
+    )
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,13 @@ class ErasureStore(Protocol):
         """Replace these audit pseudonyms by ``erased:<tombstone id>``; returns rows changed."""
 
     async def make_unrecoverable(self) -> dict[str, str]:
-        """Checkpoint and truncate the WAL so deleted bytes leave the disk files."""
+        """Make the deleted bytes leave the database's files as far as the engine allows, and
+        say what was done and what may still hold them (the receipt's ``storage``)."""
+
+    async def copies(self, pattern: re.Pattern[bytes]) -> builtins.list[Finding]:
+        """Values in the store's tables that match ``pattern``, for a store whose files are
+        not in the data directory (``erase verify`` scans that directory's files itself, which
+        covers a SQLite store byte for byte)."""
 
     async def add_receipt(self, receipt: ErasureReceipt) -> None: ...
 

@@ -39,9 +39,19 @@ _LOCAL_CHAR_BEFORE = rb"(?<![A-Za-z0-9.!#$%&'*+/=?^_`{|}~-])"
 
 @dataclass(frozen=True)
 class Finding:
+    """A copy of the address: in a file at a byte offset, or (``row`` set) in a database
+    value — ``path`` then names the table and column, ``offset`` the byte in the value."""
+
     path: Path
     offset: int
     text: str
+    row: str = ""
+
+    @property
+    def location(self) -> str:
+        if self.row:
+            return f"{self.path} row {self.row} at byte {self.offset}"
+        return f"{self.path} at byte {self.offset}"
 
 
 def address_pattern(mailbox: Mailbox, normalizer: AddressNormalizer, config: AddressConfig, *,

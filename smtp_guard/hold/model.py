@@ -6,10 +6,17 @@ Plain data (frozen dataclasses) and a Protocol; ``store/sqlite/holds.py`` implem
 from __future__ import annotations
 
 import builtins
+import secrets
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
 RecipientState = Literal["held", "released", "delivered", "failed", "discarded"]
+
+
+def new_hold_id() -> str:
+    """A new hold id. Hex, not base64: an id starting with "-" would read as an option on the
+    command line."""
+    return secrets.token_hex(8)
 
 
 @dataclass(frozen=True)

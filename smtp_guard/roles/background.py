@@ -60,7 +60,7 @@ class Background:
 
     async def start(self, running: AsyncExitStack) -> None:
         config = self._config
-        with naming_setting(f"[store] path {config.store.path}", True, StoreError):
+        with naming_setting(config.store.setting, True, StoreError):
             await self.breaker_sync.load()
         self._start_loop(running, Periodic(
             "stats", STATS_INTERVAL, self.update_stats, "could not read hold/suppression statistics",

@@ -47,7 +47,7 @@ class Enforcement:
     async def start(self, running: AsyncExitStack) -> None:
         """Load the index and start the loops that keep it and the tombstones fresh; each is
         registered on ``running`` so stopping unwinds it (the audit trail flushed last)."""
-        with naming_setting(f"[store] path {self._config.store.path}", True, StoreError):
+        with naming_setting(self._config.store.setting, True, StoreError):
             await self.reloader.load()
         self._readiness.set("index", None)
         self.audit.start()

@@ -42,11 +42,16 @@ class StoreNotFound(Exception):
     second, empty store would take changes that no running guard enforces."""
 
     def __init__(self, config: Config, well_known_configs: Sequence[Path] = ()) -> None:
-        path = config.store.path
+        if config.store.is_postgresql:
+            super().__init__(
+                f"the PostgreSQL database at {config.store.location} ([store] url from {config.source}) has no "
+                "smtp-guard schema (or an older one). Admin commands never create it: run `smtp-guard store "
+                "migrate --config FILE`, or start the guard with that config (smtp-guard serve --config FILE).")
+            return
         hints = [f"--config {known}" for known in well_known_configs
                  if known.is_file() and config.source == "<embedded defaults>"]
         hint = f" (did you mean {' or '.join(hints)}?)" if hints else ""
         super().__init__(
-            f"no store at {path} ([store] path from {config.source}){hint}. Admin commands never create "
+            f"no store at {config.store.path} ([store] path from {config.source}){hint}. Admin commands never create "
             "one: point this command at the guard's own config (--config FILE or SMTP_GUARD_CONFIG), "
             "or start the guard once with that config (smtp-guard serve --config FILE) to create it.")

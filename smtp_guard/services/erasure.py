@@ -3,7 +3,8 @@
 ``erase`` turns each address (or erasure token) into a tombstone, purges every plaintext copy
 the guard has, makes the deleted bytes unrecoverable, and returns a receipt that names no
 address. ``verify`` proves both halves for one address: a tombstone enforces it (checked with
-the server's own ErasurePolicy), and no file in the data directory holds any spelling of it.
+the server's own ErasurePolicy), and no file in the data directory — nor, for PostgreSQL, any
+table of the store — holds any spelling of it.
 """
 
 from __future__ import annotations
@@ -188,6 +189,8 @@ async def verify(ctx: AdminContext, address: str) -> Verification:
     packed = address_pattern(mailbox, ctx.normalizer, ctx.config.addresses, packed=True)
     # Reading the data directory in a thread: the admin API runs this inside the guard's event loop.
     findings = await asyncio.to_thread(scan_directory, ctx.config.store.data_dir, pattern, packed)
+    # A database whose files are elsewhere (PostgreSQL) is searched table by table.
+    findings += await ctx.erasure.copies(pattern)
     return Verification(normalized, tombstone, decision, tuple(findings))
 
 

@@ -14,7 +14,9 @@ result says who confirmed, who did not, and which guards were not waited for:
   often writes to another store than the server's.
 
 Heartbeats are compared with this process's clock: on one host (SQLite) that is the guards'
-clock too; a shared PostgreSQL store would compare with the database's clock instead.
+clock too; guard instances on other hosts sharing a PostgreSQL store write theirs with their
+own clocks, so the hosts' clocks must agree to well within STALE_AFTER (NTP; README, "Running
+several instances").
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Each domain declares its store interface (a Protocol) and the values that cross it next to its
 own code: ``suppression_model.py``, ``hold/model.py``, ``breaker/model.py``, ``audit_model.py``,
-``erasure/model.py``, ``change_model.py``. The SQLite implementation (``store/sqlite``) is the
-only code with SQL in it; a PostgreSQL implementation for several guard instances can join it
-later behind the same protocols (docs/design.md, "Scale").
+``erasure/model.py``, ``change_model.py``. The SQLite implementation (``store/sqlite``) and the
+PostgreSQL one for several guard instances (``store/postgres``) are the only code with SQL in
+it; ``backends.py`` picks one from ``[store]`` (docs/design.md, "Scale").
 """
 
 

@@ -416,6 +416,21 @@ class Database:
                 f"({len(MIGRATIONS)}); upgrade smtp-guard"
             )
 
+    async def version(self) -> int:
+        """The schema version (``PRAGMA user_version``) the open store is at."""
+        return await self._schema_version()
+
+    @staticmethod
+    def version_of(path: str | os.PathLike[str]) -> int:
+        """The schema version of a store file without opening it for writing; 0 if there is none."""
+        if not Path(path).is_file():
+            return 0
+        connection = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return int(connection.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            connection.close()
+
     async def _schema_version(self) -> int:
         async with self.connection.execute("PRAGMA user_version") as cursor:
             row = await cursor.fetchone()

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import re
 import time
 from typing import Any, Callable, Sequence
 
-from ...erasure.model import ErasureAttempt, ErasureReceipt, PurgeCount, Tombstone
+from ...erasure.model import ErasureAttempt, ErasureReceipt, PurgeCount, Tombstone, receipt_from_dict
+from ...erasure.scan import Finding
 from ..base import StoreError
 from .db import Database
 
@@ -157,6 +159,11 @@ class SQLiteErasureStore:
         raise StoreError("could not checkpoint the WAL (the database stayed busy); run the erase again "
                          "or `smtp-guard erase verify` to see what remains")
 
+    async def copies(self, pattern: re.Pattern[bytes]) -> builtins.list[Finding]:
+        """Nothing: the database, its WAL and shared-memory files are in the data directory,
+        which ``erase verify`` scans byte for byte (free pages included)."""
+        return []
+
     # --- receipts and attempts ----------------------------------------------------------------------
 
     async def add_receipt(self, receipt: ErasureReceipt) -> None:
@@ -169,11 +176,11 @@ class SQLiteErasureStore:
     async def receipts(self, limit: int = 100) -> builtins.list[ErasureReceipt]:
         rows = await self._db.fetchall(
             "SELECT body FROM erasure_receipts ORDER BY created_at DESC, id LIMIT ?", (limit,))
-        return [_receipt_from_body(json.loads(body)) for (body,) in rows]
+        return [receipt_from_dict(json.loads(body)) for (body,) in rows]
 
     async def receipt(self, receipt_id: str) -> ErasureReceipt | None:
         row = await self._db.fetchone("SELECT body FROM erasure_receipts WHERE id = ?", (receipt_id,))
-        return None if row is None else _receipt_from_body(json.loads(row[0]))
+        return None if row is None else receipt_from_dict(json.loads(row[0]))
 
     async def record_attempts(self, attempts: Sequence[ErasureAttempt]) -> None:
         async with self._db.transaction() as connection:
@@ -212,12 +219,3 @@ async def _erase_pseudonyms(connection: Any, pseudonyms: Sequence[str], erased_l
             (pseudonym, erased_label, pseudonym))
         changed += cursor.rowcount
     return int(changed)
-
-
-def _receipt_from_body(body: dict[str, Any]) -> ErasureReceipt:
-    purged = tuple(PurgeCount(str(p["store"]), str(p["what"]), int(p["count"])) for p in body["purged"])
-    return ErasureReceipt(
-        id=str(body["receipt"]), reference=str(body["reference"]), created_at=float(body["created_at"]),
-        tombstone_id=int(body["tombstone_id"]), key_id=str(body["key_id"]), purged=purged,
-        storage={str(k): str(v) for k, v in body["storage"].items()},
-    )

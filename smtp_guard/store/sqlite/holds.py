@@ -14,22 +14,16 @@ their address and last reply as the operator's record of what happened.
 from __future__ import annotations
 
 import builtins
-import secrets
 import time
 from typing import Any, Callable, Sequence
 
 import aiosqlite
 
-from ...hold.model import HeldMessage, HeldRecipient, HoldStats, NewHold, RecipientState
+from ...hold.model import HeldMessage, HeldRecipient, HoldStats, NewHold, RecipientState, new_hold_id
 from .db import Database
 
 _MESSAGE_COLUMNS = "id, txn_id, created_at, client, sender, mail_options, size, stream, message_class"
 _RECIPIENT_COLUMNS = "address, state, rule, reason, attempts, next_attempt_at, last_reply"
-
-
-def new_hold_id() -> str:
-    # Hex, not base64: an id starting with "-" would read as an option on the command line.
-    return secrets.token_hex(8)
 
 
 class SQLiteHoldStore:

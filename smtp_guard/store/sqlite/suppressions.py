@@ -24,6 +24,8 @@ import aiosqlite
 
 from ...addresses import key_hash
 from ...suppression_model import (
+    MAX_DELTA,
+    better_list,
     DomainRule,
     EntryKind,
     list_order,
@@ -36,8 +38,6 @@ from ...suppression_model import (
 from ..base import StoreError
 from .db import Database, connect_sync, store_error
 
-# Past this many logged changes a running server reloads the snapshot instead of applying them.
-MAX_DELTA = 50_000
 # Parameters per IN (...) clause; well under SQLite's limit of 32766 bound variables.
 _IN_CHUNK = 500
 _FETCH_CHUNK = 50_000
@@ -241,7 +241,7 @@ class SQLiteSuppressionStore:
                 f"SELECT key_hash, list_name, expires_at FROM suppressions WHERE kind = 'address' "
                 f"AND key_hash IN ({', '.join('?' * len(chunk))}) AND {_LIVE}", (*chunk, now))
             for hash_value, list_name, expires_at in found:
-                addresses[hash_value] = _better(addresses[hash_value], list_name, order)
+                addresses[hash_value] = better_list(addresses[hash_value], list_name, order)
                 if expires_at is not None:
                     expiries.append(expires_at)
         best: dict[str, DomainRule] = {}
@@ -253,7 +253,7 @@ class SQLiteSuppressionStore:
                 if expires_at is not None:
                     expiries.append(expires_at)
                 current = best.get(domain)
-                if current is None or _better(current.list_name, list_name, order) != current.list_name:
+                if current is None or better_list(current.list_name, list_name, order) != current.list_name:
                     best[domain] = DomainRule(list_name, bool(subdomains))
         rules: dict[str, DomainRule | None] = {domain: best.get(domain) for domain in domains}
         return SuppressionDelta(seq=rows[-1][0], addresses=addresses, domains=rules,
@@ -332,17 +332,6 @@ def _change(kind: str, value: str, now: float) -> tuple[Any, ...]:
 def _entry(row: Sequence[Any]) -> SuppressionEntry:
     kind, value, list_name, reason, source, created_at, expires_at, subdomains = row
     return SuppressionEntry(kind, value, list_name, reason, source, created_at, expires_at, bool(subdomains))
-
-
-def _better(current: str | None, candidate: str, order: tuple[str, ...]) -> str:
-    """The more important of two lists (``order`` holds the configured priority)."""
-    if current is None:
-        return candidate
-    return min(current, candidate, key=lambda name: _rank(name, order))
-
-
-def _rank(name: str, order: tuple[str, ...]) -> tuple[int, int, str]:
-    return (0, order.index(name), "") if name in order else (1, 0, name)
 
 
 def _chunks(values: list[Any]) -> Iterable[list[Any]]:
