@@ -27,7 +27,6 @@ from .shared_counters import SharedCounters
 from .erasure.index import TombstoneIndex
 from .erasure.keys import ErasureKeyError, open_key_ring
 from .erasure.pseudonyms import Pseudonymizer, PseudonymizingAuditStore
-from .metrics import Metrics
 from .startup import naming_setting
 from .breaker.model import BreakerStore
 from .change_model import ChangeStore

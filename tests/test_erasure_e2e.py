@@ -14,7 +14,6 @@ import hashlib
 import json
 import re
 import sqlite3
-from pathlib import Path
 
 import aiohttp
 import psycopg
