@@ -11,6 +11,7 @@ both; Redis gone is 451 4.3.0, except for a stream known to be tripped, which st
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -37,13 +38,23 @@ def campaign(stream: str = STREAM) -> bytes:
     return message(subject="Spring sale", sender=SENDER, extra_headers=f"X-Campaign-ID: {stream}\r\n")
 
 
+class Clock:
+    """Wall time plus an offset the test moves forward (the hold queue's times are real ones)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
 async def two_guards(start_guard: Callable[..., Awaitable[Guard]], redis_server: Any,
-                     **overrides: Any) -> tuple[Guard, Guard]:
+                     clock: Callable[[], float] = time.time, **overrides: Any) -> tuple[Guard, Guard]:
     """Two guards on one store (the fixture's shared data directory) and one Redis."""
     settings: dict[str, Any] = {"counters": {"url": redis_server.url, "timeout": 0.5},
                                 "smtp": {"max_recipients": 1000}, **overrides}
-    first = await start_guard(**settings)
-    second = await start_guard(**settings)
+    first = await start_guard(clock, **settings)
+    second = await start_guard(clock, **settings)
     assert first.config.store.path == second.config.store.path and first.smtp_address != second.smtp_address
     return first, second
 
@@ -169,6 +180,31 @@ async def test_the_fanout_detector_counts_across_both_guards(start_guard, sink, 
                       extra_headers="X-Message-Type: receipt\r\n")
         outcome = await send(guards[number % 2].smtp_address, SENDER, audience(1, start=100 + number), own)
         assert outcome.data == "250 2.0.0 OK queued"
+
+
+async def test_a_finished_stream_teaches_its_senders_baseline_once_and_both_guards_learn_it(
+        start_guard, sink, redis_server):
+    clock = Clock()
+    guards = await two_guards(start_guard, redis_server, clock,
+                              breaker={"floor": FLOOR, "stream_idle": "30m", "learning_rate": 0.5})
+    first, second = guards
+    await spread(guards, audience(8), campaign("week-1"), per_message=2)  # 4 recipients through each
+    clock.offset += 31 * 60
+    await wait_until(lambda: _stored_baseline(first, 8.0, 1), what="the baseline of 8 (not 4, nor twice)")
+    await wait_until(lambda: all(g.background.breaker_state.baseline(SENDER) == 8.0 for g in guards),
+                     what="both guards to take the baseline up")
+
+    # The sender's next stream, ended by one of them, is learned on top: 0.5 x 8 + 0.5 x 4.
+    await spread((second, first), audience(4, start=100), campaign("week-2"), per_message=2)
+    clock.offset += 31 * 60
+    await wait_until(lambda: _stored_baseline(first, 6.0, 2), what="the baseline of 6 from two streams")
+    await wait_until(lambda: all(g.background.breaker_state.baseline(SENDER) == 6.0 for g in guards),
+                     what="both guards to take the new baseline up")
+
+
+async def _stored_baseline(guard: Guard, baseline: float, streams: int) -> bool:
+    stored = await guard.backends.breakers.baseline(SENDER)
+    return stored is not None and (stored.baseline, stored.streams) == (baseline, streams)
 
 
 async def test_redis_gone_defers_the_mail_the_breaker_counts(start_guard, sink, redis_server):
