@@ -239,3 +239,16 @@ async def test_a_tripped_stream_stays_held_on_both_while_redis_is_gone_even_with
     outcome = await send(first.smtp_address, SENDER, audience(1, start=300), campaign("autumn-sale"))
     assert outcome.data == "250 2.0.0 OK queued"
     assert len(sink.delivered_to()) == FLOOR + 1 and await held(first) == 2 + 4
+
+
+async def test_an_approval_is_in_force_on_both_guards_while_redis_is_gone(start_guard, sink, redis_server, tmp_path):
+    """The breaker sync needs Redis for audiences and idle streams only: admin decisions never wait for it."""
+    guards = await two_guards(start_guard, redis_server, breaker={"floor": FLOOR})
+    await spread(guards, audience(16), campaign(), per_message=4)
+    first, second = guards
+    await wait_until(lambda: first.backends.breakers.get(STREAM), what="the trip to reach the store")
+    redis_server.stop()
+    output = await admin(tmp_path, first, "breaker", "approve", STREAM, "--ceiling", "100")
+    assert "released 6 held recipient(s)" in output and "In force on 2 running guards." in output
+    await wait_until(lambda: len(sink.delivered_to()) >= 16, what="the held recipients to be delivered")
+    assert all(g.background.breaker_state.trips[STREAM].status == "approved" for g in guards)

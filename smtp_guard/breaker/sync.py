@@ -57,6 +57,7 @@ class BreakerSync:
         self._pending_baselines: dict[str, Baseline] = {}
         self._learned_elsewhere: set[str] = set()  # senders whose baseline another guard updated
         self._untaken: dict[str, BreakerRecord] = {}  # decisions applied whose holds are not swept yet
+        self._tallies_failing = False  # said once per outage, not at every sync
         self._lock = asyncio.Lock()
         self._loop = Periodic("breaker-sync", interval, self.sync,
                               "sync failed; keeping the state in memory and trying again")
@@ -113,11 +114,12 @@ class BreakerSync:
         if not streams:
             return {}
         try:
-            return await self._state.tallies.sizes(streams)
+            sizes = await self._state.tallies.sizes(streams)
         except CountersUnavailable as error:
-            log.warning("breaker sync: cannot read the audience of tripped streams (%s); the store keeps the "
-                        "last one written until the counters answer", error)
+            self._tallies_failed(error)
             return {}
+        self._tallies_answered()
+        return sizes
 
     async def _finish_idle(self, now: float) -> None:
         idle = self._state.idle(now)
@@ -133,14 +135,25 @@ class BreakerSync:
         try:
             endings = await self._state.tallies.finish(idle, now, self._state.config.stream_idle)
         except CountersUnavailable as error:
-            log.warning("breaker sync: cannot end idle streams (%s); they end, and teach their baselines, once "
-                        "the counters answer", error)
+            self._tallies_failed(error)
             return
+        self._tallies_answered()
         ended = self._state.ended(endings)
         # Read at the next sync: the guard that ended the stream writes its baseline meanwhile.
         self._learned_elsewhere |= ended.elsewhere
         for sender, size in ended.learn:
             self._pending_baselines[sender] = self._state.learn(sender, size, now)
+
+    def _tallies_failed(self, error: CountersUnavailable) -> None:
+        if not self._tallies_failing:
+            self._tallies_failing = True
+            log.warning("breaker sync: %s; tripped streams' audiences and idle streams wait for the counters "
+                        "(admin decisions are taken up all the same)", error)
+
+    def _tallies_answered(self) -> None:
+        if self._tallies_failing:
+            self._tallies_failing = False
+            log.info("breaker sync: the counters answer again")
 
     async def _take_up(self, record: BreakerRecord, now: float) -> None:
         """An admin decision reached this server: count it, and sweep the stream's holds."""
