@@ -202,6 +202,46 @@ def test_same_personal_body_to_too_many_trips_the_fanout_detector() -> None:
     assert state.trips["spring-sale"].rule == "breaker.fanout"
 
 
+# --- several guards counting one stream ---------------------------------------------------------
+
+class Reported:
+    def __init__(self) -> None:
+        self.trips: list[BreakerRecord] = []
+
+    def tripped(self, record: BreakerRecord) -> None:
+        self.trips.append(record)
+
+    def decided(self, verdict: str, rule: str, message_class: str, recipients: int) -> None:
+        pass
+
+
+def test_guards_sharing_the_tallies_trip_a_stream_once_and_each_holds_it() -> None:
+    """Two guards' states over one set of tallies (as over one Redis): the guard whose message
+    crosses the limit claims and reports the trip; the other adopts it with its next message."""
+    config = BreakerConfig(floor=10, window=3600.0, stream_idle=1800.0)
+    tallies = MemoryTallies()
+    reports = (Reported(), Reported())
+    states = tuple(BreakerState(config, report, tallies) for report in reports)
+    guards = [Counting(BreakerPolicy(state, config, CLASSES), state) for state in states]
+    outcomes = [verdicts(guards[i % 2].check_message(message(recipients(3, start=3 * i), float(i))))
+                for i in range(5)]
+    assert outcomes == [{}, {}, {}, {a: "hold:breaker.volume" for a in recipients(2, start=10)},
+                        {a: "hold:breaker.volume" for a in recipients(3, start=12)}]
+    assert [len(r.trips) for r in reports] == [0, 1]  # claimed by the second guard's message, reported there
+    assert states[0].trips["spring-sale"].status == "tripped"  # adopted by the first with its next message
+    assert (states[0].trips["spring-sale"].threshold, states[0].trips["spring-sale"].tripped_at) == (10, 3.0)
+
+    # An approval reaches both; past its ceiling (counted across both) the stream trips once more.
+    for state in states:
+        state.apply(replace(state.trips["spring-sale"], status="approved", ceiling=20, decided_at=9.0))
+    outcomes = [verdicts(guards[i % 2].check_message(message(recipients(2, start=100 + 2 * i), 10.0 + i)))
+                for i in range(4)]
+    assert outcomes == [{}, {}, {recipients(1, start=105)[0]: "hold:breaker.volume"},
+                        {a: "hold:breaker.volume" for a in recipients(2, start=106)}]
+    assert [len(r.trips) for r in reports] == [1, 1]  # the re-trip crossed on the first guard, once
+    assert states[0].trips["spring-sale"].status == states[1].trips["spring-sale"].status == "tripped"
+
+
 # --- shadow mode ------------------------------------------------------------------------------
 
 def test_shadow_mode_marks_would_have_decisions_and_enforces_nothing() -> None:
