@@ -109,22 +109,30 @@ if counts_body then
   end
 end
 
-local counted = {}
+local windows, sizes, bodies = {}, {}, {}
 local claimed = 0
 local position = 0
+local seen_at = exact(now)
 for i = next_arg, #ARGV do
   local key = ARGV[i]
   position = position + 1
-  -- StreamTally.add
-  if redis.call('ZSCORE', KEYS[2], key) then
-    redis.call('ZADD', KEYS[2], exact(now), key)
-  else
-    if remembered < cap then
-      redis.call('ZADD', KEYS[2], exact(now), key)
+  -- StreamTally.add: below the cap one ZADD says whether the recipient is new; at the cap only
+  -- one already remembered is (seen again and) not counted
+  local new
+  if remembered < cap then
+    new = redis.call('ZADD', KEYS[2], seen_at, key) == 1
+    if new then
       remembered = remembered + 1
-    else
-      tally.overflow = tally.overflow + 1
     end
+  else
+    new = not redis.call('ZSCORE', KEYS[2], key)
+    if new then
+      tally.overflow = tally.overflow + 1
+    else
+      redis.call('ZADD', KEYS[2], seen_at, key)
+    end
+  end
+  if new then
     tally.size = tally.size + 1
   end
   local in_window = remembered + tally.overflow
@@ -132,9 +140,9 @@ for i = next_arg, #ARGV do
   if counts_body and body < cap and redis.call('HSETNX', KEYS[3], 'r' .. key, 1) == 1 then
     body = body + 1
   end
-  counted[#counted + 1] = in_window
-  counted[#counted + 1] = tally.size
-  counted[#counted + 1] = body
+  windows[position] = in_window
+  sizes[position] = tally.size
+  bodies[position] = body
   -- exceeded: the first bound past its limit claims the trip
   if trip == nil then
     for _, bound in ipairs(bounds) do
@@ -145,7 +153,7 @@ for i = next_arg, #ARGV do
         value = tally.size
       end
       if value > bound.limit then
-        trip = {rule = bound.rule, threshold = bound.threshold, at = exact(now), basis = basis}
+        trip = {rule = bound.rule, threshold = bound.threshold, at = seen_at, basis = basis}
         claimed = position
         redis.call('HSET', KEYS[1], 'trip_rule', trip.rule, 'trip_threshold', trip.threshold,
                    'trip_at', trip.at, 'trip_basis', trip.basis)
@@ -155,19 +163,18 @@ for i = next_arg, #ARGV do
   end
 end
 
-redis.call('HSET', KEYS[1], 'size', tally.size, 'overflow', tally.overflow, 'seen', exact(now))
+redis.call('HSET', KEYS[1], 'size', tally.size, 'overflow', tally.overflow, 'seen', seen_at)
 redis.call('PEXPIRE', KEYS[1], tally_ms)
 redis.call('PEXPIRE', KEYS[2], tally_ms)
 if counts_body then
-  redis.call('HSET', KEYS[3], 'seen', exact(now), 'count', body)
+  redis.call('HSET', KEYS[3], 'seen', seen_at, 'count', body)
   redis.call('PEXPIRE', KEYS[3], body_ms)
 end
-local reply = {exact(now), claimed, '', '', '', ''}
+-- The counts as text: a few thousand integers in a reply cost redis-py milliseconds to parse.
+local reply = {seen_at, claimed, '', '', '', '', table.concat(windows, ' '), table.concat(sizes, ' '),
+               table.concat(bodies, ' ')}
 if trip ~= nil then
   reply[3], reply[4], reply[5], reply[6] = trip.rule, trip.threshold, trip.at, trip.basis
-end
-for _, value in ipairs(counted) do
-  reply[#reply + 1] = value
 end
 return reply
 """
@@ -208,6 +215,10 @@ def _milliseconds(seconds: float) -> str:
     return str(math.ceil(seconds * 1000))
 
 
+def _integers(text: bytes) -> tuple[int, ...]:
+    return tuple(map(int, text.split()))
+
+
 class RedisTallies:
     """``StreamTallies`` in Redis, over the guard's ``RedisConnection``."""
 
@@ -239,11 +250,10 @@ class RedisTallies:
             args += [bound.rule, bound.measure, str(bound.limit)]
         args += [str(key_hash) for key_hash in request.recipients]
         reply = await self._connection.call("count", lambda: self._count(keys=keys, args=args))
-        last_seen, claimed, rule, threshold, at, basis = reply[:6]
-        counts = [int(value) for value in reply[6:]]
+        last_seen, claimed, rule, threshold, at, basis, windows, sizes, bodies = reply
         trip = None if rule == b"" else Trip(rule.decode(), int(threshold), float(at),
                                              None if basis == b"" else float(basis))
-        return Counted(tuple(counts[0::3]), tuple(counts[1::3]), tuple(counts[2::3]), float(last_seen), trip,
+        return Counted(_integers(windows), _integers(sizes), _integers(bodies), float(last_seen), trip,
                        None if claimed == 0 else int(claimed) - 1)
 
     async def sizes(self, streams: Sequence[str]) -> dict[str, int]:
