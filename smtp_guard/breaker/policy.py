@@ -35,7 +35,7 @@ from ..policy.base import Decision, MessageContext, MessageVerdict, StreamAsk, V
 from .model import BreakerRecord
 from .rules import GATE_PREFIX, FanoutRule, GateRule, StreamRule, VolumeRule
 from .state import BreakerState
-from .tally import Bound, Counted, CountRequest
+from .tally import Bound, Counted, CountRequest, exceeded
 
 _PASS = Decision(Verdict.PASS, "pass", "no policy objected", replies.RECIPIENT_OK)
 
@@ -77,13 +77,15 @@ class BreakerPolicy:
             now=message.now, window=self._config.window, stream_idle=self._config.stream_idle,
             cap=self._cap(message.sender, rules, trip), carry=self._state.carry(message.stream, message.now),
             basis=None if trip is None else trip.decided_at, bounds=self._bounds(message.sender, rules, trip))
+        shadowed = _limits(message.sender, rules, shadow=True)
         held = trip if trip is not None and trip.status == "tripped" else None
-        return StreamAsk(request, lambda counted: self._answer(message, rules, trip, counted),
+        return StreamAsk(request, lambda counted: self._answer(message, shadowed, trip, counted),
                          None if held is None else lambda: self._hold_all(message, held))
 
-    def _answer(self, message: MessageContext, rules: tuple[StreamRule, ...], known: BreakerRecord | None,
+    def _answer(self, message: MessageContext, shadowed: tuple[Bound, ...], known: BreakerRecord | None,
                 counted: Counted) -> MessageVerdict | None:
-        """The decisions the counts mean. ``known``: the stream's trip when the count was asked."""
+        """The decisions the counts mean. ``shadowed``: the limits of the rules in shadow mode;
+        ``known``: the stream's trip when the count was asked."""
         state, now = self._state, message.now
         active = state.counted(message.stream, message.sender, message.message_class, counted)
         trip: BreakerRecord | None
@@ -102,23 +104,22 @@ class BreakerPolicy:
             if position >= first and trip is not None and trip.status == "tripped":
                 decisions[recipient.mailbox.text] = self._decision(trip)
             elif known is None:
-                would = self._shadow_trip(message, rules, counted, position)
+                would = self._shadow_trip(message, shadowed, counted, position)
                 if would is not None:
                     decisions[recipient.mailbox.text] = Decision(
                         _PASS.verdict, _PASS.rule, _PASS.reason, _PASS.reply, shadowed=(would,))
         return self._verdict(message, decisions)
 
-    def _shadow_trip(self, message: MessageContext, rules: tuple[StreamRule, ...], counted: Counted,
+    def _shadow_trip(self, message: MessageContext, shadowed: tuple[Bound, ...], counted: Counted,
                      position: int) -> Decision | None:
         """What the stream's shadow trip would do with the recipient at ``position`` (tripping
         it in shadow if a rule in shadow mode is exceeded there first)."""
         shadow_trips = self._state.shadow_trips
         if message.stream not in shadow_trips:
-            exceeded = next((rule for rule in rules if rule.shadow and
-                             counted.value(rule.measure, position) > rule.limit(message.sender)), None)
-            if exceeded is None:
+            bound = exceeded(shadowed, counted.window[position], counted.size[position], counted.body[position])
+            if bound is None:
                 return None
-            shadow_trips[message.stream] = exceeded.rule
+            shadow_trips[message.stream] = bound.rule
         rule = shadow_trips[message.stream]
         why = f"stream would be paused by {rule} ({counted.size[position]} recipients so far)"
         if self._holds(rule):
@@ -162,7 +163,7 @@ class BreakerPolicy:
         """What trips the stream with this message: the enforced rules' limits; for an approved
         stream its ceiling, under the rule that tripped it; nothing more for a tripped one."""
         if trip is None:
-            return tuple(Bound(rule.rule, rule.measure, rule.limit(sender)) for rule in rules if not rule.shadow)
+            return _limits(sender, rules, shadow=False)
         if trip.status == "approved":
             return (Bound(trip.rule, "size", trip.ceiling or 0),)
         return ()
@@ -174,3 +175,8 @@ class BreakerPolicy:
         if trip is not None and trip.ceiling:
             limits.append(trip.ceiling)
         return 2 * max(limits, default=0) + 1000
+
+
+def _limits(sender: str, rules: tuple[StreamRule, ...], shadow: bool) -> tuple[Bound, ...]:
+    """The limits of the rules enforced (or, with ``shadow``, in shadow mode), in check order."""
+    return tuple(Bound(rule.rule, rule.measure, rule.limit(sender)) for rule in rules if rule.shadow == shadow)

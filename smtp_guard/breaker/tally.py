@@ -98,9 +98,6 @@ class Counted:
     trip: Trip | None
     claimed: int | None
 
-    def value(self, measure: Measure, position: int) -> int:
-        return (self.window if measure == "window" else self.size if measure == "size" else self.body)[position]
-
 
 @dataclass(frozen=True)
 class Ending:
