@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from .backends import Backends, open_backends, open_counters, store_exists
+from .backends import Backends, open_backends, open_counters, store_exists, stream_tallies
 from .change_sync import ChangeSync, Step
 from .config import Config
 from .counters import RateCounters
@@ -212,7 +212,7 @@ class Guard(_GuardProcess):
         counters = await run.enter_async_context(open_counters(config, self.metrics))
         self.backends, self.enforcement, self.upstream = await self._enforce(self.metrics, counters)
         self.background = Background(config, self.backends, self.enforcement, self.upstream, self.metrics,
-                                     self.readiness, self.http, self.clock)
+                                     self.readiness, self.http, self.clock, stream_tallies(config, counters))
         await self.background.start(run)
         pipeline = default_pipeline(config, self.backends.tombstones, self.enforcement.index,
                                     breakers=self.background.breaker_state, counters=self.backends.counters,
@@ -256,7 +256,7 @@ class Supervisor(_GuardProcess):
         self.http = _http_listener(multiprocess_registry(paths.metrics), self.readiness)
         self.backends, self.enforcement, upstream = await self._enforce(self.metrics, counters, paths.index)
         self.background = Background(config, self.backends, self.enforcement, upstream, self.metrics,
-                                     self.readiness, self.http, self.clock)
+                                     self.readiness, self.http, self.clock, stream_tallies(config, counters))
         await self.background.start(run)
         pipeline = default_pipeline(config, self.backends.tombstones, self.enforcement.index,
                                     breakers=self.background.breaker_state, counters=counters, clock=self.clock)

@@ -20,6 +20,7 @@ from typing import AsyncIterator, Callable
 
 from .addresses import AddressNormalizer
 from .audit_model import AuditStore
+from .breaker.tally import StreamTallies
 from .config import Config
 from .counters import InMemoryCounters, RateCounters
 from .metrics import Metrics
@@ -208,6 +209,20 @@ async def open_counters(config: Config, metrics: Metrics, *, shared: Path | None
             table.close()
     else:
         yield InMemoryCounters()
+
+
+def stream_tallies(config: Config, counters: RateCounters) -> StreamTallies | None:
+    """Where the breaker counts streams: with ``[counters] url``, in Redis beside the rate
+    counters and over their connections — every guard instance counts a stream once; else None:
+    in the memory of the process that decides the end of DATA (the guard, or its supervisor)."""
+    if not config.counters.url:
+        return None
+    from .breaker.redis_tally import RedisTallies
+    from .redis_counters import RedisCounters
+
+    if not isinstance(counters, RedisCounters):
+        raise TypeError(f"[counters] url is set but the rate counters are {counters!r}")
+    return RedisTallies(counters.connection)
 
 
 @asynccontextmanager

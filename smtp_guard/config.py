@@ -238,17 +238,19 @@ def redact_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class CountersConfig:
-    """Where the rate-limit counters live (docs/design.md, "Scale"). Without ``url``, in the
-    guard itself (one process, or its workers' shared memory): each guard instance has limits
-    of its own. With several instances behind a load balancer, one Redis server they share:
-    a limit holds across all of them, and survives the restart of any of them."""
+    """Where the rate-limit counters and the breaker's stream counts live (docs/design.md,
+    "Scale"). Without ``url``, in the guard itself (one process, or its workers' shared memory):
+    each guard instance has limits of its own. With several instances behind a load balancer,
+    one Redis server they share: a limit holds across all of them, a stream trips its breaker
+    once, and both survive the restart of any of them."""
 
     # "redis://HOST:6379/0", "rediss://HOST:6380/0" (TLS) or "unix:///run/redis/redis.sock";
     # a password goes in the URL ("redis://:PASSWORD@HOST:6379/0").
     url: str = ""
     # When Redis cannot be reached or answer within timeout: "defer" every recipient a rate
-    # limit applies to (451 4.3.0; the platform retries), or "allow" it uncounted (logged,
-    # audited and counted as "would have deferred"). Never silently unlimited.
+    # limit applies to and every message the breaker counts (451 4.3.0; the platform retries),
+    # or "allow" it uncounted (logged, audited and counted as "would have deferred"). Never
+    # silently unlimited; a stream known to be tripped stays held.
     on_error: CountersOnError = "defer"
     # Longest wait for one answer from Redis, connecting included; an RCPT waits as long.
     timeout: float = _duration(1.0)

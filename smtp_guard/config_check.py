@@ -55,8 +55,9 @@ def dangers(config: Config) -> list[Danger]:
         state = "disabled" if not config.breaker.enabled else "in shadow mode"
         warn("[breaker]", f"the volume breaker is {state}: a send far larger than usual is not stopped")
     if config.counters.url and config.counters.on_error == "allow":
-        warn("[counters] on_error", "\"allow\": while Redis cannot be reached, mail passes every rate limit "
-             "uncounted (logged and audited as counters.unavailable)")
+        warn("[counters] on_error", "\"allow\": while Redis cannot be reached, mail passes every rate limit, "
+             "volume breaker, approval gate and fan-out detector uncounted (logged and audited as "
+             "counters.unavailable; streams already tripped stay held)")
     if config.upstream.mode == "sandbox":
         warn("[upstream] mode", "\"sandbox\": mail is captured in the data directory and never delivered")
     else:

@@ -305,9 +305,10 @@ class RemoteDecider:
 class DecisionServer:
     """Serves ``pipeline.decide_message`` to the workers. Each request is decided in a task of
     its own, started in the order requests arrive: the message policies are CPU-only and run
-    without a pause, so each decision is taken whole against the one state; only settling the
-    rate counters may wait (for Redis, ``[counters] url``), and a request waiting there holds
-    up no other — answers go back as they are ready, matched by their id."""
+    without a pause, so each decision is taken whole against the one state; only the counters
+    may wait (Redis, ``[counters] url``: the rate limits' buckets, the breaker's stream counts),
+    and a request waiting there holds up no other — answers go back as they are ready, matched
+    by their id."""
 
     def __init__(self, pipeline: Pipeline, socket_path: str | os.PathLike[str], *,
                  max_frame: int = DEFAULT_MAX_FRAME, expire_after: float | None = None,

@@ -26,8 +26,8 @@ UPSTREAM_ERROR_CLASSES = ("4xx", "5xx", "connection", "timeout")
 AUTH_FAILURE_OUTCOMES = ("invalid", "throttled")
 # What a recipient domain's DNS said (recipient_domains.DomainStatus).
 DOMAIN_LOOKUP_RESULTS = ("ok", "null_mx", "nxdomain", "no_mail_server", "dns_timeout", "dns_error")
-# Shared rate counters in Redis ([counters] url): what was asked, and how it failed.
-REDIS_OPERATIONS = ("settle", "ping")
+# Shared counters in Redis ([counters] url): what was asked, and how it failed.
+REDIS_OPERATIONS = ("settle", "count", "sizes", "finish", "ping")
 REDIS_ERRORS = ("connection", "timeout", "response")
 # PROXY protocol headers on the SMTP listener ([smtp] proxy_protocol_from), by result.
 PROXY_HEADER_RESULTS = ("accepted", "local", "invalid", "untrusted")
@@ -180,18 +180,21 @@ class Metrics:
             "smtp_guard_recipient_domain_lookup_duration_seconds",
             "Time a recipient domain's DNS lookup took (the RCPT that needed it waited as long).",
             registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        # The shared rate counters in Redis ([counters] url).
+        # The shared counters in Redis ([counters] url): rate limits and the breaker's streams.
         self.redis_duration = Histogram(
             "smtp_guard_redis_request_duration_seconds",
             "Round trips to Redis by operation (settle: one recipient's or message's rate-limit buckets, "
-            "waited for by its RCPT or end of DATA; ping: the readiness probe), failures included.",
+            "waited for by its RCPT or end of DATA; count: a message's recipients counted into its stream "
+            "for the breaker, waited for by its end of DATA; sizes and finish: the breaker sync reading "
+            "tripped streams' audiences and ending idle streams; ping: the readiness probe), failures included.",
             ["operation"], registry=r,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
         self.redis_errors = Counter(
             "smtp_guard_redis_errors_total",
             "Redis requests that failed, by operation and error (connection: refused or lost; timeout: no "
             "answer within [counters] timeout; response: Redis refused the command, e.g. out of memory). "
-            "Each failed settle deferred its mail (451 4.3.0) or let it through uncounted ([counters] on_error).",
+            "Each failed settle or count deferred its mail (451 4.3.0) or let it through uncounted "
+            "([counters] on_error); a stream known to be tripped stays held.",
             ["operation", "error"], registry=r)
         self.proxy_headers = Counter(
             "smtp_guard_proxy_headers_total",

@@ -3,7 +3,7 @@
 A load balancer or orchestrator sends mail only to a guard that is ready, so "ready" must not
 be a flag set once at start: it is the conjunction of checks that are each kept fresh —
 the suppression index is loaded, the SMTP listener is accepting, the store answers, the
-rate counters answer (Redis, with ``[counters] url``), and the upstream accepted a connection
+counters answer (Redis, with ``[counters] url``), and the upstream accepted a connection
 at its last probe. Each check says in words what is wrong, so
 ``curl /readyz`` tells the operator what to fix.
 """

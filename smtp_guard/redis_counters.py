@@ -19,30 +19,17 @@ The time is the guard's (``now``, as for every implementation): guard hosts keep
 in step (NTP); a guard whose clock is behind refills nothing until it catches up, as when a
 clock steps back — slower, never faster.
 
-**Failures** become ``CountersUnavailable`` (the pipeline defers with 451 4.3.0, or lets the
-mail through as "would have" with ``[counters] on_error = "allow"``): Redis refusing, closed,
-slower than ``[counters] timeout``, out of memory, or a replica that cannot write. A request
-is never sent twice — no retries: a reply lost after the script ran would take twice. Each
-failure and each round trip's time are counted (``smtp_guard_redis_*``), by operation and
-error class only. After a Redis restart the script is loaded again on first use (NOSCRIPT).
+The connection — its pool, timeout, metrics and failures as ``CountersUnavailable`` (the
+pipeline defers with 451 4.3.0, or lets the mail through as "would have" with ``[counters]
+on_error = "allow"``) — is ``redis_connection.py``, shared with the breaker's stream tallies.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import time
-from typing import Any, Awaitable, Callable
-
-import redis.asyncio
-import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
-from .addresses import key_hash
 from .config import CountersConfig
-from .counters import SLACK, CountersUnavailable, Request, Settlement, Take
+from .counters import SLACK, Request, Settlement, Take
 from .metrics import Metrics
+from .redis_connection import RedisConnection
 
 # A bucket's key lives this long after the bucket is full again, so that neither rounding to
 # milliseconds nor a Redis clock running a little fast ever drops a bucket still refilling.
@@ -174,64 +161,29 @@ end
 return settled
 """
 
-def _error_class(error: BaseException) -> str:
-    """One of ``metrics.REDIS_ERRORS``."""
-    if isinstance(error, (TimeoutError, redis.exceptions.TimeoutError)):
-        return "timeout"
-    if isinstance(error, redis.exceptions.ConnectionError):
-        return "connection"
-    return "response"
-
-
-def _describe(error: BaseException) -> str:
-    """The operating system's words for a failed connection ("Connection refused"), not the
-    library's wrapping of them; Redis's own for a refused command."""
-    if isinstance(error, TimeoutError) or isinstance(error, redis.exceptions.TimeoutError):
-        return "no answer within [counters] timeout"
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno:
-            return f"cannot connect: {os.strerror(cause.errno)}"
-        cause = cause.__cause__ or cause.__context__
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 class RedisCounters:
-    """``RateCounters`` in Redis. ``connect`` builds it from ``[counters]``; ``close`` ends it."""
+    """``RateCounters`` in Redis, over a ``RedisConnection`` (``connect`` opens one from
+    ``[counters]``; ``close`` closes it)."""
 
-    def __init__(self, client: redis.asyncio.Redis, metrics: Metrics, *, key_prefix: str = "smtp-guard:",
-                 timeout: float = 1.0, where: str = "") -> None:
-        self._client = client
-        self._script = client.register_script(SETTLE)
-        self._metrics = metrics
-        self._prefix = key_prefix
-        self._timeout = timeout
-        self._where = where  # the server, for logs and /readyz (no password)
+    def __init__(self, connection: RedisConnection) -> None:
+        self.connection = connection
+        self._script = connection.script(SETTLE)
 
     @classmethod
     def connect(cls, config: CountersConfig, metrics: Metrics) -> RedisCounters:
         """A client for ``config.url``; nothing is sent until the first request."""
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            config.url, max_connections=config.max_connections, timeout=config.timeout,
-            socket_timeout=config.timeout, socket_connect_timeout=config.timeout,
-            # No retries: a request whose reply was lost may have been settled already.
-            retry=Retry(NoBackoff(), 0))
-        kwargs = pool.connection_kwargs
-        where = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-        # from_pool: the client owns the pool, and closing it closes every connection.
-        return cls(redis.asyncio.Redis.from_pool(pool), metrics, key_prefix=config.key_prefix,
-                   timeout=config.timeout, where=str(where))
+        return cls(RedisConnection.connect(config, metrics))
 
     def __repr__(self) -> str:
-        return f"<RedisCounters {self._where} prefix={self._prefix!r}>"
+        return f"<RedisCounters {self.connection!r}>"
 
     def bucket_key(self, key: str) -> str:
         """The Redis key of the bucket ``key``: no address or other value in clear."""
-        return f"{self._prefix}rl:{key_hash(key) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+        return self.connection.key("rl", key)
 
     async def settle(self, request: Request, now: float) -> Settlement:
         keys, args = self._encode(request, now)
-        reply = await self._call("settle", lambda: self._script(keys=keys, args=args))
+        reply = await self.connection.call("settle", lambda: self._script(keys=keys, args=args))
         if reply[0] == b"short":
             return Settlement(request.take_all[int(reply[1]) - 1])
         met = tuple(bool(flag) for flag in reply[1:1 + len(request.groups)])
@@ -239,25 +191,10 @@ class RedisCounters:
         return Settlement(None, met, due)
 
     async def probe(self) -> str | None:
-        try:
-            await self._call("ping", self._client.ping)
-        except CountersUnavailable as error:
-            return str(error)
-        return None
+        return await self.connection.probe()
 
     async def close(self) -> None:
-        await self._client.aclose()
-
-    async def _call(self, operation: str, send: Callable[[], Awaitable[Any]]) -> Any:
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await send()
-        except (TimeoutError, redis.exceptions.RedisError) as error:
-            self._metrics.redis_errors.labels(operation, _error_class(error)).inc()
-            raise CountersUnavailable(f"Redis at {self._where} ([counters] url): {_describe(error)}") from error
-        finally:
-            self._metrics.redis_duration.labels(operation).observe(time.monotonic() - started)
+        await self.connection.close()
 
     def _encode(self, request: Request, now: float) -> tuple[list[str], list[str]]:
         """KEYS (each bucket once) and ARGV: now, the slack, the expiry margin, then each list

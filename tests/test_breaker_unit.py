@@ -4,6 +4,7 @@ tests at the end run on a real SQLite file."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from smtp_guard.addresses import key_hash, parse_mailbox
 from smtp_guard.breaker.model import Baseline, BreakerRecord
 from smtp_guard.breaker.policy import BreakerPolicy
 from smtp_guard.breaker.state import BreakerState
+from smtp_guard.breaker.tally import MemoryTallies
 from smtp_guard.config import BreakerConfig, ClassConfig
-from smtp_guard.policy.base import MessageContext, MessageVerdict, RecipientContext, Verdict
+from smtp_guard.policy.base import MessageContext, MessageVerdict, RecipientContext, StreamAsk, Verdict
 from smtp_guard.store.sqlite.breakers import SQLiteBreakerStore
 from smtp_guard.store.sqlite.db import Database
 
@@ -44,11 +46,31 @@ def message(addresses: list[str], now: float, stream: str = "spring-sale", messa
                           recipients=tuple(context(a) for a in addresses), now=now)
 
 
+class Counting:
+    """The breaker policy with each of its stream asks counted in memory, as the pipeline does."""
+
+    def __init__(self, policy: BreakerPolicy, state: BreakerState) -> None:
+        self._policy = policy
+        self._state = state
+
+    def check_message(self, message: MessageContext) -> MessageVerdict | None:
+        asked = self._policy.check_message(message)
+        if isinstance(asked, StreamAsk):
+            return asked.answer(asyncio.run(self._state.tallies.count(asked.request)))
+        return asked
+
+
 def policy(shadow_all: bool = False, classes: dict[str, ClassConfig] | None = None,
-           **breaker: object) -> tuple[BreakerPolicy, BreakerState]:
+           **breaker: object) -> tuple[Counting, BreakerState]:
     config = BreakerConfig(**{"floor": 10, "factor": 5.0, "window": 3600.0, "stream_idle": 1800.0, **breaker})  # type: ignore[arg-type]
     state = BreakerState(config)
-    return BreakerPolicy(state, config, classes or CLASSES, shadow_all), state
+    return Counting(BreakerPolicy(state, config, classes or CLASSES, shadow_all), state), state
+
+
+def finish_idle(state: BreakerState, now: float) -> list[Baseline]:
+    """What the breaker sync does with idle streams (without the store): end them, learn."""
+    ended = state.ended(asyncio.run(state.tallies.finish(state.idle(now), now, state.config.stream_idle)))
+    return [state.learn(sender, size, now) for sender, size in ended.learn]
 
 
 def verdicts(verdict: MessageVerdict | None) -> dict[str, str]:
@@ -128,15 +150,16 @@ def test_defer_action_defers_the_whole_message() -> None:
     assert (verdict.message.verdict, verdict.message.rule, verdict.message.reply) == (
         Verdict.DEFER, "breaker.volume", replies.BREAKER_DEFERRED)
     # The platform retries the same recipients: they are not counted twice.
-    assert state.tallies["spring-sale"].size == 12
+    assert state.active["spring-sale"].size == 12
     check.check_message(message(recipients(12), 1.0))
-    assert state.tallies["spring-sale"].size == 12
+    assert state.active["spring-sale"].size == 12
 
 
 def test_memory_stays_bounded_far_past_the_limit() -> None:
     check, state = policy(floor=10)
     check.check_message(message(recipients(5000), 0.0))
-    tally = state.tallies["spring-sale"]
+    assert isinstance(state.tallies, MemoryTallies)
+    tally = state.tallies.tallies["spring-sale"]
     assert tally.size == 5000
     assert len(tally._seen) == 2 * 10 + 1000 and tally.overflow == 5000 - 1020
 
@@ -155,7 +178,7 @@ def test_cancelled_stream_is_refused_whole() -> None:
 def test_approved_stream_passes_up_to_its_ceiling_then_trips_again() -> None:
     check, state = policy()
     check.check_message(message(recipients(11), 0.0))
-    state.dirty(0.0)
+    state.dirty(0.0, {"spring-sale": 11})
     state.apply(replace(state.trips["spring-sale"], status="approved", ceiling=15, decided_at=5.0, decided_by="cli:ann"))
     assert check.check_message(message(recipients(4, start=11), 6.0)) is None  # 15 recipients
     verdict = check.check_message(message(recipients(2, start=15), 7.0))
@@ -177,6 +200,46 @@ def test_same_personal_body_to_too_many_trips_the_fanout_detector() -> None:
     verdict = check.check_message(message(recipients(8, start=100), 0.0, message_class="transactional", body="same"))
     assert verdicts(verdict) == {a: "hold:breaker.fanout" for a in recipients(8, start=100)[5:]}
     assert state.trips["spring-sale"].rule == "breaker.fanout"
+
+
+# --- several guards counting one stream ---------------------------------------------------------
+
+class Reported:
+    def __init__(self) -> None:
+        self.trips: list[BreakerRecord] = []
+
+    def tripped(self, record: BreakerRecord) -> None:
+        self.trips.append(record)
+
+    def decided(self, verdict: str, rule: str, message_class: str, recipients: int) -> None:
+        pass
+
+
+def test_guards_sharing_the_tallies_trip_a_stream_once_and_each_holds_it() -> None:
+    """Two guards' states over one set of tallies (as over one Redis): the guard whose message
+    crosses the limit claims and reports the trip; the other adopts it with its next message."""
+    config = BreakerConfig(floor=10, window=3600.0, stream_idle=1800.0)
+    tallies = MemoryTallies()
+    reports = (Reported(), Reported())
+    states = tuple(BreakerState(config, report, tallies) for report in reports)
+    guards = [Counting(BreakerPolicy(state, config, CLASSES), state) for state in states]
+    outcomes = [verdicts(guards[i % 2].check_message(message(recipients(3, start=3 * i), float(i))))
+                for i in range(5)]
+    assert outcomes == [{}, {}, {}, {a: "hold:breaker.volume" for a in recipients(2, start=10)},
+                        {a: "hold:breaker.volume" for a in recipients(3, start=12)}]
+    assert [len(r.trips) for r in reports] == [0, 1]  # claimed by the second guard's message, reported there
+    assert states[0].trips["spring-sale"].status == "tripped"  # adopted by the first with its next message
+    assert (states[0].trips["spring-sale"].threshold, states[0].trips["spring-sale"].tripped_at) == (10, 3.0)
+
+    # An approval reaches both; past its ceiling (counted across both) the stream trips once more.
+    for state in states:
+        state.apply(replace(state.trips["spring-sale"], status="approved", ceiling=20, decided_at=9.0))
+    outcomes = [verdicts(guards[i % 2].check_message(message(recipients(2, start=100 + 2 * i), 10.0 + i)))
+                for i in range(4)]
+    assert outcomes == [{}, {}, {recipients(1, start=105)[0]: "hold:breaker.volume"},
+                        {a: "hold:breaker.volume" for a in recipients(2, start=106)}]
+    assert [len(r.trips) for r in reports] == [1, 1]  # the re-trip crossed on the first guard, once
+    assert states[0].trips["spring-sale"].status == states[1].trips["spring-sale"].status == "tripped"
 
 
 # --- shadow mode ------------------------------------------------------------------------------
@@ -211,11 +274,11 @@ def test_idle_streams_teach_the_baseline_and_undecided_trips_do_not() -> None:
     check.check_message(message(recipients(8), clock.now, stream="a"))
     check.check_message(message(recipients(30), clock.now, stream="b"))  # trips, nobody decided
     clock.advance(1800)
-    [learned] = state.finish_idle(clock.now)
+    [learned] = finish_idle(state, clock.now)
     assert (learned.sender, learned.baseline, learned.streams) == (SENDER, 8.0, 1)
     check.check_message(message(recipients(4), clock.now, stream="c"))
     clock.advance(1800)
-    [learned] = state.finish_idle(clock.now)
+    [learned] = finish_idle(state, clock.now)
     assert (learned.baseline, learned.streams) == (6.0, 2)
     assert state.trips["b"].status == "tripped"  # still waiting for an admin
 

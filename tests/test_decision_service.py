@@ -175,7 +175,7 @@ async def test_two_workers_sending_one_stream_trip_one_breaker_at_the_global_cou
         assert [held(o) for o in later] == [recipients(1, start=20), recipients(1, start=21)]
     assert [(r.stream, r.rule, r.threshold, r.recipients) for r in trips.records] == [
         (STREAM, "breaker.volume", LIMIT, LIMIT + 1)]
-    assert state.tallies[STREAM].size == 14
+    assert state.active[STREAM].size == 14
     assert server.served == 6
 
 
@@ -187,7 +187,7 @@ async def test_the_server_decides_with_the_workers_time(server: DecisionServer, 
         assert held(await worker.decide_message(message(recipients(8), now=0.0))) == []
         assert held(await worker.decide_message(message(recipients(8, start=100), now=3601.0))) == []
     assert STREAM not in state.trips
-    assert state.tallies[STREAM].last_seen == 3601.0
+    assert state.active[STREAM].last_seen == 3601.0
 
 
 async def test_a_remote_outcome_equals_the_local_one(tmp_path: Path, server: DecisionServer, socket_path: Path,
@@ -532,4 +532,4 @@ async def test_a_request_the_worker_gave_up_on_is_not_decided(pipeline: Pipeline
         await server.stop()
     assert deferred_by(stale) == "decision_service.timeout" and server.expired == 1
     assert held(fresh) == [] and server.served == 1
-    assert state.tallies[STREAM].size == 3  # only the fresh message's recipients
+    assert state.active[STREAM].size == 3  # only the fresh message's recipients

@@ -54,7 +54,7 @@ def test_lua_settles_exactly_as_counters_py(redis_server: Any, sequence: list[tu
     async def run() -> tuple[list[Settlement], list[Settlement]]:
         redis_counters = counters_for(redis_server.url)
         try:
-            await redis_counters._client.flushdb()
+            await redis_counters.connection.client.flushdb()
             embedded = InMemoryCounters()
             now, expected, got = T0, [], []
             for step, request in sequence:
@@ -93,10 +93,10 @@ async def test_keys_hold_no_address_and_expire_once_full_again(redis_server: Any
         # 0.5 tokens per second, burst 5: after three takes the bucket is full again in 6 s.
         request = Request(take_all=(Take("ratelimit.slow:news@shop.test", 0.5, 5.0, 3),))
         await counters.settle(request, time.time())
-        keys = await counters._client.keys("*")
+        keys = await counters.connection.client.keys("*")
         assert keys == [counters.bucket_key("ratelimit.slow:news@shop.test").encode()]
         assert b"shop.test" not in keys[0] and keys[0].startswith(b"smtp-guard:rl:")
-        ttl = await counters._client.pttl(keys[0])
+        ttl = await counters.connection.client.pttl(keys[0])
         assert 6000 < ttl <= 6000 + EXPIRY_MARGIN_MS
     finally:
         await counters.close()

@@ -17,6 +17,12 @@ an admin approves or cancels the stream, and that decision governs all of them:
 
 A rule in shadow mode trips "would have": each later recipient of the stream carries a shadow
 decision (logged, audited, counted), and everything is delivered.
+
+The counts may be a network away (Redis, shared by every guard instance), so the policy does
+not count: it returns a ``StreamAsk`` — the message's recipients and the limits in force
+(``tally.CountRequest``) — and reads the counts, and the trip they claimed or found, into
+decisions once the pipeline has had them counted (docs/design.md, "Scale"). A stream this
+guard knows to be tripped stays held when the counts cannot be had.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from typing import Mapping
 
 from .. import replies
 from ..config import BreakerConfig, ClassConfig
-from ..policy.base import Decision, MessageContext, MessageVerdict, Verdict
+from ..policy.base import Decision, MessageContext, MessageVerdict, StreamAsk, Verdict
 from .model import BreakerRecord
-from .rules import GATE_PREFIX, Exceeded, FanoutRule, GateRule, StreamRule, VolumeRule
-from .state import BreakerState, StreamTally
+from .rules import GATE_PREFIX, FanoutRule, GateRule, StreamRule, VolumeRule
+from .state import BreakerState
+from .tally import Bound, Counted, CountRequest, exceeded
 
 _PASS = Decision(Verdict.PASS, "pass", "no policy objected", replies.RECIPIENT_OK)
 
@@ -51,58 +58,82 @@ class BreakerPolicy:
                 rules.append(GateRule(name, klass.approval_after, klass.shadow or shadow_all))
             rules += volume
             if klass.fanout_limit > 0:
-                rules.append(FanoutRule(name, klass.fanout_limit, config.shadow or klass.shadow or shadow_all))
+                rules.append(FanoutRule(klass.fanout_limit, config.shadow or klass.shadow or shadow_all))
             self._rules[name] = tuple(rules)
         self._unknown_class_rules: tuple[StreamRule, ...] = tuple(volume)
 
-    def check_message(self, message: MessageContext) -> MessageVerdict | None:
+    def check_message(self, message: MessageContext) -> MessageVerdict | StreamAsk[MessageVerdict] | None:
         if not message.recipients:
             return None
-        state, now = self._state, message.now
         rules = self._rules.get(message.message_class, self._unknown_class_rules)
-        trip = state.trips.get(message.stream)
+        trip = self._state.trips.get(message.stream)
         if trip is None and not rules:
             return None
         if trip is not None and trip.status == "cancelled":
-            state.decided("reject", trip.rule, message.message_class, len(message.recipients))
-            return MessageVerdict(message=Decision(
-                Verdict.REJECT, trip.rule, "the stream was cancelled by an administrator", replies.STREAM_CANCELLED))
-        tally = state.tally(message.stream, message.sender, message.message_class, now)
-        cap = self._cap(message.sender, rules, trip)
-        counts_bodies = any(isinstance(rule, FanoutRule) for rule in rules)
+            return self._cancelled(message, trip)
+        request = CountRequest(
+            stream=message.stream, recipients=tuple(r.key_hash for r in message.recipients),
+            body=message.body_hash if any(rule.measure == "body" for rule in rules) else None,
+            now=message.now, window=self._config.window, stream_idle=self._config.stream_idle,
+            cap=self._cap(message.sender, rules, trip), carry=self._state.carry(message.stream, message.now),
+            basis=None if trip is None else trip.decided_at, bounds=self._bounds(message.sender, rules, trip))
+        shadowed = _limits(message.sender, rules, shadow=True)
+        held = trip if trip is not None and trip.status == "tripped" else None
+        return StreamAsk(request, lambda counted: self._answer(message, shadowed, trip, counted),
+                         None if held is None else lambda: self._hold_all(message, held))
+
+    def _answer(self, message: MessageContext, shadowed: tuple[Bound, ...], known: BreakerRecord | None,
+                counted: Counted) -> MessageVerdict | None:
+        """The decisions the counts mean. ``shadowed``: the limits of the rules in shadow mode;
+        ``known``: the stream's trip when the count was asked."""
+        state, now = self._state, message.now
+        active = state.counted(message.stream, message.sender, message.message_class, counted)
+        trip: BreakerRecord | None
+        if counted.trip is not None and counted.claimed is not None:
+            trip = state.trip(message.stream, active, counted.trip, counted.size[counted.claimed], now)
+            first = counted.claimed
+        elif counted.trip is not None:
+            trip, first = state.adopt(message.stream, active, counted.trip, counted.size[-1], now), 0
+        else:
+            trip = state.trips.get(message.stream)
+            first = 0 if trip is not None and trip.status == "tripped" else len(message.recipients)
+        if trip is not None and trip.status == "cancelled":  # an admin cancelled it while it was counted
+            return self._cancelled(message, trip)
         decisions: dict[str, Decision] = {}
-        for recipient in message.recipients:
-            tally.add(recipient.key_hash, now, self._config.window, cap)
-            body_recipients = (state.add_body(message.stream, message.body_hash, recipient.key_hash, now, cap)
-                               if counts_bodies else 0)
-            trip = self._advance(tally, state.trips.get(message.stream), rules, body_recipients, now)
-            if trip is not None and trip.status == "tripped":
+        for position, recipient in enumerate(message.recipients):
+            if position >= first and trip is not None and trip.status == "tripped":
                 decisions[recipient.mailbox.text] = self._decision(trip)
-            elif trip is None and message.stream in state.shadow_trips:
-                would = self._shadow_decision(state.shadow_trips[message.stream], tally)
-                decisions[recipient.mailbox.text] = Decision(
-                    _PASS.verdict, _PASS.rule, _PASS.reason, _PASS.reply, shadowed=(would,))
+            elif known is None:
+                would = self._shadow_trip(message, shadowed, counted, position)
+                if would is not None:
+                    decisions[recipient.mailbox.text] = Decision(
+                        _PASS.verdict, _PASS.rule, _PASS.reason, _PASS.reply, shadowed=(would,))
         return self._verdict(message, decisions)
 
-    def _advance(self, tally: StreamTally, trip: BreakerRecord | None, rules: tuple[StreamRule, ...],
-                 body_recipients: int, now: float) -> BreakerRecord | None:
-        """The stream's trip after counting one more recipient (tripping it if needed)."""
-        if trip is not None:
-            if trip.status == "approved" and tally.size > (trip.ceiling or 0):
-                return self._state.trip(tally, trip.rule, trip.ceiling or 0, now)
-            return trip
-        shadowed: Exceeded | None = None
-        for rule in rules:
-            exceeded = rule.exceeded(tally, body_recipients, now)
-            if exceeded is None:
-                continue
-            if not rule.shadow:
-                self._state.shadow_trips.pop(tally.stream, None)
-                return self._state.trip(tally, exceeded.rule, exceeded.threshold, now)
-            shadowed = shadowed or exceeded
-        if shadowed is not None and tally.stream not in self._state.shadow_trips:
-            self._state.shadow_trips[tally.stream] = shadowed.rule
-        return None
+    def _shadow_trip(self, message: MessageContext, shadowed: tuple[Bound, ...], counted: Counted,
+                     position: int) -> Decision | None:
+        """What the stream's shadow trip would do with the recipient at ``position`` (tripping
+        it in shadow if a rule in shadow mode is exceeded there first)."""
+        shadow_trips = self._state.shadow_trips
+        if message.stream not in shadow_trips:
+            bound = exceeded(shadowed, counted.window[position], counted.size[position], counted.body[position])
+            if bound is None:
+                return None
+            shadow_trips[message.stream] = bound.rule
+        rule = shadow_trips[message.stream]
+        why = f"stream would be paused by {rule} ({counted.size[position]} recipients so far)"
+        if self._holds(rule):
+            return Decision(Verdict.HOLD, rule, why, replies.HELD_FOR_REVIEW)
+        return Decision(Verdict.DEFER, rule, why, replies.BREAKER_DEFERRED)
+
+    def _hold_all(self, message: MessageContext, trip: BreakerRecord) -> MessageVerdict | None:
+        """Without counts: a stream this guard knows to be tripped waits all the same."""
+        return self._verdict(message, {r.mailbox.text: self._decision(trip) for r in message.recipients})
+
+    def _cancelled(self, message: MessageContext, trip: BreakerRecord) -> MessageVerdict:
+        self._state.decided("reject", trip.rule, message.message_class, len(message.recipients))
+        return MessageVerdict(message=Decision(
+            Verdict.REJECT, trip.rule, "the stream was cancelled by an administrator", replies.STREAM_CANCELLED))
 
     def _verdict(self, message: MessageContext, decisions: dict[str, Decision]) -> MessageVerdict | None:
         if not decisions:
@@ -124,14 +155,18 @@ class BreakerPolicy:
             return Decision(Verdict.HOLD, trip.rule, why, replies.HELD_FOR_REVIEW)
         return Decision(Verdict.DEFER, trip.rule, why, replies.BREAKER_DEFERRED)
 
-    def _shadow_decision(self, rule: str, tally: StreamTally) -> Decision:
-        why = f"stream would be paused by {rule} ({tally.size} recipients so far)"
-        if self._holds(rule):
-            return Decision(Verdict.HOLD, rule, why, replies.HELD_FOR_REVIEW)
-        return Decision(Verdict.DEFER, rule, why, replies.BREAKER_DEFERRED)
-
     def _holds(self, rule: str) -> bool:
         return rule.startswith(GATE_PREFIX) or self._config.action == "hold"
+
+    @staticmethod
+    def _bounds(sender: str, rules: tuple[StreamRule, ...], trip: BreakerRecord | None) -> tuple[Bound, ...]:
+        """What trips the stream with this message: the enforced rules' limits; for an approved
+        stream its ceiling, under the rule that tripped it; nothing more for a tripped one."""
+        if trip is None:
+            return _limits(sender, rules, shadow=False)
+        if trip.status == "approved":
+            return (Bound(trip.rule, "size", trip.ceiling or 0),)
+        return ()
 
     @staticmethod
     def _cap(sender: str, rules: tuple[StreamRule, ...], trip: BreakerRecord | None) -> int:
@@ -140,3 +175,8 @@ class BreakerPolicy:
         if trip is not None and trip.ceiling:
             limits.append(trip.ceiling)
         return 2 * max(limits, default=0) + 1000
+
+
+def _limits(sender: str, rules: tuple[StreamRule, ...], shadow: bool) -> tuple[Bound, ...]:
+    """The limits of the rules enforced (or, with ``shadow``, in shadow mode), in check order."""
+    return tuple(Bound(rule.rule, rule.measure, rule.limit(sender)) for rule in rules if rule.shadow == shadow)

@@ -1,17 +1,21 @@
 """When a stream trips: the volume breaker, approval gates and the fan-out detector.
 
-Each rule looks at a stream's tally (and, for the fan-out detector, the current body's
-recipient count) and answers with the limit the stream exceeded, or None. They only compare
-numbers; the breaker policy (``policy.py``) owns what a trip means for the mail.
+Each rule names one of the stream's counts (``tally.Measure``) and the largest value of it
+that it lets through: the volume breaker the distinct recipients within the window, an
+approval gate the stream's audience, the fan-out detector the recipients of one exact body.
+A stream trips at the first recipient whose count exceeds an enforced rule's limit. The
+comparison itself is made where the counts are kept (``tally.py``, in memory or in Redis), so
+that a trip is claimed once however many guards count the stream; the rules only say what to
+compare, and the breaker policy (``policy.py``) owns what a trip means for the mail.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from ..config import BreakerConfig
-from .state import BreakerState, StreamTally
+from .state import BreakerState
+from .tally import Measure
 
 VOLUME_RULE = "breaker.volume"
 FANOUT_RULE = "breaker.fanout"
@@ -34,21 +38,13 @@ def cancelling_rules(rule: str, message_class: str, rate_limit_names: Sequence[s
     return holding_rules(rule, message_class) + tuple(f"ratelimit.{name}" for name in rate_limit_names)
 
 
-@dataclass(frozen=True)
-class Exceeded:
-    rule: str
-    threshold: int
-    reason: str
-
-
 class StreamRule(Protocol):
     rule: str
     shadow: bool
+    measure: Measure
 
     def limit(self, sender: str) -> int:
-        """The largest count this rule lets through (to bound what the tally remembers)."""
-
-    def exceeded(self, tally: StreamTally, body_recipients: int, now: float) -> Exceeded | None: ...
+        """The largest value of ``measure`` this rule lets through; one more trips the stream."""
 
 
 class VolumeRule:
@@ -56,58 +52,33 @@ class VolumeRule:
     sender's learned baseline), and against the absolute ceiling."""
 
     rule = VOLUME_RULE
+    measure: Measure = "window"
 
     def __init__(self, config: BreakerConfig, state: BreakerState, shadow: bool) -> None:
         self._config = config
         self._state = state
         self.shadow = shadow
 
-    def threshold(self, sender: str) -> tuple[int, float | None]:
-        baseline = self._state.baseline(sender)
-        if baseline is None:
-            return self._config.floor, None
-        return max(self._config.floor, int(self._config.factor * baseline)), baseline
-
     def limit(self, sender: str) -> int:
-        threshold, _ = self.threshold(sender)
+        baseline = self._state.baseline(sender)
+        threshold = self._config.floor if baseline is None else max(self._config.floor,
+                                                                    int(self._config.factor * baseline))
         return min(threshold, self._config.ceiling) if self._config.ceiling else threshold
-
-    def exceeded(self, tally: StreamTally, body_recipients: int, now: float) -> Exceeded | None:
-        count = tally.in_window(now, self._config.window)
-        threshold, baseline = self.threshold(tally.sender)
-        ceiling = self._config.ceiling
-        if ceiling and count > ceiling and ceiling < threshold:
-            return Exceeded(self.rule, ceiling, f"stream reached {count} recipients, over the ceiling of {ceiling}")
-        if count <= threshold:
-            return None
-        if baseline is None:
-            why = f"the floor of {threshold} (no baseline for this sender yet)"
-        elif threshold == self._config.floor:
-            why = f"the floor of {threshold} (sender's baseline {baseline:.0f})"
-        else:
-            why = f"{self._config.factor:g}x the sender's baseline of {baseline:.0f}"
-        return Exceeded(self.rule, threshold, f"stream reached {count} recipients within "
-                                              f"{_duration(self._config.window)}, over {why}")
 
 
 class GateRule:
     """A sensitive class: each stream sends at most ``approval_after`` recipients before an
     admin has seen the audience and samples (docs/design.md, second incident)."""
 
+    measure: Measure = "size"
+
     def __init__(self, message_class: str, approval_after: int, shadow: bool) -> None:
         self.rule = gate_rule(message_class)
-        self._class = message_class
         self._after = approval_after
         self.shadow = shadow
 
     def limit(self, sender: str) -> int:
         return self._after
-
-    def exceeded(self, tally: StreamTally, body_recipients: int, now: float) -> Exceeded | None:
-        if tally.size <= self._after:
-            return None
-        return Exceeded(self.rule, self._after, f"class {self._class} needs an admin's approval after "
-                                                f"{self._after} recipient(s) per stream")
 
 
 class FanoutRule:
@@ -115,24 +86,11 @@ class FanoutRule:
     recipients is someone's mail going to everyone ("the same partner id in thousands")."""
 
     rule = FANOUT_RULE
+    measure: Measure = "body"
 
-    def __init__(self, message_class: str, limit: int, shadow: bool) -> None:
-        self._class = message_class
+    def __init__(self, limit: int, shadow: bool) -> None:
         self._limit = limit
         self.shadow = shadow
 
     def limit(self, sender: str) -> int:
         return self._limit
-
-    def exceeded(self, tally: StreamTally, body_recipients: int, now: float) -> Exceeded | None:
-        if body_recipients <= self._limit:
-            return None
-        return Exceeded(self.rule, self._limit, f"the same body of personal class {self._class} went to more "
-                                                f"than {self._limit} recipients")
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"

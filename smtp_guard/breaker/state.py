@@ -1,34 +1,31 @@
-"""The hot state of the volume breaker, approval gates and fan-out detector, in memory.
+"""The breaker's state in one guard: trips, shadow trips, learned baselines, and the streams it
+counts.
 
-Policies read and update it synchronously at the end of DATA (no I/O on the hot path); the
-breaker sync task (``sync.py``) persists trips and learned baselines and reads admin
-decisions back. Per stream it keeps:
+The breaker policy reads and updates it synchronously at the end of DATA; the breaker sync task
+(``sync.py``) persists trips and learned baselines and reads admin decisions, and trips made by
+other guards, back. The counts themselves are kept by ``tallies`` (``tally.py``): in this
+process, or in Redis for every guard instance. Here:
 
-* a **tally**: the recipients seen (64-bit key hashes, with the time each was last seen, for
-  the sliding window) and the stream's size (distinct recipients since it started). Memory is
-  bounded: past ``cap`` remembered recipients — far past every limit — new ones are only
-  counted (``overflow``), so a runaway stream of millions costs a counter, not a set;
-* a **trip** (``BreakerRecord``) once a rule tripped: tripped, approved (with a ceiling) or
-  cancelled. Trips are few (each is an incident) and stay in memory;
-* for personal classes, per body hash, the distinct recipients of that exact body (bounded
-  to the most recent ``MAX_BODIES`` bodies within the window).
-
-Baselines (a sender's usual stream size) are learned when a stream has been idle for
-``stream_idle``: its size is folded into an exponentially decayed average.
+* **trips** (``BreakerRecord``): tripped, approved (with a ceiling) or cancelled. Trips are
+  few (each is an incident) and stay in memory. A trip this guard claimed is reported (metrics,
+  audit trail); one another guard claimed is only adopted — it was reported there;
+* **shadow trips**: rules in shadow mode that would have tripped a stream, reported with each
+  later recipient; never enforced or persisted, and each guard's own;
+* **active streams**: the ones this guard has counted and not seen end — with the sender and
+  class of the first message it counted (for the trip record and the baseline), and the time
+  and audience of the last count;
+* **baselines**: a sender's usual stream size, learned when a stream has been idle for
+  ``stream_idle`` — its size is folded into an exponentially decayed average.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field, replace
-from typing import Iterable, Protocol
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping, Protocol
 
 from ..config import BreakerConfig
 from .model import Baseline, BreakerRecord
-
-# Bodies remembered for the fan-out detector. A fan-out is the same body many times in a short
-# while, so evicting bodies seen once long ago loses nothing.
-MAX_BODIES = 100_000
+from .tally import Counted, Ending, MemoryTallies, StreamTallies, Trip, version
 
 
 class BreakerObserver(Protocol):
@@ -40,115 +37,105 @@ class BreakerObserver(Protocol):
 
 
 @dataclass
-class StreamTally:
-    stream: str
+class ActiveStream:
     sender: str
     message_class: str
-    last_seen: float
-    size: int = 0  # distinct recipients since the stream started: the audience size
-    overflow: int = 0  # new recipients counted but not remembered (past the cap)
-    _seen: OrderedDict[int, float] = field(default_factory=OrderedDict, repr=False)  # key hash -> last seen
-
-    def add(self, key_hash: int, now: float, window: float, cap: int) -> bool:
-        """Count one recipient; True when it is new to the stream."""
-        self.last_seen = now
-        self._forget_before(now - window)
-        if key_hash in self._seen:
-            self._seen[key_hash] = now
-            self._seen.move_to_end(key_hash)
-            return False
-        if len(self._seen) < cap:
-            self._seen[key_hash] = now
-        else:
-            self.overflow += 1
-        self.size += 1
-        return True
-
-    def in_window(self, now: float, window: float) -> int:
-        """Distinct recipients seen within the window (approximate once past the cap)."""
-        self._forget_before(now - window)
-        return len(self._seen) + self.overflow
-
-    def _forget_before(self, horizon: float) -> None:
-        while self._seen:
-            key, seen = next(iter(self._seen.items()))
-            if seen >= horizon:
-                return
-            del self._seen[key]
+    last_seen: float  # the tally's time at the last count (or as ``finish`` last found it)
+    size: int  # the audience after the last count
 
 
-@dataclass
-class _Body:
-    last_seen: float
-    recipients: set[int] = field(default_factory=set)
+@dataclass(frozen=True)
+class Ended:
+    """Streams that ended: ``learn`` (sender, audience) of each one this guard finished and
+    that went out; the senders of streams another guard finished (``elsewhere``)."""
+
+    learn: tuple[tuple[str, int], ...]
+    elsewhere: frozenset[str]
 
 
 class BreakerState:
-    def __init__(self, config: BreakerConfig, observer: BreakerObserver | None = None) -> None:
+    def __init__(self, config: BreakerConfig, observer: BreakerObserver | None = None,
+                 tallies: StreamTallies | None = None) -> None:
+        """``tallies``: where streams are counted (Redis, shared by every guard instance); by
+        default in this process."""
         self.config = config
-        self.tallies: dict[str, StreamTally] = {}
+        self.tallies: StreamTallies = tallies if tallies is not None else MemoryTallies()
+        self.active: dict[str, ActiveStream] = {}
         self.trips: dict[str, BreakerRecord] = {}
         # Trips of rules in shadow mode: never enforced or persisted, only reported.
         self.shadow_trips: dict[str, str] = {}  # stream -> rule
         self.baselines: dict[str, Baseline] = {}
         self.observer = observer
-        self._bodies: OrderedDict[tuple[str, str], _Body] = OrderedDict()
         self._dirty: set[str] = set()
 
     def __repr__(self) -> str:
-        return (f"<BreakerState streams={len(self.tallies)} tripped={self.tripped_count()} "
-                f"baselines={len(self.baselines)} bodies={len(self._bodies)}>")
+        return (f"<BreakerState streams={len(self.active)} tripped={self.tripped_count()} "
+                f"baselines={len(self.baselines)} {self.tallies!r}>")
 
     # --- hot path (synchronous) ----------------------------------------------------------
 
-    def tally(self, stream: str, sender: str, message_class: str, now: float) -> StreamTally:
-        tally = self.tallies.get(stream)
-        if tally is None:
-            trip = self.trips.get(stream)
-            # A tripped stream's audience keeps growing across restarts and pauses; an
-            # approved one that went idle starts a new send under its ceiling.
-            size = 0
-            if trip is not None and (trip.status != "approved" or now - trip.updated_at < self.config.stream_idle):
-                size = trip.recipients
-            tally = self.tallies[stream] = StreamTally(stream, sender, message_class, now, size=size)
-        return tally
+    def carry(self, stream: str, now: float) -> int:
+        """The audience a new tally of ``stream`` starts from."""
+        trip = self.trips.get(stream)
+        # A tripped stream's audience keeps growing across restarts and pauses; an approved one
+        # that went idle starts a new send under its ceiling.
+        if trip is not None and (trip.status != "approved" or now - trip.updated_at < self.config.stream_idle):
+            return trip.recipients
+        return 0
 
-    def add_body(self, stream: str, body_hash: str, key_hash: int, now: float, cap: int) -> int:
-        """Count one recipient of one exact body; returns the body's distinct recipients."""
-        horizon = now - self.config.window
-        while self._bodies and (len(self._bodies) >= MAX_BODIES or next(iter(self._bodies.values())).last_seen < horizon):
-            self._bodies.popitem(last=False)
-        key = (stream, body_hash)
-        body = self._bodies.get(key)
-        if body is None:
-            body = self._bodies[key] = _Body(now)
-        body.last_seen = now
-        self._bodies.move_to_end(key)
-        if len(body.recipients) < cap:
-            body.recipients.add(key_hash)
-        return len(body.recipients)
+    def counted(self, stream: str, sender: str, message_class: str, counted: Counted) -> ActiveStream:
+        """One message of ``stream`` was counted."""
+        active = self.active.get(stream)
+        if active is None:
+            active = self.active[stream] = ActiveStream(sender, message_class, counted.last_seen, counted.size[-1])
+        else:
+            active.last_seen, active.size = counted.last_seen, counted.size[-1]
+        return active
 
     def baseline(self, sender: str) -> float | None:
         known = self.baselines.get(sender)
         return None if known is None else known.baseline
 
-    def trip(self, tally: StreamTally, rule: str, threshold: int, now: float) -> BreakerRecord:
-        """The stream tripped (first time, or again past an approved ceiling)."""
-        previous = self.trips.get(tally.stream)
+    def trip(self, stream: str, active: ActiveStream, trip: Trip, recipients: int, now: float) -> BreakerRecord:
+        """This guard's count tripped the stream (first time, or again past an approved
+        ceiling): recorded and reported, once for all guards."""
+        previous = self.trips.get(stream)
+        if previous is not None and version(previous.decided_at) > version(trip.basis):
+            return previous  # an admin decided while the count was on its way: the decision stands
         record = BreakerRecord(
-            stream=tally.stream, rule=rule if previous is None else previous.rule, sender=tally.sender,
-            message_class=tally.message_class, status="tripped", threshold=threshold,
-            ceiling=None if previous is None else previous.ceiling, recipients=tally.size, tripped_at=now,
-            updated_at=now,
+            stream=stream, rule=trip.rule, sender=active.sender, message_class=active.message_class,
+            status="tripped", threshold=trip.threshold, ceiling=None if previous is None else previous.ceiling,
+            recipients=recipients, tripped_at=trip.at, updated_at=now,
             # The decision this trip is based on: the store keeps a newer one if an admin made it.
             decided_by="" if previous is None else previous.decided_by,
             decided_at=None if previous is None else previous.decided_at,
         )
-        self.trips[tally.stream] = record
-        self._dirty.add(tally.stream)
+        self._enforce(record)
         if self.observer is not None:
             self.observer.tripped(record)
         return record
+
+    def adopt(self, stream: str, active: ActiveStream, trip: Trip, recipients: int, now: float) -> BreakerRecord:
+        """Another guard's count tripped the stream (it reported the trip): in force here too,
+        from this message on."""
+        known = self.trips.get(stream)
+        if known is not None and (known.status != "approved" or version(known.decided_at) > version(trip.basis)):
+            return known  # tripped or cancelled here already, or decided since that trip
+        record = BreakerRecord(
+            stream=stream, rule=trip.rule, sender=active.sender, message_class=active.message_class,
+            status="tripped", threshold=trip.threshold, ceiling=None if known is None else known.ceiling,
+            recipients=recipients, tripped_at=trip.at, updated_at=now,
+            decided_by="" if known is None else known.decided_by,
+            decided_at=None if known is None else known.decided_at,
+        )
+        # Written to the store by this guard as well: the same record, whoever writes it first.
+        self._enforce(record)
+        return record
+
+    def _enforce(self, record: BreakerRecord) -> None:
+        self.trips[record.stream] = record
+        self.shadow_trips.pop(record.stream, None)
+        self._dirty.add(record.stream)
 
     def decided(self, verdict: str, rule: str, message_class: str, recipients: int) -> None:
         if self.observer is not None and recipients:
@@ -178,12 +165,24 @@ class BreakerState:
             decided_at=record.decided_at)
         return known
 
-    def dirty(self, now: float) -> list[BreakerRecord]:
-        """Trips whose counts changed since the last call, with their current audience size."""
-        for stream, trip in self.trips.items():
-            tally = self.tallies.get(stream)
-            if tally is not None and tally.size != trip.recipients:
-                self.trips[stream] = replace(trip, recipients=tally.size, updated_at=now)
+    def adopt_stored(self, record: BreakerRecord) -> None:
+        """A trip read from the store: another guard's, for a stream this guard may not have
+        counted since (or a re-trip past the ceiling of a decision it knows)."""
+        known = self.trips.get(record.stream)
+        if known is None or (known.status == "approved" and known.decided_at == record.decided_at):
+            self.trips[record.stream] = record
+            self.shadow_trips.pop(record.stream, None)
+
+    def counted_trips(self) -> list[str]:
+        """Tripped or decided streams this guard counts: their audience is its to write."""
+        return [stream for stream in self.trips if stream in self.active]
+
+    def dirty(self, now: float, sizes: Mapping[str, int]) -> list[BreakerRecord]:
+        """Trips whose counts changed since the last call, with ``sizes``, their audience now."""
+        for stream, size in sizes.items():
+            trip = self.trips.get(stream)
+            if trip is not None and size != trip.recipients:
+                self.trips[stream] = replace(trip, recipients=size, updated_at=now)
                 self._dirty.add(stream)
         records = [self.trips[stream] for stream in sorted(self._dirty) if stream in self.trips]
         self._dirty.clear()
@@ -193,20 +192,31 @@ class BreakerState:
         """Write these again next time (the store refused them)."""
         self._dirty.update(streams)
 
-    def finish_idle(self, now: float) -> list[Baseline]:
-        """Forget streams idle for ``stream_idle``; fold the size of each one that went out
-        (no trip, an approved one, or only a shadow trip) into its sender's baseline."""
-        learned: dict[str, Baseline] = {}
-        for stream, tally in list(self.tallies.items()):
-            if now - tally.last_seen < self.config.stream_idle:
+    def idle(self, now: float) -> list[str]:
+        """Streams whose last count here is ``stream_idle`` ago: maybe ended (``tallies.finish``)."""
+        return [stream for stream, active in self.active.items()
+                if now - active.last_seen >= self.config.stream_idle]
+
+    def ended(self, endings: Mapping[str, Ending]) -> Ended:
+        """Forget the streams that ended; those this guard finished and that went out (no trip,
+        an approved one, or only a shadow trip) teach their sender's baseline."""
+        learn: list[tuple[str, int]] = []
+        elsewhere: set[str] = set()
+        for stream, ending in endings.items():
+            active = self.active[stream]
+            if ending.state == "active":
+                active.last_seen = ending.last_seen  # counted by another guard since
                 continue
-            del self.tallies[stream]
+            del self.active[stream]
             self.shadow_trips.pop(stream, None)
+            if ending.state == "gone":
+                elsewhere.add(active.sender)
+                continue
             trip = self.trips.get(stream)
             if trip is not None and trip.status != "approved":
                 continue  # cancelled, or still waiting for an admin: not what the sender usually sends
-            learned[tally.sender] = self.learn(tally.sender, tally.size, now)
-        return list(learned.values())
+            learn.append((active.sender, ending.size))
+        return Ended(tuple(learn), frozenset(elsewhere))
 
     def learn(self, sender: str, size: int, now: float) -> Baseline:
         known = self.baselines.get(sender)
@@ -217,3 +227,10 @@ class BreakerState:
             baseline = Baseline(sender, (1 - rate) * known.baseline + rate * size, known.streams + 1, now)
         self.baselines[sender] = baseline
         return baseline
+
+    def take_baseline(self, stored: Baseline) -> None:
+        """A baseline read from the store: kept when it is newer than this guard's (another guard
+        learned from a stream since)."""
+        known = self.baselines.get(stored.sender)
+        if known is None or stored.updated_at > known.updated_at:
+            self.baselines[stored.sender] = stored

@@ -4,9 +4,10 @@ A policy is a small object with one synchronous ``check`` returning a Decision, 
 "no opinion" (Postfix DUNNO). Synchronous makes "no I/O on the hot path" structural: a policy
 compiles its configuration up front and only looks things up.
 
-A policy that counts (rate limits) needs the shared counters, which may be a network away
-(Redis). It still does no I/O: its ``check`` returns an ``Ask`` — the counter ``Request`` and
-how to read its settlement — and the pipeline settles it (docs/design.md, "Scale").
+A policy that counts needs the shared counters, which may be a network away (Redis). It still
+does no I/O: a rate limit's ``check`` returns an ``Ask`` — the counter ``Request`` and how to
+read its settlement — and the breaker's a ``StreamAsk`` — the stream's ``CountRequest`` and how
+to read the counts; the pipeline has either counted (docs/design.md, "Scale").
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Generic, Mapping, Protocol, TypeVar
 
 from ..addresses import Mailbox
+from ..breaker.tally import Counted, CountRequest
 from ..counters import Request, Settlement
 from ..erasure.model import Tombstone
 from ..replies import Reply
@@ -98,6 +100,18 @@ class Ask(Generic[_Opinion]):
     answer: Callable[[Settlement], _Opinion | None]
 
 
+@dataclass(frozen=True)
+class StreamAsk(Generic[_Opinion]):
+    """The breaker's question: count ``request`` into its stream (one round trip to Redis for
+    all of a message's recipients), then ``answer`` says what the counts mean. When they cannot
+    be had, ``without_counts`` (if any) decides with what the policy knows already — a stream it
+    knows to be tripped stays held — else the counters' failure does."""
+
+    request: CountRequest
+    answer: Callable[[Counted], _Opinion | None]
+    without_counts: Callable[[], _Opinion | None] | None = None
+
+
 class Policy(Protocol):
     """A recipient policy, asked at RCPT time."""
 
@@ -114,5 +128,6 @@ class MessagePolicy(Protocol):
     name: str
     shadow: bool
 
-    def check_message(self, message: MessageContext) -> MessageVerdict | Ask[MessageVerdict] | None:
+    def check_message(self, message: MessageContext,
+                      ) -> MessageVerdict | Ask[MessageVerdict] | StreamAsk[MessageVerdict] | None:
         """An opinion, None, or what to count first. Must not do I/O; may update in-memory state."""

@@ -25,9 +25,10 @@ from .suppression import MarketingSuppressionPolicy, SuppressionPolicy
 def default_pipeline(config: Config, tombstones: TombstoneIndex, suppressions: SuppressionIndex, *,
                      breakers: BreakerState | None = None, counters: RateCounters | None = None,
                      clock: Callable[[], float] = time.time) -> Pipeline:
-    """``breakers``: the running server's stream state (``suppress check`` passes none: a fresh one).
-    ``counters``: the running server's rate-limit buckets, read with ``clock``; None (``suppress
-    check``) leaves the rate limits out, so explaining a recipient never spends a token."""
+    """``breakers``: the running server's stream state, counting where its ``tallies`` are
+    (``suppress check`` passes none: a fresh one). ``counters``: the running server's rate-limit
+    buckets, read with ``clock``; None (``suppress check``) leaves the rate limits out, so
+    explaining a recipient never spends a token."""
     shadow_all = config.policy.shadow
     # Rate limits need the running server's counters; without them (``suppress check``, which
     # must not spend tokens) they are left out.
@@ -37,6 +38,7 @@ def default_pipeline(config: Config, tombstones: TombstoneIndex, suppressions: S
         rate_limits.append(RateLimitPolicy(config.rate_limits, clock, shadow_all))
         message_rate_limits.append(MessageRateLimitPolicy(config.rate_limits, shadow_all))
     suppression = SuppressionPolicy(suppressions, config.lists, shadow_all=shadow_all)
+    breakers = breakers or BreakerState(config.breaker)
     return Pipeline(
         [
             ErasurePolicy(tombstones, config.erasure.action),  # 1. erased
@@ -48,7 +50,7 @@ def default_pipeline(config: Config, tombstones: TombstoneIndex, suppressions: S
             MarketingSuppressionPolicy(suppression, config.lists, config.classify.default),  # 2b. marketing-only lists
             *message_rate_limits,  # 3. rate limits by stream, class or header
             # 3. approval gates, volume breaker, fan-out detector (held or deferred per stream)
-            BreakerPolicy(breakers or BreakerState(config.breaker), config.breaker, config.classes, shadow_all),
+            BreakerPolicy(breakers, config.breaker, config.classes, shadow_all),
         ],
-        counters=counters, on_counters_error=config.counters.on_error,
+        counters=counters, tallies=breakers.tallies, on_counters_error=config.counters.on_error,
     )

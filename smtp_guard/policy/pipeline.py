@@ -11,13 +11,15 @@ A policy that raises fails closed and temporary (451 4.3.5, like Postfix's
 ``smtpd_policy_service_default_action``): a broken policy must never let mail through, and
 must never make the platform drop it either.
 
-A counting policy answers with an ``Ask``; the pipeline settles its request with the rate
-counters and hands the settlement back. That one ``await`` is the only place a decision may
-wait for I/O (the counters in Redis), and it is why ``decide`` is a coroutine although every
-policy is synchronous. When the counters cannot be reached, the recipient (or the message) is
-deferred with 451 4.3.0 — or, with ``[counters] on_error = "allow"``, the counting policy is
-passed over and the deferral it would have meant is recorded as "would have" (logged,
-audited, counted), never silently.
+A counting policy answers with an ``Ask`` (rate limits) or a ``StreamAsk`` (the breaker); the
+pipeline settles it with the rate counters, or has it counted by the breaker's stream tallies,
+and hands the result back. That one ``await`` is the only place a decision may wait for I/O
+(the counters in Redis), and it is why ``decide`` is a coroutine although every policy is
+synchronous. When the counters cannot be reached, the recipient (or the message) is deferred
+with 451 4.3.0 — or, with ``[counters] on_error = "allow"``, the counting policy is passed over
+and the deferral it would have meant is recorded as "would have" (logged, audited, counted),
+never silently. A ``StreamAsk`` may decide without the counts instead (a stream the guard knows
+to be tripped stays held).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence, TypeVar
 
 from .. import replies
+from ..breaker.tally import StreamTallies
 from ..config import CountersOnError
 from ..counters import CountersUnavailable, RateCounters
-from .base import Ask, Decision, MessageContext, MessagePolicy, MessageVerdict, Policy, RecipientContext, Verdict
+from .base import (Ask, Decision, MessageContext, MessagePolicy, MessageVerdict, Policy, RecipientContext, StreamAsk,
+                   Verdict)
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +51,12 @@ def _failed(name: str) -> Decision:
 def _unavailable(name: str, error: CountersUnavailable, on_error: CountersOnError) -> Decision:
     """The decision a counting policy could not reach: enforced (``defer``), or only reported."""
     if on_error == "allow":
-        log.warning("policy %s: rate counters unavailable (%s); letting the mail through uncounted "
+        log.warning("policy %s: counters unavailable (%s); letting the mail through uncounted "
                     "([counters] on_error = \"allow\")", name, error)
-        reason = f"rate counters unavailable ({error}); not counted, allowed by [counters] on_error"
+        reason = f"counters unavailable ({error}); not counted, allowed by [counters] on_error"
     else:
-        log.error("policy %s: rate counters unavailable (%s); deferring (451 4.3.0)", name, error)
-        reason = f"rate counters unavailable ({error})"
+        log.error("policy %s: counters unavailable (%s); deferring (451 4.3.0)", name, error)
+        reason = f"counters unavailable ({error})"
     return Decision(Verdict.DEFER, "counters.unavailable", reason, replies.COUNTERS_UNAVAILABLE)
 
 
@@ -67,18 +71,35 @@ class MessageOutcome:
 
 class Pipeline:
     def __init__(self, policies: Sequence[Policy], message_policies: Sequence[MessagePolicy] = (), *,
-                 counters: RateCounters | None = None, on_counters_error: CountersOnError = "defer") -> None:
-        """``counters``: what the counting policies' asks are settled with (they fail closed
-        without); ``on_counters_error``: ``[counters] on_error``."""
+                 counters: RateCounters | None = None, tallies: StreamTallies | None = None,
+                 on_counters_error: CountersOnError = "defer") -> None:
+        """``counters``: what the rate limits' asks are settled with; ``tallies``: where the
+        breaker's streams are counted (a policy asking for either fails closed without it);
+        ``on_counters_error``: ``[counters] on_error``."""
         self.policies = tuple(policies)
         self.message_policies = tuple(message_policies)
         self._counters = counters
+        self._tallies = tallies
         self._on_counters_error: CountersOnError = on_counters_error
 
-    async def _settle(self, ask: Ask[_Opinion]) -> _Opinion | None:
+    async def _settle(self, name: str, ask: Ask[_Opinion] | StreamAsk[_Opinion]) -> _Opinion | None:
+        if isinstance(ask, StreamAsk):
+            return await self._count(name, ask)
         if self._counters is None:
             raise RuntimeError("a counting policy in a pipeline built without rate counters")
         return ask.answer(await self._counters.settle(ask.request, ask.now))
+
+    async def _count(self, name: str, ask: StreamAsk[_Opinion]) -> _Opinion | None:
+        if self._tallies is None:
+            raise RuntimeError("a counting policy in a pipeline built without stream tallies")
+        try:
+            counted = await self._tallies.count(ask.request)
+        except CountersUnavailable as error:
+            if ask.without_counts is None:
+                raise
+            log.warning("policy %s: counters unavailable (%s); deciding with what this guard knows", name, error)
+            return ask.without_counts()
+        return ask.answer(counted)
 
     async def decide(self, recipient: RecipientContext) -> Decision:
         shadowed: list[Decision] = []
@@ -87,7 +108,7 @@ class Pipeline:
             try:
                 decision = policy.check(recipient)
                 if isinstance(decision, Ask):
-                    decision = await self._settle(decision)
+                    decision = await self._settle(policy.name, decision)
             except CountersUnavailable as error:
                 decision = _unavailable(policy.name, error, self._on_counters_error)
                 if self._on_counters_error == "allow":
@@ -117,8 +138,8 @@ class Pipeline:
         for policy in self.message_policies:
             try:
                 verdict = policy.check_message(remaining)
-                if isinstance(verdict, Ask):
-                    verdict = await self._settle(verdict)
+                if isinstance(verdict, (Ask, StreamAsk)):
+                    verdict = await self._settle(policy.name, verdict)
             except CountersUnavailable as error:
                 unavailable = _unavailable(policy.name, error, self._on_counters_error)
                 if self._on_counters_error == "allow":

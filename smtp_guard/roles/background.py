@@ -3,7 +3,8 @@ held mail, the breaker's sync with the store, statistics from the store, the rea
 (store, rate counters, upstream) and the metrics and health listener.
 
 It also owns the breaker's stream state: the end-of-DATA decisions of every worker are taken
-against it, so a stream spread over several workers is counted once.
+against it, so a stream spread over several workers is counted once — in its memory, or in
+Redis with ``[counters] url``, where several guard instances count it once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..backends import Backends
 from ..audit_model import AuditRecord
 from ..breaker.state import BreakerState
 from ..breaker.sync import BreakerReport, BreakerSync
+from ..breaker.tally import StreamTallies
 from ..change_sync import Step
 from ..config import Config
 from ..hold.worker import ReleaseWorker
@@ -39,7 +41,8 @@ LIST_SIZES_INTERVAL = 60.0
 class Background:
     def __init__(self, config: Config, backends: Backends, enforcement: Enforcement, upstream: Upstream,
                  metrics: Metrics, readiness: Readiness, http: HTTPListener,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, tallies: StreamTallies | None = None) -> None:
+        """``tallies``: where the breaker counts streams (``backends.stream_tallies``)."""
         self._config = config
         self._backends = backends
         self._enforcement = enforcement
@@ -47,7 +50,7 @@ class Background:
         self._readiness = readiness
         self._clock = clock
         self.http = http
-        self.breaker_state = BreakerState(config.breaker, BreakerReport(metrics, enforcement.audit.record))
+        self.breaker_state = BreakerState(config.breaker, BreakerReport(metrics, enforcement.audit.record), tallies)
         self.breaker_sync = BreakerSync(self.breaker_state, backends.breakers, backends.holds, metrics,
                                         enforcement.audit.record, config.store.reload_interval, clock=clock,
                                         rate_limit_names=[limit.name for limit in config.rate_limits])
