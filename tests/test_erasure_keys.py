@@ -11,6 +11,7 @@ import logging
 import re
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -363,3 +364,14 @@ def test_the_data_directory_is_the_one_directory_created_for_the_key_file(tmp_pa
     with pytest.raises(ErasureKeyError, match=re.escape(f"the directory {tmp_path / 'other'} does not exist")):
         create_key_ring(tmp_path / "other" / "erasure.key", data_dir=data)
     assert not (tmp_path / "other").exists()
+
+
+def test_guards_creating_the_key_at_once_on_one_directory_end_up_with_one_key(tmp_path: Path) -> None:
+    """Two instances started together on a shared directory: the first key file written wins,
+    the others load it (an earlier fixed temporary name made the second start fail)."""
+    path = tmp_path / "data" / "erasure.key"
+    path.parent.mkdir(mode=0o700)
+    with ThreadPoolExecutor(8) as pool:
+        rings = list(pool.map(lambda _: create_key_ring(path, path.parent), range(16)))
+    assert len({ring.primary.id for ring in rings}) == 1
+    assert [p.name for p in path.parent.iterdir()] == ["erasure.key"]  # no temporary left behind

@@ -127,18 +127,26 @@ def load_key_ring(path: Path) -> KeyRing:
     return KeyRing(path, keys)
 
 
-def _write_key_file(path: Path, keys: tuple[ErasureKey, ...]) -> None:
+def _write_key_file(path: Path, keys: tuple[ErasureKey, ...], *, exclusive: bool = False) -> None:
+    """Write the file whole or not at all (a temporary of this process's own, then renamed).
+    ``exclusive``: never over an existing file (FileExistsError): two instances starting at
+    once on a shared directory must end up with one key, not each with its own."""
     payload = json.dumps({"keys": [
         {"id": k.id, "created_at": k.created_at, "secret": base64.b64encode(k.secret).decode()} for k in keys
     ]}, indent=2)
-    temporary = path.with_name(path.name + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(descriptor, 0o600)  # a left-over temporary file keeps its old mode through O_TRUNC
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if exclusive:
+            os.link(temporary, path)  # fails if the file exists: the first writer wins
+        else:
+            os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def new_key(now: float | None = None) -> ErasureKey:
@@ -165,7 +173,10 @@ def create_key_ring(path: Path, data_dir: Path | None = None) -> KeyRing:
         directory.mkdir(parents=True, mode=0o700)
         os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
     key = new_key()
-    _write_key_file(path, (key,))
+    try:
+        _write_key_file(path, (key,), exclusive=True)
+    except FileExistsError:  # another guard on this directory made it a moment ago: use that one
+        return load_key_ring(path)
     return KeyRing(path, [key])
 
 
