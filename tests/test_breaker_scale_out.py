@@ -22,7 +22,7 @@ from smtp_guard.app import Guard
 from smtp_guard.audit_model import AuditFilter
 from smtp_guard.cli.main import main
 
-from conftest import wait_until
+from conftest import store_toml_of, wait_until
 from smtp_client import message, send
 
 SENDER = "news@shop.test"
@@ -55,7 +55,7 @@ async def two_guards(start_guard: Callable[..., Awaitable[Guard]], redis_server:
                                 "smtp": {"max_recipients": 1000}, **overrides}
     first = await start_guard(clock, **settings)
     second = await start_guard(clock, **settings)
-    assert first.config.store.path == second.config.store.path and first.smtp_address != second.smtp_address
+    assert first.config.store == second.config.store and first.smtp_address != second.smtp_address
     return first, second
 
 
@@ -84,7 +84,7 @@ async def held(guard: Guard, stream: str = STREAM) -> int:
 async def admin(tmp_path: Path, guard: Guard, *args: str) -> str:
     """A CLI command on the guards' store, as an admin types it."""
     config_file = tmp_path / "smtp-guard.toml"
-    config_file.write_text(f'[store]\npath = "{guard.config.store.path}"\n')
+    config_file.write_text(f'[store]\n{store_toml_of(guard.config)}')
     result = await asyncio.to_thread(CliRunner().invoke, main, [*args, "--config", str(config_file)],
                                      env={"SMTP_GUARD_CONFIG": None})
     assert result.exit_code == 0, result.output
