@@ -16,7 +16,7 @@ import os
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from .addresses import AddressNormalizer
 from .audit_model import AuditStore
@@ -36,15 +36,6 @@ from .hold.model import HoldStore
 from .store.base import StoreError
 from .services.context import AdminContext
 from .suppression_model import SuppressionStore
-from .store.copy import CopiedTable, copy_store
-from .store.postgres.audit import PostgresAuditStore
-from .store.postgres.breakers import PostgresBreakerStore
-from .store.postgres.changes import PostgresChangeStore
-from .store.postgres.db import PostgresDatabase
-from .store.postgres.erasure import PostgresErasureStore
-from .store.postgres.holds import PostgresHoldStore
-from .store.postgres.schema import Migration
-from .store.postgres.suppressions import PostgresSuppressionStore
 from .store.sqlite.audit import SQLiteAuditStore
 from .store.sqlite.breakers import SQLiteBreakerStore
 from .store.sqlite.changes import SQLiteChangeStore
@@ -52,6 +43,11 @@ from .store.sqlite.db import Database
 from .store.sqlite.erasure import SQLiteErasureStore
 from .store.sqlite.holds import SQLiteHoldStore
 from .store.sqlite.suppressions import SQLiteSuppressionStore
+
+if TYPE_CHECKING:  # imported where a PostgreSQL store is used: psycopg costs every process memory
+    from .store.copy import CopiedTable
+    from .store.postgres.db import PostgresDatabase
+    from .store.postgres.schema import Migration
 
 
 @dataclass(frozen=True)
@@ -76,6 +72,13 @@ async def open_stores(config: Config, *, migrate: bool, metrics: Metrics | None 
     if config.store.is_postgresql:
         if migrate:
             make_private_directory(config.store.data_dir)
+        from .store.postgres.audit import PostgresAuditStore
+        from .store.postgres.breakers import PostgresBreakerStore
+        from .store.postgres.changes import PostgresChangeStore
+        from .store.postgres.erasure import PostgresErasureStore
+        from .store.postgres.holds import PostgresHoldStore
+        from .store.postgres.suppressions import PostgresSuppressionStore
+
         db = postgres_database(config, metrics)
         await db.open(migrate_schema=migrate)
         try:
@@ -98,6 +101,8 @@ def make_private_directory(directory: Path) -> None:
 
 
 def postgres_database(config: Config, metrics: Metrics | None = None) -> PostgresDatabase:
+    from .store.postgres.db import PostgresDatabase
+
     store = config.store
     return PostgresDatabase(
         store.url, pool_size=store.pool_size, busy_timeout=store.busy_timeout,
@@ -149,6 +154,8 @@ async def migrate_store(config: Config) -> tuple[int, list[Migration]]:
     before = Database.version_of(config.store.path)
     async with Database(config.store.path, config.store.busy_timeout) as sqlite:
         after = await sqlite.version()
+    from .store.postgres.schema import Migration
+
     return before, [Migration(version, "SQLite schema") for version in range(before + 1, after + 1)]
 
 
@@ -237,6 +244,9 @@ async def copy_sqlite_store(source: Path, url: str, progress: Callable[[CopiedTa
     """``store copy``: the SQLite store at ``source`` into the empty PostgreSQL store at ``url``."""
     if not source.is_file():
         raise StoreError(f"no SQLite store at {source}; name the guard's [store] path")
+    from .store.copy import copy_store
+    from .store.postgres.db import PostgresDatabase
+
     return await copy_store(source, PostgresDatabase(url), progress)
 
 

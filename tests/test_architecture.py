@@ -79,3 +79,16 @@ def test_imports_are_resolved() -> None:
         "smtp_guard.policy.base", "smtp_guard.policy.base.Decision", "smtp_guard.relay", "smtp_guard.relay.pool",
         "smtp_guard.policy", "smtp_guard.cli.main"}
     assert "smtp_guard.policy.base" in imports_of("from .base import X", "smtp_guard.policy", is_package=True)
+
+
+def test_optional_engines_are_imported_only_when_configured() -> None:
+    """Every guard process imports app.py; PostgreSQL, Redis, DNS, DKIM and the console's
+    templates cost each of them memory, so they are imported where a config switches them on."""
+    import subprocess
+    import sys
+
+    optional = ("psycopg", "psycopg_pool", "redis", "dns", "dkim", "nacl", "cryptography", "jinja2", "aiohttp")
+    probe = ("import sys, smtp_guard.app, smtp_guard.roles.front, smtp_guard.smtp.transaction; "
+             f"print(' '.join(m for m in {optional!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    assert loaded.stdout.split() == []

@@ -15,11 +15,9 @@ from ..backends import Backends
 from ..classify import MessageClassifier
 from ..config import Config
 from ..decision_service import MessageDecider
-from ..dns_resolver import resolver
 from ..metrics import Metrics
 from ..policy.pipeline import Pipeline
 from ..readiness import Readiness
-from ..recipient_domains import RecipientDomains
 from ..relay.base import Upstream
 from ..smtp.access import AccessControl
 from ..smtp.auth import Authenticator
@@ -29,6 +27,7 @@ from ..startup import naming_setting
 from .enforcement import Enforcement
 
 if TYPE_CHECKING:
+    from ..recipient_domains import RecipientDomains
     from ..unsubscribe.headers import ListUnsubscribe
     from ..unsubscribe.inbox import UnsubscribeInbox
     from ..unsubscribe.service import Unsubscriber
@@ -77,6 +76,10 @@ class Front:
         list_unsubscribe, inbox = _unsubscribe(config, backends, metrics, clock)
         self.recipient_domains: RecipientDomains | None = None
         if config.recipient_domains.check:
+            # Imported here: dnspython costs every process memory it needs only for this check.
+            from ..dns_resolver import resolver
+            from ..recipient_domains import RecipientDomains
+
             self.recipient_domains = RecipientDomains(resolver(config.dns), config.recipient_domains, metrics,
                                                       clock, shadow=config.policy.shadow)
         handler = GuardHandler(

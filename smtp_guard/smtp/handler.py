@@ -21,7 +21,6 @@ from ..config import SMTPConfig
 from ..decision_service import MessageDecider
 from ..metrics import Metrics
 from ..policy.pipeline import Pipeline
-from ..recipient_domains import RecipientDomains
 from ..relay.base import Upstream
 from ..erasure.model import ErasureAttempt
 from ..hold.model import HoldStore
@@ -30,7 +29,8 @@ from .proxy import client_ip
 from .trace import protocol_name, received_header
 from .transaction import Collaborators, Transaction
 
-if TYPE_CHECKING:  # built by the front only when [unsubscribe] is on
+if TYPE_CHECKING:  # built by the front only when switched on (cryptography, dnspython)
+    from ..recipient_domains import RecipientDomains
     from ..unsubscribe.headers import ListUnsubscribe
     from ..unsubscribe.inbox import UnsubscribeInbox
 

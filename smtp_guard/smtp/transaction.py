@@ -38,7 +38,6 @@ from ..dkim.existing import broken_signatures, is_signed
 from ..metrics import Metrics
 from ..policy.base import Decision, MessageContext, RecipientContext, Verdict
 from ..policy.pipeline import Pipeline
-from ..recipient_domains import RecipientDomains
 from ..relay.base import Upstream, UpstreamError, UpstreamTransaction
 from ..replies import Reply
 from ..audit_model import AuditRecord
@@ -46,7 +45,8 @@ from ..erasure.model import ErasureAttempt
 from ..hold.model import HeldRecipient, HoldStore, NewHold
 from ..store.base import StoreBusy, StoreError, StoreFull
 
-if TYPE_CHECKING:  # built by the front only when [unsubscribe] is on (they need cryptography)
+if TYPE_CHECKING:  # built by the front only when switched on (cryptography, dnspython)
+    from ..recipient_domains import RecipientDomains
     from ..unsubscribe.headers import ListUnsubscribe
     from ..unsubscribe.inbox import UnsubscribeInbox
 
