@@ -32,6 +32,7 @@ import psycopg
 from ...erasure.model import ErasureAttempt, ErasureReceipt, PurgeCount, Tombstone, receipt_from_dict
 from ...erasure.scan import Finding
 from ..base import StoreError
+from ..filters import attempts_where
 from .db import Connection, PostgresDatabase
 from .schema import TABLES
 from .suppressions import lock_change_log
@@ -232,15 +233,7 @@ class PostgresErasureStore:
 
     async def attempts(self, since: float | None = None, reference: str | None = None,
                        limit: int = 100) -> builtins.list[ErasureAttempt]:
-        clauses: list[str] = []
-        parameters: list[object] = []
-        if since is not None:
-            clauses.append("time >= %s")
-            parameters.append(since)
-        if reference is not None:
-            clauses.append("reference = %s")
-            parameters.append(reference)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, parameters = attempts_where(since, reference, "%s")
         rows = await self._db.fetchall(
             f"SELECT time, tombstone_id, reference, client, sender, stream, txn_id FROM erasure_attempts "
             f"{where} ORDER BY time DESC, id DESC LIMIT %s", (*parameters, limit))

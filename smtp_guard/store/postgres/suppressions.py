@@ -31,13 +31,14 @@ from ...suppression_model import (
     SuppressionSnapshot,
 )
 from ..base import StoreError
+from ..filters import live, suppression_where
 from .db import Connection, PostgresDatabase
 
 _FETCH_CHUNK = 50_000
 _QUERY_PAGE = 1000
 
 _COLUMNS = "kind, value, list_name, reason, source, created_at, expires_at, include_subdomains"
-_LIVE = "(expires_at IS NULL OR expires_at > %s)"
+_LIVE = live("%s")
 _UPSERT = (
     "INSERT INTO suppressions (kind, value, key_hash, list_name, reason, source, created_at, expires_at, "
     "include_subdomains) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
@@ -256,23 +257,7 @@ class PostgresSuppressionStore:
 
 
 def _where(filters: SuppressionFilter, now: float) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    parameters: list[Any] = []
-    for column, value in (("list_name", filters.list_name), ("kind", filters.kind), ("source", filters.source)):
-        if value is not None:
-            where.append(f"{column} = %s")
-            parameters.append(value)
-    if filters.contains:
-        # strpos() rather than LIKE: addresses contain "_" and "%", LIKE wildcards.
-        where.append("strpos(lower(value), %s) > 0")
-        parameters.append(filters.contains.lower())
-    if filters.since is not None:
-        where.append("created_at >= %s")
-        parameters.append(filters.since)
-    if not filters.include_expired:
-        where.append(_LIVE)
-        parameters.append(now)
-    return where, parameters
+    return suppression_where(filters, now, "%s", "strpos(lower(value), %s) > 0")
 
 
 def _row(entry: SuppressionEntry, now: float) -> tuple[Any, ...]:

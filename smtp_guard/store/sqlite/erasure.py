@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from ...erasure.model import ErasureAttempt, ErasureReceipt, PurgeCount, Tombstone, receipt_from_dict
 from ...erasure.scan import Finding
 from ..base import StoreError
+from ..filters import attempts_where
 from .db import Database
 
 _CHECKPOINT_TRIES = 20
@@ -191,15 +192,7 @@ class SQLiteErasureStore:
 
     async def attempts(self, since: float | None = None, reference: str | None = None,
                        limit: int = 100) -> builtins.list[ErasureAttempt]:
-        clauses: list[str] = []
-        parameters: list[object] = []
-        if since is not None:
-            clauses.append("time >= ?")
-            parameters.append(since)
-        if reference is not None:
-            clauses.append("reference = ?")
-            parameters.append(reference)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, parameters = attempts_where(since, reference, "?")
         rows = await self._db.fetchall(
             f"SELECT time, tombstone_id, reference, client, sender, stream, txn_id FROM erasure_attempts "
             f"{where} ORDER BY time DESC, id DESC LIMIT ?", (*parameters, limit))

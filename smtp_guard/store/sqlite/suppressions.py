@@ -36,6 +36,7 @@ from ...suppression_model import (
     SuppressionSnapshot,
 )
 from ..base import StoreError
+from ..filters import live, suppression_where
 from .db import Database, connect_sync, store_error
 
 # Parameters per IN (...) clause; well under SQLite's limit of 32766 bound variables.
@@ -44,7 +45,7 @@ _FETCH_CHUNK = 50_000
 _QUERY_PAGE = 1000
 
 _COLUMNS = "kind, value, list_name, reason, source, created_at, expires_at, include_subdomains"
-_LIVE = "(expires_at IS NULL OR expires_at > ?)"
+_LIVE = live("?")
 _UPSERT = (
     "INSERT INTO suppressions (kind, value, key_hash, list_name, reason, source, created_at, expires_at, "
     "include_subdomains) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -300,24 +301,7 @@ def _load_snapshot(path: Any, priority: tuple[str, ...], now: float, busy_timeou
 
 
 def _where(filters: SuppressionFilter, now: float) -> tuple[list[str], list[Any]]:
-    """The WHERE clauses (joined by AND) and their parameters for the filters."""
-    where: list[str] = []
-    parameters: list[Any] = []
-    for column, value in (("list_name", filters.list_name), ("kind", filters.kind), ("source", filters.source)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            parameters.append(value)
-    if filters.contains:
-        # instr() rather than LIKE: addresses contain "_" and "%", LIKE wildcards.
-        where.append("instr(lower(value), ?) > 0")
-        parameters.append(filters.contains.lower())
-    if filters.since is not None:
-        where.append("created_at >= ?")
-        parameters.append(filters.since)
-    if not filters.include_expired:
-        where.append(_LIVE)
-        parameters.append(now)
-    return where, parameters
+    return suppression_where(filters, now, "?", "instr(lower(value), ?) > 0")
 
 
 def _row(entry: SuppressionEntry, now: float) -> tuple[Any, ...]:
