@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from .backends import Backends, open_backends, open_counters, store_exists, stream_tallies
 from .change_sync import ChangeSync, Step
+from . import event_loop
 from .config import Config
 from .counters import RateCounters
 from .decision_service import DEFAULT_TIMEOUT as DECISION_TIMEOUT
@@ -416,7 +417,7 @@ def _run_until_signalled(service: _Service, config: Config,
         log.info("shutting down: no new sessions; up to %.0fs for sessions in flight", config.smtp.shutdown_grace)
         await service.stop()
 
-    asyncio.run(main())
+    event_loop.run(main(), config.smtp.event_loop)
 
 
 def _upstream_text(config: Config) -> str:

@@ -37,6 +37,7 @@ BareLineEndings = Literal["reject", "normalize"]
 LogFormat = Literal["text", "json"]
 AdminRole = Literal["viewer", "admin"]
 CountersOnError = Literal["defer", "allow"]
+EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
 
 
 class ConfigError(Exception):
@@ -130,6 +131,9 @@ class SMTPConfig:
     proxy_protocol_from: tuple[str, ...] = ()
     # How long a listed load balancer may take to send its header after connecting.
     proxy_protocol_timeout: float = _duration(5.0)
+    # The event loop `serve` runs on: "auto" is uvloop where it is installed (a quarter less CPU
+    # per message), else asyncio's; "uvloop" refuses to start without it; "asyncio" never uses it.
+    event_loop: EventLoopChoice = "auto"
     tls: TLSListenConfig = TLSListenConfig()
     auth: AuthConfig = AuthConfig()
 
@@ -720,6 +724,7 @@ _ALIASES = {
     "AdminRole": "Literal['viewer', 'admin']",
     "RateKey": "Literal['client', 'auth_user', 'sender', 'sender_domain', 'stream', 'recipient_domain']",
     "CountersOnError": "Literal['defer', 'allow']",
+    "EventLoopChoice": "Literal['auto', 'uvloop', 'asyncio']",
 }
 
 

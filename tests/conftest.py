@@ -107,6 +107,20 @@ def postgres_server() -> PostgresServer:
     return _postgres
 
 
+# SMTP_GUARD_TEST_LOOP=uvloop runs every in-process test on uvloop, the loop `smtp-guard serve`
+# uses by default ([smtp] event_loop = "auto"); CI's PostgreSQL pass does (.ci/run). Guards the
+# tests start as processes pick their loop from their config either way.
+TEST_LOOP = os.environ.get("SMTP_GUARD_TEST_LOOP", "asyncio")
+
+
+if TEST_LOOP == "uvloop":
+    def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+        import uvloop
+        return {"uvloop": uvloop.new_event_loop}
+elif TEST_LOOP != "asyncio":
+    raise pytest.UsageError(f"SMTP_GUARD_TEST_LOOP={TEST_LOOP!r}: use uvloop or asyncio")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _postgres is not None:
         _postgres.remove()
