@@ -213,6 +213,19 @@ AIOSMTPD_ENHANCED_CODES: tuple[tuple[str, str], ...] = (
     ("501 Supported commands: ", "5.5.4"),  # HELP for a command that does not exist
 )
 
+
+def _by_start(rewrites: tuple[tuple[str, Reply], ...]) -> dict[str, tuple[tuple[str, Reply], ...]]:
+    """The rewrites grouped by their first four characters (code and separator), in table
+    order: a reply is only compared with the few prefixes it can start with (every reply the
+    guard sends passes here, and the whole table was 3 % of the CPU per message)."""
+    groups: dict[str, list[tuple[str, Reply]]] = {}
+    for prefix, reply in rewrites:
+        assert len(prefix) >= 4, prefix
+        groups.setdefault(prefix[:4], []).append((prefix, reply))
+    return {start: tuple(group) for start, group in groups.items()}
+
+
+_REWRITES_BY_START = _by_start(AIOSMTPD_REWRITES)
 _HAS_ENHANCED_CODE = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _GENERIC = {"2": "2.0.0", "4": "4.0.0", "5": "5.0.0"}
 
@@ -221,7 +234,7 @@ def rewrite_aiosmtpd_reply(status: str) -> str:
     """aiosmtpd's reply ``status`` with an enhanced code: the guard's own reply for it, or its
     text with the code inserted. Any other reply that already has one passes unchanged; one
     the tables do not know gets the generic code of its class (X.0.0), so none goes without."""
-    for prefix, reply in AIOSMTPD_REWRITES:
+    for prefix, reply in _REWRITES_BY_START.get(status[:4], ()):
         if status.startswith(prefix):
             return str(reply)
     if _HAS_ENHANCED_CODE.match(status):

@@ -42,6 +42,7 @@ class Delivered:
     content: bytes  # exactly the bytes received, dot-unstuffed (aiosmtpd's original_content)
     tls: bool = False  # the transaction ran over TLS (STARTTLS or implicit)
     login: str | None = None  # the AUTH user, if the client authenticated
+    mail_options: tuple[str, ...] = ()  # MAIL parameters (BODY=8BITMIME, SMTPUTF8, ...)
 
 
 async def _forever() -> None:
@@ -241,5 +242,6 @@ class Sink:
             mail_from=envelope.mail_from, rcpt_tos=list(envelope.rcpt_tos),
             content=envelope.original_content, tls=self.implicit_tls or session.ssl is not None,
             login=session.auth_data if session.authenticated else None,
+            mail_options=tuple(envelope.mail_options),
         ))
         return self.data_reply or "250 2.0.0 OK queued"

@@ -214,7 +214,8 @@ def _split(getaddr: Callable[[str], object], arg: str) -> object:
 @given(st.builds(lambda local, domain: f"{local}@{domain}", dot_atoms,
                  st.lists(st.text("abcXYZ019-", min_size=1, max_size=6), min_size=1, max_size=3).map(".".join)))
 def test_a_plain_address_is_quoted_as_aiosmtplib_quotes_it(address: str) -> None:
-    """The relay writes ``RCPT TO:<address>`` itself for a plain address (relay/pool.py)."""
+    """The relay writes ``MAIL FROM:<address>`` and ``RCPT TO:<address>`` itself for a plain
+    address (relay/pool.py)."""
     import re
 
     from aiosmtplib.email import quote_address

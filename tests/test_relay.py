@@ -273,3 +273,28 @@ async def test_graceful_shutdown_finishes_message_in_flight(start_guard, sink):
     assert outcome.data is not None and outcome.data.startswith("250")
     assert sink.delivered_to() == ["a@example.com"]
     client.close()
+
+
+async def test_mail_parameters_reach_the_upstream_on_its_first_transaction(start_guard, sink):
+    """BODY and SMTPUTF8 are passed on only when the upstream's EHLO offers them: that EHLO must
+    come before the first MAIL of every new upstream connection, not after it."""
+    guard = await start_guard()
+    eight_bit = message(body="caf\xe9\r\n")  # UTF-8 in the body: 8-bit content
+
+    async def first_message(sender: str, recipient: str, options: list[str]) -> None:
+        client = aiosmtplib.SMTP(hostname=guard.smtp_address[0], port=guard.smtp_address[1], start_tls=False,
+                                 timeout=10)
+        await client.connect()
+        try:
+            await client.mail(sender, options=options, encoding="utf-8")
+            await client.rcpt(recipient, encoding="utf-8")
+            await client.data(eight_bit)
+        finally:
+            await client.quit()
+
+    await first_message(SENDER, "a@example.com", ["BODY=8BITMIME"])
+    assert sink.messages[-1].mail_options == ("BODY=8BITMIME",)
+    await guard.upstream.close()  # the next transaction opens a new upstream connection
+    await first_message("nouvelles@bo\u00eete.test", "j\u00f6rg@example.com", ["SMTPUTF8", "BODY=8BITMIME"])
+    assert set(sink.messages[-1].mail_options) == {"SMTPUTF8", "BODY=8BITMIME"}
+    assert sink.messages[-1].rcpt_tos == ["j\u00f6rg@example.com"]

@@ -102,8 +102,7 @@ class SMTPUpstream:
             options = [o for o in mail_options if o.split("=")[0].lower() in session.client.esmtp_extensions
                        or o.upper().startswith("BODY=") and "8bitmime" in session.client.esmtp_extensions]
             try:
-                # UTF-8 on the wire: internationalized addresses (RFC 6531) are valid input.
-                await session.client.mail(sender, options=options, encoding="utf-8")
+                await _mail(session.client, sender, options)
                 return session
             except aiosmtplib.SMTPSenderRefused as error:
                 await self._reset_and_park(session)
@@ -163,6 +162,10 @@ class SMTPUpstream:
                 await _starttls_if_offered(client)
             if config.username:
                 await client.login(config.username, config.password)
+            if client.is_ehlo_or_helo_needed:
+                # Before the first MAIL: which of the client's MAIL parameters are passed on
+                # (BODY, SMTPUTF8) is read from this reply.
+                await _greet(client)
         except _TLSHandshakeFailed:
             await quietly_close(client)
             raise
@@ -251,6 +254,7 @@ class SMTPTransaction:
                 # brackets (a property test holds them equal), sent the same way.
                 response = await self._session.client.execute_command(b"RCPT", b"TO:<" + address.encode() + b">")
             else:
+                # UTF-8 on the wire: internationalized addresses (RFC 6531) are valid input.
                 response = await self._session.client.rcpt(address, encoding="utf-8")
         except aiosmtplib.SMTPResponseException as error:
             self._in_flight = False
@@ -292,6 +296,27 @@ class SMTPTransaction:
             self._broken = True
             self._session.client.close()
         await self._upstream.finish(self._session, reusable=not self._broken, delivered=self._delivered)
+
+
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    """EHLO, or HELO from an upstream that refuses EHLO (aiosmtplib's own fallback)."""
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        await client.helo()
+
+
+async def _mail(client: aiosmtplib.SMTP, sender: str, options: Sequence[str]) -> None:
+    """MAIL FROM, raising SMTPSenderRefused unless the upstream answers 250, as aiosmtplib's
+    mail() does. A plain address is written directly, like RCPT (see SMTPTransaction.rcpt);
+    any other goes through aiosmtplib's quoting, in UTF-8 (RFC 6531 addresses are valid input)."""
+    if not _PLAIN_ADDRESS.fullmatch(sender):
+        await client.mail(sender, options=options, encoding="utf-8")
+        return
+    response = await client.execute_command(b"MAIL", b"FROM:<" + sender.encode() + b">",
+                                            *[option.encode("ascii") for option in options])
+    if response.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
 
 
 async def _starttls_if_offered(client: aiosmtplib.SMTP) -> None:
