@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from ..addresses import AddressNormalizer
 from ..audit_model import AuditFilter, AuditRecord, AuditStore
-from .keys import KeyRing, address_token, erasure_token
+from .keys import ErasureKey, KeyRing, address_token, erasure_token
 from .model import Tombstone
 
 TOKEN_CACHE = 4096  # addresses whose token is remembered (senders and recent recipients)
@@ -52,6 +52,9 @@ class Pseudonymizer:
         # depend on keys or tombstones; ``forget`` empties the cache when an erasure arrives,
         # so the erased address is not kept here either.
         self._tokens = functools.lru_cache(maxsize=TOKEN_CACHE)(functools.partial(address_token, normalizer))
+        # A token's pseudonym under the primary key (two HMACs), for the same addresses. Only
+        # the key's part is remembered: whether the token is erased is asked on every call.
+        self._pseudonyms: dict[str, tuple[ErasureKey, str]] = {}
 
     def token(self, address: str) -> str | None:
         return self._tokens(address)
@@ -59,6 +62,7 @@ class Pseudonymizer:
     def forget(self) -> None:
         """Drop every remembered address (an erasure arrived)."""
         self._tokens.cache_clear()
+        self._pseudonyms.clear()
 
     def pseudonym(self, text: str) -> str:
         """The pseudonym of an address; other values (domains, labels) unchanged."""
@@ -71,7 +75,15 @@ class Pseudonymizer:
         tombstone = self._erased(token)
         if tombstone is not None:
             return f"erased:{tombstone.id}"
-        return self._ring().primary.pseudonym(token)
+        primary = self._ring().primary
+        remembered = self._pseudonyms.get(token)
+        if remembered is not None and remembered[0] is primary:
+            return remembered[1]
+        pseudonym = primary.pseudonym(token)
+        if len(self._pseudonyms) >= TOKEN_CACHE:
+            self._pseudonyms.clear()
+        self._pseudonyms[token] = (primary, pseudonym)
+        return pseudonym
 
     def all_pseudonyms(self, address: str) -> list[str]:
         token = self.token(address) or erasure_token(address.lower())
