@@ -40,7 +40,8 @@ from smtp_guard.metrics import MESSAGE_OUTCOMES, Metrics
 from smtp_guard.policy.default import default_pipeline
 from smtp_guard.relay.pool import SMTPUpstream
 from smtp_guard.replies import Reply
-from smtp_guard.smtp.transaction import Collaborators, Transaction, has_bare_line_ending
+from smtp_guard.smtp.transaction import Collaborators, Transaction
+from smtp_guard.wire import has_bare_line_ending
 from smtp_guard.audit_model import AuditRecord
 from smtp_guard.hold.model import HeldRecipient, HoldStore
 from smtp_guard.suppression_model import SuppressionDelta

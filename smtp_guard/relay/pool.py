@@ -22,6 +22,7 @@ from .. import replies
 from ..addresses import PLAIN_ADDRESS
 from ..config import UpstreamConfig
 from ..replies import Reply
+from ..wire import dot_stuffed, has_bare_line_ending
 from .base import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ class SMTPTransaction:
             return replies.UPSTREAM_LOST
         self._in_flight = True
         try:
-            response = await self._session.client.data(content)
+            response = await _data(self._session.client, content)
         except aiosmtplib.SMTPResponseException as error:
             self._in_flight = False
             return replies.upstream_reply(error.code, error.message)
@@ -317,6 +318,31 @@ async def _mail(client: aiosmtplib.SMTP, sender: str, options: Sequence[str]) ->
                                             *[option.encode("ascii") for option in options])
     if response.code != 250:
         raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+
+
+async def _data(client: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
+    """DATA, then the content, raising as aiosmtplib's data() does (SMTPDataError unless 354,
+    then 250; the connection closed on a timeout or a disconnect). Content with CRLF line
+    endings only — all the front lets through, ``[smtp] bare_line_endings`` — is stuffed by
+    ``wire.dot_stuffed`` instead of aiosmtplib's two regex passes (6 % of the CPU of a 5 kB
+    message); anything else still goes through aiosmtplib, which normalizes it."""
+    protocol = client.protocol
+    if protocol is None or has_bare_line_ending(content):
+        return await client.data(content)
+    try:
+        start = await client.execute_command(b"DATA")
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        # Safe without aiosmtplib's command lock: a transaction is the session's only user.
+        # The reply cannot arrive before read_response expects it: nothing yields in between.
+        protocol.write(dot_stuffed(content))
+        response = await protocol.read_response(timeout=client.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()
+        raise
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
 
 
 async def _starttls_if_offered(client: aiosmtplib.SMTP) -> None:
