@@ -80,13 +80,19 @@ def main() -> int:
     parser.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for ready (default 300)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--store", metavar="FILE",
+                        help="measure on this already-filled SQLite store (kept) instead of filling a new one; "
+                             "--addresses then only labels the report")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="smtp-guard-memory-") as temp:
         directory = Path(temp)
-        store = directory / "data" / "guard.sqlite3"
-        store.parent.mkdir(mode=0o700)
-        print(f"filling {args.addresses:,} addresses ...", file=sys.stderr)
-        filled = asyncio.run(fill(store, args.addresses, 100_000, None))
+        if args.store:
+            store, filled = Path(args.store).resolve(), {"fill_seconds": float("nan")}
+        else:
+            store = directory / "data" / "guard.sqlite3"
+            store.parent.mkdir(mode=0o700)
+            print(f"filling {args.addresses:,} addresses ...", file=sys.stderr)
+            filled = asyncio.run(fill(store, args.addresses, 100_000, None))
         rows = [measure(store, int(n), directory, args.timeout) for n in args.workers.split(",")]
     print(f"smtp-guard {code_version()} on {cpu_model()}; {args.addresses:,} suppressed addresses "
           f"(filled in {filled['fill_seconds']:.0f} s)")

@@ -3,6 +3,8 @@ log, snapshot, expiry, purge."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -189,6 +191,36 @@ async def test_snapshot_keeps_the_highest_priority_list_per_address(store) -> No
     assert index.lookup_address(key_hash("d@example.com")) is None  # expired
     assert len(snap.hashes) == 5
     assert snap.next_expiry == NOW + 90
+
+
+@sqlite_only
+async def test_snapshot_read_in_parallel_parts_equals_one_read(store, monkeypatch) -> None:
+    """Past PARALLEL_FROM rows the SQLite store reads the snapshot's addresses in several
+    processes, one hash range each: the arrays are the same as one read, hash ranges' edges
+    included (rows with hashes at the ends of the int64 range and at the parts' boundaries)."""
+    from smtp_guard.store.sqlite import snapshot_addresses
+
+    entries = [address(f"user{i}@example.com", PRIORITY[i % len(PRIORITY)]) for i in range(3000)]
+    entries += [address(f"user{i}@example.com", "complained") for i in range(0, 3000, 7)]  # on two lists
+    entries += [address(f"gone{i}@example.com", "bounced", expires_at=NOW - 1) for i in range(50)]
+    await store.add(entries)
+    edges = [-(2 ** 63), -(2 ** 63) + 1, -1, 0, 1, 2 ** 62, 2 ** 63 - 1]
+    edges += [low for low, _ in snapshot_addresses._ranges(3)] + [low - 1 for low, _ in snapshot_addresses._ranges(3)[1:]]
+    path = store._db.path
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.executemany(
+            "INSERT INTO suppressions (kind, value, key_hash, list_name, reason, source, created_at, expires_at, "
+            "include_subdomains) VALUES ('address', ?, ?, 'manual', '', 'test', ?, NULL, 0)",
+            [(f"edge{n}@example.com", edge, NOW) for n, edge in enumerate(sorted(set(edges)))])
+    one = await store.load_snapshot(PRIORITY, NOW)
+    monkeypatch.setattr(snapshot_addresses, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(snapshot_addresses.os, "cpu_count", lambda: 3)
+    parts = await store.load_snapshot(PRIORITY, NOW)
+    assert snapshot_addresses._parts(path, 5.0) == 3
+    assert list(parts.hashes) == list(one.hashes) and list(parts.lists) == list(one.lists)
+    assert list(one.hashes) == sorted(set(one.hashes)) and len(one.hashes) == 3000 + len(set(edges))
+    assert SuppressionIndex(parts).lookup_address(key_hash("user0@example.com")) == "complained"
+    assert parts.seq == one.seq
 
 
 async def test_snapshot_domains_and_seq(store, db) -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from array import array
-from operator import itemgetter
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import aiosqlite
@@ -38,10 +36,10 @@ from ...suppression_model import (
 from ..base import StoreError
 from ..filters import live, suppression_where
 from .db import Database, connect_sync, store_error
+from .snapshot_addresses import address_arrays
 
 # Parameters per IN (...) clause; well under SQLite's limit of 32766 bound variables.
 _IN_CHUNK = 500
-_FETCH_CHUNK = 50_000
 _QUERY_PAGE = 1000
 
 _COLUMNS = "kind, value, list_name, reason, source, created_at, expires_at, include_subdomains"
@@ -199,9 +197,13 @@ class SQLiteSuppressionStore:
         return SuppressionPage(tuple(_entry(row[:-1]) for row in rows[:limit]), rows[limit - 1][-1] if more else None)
 
     async def count_by_list(self, now: float) -> dict[str, int]:
-        rows = await self._db.fetchall(
-            f"SELECT list_name, COUNT(*) FROM suppressions WHERE {_LIVE} GROUP BY list_name ORDER BY list_name", (now,))
-        return {name: count for name, count in rows}
+        # A scan of every entry (seconds at ten million): on a private connection in a thread,
+        # like the snapshot, so the hold queue's commits and a starting guard's reads on the
+        # shared connection never wait behind it.
+        try:
+            return await asyncio.to_thread(_count_by_list, self._db.path, now, self._db.busy_timeout)
+        except sqlite3.Error as error:
+            raise store_error(error, "cannot count the suppression lists") from error
 
     # --- reads for the running server -----------------------------------------------------------
 
@@ -262,8 +264,9 @@ class SQLiteSuppressionStore:
 
 
 def _load_snapshot(path: Any, priority: tuple[str, ...], now: float, busy_timeout: float) -> SuppressionSnapshot:
-    """Build the snapshot on a private connection, inside one read transaction so the change
-    log position and the entries agree."""
+    """Build the snapshot: the change log position, the list names, domains and next expiry on
+    a private connection in one read transaction; the addresses by ``address_arrays`` (in
+    parts, on every core, each part a moment later: see there why that still agrees)."""
     connection = connect_sync(path, busy_timeout)
     try:
         connection.execute("BEGIN")
@@ -272,18 +275,7 @@ def _load_snapshot(path: Any, priority: tuple[str, ...], now: float, busy_timeou
         order = list_order(priority, names)
         if len(order) > 256:
             raise StoreError(f"{len(order)} suppression lists; the index holds at most 256")
-        # SQLite ranks each row's list and keeps the best one per hash, so Python only copies
-        # two integer columns into arrays. The covering index (migration 5) hands the rows over
-        # in key_hash order from the index alone: no table look-up per row and no sort.
-        rank = "CASE list_name " + " ".join(f"WHEN ? THEN {i}" for i in range(len(order))) + " END"
-        cursor = connection.execute(
-            f"SELECT key_hash, MIN({rank}) FROM suppressions INDEXED BY suppressions_snapshot "
-            f"WHERE kind = 'address' AND {_LIVE} GROUP BY key_hash ORDER BY key_hash", (*order, now))
-        hashes, lists = array("q"), array("B")
-        first, second = itemgetter(0), itemgetter(1)
-        while chunk := cursor.fetchmany(_FETCH_CHUNK):
-            hashes.extend(map(first, chunk))
-            lists.extend(map(second, chunk))
+        hashes, lists = address_arrays(path, order, now, busy_timeout)
         domains: dict[str, DomainRule] = {}
         ranks = {name: i for i, name in enumerate(order)}
         for domain, list_name, subdomains in connection.execute(
@@ -298,6 +290,16 @@ def _load_snapshot(path: Any, priority: tuple[str, ...], now: float, busy_timeou
     finally:
         connection.close()
     return SuppressionSnapshot(hashes, lists, order, domains, seq=int(seq), next_expiry=next_expiry)
+
+
+def _count_by_list(path: Any, now: float, busy_timeout: float) -> dict[str, int]:
+    connection = connect_sync(path, busy_timeout)
+    try:
+        rows = connection.execute(f"SELECT list_name, COUNT(*) FROM suppressions WHERE {_LIVE} "
+                                  "GROUP BY list_name ORDER BY list_name", (now,)).fetchall()
+    finally:
+        connection.close()
+    return {name: count for name, count in rows}
 
 
 def _where(filters: SuppressionFilter, now: float) -> tuple[list[str], list[Any]]:
