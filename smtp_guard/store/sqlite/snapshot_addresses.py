@@ -4,7 +4,7 @@ At ten million addresses, reading the snapshot's ``(key_hash, best list)`` rows 
 one thread: about 5 s of SQLite grouping the rows by hash and 6–7 s of Python turning 10M rows
 into tuples and copying them into arrays. Threads do not help (the Python half holds the GIL,
 and two threads handing it to and fro took twice as long), so the hash range is cut into
-parts and each part is read by a process of its own, which sends back its two arrays as bytes.
+parts and each part is read by a process of its own, which leaves its two arrays in a file.
 Parts cover disjoint, ascending ranges of the signed 64-bit hash, so their arrays simply
 concatenate, still sorted.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import tempfile
 from array import array
 from operator import itemgetter
 from typing import Sequence
@@ -41,17 +42,21 @@ def address_arrays(path: str | os.PathLike[str], order: Sequence[str], now: floa
     """The live address entries as two parallel arrays: sorted unique key hashes (int64) and
     the rank in ``order`` of the best list each is on (uint8)."""
     parts = _parts(path, busy_timeout)
-    ranges = _ranges(parts)
+    jobs = [(os.fspath(path), tuple(order), now, busy_timeout, low, high) for low, high in _ranges(parts)]
     if parts == 1:
-        chunks = [_read_part(os.fspath(path), tuple(order), now, busy_timeout, *ranges[0])]
-    else:
-        with concurrent.futures.ProcessPoolExecutor(parts, mp_context=multiprocessing.get_context("spawn")) as pool:
-            chunks = list(pool.map(_read_part, *zip(*[(os.fspath(path), tuple(order), now, busy_timeout, low, high)
-                                                      for low, high in ranges])))
+        return _rows(*jobs[0])
     hashes, lists = array("q"), array("B")
-    for hash_bytes, list_bytes in chunks:
-        hashes.frombytes(hash_bytes)
-        lists.frombytes(list_bytes)
+    # Each part leaves its arrays in a file that this thread appends from. Sent back through
+    # pipes instead, the 20-40 MB results left 16-20 MB of heap that glibc kept after they
+    # were freed (a pool's or this thread's). The files sit in the store's own directory.
+    with tempfile.TemporaryDirectory(prefix=".snapshot-", dir=os.path.dirname(os.path.abspath(path))) as parts_dir:
+        outputs = [os.path.join(parts_dir, f"part{number}") for number in range(parts)]
+        with concurrent.futures.ProcessPoolExecutor(parts, mp_context=multiprocessing.get_context("spawn")) as pool:
+            counts = list(pool.map(_read_part, *zip(*[(*job, output) for job, output in zip(jobs, outputs)])))
+        for output, count in zip(outputs, counts):  # in range order
+            with open(output, "rb") as part:
+                hashes.fromfile(part, count)
+                lists.fromfile(part, count)
     return hashes, lists
 
 
@@ -73,8 +78,19 @@ def _ranges(parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
-def _read_part(path: str, order: tuple[str, ...], now: float, busy_timeout: float, low: int,
-               high: int) -> tuple[bytes, bytes]:
+def _read_part(path: str, order: tuple[str, ...], now: float, busy_timeout: float, low: int, high: int,
+               output: str) -> int:
+    """A part's process: its range's arrays written to ``output`` (the hashes, then the list
+    ranks); returns how many."""
+    hashes, lists = _rows(path, order, now, busy_timeout, low, high)
+    with open(output, "wb") as part:
+        hashes.tofile(part)
+        lists.tofile(part)
+    return len(hashes)
+
+
+def _rows(path: str, order: tuple[str, ...], now: float, busy_timeout: float, low: int,
+          high: int) -> tuple[array[int], array[int]]:
     """One hash range's rows: SQLite ranks each row's list and keeps the best per hash, so
     Python only copies two integer columns. The covering index (migration 5) hands the rows
     over in key_hash order from the index alone: no table look-up per row and no sort."""
@@ -93,5 +109,4 @@ def _read_part(path: str, order: tuple[str, ...], now: float, busy_timeout: floa
             lists.extend(map(second, chunk))
     finally:
         connection.close()
-    return hashes.tobytes(), lists.tobytes()
-
+    return hashes, lists
