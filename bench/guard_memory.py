@@ -87,15 +87,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="smtp-guard-memory-") as temp:
         directory = Path(temp)
         if args.store:
-            store, filled = Path(args.store).resolve(), {"fill_seconds": float("nan")}
+            store, filled = Path(args.store).resolve(), {"fill_seconds": None, "store": str(Path(args.store).resolve())}
         else:
             store = directory / "data" / "guard.sqlite3"
             store.parent.mkdir(mode=0o700)
             print(f"filling {args.addresses:,} addresses ...", file=sys.stderr)
             filled = asyncio.run(fill(store, args.addresses, 100_000, None))
         rows = [measure(store, int(n), directory, args.timeout) for n in args.workers.split(",")]
-    print(f"smtp-guard {code_version()} on {cpu_model()}; {args.addresses:,} suppressed addresses "
-          f"(filled in {filled['fill_seconds']:.0f} s)")
+    fill = "an existing store" if filled["fill_seconds"] is None else f"filled in {filled['fill_seconds']:.0f} s"
+    print(f"smtp-guard {code_version()} on {cpu_model()}; {args.addresses:,} suppressed addresses ({fill})")
     print(f"{'workers':>7}  {'ready after':>11}  {'RSS MiB':>8}  {'PSS MiB':>8}")
     for row in rows:
         print(f"{row['workers']:>7}  {row['ready_seconds']:>9.1f} s  {row['rss_mib']:>8.0f}  {row['pss_mib']:>8.0f}")
