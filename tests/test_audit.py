@@ -175,3 +175,42 @@ def test_parse_time_explains_bad_input() -> None:
 
 def test_format_time_is_utc() -> None:
     assert format_time(T0) == "2023-11-14T22:13:20Z"
+
+
+async def test_pseudonymizing_a_batch_lets_the_event_loop_run_between_slices(store: SQLiteAuditStore) -> None:
+    """A flush of hundreds of records is pseudonymized a slice at a time: sessions get the
+    loop in between instead of waiting for the whole batch (milliseconds at 500 records)."""
+    from smtp_guard.addresses import AddressNormalizer
+    from smtp_guard.config import AddressConfig
+    from smtp_guard.erasure.keys import ErasureKey, KeyRing
+    from smtp_guard.erasure.pseudonyms import PSEUDONYMIZE_SLICE, Pseudonymizer, PseudonymizingAuditStore
+
+    ring = KeyRing(Path("unused"), [ErasureKey("k1", b"\x01" * 32, T0)])
+    pseudonymizer = Pseudonymizer(AddressNormalizer(AddressConfig()), lambda: ring)
+    turns = 0
+    turns_at_write: list[int] = []
+
+    class Noting(FlakyStore):
+        async def append(self, records: Sequence[AuditRecord]) -> None:
+            turns_at_write.append(turns)  # the pseudonymizing is done by now
+            await super().append(records)
+
+    trail = PseudonymizingAuditStore(Noting(store), pseudonymizer)
+    records = [decision(n) for n in range(PSEUDONYMIZE_SLICE * 3 + 1)]
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticking = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    before = turns
+    await trail.append(records)
+    ticking.cancel()
+    assert turns_at_write[0] - before >= 3  # the loop turned between each two of the four slices
+    written = await store.query(AuditFilter(), limit=1000)
+    assert len(written) == len(records)
+    assert {r.recipient for r in written} == {pseudonymizer.pseudonym(r.recipient) for r in records}
+    assert all(r.recipient.startswith("h:") for r in written)

@@ -80,13 +80,16 @@ class SMTPUpstream:
                 f"idle={len(self._idle)} in_use={self._in_use} max={self._config.max_connections}>")
 
     async def begin(self, sender: str, mail_options: Sequence[str] = ()) -> "SMTPTransaction":
-        try:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can time out after the
-            # semaphore was acquired, and the slot would be lost for good.
-            async with asyncio.timeout(self._config.connect_timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise UpstreamError(replies.UPSTREAM_BUSY, "no upstream connection slot became free") from None
+        if self._slots.locked():  # every slot taken: wait for one, not for ever
+            try:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can time out after the
+                # semaphore was acquired, and the slot would be lost for good.
+                async with asyncio.timeout(self._config.connect_timeout):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise UpstreamError(replies.UPSTREAM_BUSY, "no upstream connection slot became free") from None
+        else:
+            await self._slots.acquire()  # free: taken at once, without a timer per message
         self._in_use += 1
         try:
             session = await self._mail_from(sender, mail_options)
