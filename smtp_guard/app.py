@@ -14,6 +14,7 @@ The only module (with ``backends``) that builds concrete stores, pools and serve
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -406,6 +407,11 @@ def _run_until_signalled(service: _Service, config: Config,
             started(error)
             raise
         started(None)
+        # What the start built (~55,000 objects: modules, config, indexes) lives as long as
+        # the process. Frozen, it is out of the collector's sight: a full collection then
+        # scans only what serving allocated, 0.6 ms instead of 15-19 ms, a pause every reply
+        # in flight would wait behind.
+        gc.freeze()
         while not stop.is_set():
             try:
                 async with asyncio.timeout(ORPHAN_CHECK_INTERVAL):
