@@ -243,9 +243,10 @@ def half_load(args, systems: list[System], sink: SinkDump, rate: float) -> dict[
     return results
 
 
-def half_load_report(rate: float, results: dict[str, dict]) -> list[str]:
+def half_load_report(rate: float, results: dict[str, dict], given: bool = False) -> list[str]:
     direct = results.get("direct", {}).get("p99_ms")
-    lines = ["", f"half load: {rate:.0f} msg/s for every system (half guard-w1's 1rcpt-kept msg/s), 1 recipient, "
+    origin = "--half-load-rate" if given else "half guard-w1's 1rcpt-kept msg/s"
+    lines = ["", f"half load: {rate:.0f} msg/s for every system ({origin}), 1 recipient, "
                  f"{SESSIONS} lock-step kept connections, open loop",
              f"{'system':11} {'p50 ms':>7} {'p99 ms':>7} {'p99 - direct':>12} {'late':>5} {'errors':>6}"]
     for name, row in results.items():
@@ -404,6 +405,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600, help="time limit per measurement, seconds")
     parser.add_argument("--half-load-seconds", type=float, default=10.0,
                         help="seconds of the paced half-load latency run per system (0: skip it)")
+    parser.add_argument("--half-load-rate", type=float, metavar="MSG_PER_S",
+                        help="the half-load run's rate instead of half guard-w1's 1rcpt-kept msg/s (to compare "
+                             "latency across runs and code versions at one rate)")
     parser.add_argument("--json", metavar="FILE", help="also write every measurement and the medians as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = parser.parse_args()
@@ -476,13 +480,14 @@ def main() -> int:
 
         table = summarize(runs)
         peak = table.get("1rcpt-kept", {}).get("guard-w1", {}).get("msgs_per_s")
-        if args.half_load_seconds > 0 and peak:
-            extra["half_load_rate"] = peak / 2
-            extra["half_load"] = half_load(args, systems, sink, peak / 2)
+        rate = args.half_load_rate or (peak / 2 if peak else None)
+        if args.half_load_seconds > 0 and rate:
+            extra["half_load_rate"] = rate
+            extra["half_load"] = half_load(args, systems, sink, rate)
         extra["loadavg_after"] = loadavg()
         print(report(args, table, extra, runs))
         if extra.get("half_load"):
-            print("\n".join(half_load_report(extra["half_load_rate"], extra["half_load"])))
+            print("\n".join(half_load_report(extra["half_load_rate"], extra["half_load"], bool(args.half_load_rate))))
         for part in started:
             if isinstance(part, GuardProcess):
                 # The guard logs at its default level (info): count what went wrong, not every line.
