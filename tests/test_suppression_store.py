@@ -214,7 +214,7 @@ async def test_snapshot_read_in_parallel_parts_equals_one_read(store, monkeypatc
             [(f"edge{n}@example.com", edge, NOW) for n, edge in enumerate(sorted(set(edges)))])
     one = await store.load_snapshot(PRIORITY, NOW)
     monkeypatch.setattr(snapshot_addresses, "PARALLEL_FROM", 0)
-    monkeypatch.setattr(snapshot_addresses.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(snapshot_addresses, "_cores", lambda: 3)
     parts = await store.load_snapshot(PRIORITY, NOW)
     assert snapshot_addresses._parts(path, 5.0) == 3
     assert list(parts.hashes) == list(one.hashes) and list(parts.lists) == list(one.lists)

@@ -68,7 +68,14 @@ def _parts(path: str | os.PathLike[str], busy_timeout: float) -> int:
         connection.close()
     if rows < PARALLEL_FROM:
         return 1
-    return max(1, min(MAX_PARTS, os.cpu_count() or 1))
+    return max(1, min(MAX_PARTS, _cores()))
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container's cpuset, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _ranges(parts: int) -> list[tuple[int, int]]:
