@@ -4,7 +4,9 @@ log, snapshot, expiry, purge."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -213,6 +215,12 @@ async def test_snapshot_read_in_parallel_parts_equals_one_read(store, monkeypatc
             "include_subdomains) VALUES ('address', ?, ?, 'manual', '', 'test', ?, NULL, 0)",
             [(f"edge{n}@example.com", edge, NOW) for n, edge in enumerate(sorted(set(edges)))])
     one = await store.load_snapshot(PRIORITY, NOW)
+    # What a process killed while loading left behind goes; a running one's directory stays.
+    gone = Path(path).parent / f".snapshot-parts-{_dead_pid()}-abc"
+    kept = Path(path).parent / f".snapshot-parts-{os.getpid()}-def"
+    for directory in (gone, kept):
+        directory.mkdir()
+        (directory / "part0").write_bytes(b"\0" * 9)
     monkeypatch.setattr(snapshot_addresses, "PARALLEL_FROM", 0)
     monkeypatch.setattr(snapshot_addresses, "_cores", lambda: 3)
     parts = await store.load_snapshot(PRIORITY, NOW)
@@ -221,6 +229,15 @@ async def test_snapshot_read_in_parallel_parts_equals_one_read(store, monkeypatc
     assert list(one.hashes) == sorted(set(one.hashes)) and len(one.hashes) == 3000 + len(set(edges))
     assert SuppressionIndex(parts).lookup_address(key_hash("user0@example.com")) == "complained"
     assert parts.seq == one.seq
+    assert not gone.exists() and kept.exists()
+    assert [p.name for p in Path(path).parent.glob(".snapshot-parts-*")] == [kept.name]
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 async def test_snapshot_domains_and_seq(store, db) -> None:

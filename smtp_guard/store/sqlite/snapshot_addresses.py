@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import shutil
 import tempfile
 from array import array
 from operator import itemgetter
@@ -36,6 +37,7 @@ PARALLEL_FROM = 1_000_000  # rows (by the table's largest rowid) from which part
 MAX_PARTS = 4
 
 _LOWEST, _PAST_HIGHEST = -(2 ** 63), 2 ** 63
+_PARTS_PREFIX = ".snapshot-parts-"
 
 
 def address_arrays(path: str | os.PathLike[str], order: Sequence[str], now: float, busy_timeout: float) -> tuple[array[int], array[int]]:
@@ -48,8 +50,11 @@ def address_arrays(path: str | os.PathLike[str], order: Sequence[str], now: floa
     hashes, lists = array("q"), array("B")
     # Each part leaves its arrays in a file that this thread appends from. Sent back through
     # pipes instead, the 20-40 MB results left 16-20 MB of heap that glibc kept after they
-    # were freed (a pool's or this thread's). The files sit in the store's own directory.
-    with tempfile.TemporaryDirectory(prefix=".snapshot-", dir=os.path.dirname(os.path.abspath(path))) as parts_dir:
+    # were freed (a pool's or this thread's). The files sit in the store's own directory, in
+    # a directory named after this process: one a killed process left is removed here.
+    directory = os.path.dirname(os.path.abspath(path))
+    _remove_abandoned(directory)
+    with tempfile.TemporaryDirectory(prefix=f"{_PARTS_PREFIX}{os.getpid()}-", dir=directory) as parts_dir:
         outputs = [os.path.join(parts_dir, f"part{number}") for number in range(parts)]
         with concurrent.futures.ProcessPoolExecutor(parts, mp_context=multiprocessing.get_context("spawn")) as pool:
             counts = list(pool.map(_read_part, *zip(*[(*job, output) for job, output in zip(jobs, outputs)])))
@@ -58,6 +63,27 @@ def address_arrays(path: str | os.PathLike[str], order: Sequence[str], now: floa
                 hashes.fromfile(part, count)
                 lists.fromfile(part, count)
     return hashes, lists
+
+
+def _remove_abandoned(directory: str) -> None:
+    """Remove the parts directories of processes that no longer run (killed while loading):
+    90 MB at ten million addresses, and hashes of addresses that may since have been erased."""
+    for name in os.listdir(directory):
+        if not name.startswith(_PARTS_PREFIX):
+            continue
+        pid = name[len(_PARTS_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _parts(path: str | os.PathLike[str], busy_timeout: float) -> int:
