@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry
 
+from . import event_loop
 from .backends import Backends, open_backends, open_counters, store_exists, stream_tallies
 from .change_sync import ChangeSync, Step
-from . import event_loop
 from .config import Config
 from .counters import RateCounters
 from .decision_service import DEFAULT_TIMEOUT as DECISION_TIMEOUT
