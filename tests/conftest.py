@@ -21,7 +21,6 @@ import inspect
 import os
 import pwd
 import shutil
-import socket
 import ssl
 import stat
 import subprocess
@@ -41,6 +40,7 @@ from smtp_guard.config import Config, build_config
 from smtp_guard.store.sqlite.db import Database
 
 from postgres_server import PostgresServer, binaries
+from local_tools import free_port, installed
 
 TEST_STORE = os.environ.get("SMTP_GUARD_TEST_STORE", "sqlite")
 if TEST_STORE not in ("sqlite", "postgresql"):
@@ -193,13 +193,6 @@ def process_running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago, for programs that cannot be told port 0."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -437,13 +430,7 @@ def _parse_dump_record(record: bytes) -> PostfixMessage:
 
 
 def _smtp_sink_binary() -> str:
-    for path in SMTP_SINK_PATHS:
-        if os.access(path, os.X_OK):
-            return path
-    reason = "Postfix smtp-sink is not installed (apt-get install postfix; .ci/run does this)"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}, and CI must run every test")
-    pytest.skip(reason)
+    return installed(SMTP_SINK_PATHS, "smtp-sink", "postfix")
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -24,19 +23,14 @@ import dns.exception
 import dns.message
 import dns.query
 import dns.rdatatype
-import pytest
+
+from local_tools import installed
 
 DNSMASQ_PATHS = ("/usr/sbin/dnsmasq", "/usr/bin/dnsmasq")
 
 
 def dnsmasq_path() -> str:
-    found = next((path for path in DNSMASQ_PATHS if os.access(path, os.X_OK)), None) or shutil.which("dnsmasq")
-    if found is None:
-        message = "dnsmasq is not installed (Debian package dnsmasq-base; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return installed(DNSMASQ_PATHS, "dnsmasq", "dnsmasq-base")
 
 
 def txt_strings(text: str) -> list[str]:

@@ -5,34 +5,20 @@ the test's — never the system's service.
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Sequence
 
-import pytest
+
+from local_tools import free_port, installed
 
 HAPROXY_PATHS = ("/usr/sbin/haproxy", "/usr/bin/haproxy")
 REFERENCE = Path(__file__).resolve().parent.parent / "config" / "haproxy.cfg"
 
 
 def haproxy_path() -> str:
-    found = next((path for path in HAPROXY_PATHS if os.access(path, os.X_OK)), None) or shutil.which("haproxy")
-    if found is None:
-        message = "haproxy is not installed (Debian package haproxy; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return installed(HAPROXY_PATHS, "haproxy", "haproxy")
 
 
 class HAProxy:
@@ -72,7 +58,7 @@ class HAProxy:
     def start(self) -> HAProxy:
         self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # a free port can be taken between the probe and haproxy's bind
-            self.port = _free_port()
+            self.port = free_port()
             config_file = self.directory / "haproxy.cfg"
             config_file.write_text(self.config())
             log = (self.directory / "haproxy.log").open("wb")

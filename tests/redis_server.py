@@ -7,33 +7,19 @@ Redis go away and come back in the middle of a test.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
+
+from local_tools import free_port, installed
 
 REDIS_SERVER_PATHS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
 
 
 def redis_server_path() -> str:
-    found = next((path for path in REDIS_SERVER_PATHS if os.access(path, os.X_OK)), None) \
-        or shutil.which("redis-server")
-    if found is None:
-        message = "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return installed(REDIS_SERVER_PATHS, "redis-server", "redis-server")
 
 
 class RedisServer:
@@ -54,7 +40,7 @@ class RedisServer:
         """Start it (again, on the same port, after ``stop``); returns once it answers PING."""
         self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # a free port can be taken between the probe and redis-server's bind
-            self.port = self.port or _free_port()
+            self.port = self.port or free_port()
             self._process = subprocess.Popen(
                 [redis_server_path(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
                  "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",

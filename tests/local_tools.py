@@ -1,0 +1,30 @@
+"""What the test helpers that start real programs share: a free loopback port, and the path of
+an installed program (a test that needs a missing one fails under CI=true and skips elsewhere)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from typing import Sequence
+
+import pytest
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago, for programs that cannot be told port 0."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def installed(paths: Sequence[str], name: str, package: str) -> str:
+    """The first executable of ``paths``, else ``name`` on PATH; ``package`` is the Debian
+    package that provides it, named in the failure (or skip) when there is none."""
+    found = next((path for path in paths if os.access(path, os.X_OK)), None) or shutil.which(name)
+    if found is None:
+        message = f"{name} is not installed (Debian package {package}; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
