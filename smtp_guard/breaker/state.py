@@ -102,14 +102,7 @@ class BreakerState:
         previous = self.trips.get(stream)
         if previous is not None and version(previous.decided_at) > version(trip.basis):
             return previous  # an admin decided while the count was on its way: the decision stands
-        record = BreakerRecord(
-            stream=stream, rule=trip.rule, sender=active.sender, message_class=active.message_class,
-            status="tripped", threshold=trip.threshold, ceiling=None if previous is None else previous.ceiling,
-            recipients=recipients, tripped_at=trip.at, updated_at=now,
-            # The decision this trip is based on: the store keeps a newer one if an admin made it.
-            decided_by="" if previous is None else previous.decided_by,
-            decided_at=None if previous is None else previous.decided_at,
-        )
+        record = _tripped(stream, active, trip, recipients, now, previous)
         self._enforce(record)
         if self.observer is not None:
             self.observer.tripped(record)
@@ -121,13 +114,7 @@ class BreakerState:
         known = self.trips.get(stream)
         if known is not None and (known.status != "approved" or version(known.decided_at) > version(trip.basis)):
             return known  # tripped or cancelled here already, or decided since that trip
-        record = BreakerRecord(
-            stream=stream, rule=trip.rule, sender=active.sender, message_class=active.message_class,
-            status="tripped", threshold=trip.threshold, ceiling=None if known is None else known.ceiling,
-            recipients=recipients, tripped_at=trip.at, updated_at=now,
-            decided_by="" if known is None else known.decided_by,
-            decided_at=None if known is None else known.decided_at,
-        )
+        record = _tripped(stream, active, trip, recipients, now, known)
         # Written to the store by this guard as well: the same record, whoever writes it first.
         self._enforce(record)
         return record
@@ -234,3 +221,16 @@ class BreakerState:
         known = self.baselines.get(stored.sender)
         if known is None or stored.updated_at > known.updated_at:
             self.baselines[stored.sender] = stored
+
+
+def _tripped(stream: str, active: ActiveStream, trip: Trip, recipients: int, now: float,
+             previous: BreakerRecord | None) -> BreakerRecord:
+    """The stream's record once ``trip`` is in force. It keeps the previous record's approved
+    ceiling and the decision it is based on: the store keeps a newer one if an admin made it."""
+    return BreakerRecord(
+        stream=stream, rule=trip.rule, sender=active.sender, message_class=active.message_class,
+        status="tripped", threshold=trip.threshold, ceiling=None if previous is None else previous.ceiling,
+        recipients=recipients, tripped_at=trip.at, updated_at=now,
+        decided_by="" if previous is None else previous.decided_by,
+        decided_at=None if previous is None else previous.decided_at,
+    )
