@@ -40,7 +40,7 @@ from smtp_guard.config import Config, build_config
 from smtp_guard.store.sqlite.db import Database
 
 from postgres_server import PostgresServer, binaries
-from local_tools import free_port, installed
+from local_tools import free_port, installed, stop_process
 
 TEST_STORE = os.environ.get("SMTP_GUARD_TEST_STORE", "sqlite")
 if TEST_STORE not in ("sqlite", "postgresql"):
@@ -472,12 +472,7 @@ async def postfix_sink(tmp_path: Path) -> AsyncIterator[PostfixSink]:
         await wait_until(is_listening, what=f"smtp-sink listening on 127.0.0.1:{port}")
         yield running
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=5)
         if os.geteuid() == 0:
             shutil.rmtree(dump_dir, ignore_errors=True)
 

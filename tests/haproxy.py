@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 
-from local_tools import free_port, installed
+from local_tools import free_port, installed, stop_process
 
 HAPROXY_PATHS = ("/usr/sbin/haproxy", "/usr/bin/haproxy")
 REFERENCE = Path(__file__).resolve().parent.parent / "config" / "haproxy.cfg"
@@ -74,12 +74,7 @@ class HAProxy:
         process, self._process = self._process, None
         if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
     def _listening(self) -> bool:
         # Read from the kernel's socket table: a test connection would go through to a guard.

@@ -1,12 +1,14 @@
-"""What the test helpers that start real programs share: a free loopback port, and the path of
-an installed program (a test that needs a missing one fails under CI=true and skips elsewhere)."""
+"""What the test helpers that start real programs share: a free loopback port, the path of an
+installed program (a test that needs a missing one fails under CI=true and skips elsewhere),
+and stopping one."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
-from typing import Sequence
+import subprocess
+from typing import Any, Sequence
 
 import pytest
 
@@ -28,3 +30,13 @@ def installed(paths: Sequence[str], name: str, package: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within ``timeout`` seconds; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 
-from local_tools import free_port, installed
+from local_tools import free_port, installed, stop_process
 
 REDIS_SERVER_PATHS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
 
@@ -56,12 +56,7 @@ class RedisServer:
         process, self._process = self._process, None
         if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
     def command(self, *args: str) -> bytes:
         """One command over a raw socket (RESP), its raw reply: for tests that look inside."""
