@@ -84,7 +84,12 @@ class DNSServer:
                  "--bind-interfaces", "--no-resolv", "--no-hosts", f"--conf-file={self._conf}", "--pid-file=",
                  "--cache-size=0", f"--user={_user()}", f"--log-facility={self._log}", "--log-queries"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            if self._answers():
+            try:
+                answers = self._answers()
+            except BaseException:
+                self.stop()  # and its stderr pipe closed: nothing left for the garbage collector
+                raise
+            if answers:
                 return self
             self.stop()
         raise AssertionError(f"dnsmasq did not start: {self._stderr}")
@@ -100,7 +105,9 @@ class DNSServer:
             try:
                 dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.2)
                 return True
-            except (dns.exception.Timeout, OSError):
+            # BadResponse: the answer to an earlier probe that timed out, arriving late on a
+            # new probe's socket that got the same ephemeral port. dnsmasq is up; ask again.
+            except (dns.exception.Timeout, dns.query.BadResponse, OSError):
                 continue
         return False
 
