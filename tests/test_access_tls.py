@@ -199,3 +199,24 @@ async def test_upstream_implicit_tls_and_auth(start_guard, tls):
     [delivered] = secure.messages
     # The sink's listener speaks only TLS, so a delivery proves the session was encrypted.
     assert delivered.login == UPSTREAM_USER and without_trace(delivered.content) == content
+
+
+def test_network_verdicts_are_remembered_within_a_bound():
+    """A client address is parsed once; a scan from more addresses than are kept only starts
+    the memory over, and every verdict stays right (IPv4-mapped IPv6 counts as IPv4)."""
+    import ipaddress
+
+    from smtp_guard.smtp import access
+
+    control = access.AccessControl([ipaddress.ip_network("192.0.2.0/24")])
+    for round_ in range(2):
+        assert control.is_allowed_network("192.0.2.7")
+        assert control.is_allowed_network("::ffff:192.0.2.7")
+        assert not control.is_allowed_network("198.51.100.7")
+        assert not control.is_allowed_network("not an address")
+    for n in range(access.VERDICTS_KEPT + 10):
+        assert not control.is_allowed_network(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}")
+    assert len(control._verdicts) <= access.VERDICTS_KEPT
+    assert control.is_allowed_network("192.0.2.200")
+    assert access.AccessControl.is_loopback("127.0.0.1") and access.AccessControl.is_loopback("::1")
+    assert not access.AccessControl.is_loopback("192.0.2.1") and not access.AccessControl.is_loopback("x")
