@@ -123,7 +123,7 @@ DAMAGE: dict[str, tuple[Callable[[bytes], bytes], str, bool]] = {
     "cut in the header": (lambda data: data[:40], "header (truncated)", True),
     "cut in the arrays": (lambda data: data[:-1], "truncated or damaged", True),
     "bytes appended": (lambda data: data + b"\0", "truncated or damaged", True),
-    "another file": (lambda data: b"SQLite format 3\0" + data[16:], "not a snapshot file", True),
+    "another file": (lambda data: b"SQLite format 3\0" + data[16:], "not a suppression snapshot file", True),
     "newer format": (lambda data: data[:8] + (2).to_bytes(4, "little") + data[12:], "format version 2", True),
     "garbled header": (lambda data: data[:24] + b"!" + data[25:], "unreadable header", True),
     "a bit flipped in a hash": (_flip(-1000), "CRC-32 mismatch", False),
