@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Protocol, Sequence
 from prometheus_client import CollectorRegistry
 
 from . import event_loop
-from .backends import Backends, open_backends, open_counters, store_exists, stream_tallies
+from .backends import Backends, SharedTombstones, open_backends, open_counters, store_exists, stream_tallies
 from .change_sync import ChangeSync, Step
 from .config import Config
 from .counters import RateCounters
@@ -142,17 +142,21 @@ class _GuardProcess:
     def _name(self) -> str:
         return "smtp-guard"
 
-    async def _enforce(self, metrics: Metrics, counters: RateCounters,
-                       shared_index: Path | None = None) -> tuple[Backends, Enforcement, Upstream]:
+    async def _enforce(self, metrics: Metrics, counters: RateCounters, shared: RunPaths | None = None,
+                       supervisor: bool = False) -> tuple[Backends, Enforcement, Upstream]:
         """The steps every guard process starts with: its backends, the index and tombstones
         it enforces from, and its upstream. ``counters``: this process's (``open_counters``);
-        ``shared_index`` (a directory): the snapshot the processes of a multi-worker guard share."""
+        ``shared``: where the processes of a multi-worker guard share the suppression snapshot
+        and the tombstones (the ``supervisor`` writes the tombstones' file, before any worker)."""
         run = self._running
+        tombstones = None if shared is None else SharedTombstones(
+            shared.tombstones, build=supervisor,
+            setting=f"[smtp] workers {self.config.smtp.workers} (shared tombstones {shared.tombstones})")
         backends = await run.enter_async_context(open_backends(self.config, server=True, counters=counters,
-                                                               metrics=metrics))
+                                                               metrics=metrics, shared_tombstones=tombstones))
         if self._log_pseudonyms is not None:  # logs name people as the audit trail does, from here on
             self._log_pseudonyms.use(backends.audit.pseudonymizer)
-        snapshots = None if shared_index is None else SharedSnapshots(shared_index, backends.suppressions)
+        snapshots = None if shared is None else SharedSnapshots(shared.index, backends.suppressions)
         enforcement = Enforcement(self.config, backends, metrics, self.readiness, self.clock, snapshots)
         await enforcement.start(run)
         upstream = build_upstream(self.config, metrics)
@@ -256,7 +260,7 @@ class Supervisor(_GuardProcess):
         counters = await run.enter_async_context(open_counters(config, self.metrics, shared=paths.counters,
                                                                create=True))
         self.http = _http_listener(multiprocess_registry(paths.metrics), self.readiness)
-        self.backends, self.enforcement, upstream = await self._enforce(self.metrics, counters, paths.index)
+        self.backends, self.enforcement, upstream = await self._enforce(self.metrics, counters, paths, supervisor=True)
         self.background = Background(config, self.backends, self.enforcement, upstream, self.metrics,
                                      self.readiness, self.http, self.clock, stream_tallies(config, counters))
         await self.background.start(run)
@@ -325,7 +329,7 @@ class Worker(_GuardProcess):
     async def _start(self) -> None:
         config, paths, run = self.config, self.paths, self._running
         counters = await run.enter_async_context(open_counters(config, self.metrics, shared=paths.counters))
-        backends, enforcement, upstream = await self._enforce(self.metrics, counters, paths.index)
+        backends, enforcement, upstream = await self._enforce(self.metrics, counters, paths)
         pipeline = default_pipeline(config, backends.tombstones, enforcement.index, counters=counters,
                                     clock=self.clock)
         decider = RemoteDecider(paths.decisions, timeout=DECISION_TIMEOUT, max_frame=frame_limit(config.smtp))

@@ -12,6 +12,7 @@ and for admin commands alike.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from .shared_counters import SharedCounters
 from .erasure.index import TombstoneIndex
 from .erasure.keys import ErasureKeyError, open_key_ring
 from .erasure.pseudonyms import Pseudonymizer, PseudonymizingAuditStore
+from .erasure.tombstone_file import TombstoneFileError, map_tombstones, write_tombstones
 from .startup import naming_setting
 from .breaker.model import BreakerStore
 from .change_model import ChangeStore
@@ -161,19 +163,21 @@ async def migrate_store(config: Config) -> tuple[int, list[Migration]]:
 
 @asynccontextmanager
 async def open_backends(config: Config, *, server: bool, counters: RateCounters | None = None,
-                        metrics: Metrics | None = None) -> AsyncIterator[Backends]:
+                        metrics: Metrics | None = None, shared_tombstones: SharedTombstones | None = None,
+                        ) -> AsyncIterator[Backends]:
     """The backends for one guard process (``server``: a start-up failure names the setting
     to fix, the schema may be migrated and the erasure key created) or one admin operation
     (the store must exist: callers check ``store_exists`` first, so an admin command never
     creates one).
 
     ``counters``: the worker processes' shared buckets (the supervisor created them); by
-    default this process's own. ``metrics``: a guard process's, for the store's own."""
+    default this process's own. ``metrics``: a guard process's, for the store's own.
+    ``shared_tombstones``: the file a multi-worker guard's processes share them through."""
     async with AsyncExitStack() as opened:
         with naming_setting(config.store.setting, server, StoreError, OSError):
             stores = await opened.enter_async_context(open_stores(config, migrate=server, metrics=metrics))
         with naming_setting(f"[erasure] key_file {config.erasure_key_file}", server, ErasureKeyError, OSError):
-            tombstones = await load_tombstones(config, stores.erasure, may_replace=server)
+            tombstones = await load_tombstones(config, stores.erasure, may_replace=server, shared=shared_tombstones)
             if server and tombstones.broken:
                 raise ErasureKeyError(f"{tombstones.broken}; restore the key file from backup")
         normalizer = AddressNormalizer(config.addresses)
@@ -259,9 +263,27 @@ async def init_store(config: Config) -> bool:
     return not existed
 
 
-async def load_tombstones(config: Config, erasure: ErasureStore, *, may_replace: bool) -> TombstoneIndex:
+@dataclass(frozen=True)
+class SharedTombstones:
+    """Where a multi-worker guard's processes share the tombstones (``erasure/tombstone_file.py``):
+    the supervisor ``build``s the file at start, every worker maps it."""
+
+    path: Path
+    build: bool
+    setting: str  # named when the file cannot be written or read
+
+
+async def load_tombstones(config: Config, erasure: ErasureStore, *, may_replace: bool,
+                          shared: SharedTombstones | None = None) -> TombstoneIndex:
     """Every tombstone, with a key ring that can verify them: a missing, replaced or too-open
     key file stops here (ErasureKeyError). Only ``may_replace`` (the guard's start, ``init``)
-    replaces a key nothing was made with."""
+    replaces a key nothing was made with. With ``shared``, those in its file are mapped and
+    only later ones read into this process's memory."""
     ring = await open_key_ring(config.erasure_key_file, erasure, config.store.data_dir, may_replace=may_replace)
-    return TombstoneIndex(ring, await erasure.tombstones_since(0))
+    if shared is None:
+        return TombstoneIndex(ring, await erasure.tombstones_since(0))
+    with naming_setting(shared.setting, True, OSError, TombstoneFileError):
+        if shared.build:
+            await asyncio.to_thread(write_tombstones, await erasure.tombstones_since(0), shared.path)
+        mapped = await asyncio.to_thread(map_tombstones, shared.path)
+    return TombstoneIndex(ring, await erasure.tombstones_since(mapped.last_id), shared=mapped)

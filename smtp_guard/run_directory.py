@@ -49,6 +49,10 @@ class RunPaths:
         return self.root / "index"
 
     @property
+    def tombstones(self) -> Path:
+        return self.root / "tombstones"
+
+    @property
     def decisions(self) -> Path:
         return self.root / "decisions" / "socket"
 

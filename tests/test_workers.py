@@ -196,6 +196,27 @@ async def test_a_suppression_added_by_the_cli_is_enforced_by_both_workers(superv
     assert sink.messages == []
 
 
+async def test_tombstones_are_shared_by_the_workers_and_later_erasures_reach_both(supervised, tmp_path: Path,
+                                                                                    sink: Sink) -> None:
+    """Erasures made before the start are in one file every process maps (not a copy per
+    process); one made while running is enforced by both workers as well."""
+    before = Supervised(tmp_path, sink, "", "60s")  # its config, the store the guard will use
+    before.log.close()
+    await asyncio.to_thread(before.cli, "init")
+    await asyncio.to_thread(before.cli, "erase", "jane@example.com", "--ref", "DSR-1")
+    guard = await supervised()
+    shared = [line for line in Path(f"/proc/{guard.worker_pids()[0]}/maps").read_text().splitlines()
+              if line.endswith("/tombstones")]
+    assert shared, "the worker does not map the shared tombstone file"
+    for pid in [*guard.worker_pids(), guard.process.pid]:  # type: ignore[union-attr]
+        assert shared[0].split()[-1] in Path(f"/proc/{pid}/maps").read_text()
+    output = await asyncio.to_thread(guard.cli, "erase", "joe@example.com", "--ref", "DSR-2", "--wait")
+    assert "In force on 3 running guards." in output
+    outcomes = await send_each(guard, ["jane@example.com", "joe@example.com"] * (CONNECTIONS // 2))
+    assert all(o.rcpt.get("jane@example.com", o.rcpt.get("joe@example.com", "")).startswith("550") for o in outcomes)
+    assert sink.messages == []
+
+
 async def test_a_rate_limit_holds_across_workers(supervised, sink: Sink) -> None:
     guard = await supervised('[[rate_limits]]\nname = "per-sender"\nkey = "sender"\nrate = "5/h"\nburst = 5\n')
     outcomes = await send_each(guard, [f"r{i}@example.com" for i in range(CONNECTIONS)])

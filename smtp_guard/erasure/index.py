@@ -1,7 +1,9 @@
-"""In-memory tombstone index: erased addresses as keyed digests, looked up with no I/O.
+"""Tombstone index: erased addresses as keyed digests, looked up with no I/O.
 
-Erasures are rare (thousands, not millions), so a dict of digests is compact enough. A
-lookup computes the erasure token once and one HMAC per key in the ring (usually one).
+Erasures are rare (thousands, not millions), so a dict of digests is compact enough for one
+process. The processes of a multi-worker guard share the tombstones that existed at start as
+a mapped file (``tombstone_file.py``) and keep only later ones in their dict. A lookup
+computes the erasure token once and one HMAC per key in the ring (usually one).
 """
 
 from __future__ import annotations
@@ -12,34 +14,45 @@ from typing import Awaitable, Callable, Sequence
 
 from .keys import ErasureKeyError, KeyRing, check_key_file, erasure_token
 from .model import ErasureStore, Tombstone
+from .tombstone_file import MappedTombstones
 
 log = logging.getLogger(__name__)
 
 
 class TombstoneIndex:
-    def __init__(self, ring: KeyRing, tombstones: Sequence[Tombstone] = ()) -> None:
+    def __init__(self, ring: KeyRing, tombstones: Sequence[Tombstone] = (),
+                 shared: MappedTombstones | None = None) -> None:
+        """``shared``: the tombstones up to its ``last_id``, mapped; ``tombstones``: later ones."""
         self.ring = ring
+        self._shared = shared if shared else None  # an empty file: nothing to look up in
         self._by_digest: dict[bytes, Tombstone] = {}
-        self.last_id = 0
+        self.last_id = 0 if shared is None else shared.last_id
         # Set when a tombstone arrives that no key in the ring can match: enforcement would
         # silently stop, so the erasure policy fails closed until the key file is fixed.
         self.broken: str | None = None
+        if shared is not None:
+            lacking = [key_id for key_id in shared.key_ids if ring.by_id(key_id) is None]
+            if lacking:
+                self.broken = f"tombstones were made with key {lacking[0]!r}, which {ring.path} does not hold"
         self.add(tombstones)
 
     def __len__(self) -> int:
-        return len(self._by_digest)
+        return len(self._by_digest) + (0 if self._shared is None else len(self._shared))
 
     def lookup(self, normalized_key: str) -> Tombstone | None:
-        if not self._by_digest:
+        if not self._by_digest and self._shared is None:
             return None
         token = erasure_token(normalized_key)
         return self.lookup_token(token)
 
     def lookup_token(self, token: str) -> Tombstone | None:
-        if not self._by_digest:
+        if not self._by_digest and self._shared is None:
             return None  # no erasure yet: no HMAC (every audit record and log line asks)
         for key in self.ring.keys:
-            tombstone = self._by_digest.get(key.tombstone(token))
+            digest = key.tombstone(token)
+            tombstone = self._by_digest.get(digest)
+            if tombstone is None and self._shared is not None:
+                tombstone = self._shared.get(digest)
             if tombstone is not None and tombstone.key_id == key.id:
                 return tombstone
         return None
