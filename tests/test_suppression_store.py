@@ -233,6 +233,24 @@ async def test_snapshot_read_in_parallel_parts_equals_one_read(store, monkeypatc
     assert [p.name for p in Path(path).parent.glob(".snapshot-parts-*")] == [kept.name]
 
 
+@sqlite_only
+async def test_a_failing_snapshot_part_raises_its_own_error(store, tmp_path: Path) -> None:
+    """A part process reports SQLite and OS errors as themselves (a locked or full store is told
+    apart from other failures), and anything else with its last line of stderr."""
+    from smtp_guard.store.sqlite import snapshot_addresses as parts
+    from smtp_guard.store.sqlite.db import store_error
+
+    job = (str(store._db.path), PRIORITY, NOW, 5.0, -(2 ** 63), 2 ** 63)
+    with pytest.raises(sqlite3.OperationalError) as cannot_open:
+        parts._finished(parts._start_part((str(tmp_path), *job[1:]), str(tmp_path / "part0")))
+    assert getattr(cannot_open.value, "sqlite_errorname") == "SQLITE_CANTOPEN"
+    assert "unable to open" in str(store_error(cannot_open.value))
+    with pytest.raises(FileNotFoundError):
+        parts._finished(parts._start_part(job, str(tmp_path / "missing" / "part0")))
+    with pytest.raises(RuntimeError, match="a snapshot part process failed: .*TypeError"):
+        parts._finished(parts._start_part(job[:3], str(tmp_path / "part0")))  # too few arguments
+
+
 def _dead_pid() -> int:
     """The pid of a process that has exited (and been reaped)."""
     child = subprocess.Popen(["true"])

@@ -15,19 +15,28 @@ re-reads the entry's current state from the store (``changes_since``).
 
 A small list is read in the calling thread: starting processes costs ~0.3 s.
 
-The spawned processes import this module, and with it only the SQLite store's ``db`` module.
+The parts are plain child processes running this module (``python -m``), not a
+multiprocessing pool: multiprocessing starts its resource tracker, a process of its own that
+stays for the guard's whole life (8 MiB, 5 % of a one-process guard at ten million
+addresses), for nothing this load needs. A part imports this module, and with it only the
+SQLite store's ``db`` module. A part that fails reports the SQLite or OS error on its
+standard output, and the caller raises it again, so a locked or full store is still told
+apart from other failures.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
+import json
 import os
 import shutil
+import sqlite3
+import subprocess
+import sys
 import tempfile
 from array import array
 from operator import itemgetter
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from ..filters import live
 from .db import connect_sync
@@ -56,13 +65,49 @@ def address_arrays(path: str | os.PathLike[str], order: Sequence[str], now: floa
     _remove_abandoned(directory)
     with tempfile.TemporaryDirectory(prefix=f"{_PARTS_PREFIX}{os.getpid()}-", dir=directory) as parts_dir:
         outputs = [os.path.join(parts_dir, f"part{number}") for number in range(parts)]
-        with concurrent.futures.ProcessPoolExecutor(parts, mp_context=multiprocessing.get_context("spawn")) as pool:
-            counts = list(pool.map(_read_part, *zip(*[(*job, output) for job, output in zip(jobs, outputs)])))
-        for output, count in zip(outputs, counts):  # in range order
+        processes = [_start_part(job, output) for job, output in zip(jobs, outputs)]
+        try:
+            for process in processes:
+                _finished(process)
+        finally:
+            for process in processes:  # one failed: the others are of no use
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        for output in outputs:  # in range order
+            count = os.path.getsize(output) // 9  # 8 bytes of hash, 1 of list rank per address
             with open(output, "rb") as part:
                 hashes.fromfile(part, count)
                 lists.fromfile(part, count)
     return hashes, lists
+
+
+def _start_part(job: tuple[Any, ...], output: str) -> subprocess.Popen[bytes]:
+    """A part's process: this module run by this interpreter, on this copy of the package."""
+    package_root = str(Path(__file__).resolve().parents[3])
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
+    return subprocess.Popen([sys.executable, "-m", __name__, json.dumps([*job, output])],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+
+
+def _finished(process: subprocess.Popen[bytes]) -> None:
+    """Wait for a part; raise what made it fail (SQLite and OS errors as themselves)."""
+    report, errors = process.communicate()
+    if process.returncode == 0:
+        return
+    try:
+        failure = json.loads(report)
+    except ValueError:
+        failure = None
+    if isinstance(failure, dict) and failure.get("kind") == "sqlite":
+        error = sqlite3.OperationalError(failure["message"])
+        error.sqlite_errorname = failure["name"]
+        raise error
+    if isinstance(failure, dict) and failure.get("kind") == "os":
+        raise OSError(failure["errno"], failure["message"])
+    last = errors.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {process.returncode}"]
+    raise RuntimeError(f"a snapshot part process failed: {last[0]}")
 
 
 def _remove_abandoned(directory: str) -> None:
@@ -111,15 +156,14 @@ def _ranges(parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
-def _read_part(path: str, order: tuple[str, ...], now: float, busy_timeout: float, low: int, high: int,
-               output: str) -> int:
+def _read_part(path: str, order: Sequence[str], now: float, busy_timeout: float, low: int, high: int,
+               output: str) -> None:
     """A part's process: its range's arrays written to ``output`` (the hashes, then the list
-    ranks); returns how many."""
-    hashes, lists = _rows(path, order, now, busy_timeout, low, high)
+    ranks)."""
+    hashes, lists = _rows(path, tuple(order), now, busy_timeout, low, high)
     with open(output, "wb") as part:
         hashes.tofile(part)
         lists.tofile(part)
-    return len(hashes)
 
 
 def _rows(path: str, order: tuple[str, ...], now: float, busy_timeout: float, low: int,
@@ -143,3 +187,20 @@ def _rows(path: str, order: tuple[str, ...], now: float, busy_timeout: float, lo
     finally:
         connection.close()
     return hashes, lists
+
+
+def _part_main(job: str) -> int:
+    """``python -m`` entry of a part: the job as JSON; a failure reported as JSON on stdout."""
+    try:
+        _read_part(*json.loads(job))
+    except sqlite3.Error as error:
+        print(json.dumps({"kind": "sqlite", "name": getattr(error, "sqlite_errorname", "") or "", "message": str(error)}))
+        return 1
+    except OSError as error:
+        print(json.dumps({"kind": "os", "errno": error.errno, "message": error.strerror or str(error)}))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_part_main(sys.argv[1]))
