@@ -173,6 +173,8 @@ async def test_two_workers_serve_one_port_and_one_scrape_counts_both(supervised,
     assert "aiohttp" in Path(f"/proc/{guard.process.pid}/maps").read_text()
     for pid in guard.worker_pids():  # ... and not in the workers, which serve no HTTP (~10 MiB each)
         assert "aiohttp" not in Path(f"/proc/{pid}/maps").read_text()
+    for pid in [guard.process.pid, *guard.worker_pids()]:  # no DKIM keys: no cryptography (~8 MiB each)
+        assert "cryptography" not in Path(f"/proc/{pid}/maps").read_text()
     outcomes = await send_each(guard, [f"r{i}@example.com" for i in range(CONNECTIONS)])
     assert all(o.data is not None and o.data.startswith("250") for o in outcomes)
     assert len(sink.messages) == CONNECTIONS

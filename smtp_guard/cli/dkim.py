@@ -8,7 +8,6 @@ from typing import cast
 
 import click
 
-from ..dkim.keys import Algorithm, from_pem, generate, write_private, zone_lines
 
 
 @click.group()
@@ -49,6 +48,10 @@ def keygen(domain: str, selector: str, algorithm: str, bits: int, out: Path | No
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", selector):
         raise click.BadParameter(f"{selector!r} is not a DNS label, e.g. s2026", param_hint="SELECTOR")
     path = (out or Path(f"{domain}.{selector}.key")).absolute()
+    # Imported here, not with the CLI: cryptography is ~10 MiB of every process that imports it,
+    # and every `smtp-guard serve` process (workers included) loads the whole CLI.
+    from ..dkim.keys import Algorithm, from_pem, generate, write_private, zone_lines
+
     pem = generate(cast(Algorithm, algorithm), bits)
     try:
         write_private(path, pem)
