@@ -15,13 +15,12 @@ re-reads the entry's current state from the store (``changes_since``).
 
 A small list is read in the calling thread: starting processes costs ~0.3 s.
 
-The parts are plain child processes running this module (``python -m``), not a
-multiprocessing pool: multiprocessing starts its resource tracker, a process of its own that
-stays for the guard's whole life (8 MiB, 5 % of a one-process guard at ten million
-addresses), for nothing this load needs. A part imports this module, and with it only the
-SQLite store's ``db`` module. A part that fails reports the SQLite or OS error on its
-standard output, and the caller raises it again, so a locked or full store is still told
-apart from other failures.
+The parts are plain child processes running this module, not a multiprocessing pool:
+multiprocessing starts its resource tracker, a process of its own that stays for the guard's
+whole life (8 MiB, 5 % of a one-process guard at ten million addresses), for nothing this
+load needs. A part imports this module, and with it only the SQLite store's ``db`` module. A
+part that fails reports the SQLite or OS error on its standard output, and the caller raises
+it again, so a locked or full store is still told apart from other failures.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import sys
 import tempfile
 from array import array
 from operator import itemgetter
-from pathlib import Path
 from typing import Any, Sequence
 
 from ..filters import live
@@ -82,13 +80,15 @@ def address_arrays(path: str | os.PathLike[str], order: Sequence[str], now: floa
     return hashes, lists
 
 
+# A part's program: this interpreter with this process's module search path (as multiprocessing
+# hands it to its children), so the part runs this very copy of the package.
+_PART = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+         f"from {__name__} import _part_main; sys.exit(_part_main(sys.argv[2]))")
+
+
 def _start_part(job: tuple[Any, ...], output: str) -> subprocess.Popen[bytes]:
-    """A part's process: this module run by this interpreter, on this copy of the package."""
-    package_root = str(Path(__file__).resolve().parents[3])
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
-    return subprocess.Popen([sys.executable, "-m", __name__, json.dumps([*job, output])],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    return subprocess.Popen([sys.executable, "-c", _PART, json.dumps(sys.path), json.dumps([*job, output])],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _finished(process: subprocess.Popen[bytes]) -> None:
@@ -190,7 +190,7 @@ def _rows(path: str, order: tuple[str, ...], now: float, busy_timeout: float, lo
 
 
 def _part_main(job: str) -> int:
-    """``python -m`` entry of a part: the job as JSON; a failure reported as JSON on stdout."""
+    """A part process's main: the job as JSON; a failure reported as JSON on stdout."""
     try:
         _read_part(*json.loads(job))
     except sqlite3.Error as error:
@@ -201,6 +201,3 @@ def _part_main(job: str) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(_part_main(sys.argv[1]))
