@@ -102,3 +102,37 @@ def test_a_shared_file_needing_a_key_the_ring_lacks_breaks_enforcement(tmp_path:
     write_tombstones([erased(ring(tmp_path, "lost"), "jane@example.com", 1)], path)
     index = TombstoneIndex(ring(tmp_path, "k1"), shared=map_tombstones(path))
     assert index.broken is not None and "'lost'" in index.broken
+
+
+async def test_a_shared_file_that_cannot_be_written_or_read_stops_the_start_naming_it(
+        tmp_path: Path, make_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor cannot write the file (its run directory is full): the start fails with
+    the setting and the file named, and no half-written file is left; a worker that finds the
+    file damaged refuses to start the same way, never enforcing without the tombstones."""
+    import errno
+
+    from smtp_guard.backends import SharedTombstones, open_backends
+    from smtp_guard.startup import StartupError
+
+    config = make_config(tmp_path, 1)
+    path = tmp_path / "run" / "tombstones"
+    path.parent.mkdir()
+    setting = f"[smtp] workers 2 (shared tombstones {path})"
+
+    def full_disk(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async with open_backends(config, server=True):  # the store and its erasure key, as a first start makes them
+        pass
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", full_disk)
+        with pytest.raises(StartupError, match=r"\[smtp\] workers 2 \(shared tombstones .*\): .*No space left"):
+            async with open_backends(config, server=True, shared_tombstones=SharedTombstones(path, True, setting)):
+                pass
+    assert list(path.parent.iterdir()) == []
+    async with open_backends(config, server=True, shared_tombstones=SharedTombstones(path, True, setting)) as built:
+        assert len(built.tombstones) == 0 and path.exists()
+    path.write_bytes(path.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(StartupError, match=f"shared tombstone file {path}: .*(CRC-32|truncated)"):
+        async with open_backends(config, server=True, shared_tombstones=SharedTombstones(path, False, setting)):
+            pass
