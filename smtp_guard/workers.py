@@ -1,7 +1,10 @@
 """The supervisor's worker processes: start N, restart one that dies, drain them all on stop.
 
-Workers are started fresh (``spawn``), never forked from the supervisor's running event loop,
-with a pipe on which each says once whether it started: ``("ready", instance_id)`` after its
+Workers are started fresh, never forked from the supervisor's running event loop: each is
+this interpreter running ``worker_main`` with the supervisor's module search path, its target
+and arguments pickled on its standard input (as multiprocessing's "spawn" does, without the
+resource tracker process multiprocessing adds for its own semaphores: 8 MiB the guard never
+needed). Each gets a pipe on which it says once whether it started: ``("ready", instance_id)`` after its
 listener is bound (``instance_id``: its change-sync row in the store, "" if it has none), or
 ``("failed", message)`` with the one-line StartupError. A start succeeds only when every
 worker is ready; a worker that fails at the first start fails the whole start (the operator
@@ -29,14 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
-import multiprocessing
 import os
+import pickle
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any, Awaitable, Callable
 
 from .periodic import Periodic
@@ -51,10 +56,62 @@ WATCH_INTERVAL = 0.2
 KILL_MARGIN = 5.0
 
 
+# A worker's program (``ps`` shows it, then "smtp-guard-worker N FD"): this interpreter with
+# the supervisor's module search path, the first line on its standard input, so it runs this
+# very copy of the package; ``worker_main`` reads the rest.
+_WORKER_PROGRAM = ("import json, sys; sys.path[:] = json.loads(sys.stdin.buffer.readline()); "
+                   "from smtp_guard.workers import worker_main; worker_main(int(sys.argv[3]))")
+
+
+def worker_main(ready_fd: int) -> None:
+    """A worker process's entry: its target, number and arguments come pickled on standard
+    input (then /dev/null, as under multiprocessing); ``ready_fd`` is the write end of the pipe
+    it says "ready" or "failed" on."""
+    target, number, args = pickle.load(sys.stdin.buffer)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    target(number, Connection(ready_fd, readable=False), *args)
+
+
+class _Process:
+    """A worker process: a ``subprocess.Popen`` with the calls the pool makes of it."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs; minus the signal's number if a signal ended it."""
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def terminate(self) -> None:
+        """SIGTERM, then SIGCONT: a stopped process acts on the SIGTERM only once it runs again
+        (systemd sends the same pair). Neither reaches a process already reaped."""
+        self._popen.terminate()
+        self._popen.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+    def join(self, timeout: float) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 @dataclass
 class _Worker:
     number: int
-    process: BaseProcess
+    process: _Process
     ready: Connection
     ready_at: float | None = None  # when it said "ready"; None while it starts
     instance_id: str | None = None  # its change-sync row, from its "ready"
@@ -71,7 +128,7 @@ async def _nothing(pid: int, instance_id: str | None) -> None:
 
 class WorkerPool:
     """``target(number, ready_connection, *args)`` is the worker's main (a module-level
-    function: it is pickled into the new process); ``grace`` is ``[smtp] shutdown_grace``;
+    function: it is pickled, by name, into the new process, and so are ``args``); ``grace`` is ``[smtp] shutdown_grace``;
     ``on_exit(pid, instance_id)`` is awaited once a worker is gone; ``on_change(accepting)``
     is called when the number of ready, alive workers changes."""
 
@@ -101,7 +158,7 @@ class WorkerPool:
         return sum(1 for worker in self._workers.values() if worker.is_accepting)
 
     def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers.values() if w.process.pid is not None]
+        return [w.process.pid for w in self._workers.values()]
 
     async def start(self) -> None:
         """Start every worker and wait until each is ready (StartupError if one is not)."""
@@ -118,14 +175,24 @@ class WorkerPool:
         self._watch.start()
 
     def _spawn(self, number: int) -> _Worker:
-        context = multiprocessing.get_context("spawn")
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=self.target, args=(number, send, *self.args),
-                                  name=f"smtp-guard worker {number}")
-        process.start()
-        send.close()  # the worker holds its end; ours would keep the pipe open after it died
-        log.info("worker %d started (pid %s)", number, process.pid)
-        return _Worker(number, process, receive)
+        payload = json.dumps(sys.path).encode() + b"\n" + pickle.dumps((self.target, number, self.args))
+        receive, send = os.pipe()
+        try:
+            popen = subprocess.Popen([sys.executable, "-c", _WORKER_PROGRAM, "smtp-guard-worker", str(number), str(send)],
+                                     stdin=subprocess.PIPE, pass_fds=(send,))
+        except BaseException:
+            os.close(receive)
+            raise
+        finally:
+            os.close(send)  # the worker holds its end; ours would keep the pipe open after it died
+        assert popen.stdin is not None
+        try:
+            popen.stdin.write(payload)
+            popen.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once: the pool sees it exit
+        log.info("worker %d started (pid %s)", number, popen.pid)
+        return _Worker(number, _Process(popen), Connection(receive, writable=False))
 
     async def _wait_ready(self, worker: _Worker) -> None:
         status, message = await self._first_word(worker)
@@ -213,8 +280,6 @@ class WorkerPool:
     async def _forget(self, worker: _Worker) -> None:
         """Tell ``on_exit`` that ``worker`` is gone (a failing callback does not stop a restart)."""
         worker.ready.close()
-        if worker.process.pid is None:
-            return
         try:
             await self.on_exit(worker.process.pid, worker.instance_id)
         except Exception:
@@ -223,7 +288,7 @@ class WorkerPool:
     async def _end(self, worker: _Worker, wait: float) -> None:
         """SIGTERM, then SIGKILL if still running after ``wait`` seconds; joined when this returns."""
         if worker.process.is_alive():
-            _terminate(worker.process)
+            worker.process.terminate()
         deadline = time.monotonic() + wait
         while worker.process.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -241,7 +306,7 @@ class WorkerPool:
         workers = list(self._workers.values())
         for worker in workers:
             if worker.process.is_alive():
-                _terminate(worker.process)
+                worker.process.terminate()
         deadline = time.monotonic() + self.grace + KILL_MARGIN
         while any(w.process.is_alive() for w in workers) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -258,14 +323,3 @@ async def _kill(worker: _Worker, waited: float) -> None:
                     worker.number, worker.process.pid, waited)
         worker.process.kill()
     await asyncio.to_thread(worker.process.join, 5)
-
-
-def _terminate(process: BaseProcess) -> None:
-    """SIGTERM, then SIGCONT: a stopped process acts on the SIGTERM only once it runs again
-    (systemd sends the same pair)."""
-    process.terminate()
-    if process.pid is not None:
-        try:
-            os.kill(process.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass

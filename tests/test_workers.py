@@ -107,7 +107,7 @@ class Supervised:
                 command = Path(f"/proc/{pid}/cmdline").read_bytes()
             except FileNotFoundError:
                 continue
-            if b"multiprocessing" in command and b"spawn_main" in command:  # not the resource tracker
+            if b"worker_main" in command:
                 pids.append(pid)
         return sorted(pids)
 
@@ -169,6 +169,9 @@ async def send_each(guard: Supervised, recipients: list[str], content: bytes | N
 async def test_two_workers_serve_one_port_and_one_scrape_counts_both(supervised, sink: Sink) -> None:
     guard = await supervised()
     assert len(guard.worker_pids()) == 2
+    # The workers are the supervisor's only children: no multiprocessing resource tracker (8 MiB).
+    children = Path(f"/proc/{guard.process.pid}/task/{guard.process.pid}/children").read_text().split()  # type: ignore[union-attr]
+    assert sorted(map(int, children)) == guard.worker_pids()
     assert guard.process is not None  # the supervisor serves /metrics: aiohttp is mapped there ...
     assert "aiohttp" in Path(f"/proc/{guard.process.pid}/maps").read_text()
     for pid in guard.worker_pids():  # ... and not in the workers, which serve no HTTP (~10 MiB each)
