@@ -1,10 +1,9 @@
 """The supervisor's worker processes: start N, restart one that dies, drain them all on stop.
 
-Workers are started fresh, never forked from the supervisor's running event loop: each is
-this interpreter running ``worker_main`` with the supervisor's module search path, its target
-and arguments pickled on its standard input (as multiprocessing's "spawn" does, without the
-resource tracker process multiprocessing adds for its own semaphores: 8 MiB the guard never
-needed). Each gets a pipe on which it says once whether it started: ``("ready", instance_id)`` after its
+Workers are started fresh (``child_process.py``), never forked from the supervisor's running
+event loop: each runs ``worker_main``, its target and arguments pickled on its standard input
+(as multiprocessing's "spawn" does, without its resource tracker). Each gets a pipe on which
+it says once whether it started: ``("ready", instance_id)`` after its
 listener is bound (``instance_id``: its change-sync row in the store, "" if it has none), or
 ``("failed", message)`` with the one-line StartupError. A start succeeds only when every
 worker is ready; a worker that fails at the first start fails the whole start (the operator
@@ -32,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import pickle
@@ -44,6 +42,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Awaitable, Callable
 
+from . import child_process
 from .periodic import Periodic
 from .startup import StartupError
 
@@ -56,22 +55,15 @@ WATCH_INTERVAL = 0.2
 KILL_MARGIN = 5.0
 
 
-# A worker's program (``ps`` shows it, then "smtp-guard-worker N FD"): this interpreter with
-# the supervisor's module search path, the first line on its standard input, so it runs this
-# very copy of the package; ``worker_main`` reads the rest.
-_WORKER_PROGRAM = ("import json, sys; sys.path[:] = json.loads(sys.stdin.buffer.readline()); "
-                   "from smtp_guard.workers import worker_main; worker_main(int(sys.argv[3]))")
-
-
-def worker_main(ready_fd: int) -> None:
-    """A worker process's entry: its target, number and arguments come pickled on standard
-    input (then /dev/null, as under multiprocessing); ``ready_fd`` is the write end of the pipe
-    it says "ready" or "failed" on."""
+def worker_main(ready_fd: str) -> None:
+    """A worker process's entry (``child_process.start``): its target, number and arguments
+    come pickled on standard input (then /dev/null, as under multiprocessing); ``ready_fd`` is
+    the write end of the pipe it says "ready" or "failed" on."""
     target, number, args = pickle.load(sys.stdin.buffer)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    target(number, Connection(ready_fd, readable=False), *args)
+    target(number, Connection(int(ready_fd), readable=False), *args)
 
 
 class _Process:
@@ -175,22 +167,15 @@ class WorkerPool:
         self._watch.start()
 
     def _spawn(self, number: int) -> _Worker:
-        payload = json.dumps(sys.path).encode() + b"\n" + pickle.dumps((self.target, number, self.args))
         receive, send = os.pipe()
         try:
-            popen = subprocess.Popen([sys.executable, "-c", _WORKER_PROGRAM, "smtp-guard-worker", str(number), str(send)],
-                                     stdin=subprocess.PIPE, pass_fds=(send,))
+            popen = child_process.start(f"{__name__}:worker_main", [str(send)],
+                                        pickle.dumps((self.target, number, self.args)), pass_fds=(send,))
         except BaseException:
             os.close(receive)
             raise
         finally:
             os.close(send)  # the worker holds its end; ours would keep the pipe open after it died
-        assert popen.stdin is not None
-        try:
-            popen.stdin.write(payload)
-            popen.stdin.close()
-        except BrokenPipeError:
-            pass  # it died at once: the pool sees it exit
         log.info("worker %d started (pid %s)", number, popen.pid)
         return _Worker(number, _Process(popen), Connection(receive, writable=False))
 

@@ -30,3 +30,11 @@ def serve(number: int, ready: Connection, control: Path) -> None:
     ready.close()
     while True:
         time.sleep(60)
+
+
+def payload_size(status_offset: str) -> int:
+    """For test_child_process.py: exits with the size of what follows the module search path
+    on standard input, plus ``status_offset`` (an argument, as the command line gives it)."""
+    import sys
+
+    return len(sys.stdin.buffer.read()) + int(status_offset)

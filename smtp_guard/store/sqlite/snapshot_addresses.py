@@ -15,12 +15,12 @@ re-reads the entry's current state from the store (``changes_since``).
 
 A small list is read in the calling thread: starting processes costs ~0.3 s.
 
-The parts are plain child processes running this module, not a multiprocessing pool:
-multiprocessing starts its resource tracker, a process of its own that stays for the guard's
-whole life (8 MiB, 5 % of a one-process guard at ten million addresses), for nothing this
-load needs. A part imports this module, and with it only the SQLite store's ``db`` module. A
-part that fails reports the SQLite or OS error on its standard output, and the caller raises
-it again, so a locked or full store is still told apart from other failures.
+The parts are plain child processes running this module (``child_process.py``), not a
+multiprocessing pool, whose resource tracker would stay beside the guard for its whole life
+(8 MiB, 5 % of a one-process guard at ten million addresses). A part imports this module, and
+with it only the SQLite store's ``db`` module. A part that fails reports the SQLite or OS error
+on its standard output, and the caller raises it again, so a locked or full store is still
+told apart from other failures.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import tempfile
 from array import array
 from operator import itemgetter
 from typing import Any, Sequence
 
+from ... import child_process
 from ..filters import live
 from .db import connect_sync
 
@@ -80,15 +80,9 @@ def address_arrays(path: str | os.PathLike[str], order: Sequence[str], now: floa
     return hashes, lists
 
 
-# A part's program: this interpreter with this process's module search path (as multiprocessing
-# hands it to its children), so the part runs this very copy of the package.
-_PART = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-         f"from {__name__} import _part_main; sys.exit(_part_main(sys.argv[2]))")
-
-
 def _start_part(job: tuple[Any, ...], output: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", _PART, json.dumps(sys.path), json.dumps([*job, output])],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return child_process.start(f"{__name__}:_part_main", [json.dumps([*job, output])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _finished(process: subprocess.Popen[bytes]) -> None:
