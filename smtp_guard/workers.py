@@ -3,12 +3,11 @@
 Workers are started fresh (``child_process.py``), never forked from the supervisor's running
 event loop: each runs ``worker_main``, its target and arguments pickled on its standard input
 (as multiprocessing's "spawn" does, without its resource tracker). Each gets a pipe on which
-it says once whether it started: ``("ready", instance_id)`` after its
-listener is bound (``instance_id``: its change-sync row in the store, "" if it has none), or
-``("failed", message)`` with the one-line StartupError. A start succeeds only when every
-worker is ready; a worker that fails at the first start fails the whole start (the operator
-sees its message and the exit status), so a broken setting never leaves a supervisor running
-without workers.
+it says once whether it started: ``("ready", instance_id)`` after its listener is bound
+(``instance_id``: its change-sync row in the store, "" if it has none), or ``("failed",
+message)`` with the one-line StartupError. A start succeeds only when every worker is ready;
+a worker that fails at the first start fails the whole start (the operator sees its message
+and the exit status), so a broken setting never leaves a supervisor running without workers.
 
 Later, a worker that exits without being asked to is started again at once, or after a
 pause that doubles (up to ``MAX_BACKOFF``) while it keeps dying within ``STABLE_AFTER``
