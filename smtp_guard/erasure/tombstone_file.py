@@ -5,9 +5,9 @@ supervisor when it releases held mail) and pseudonymizes audit records, so each 
 every tombstone as Python objects: ~350 bytes apiece (tracemalloc, a 16-character
 reference), 35 MB per process at 100,000 erasures. Instead the supervisor writes them at
 start into a file in its run directory (``RunPaths.tombstones``) and every process maps it:
-its pages sit once in shared memory.
-Each process keeps in memory only the tombstones made after the file (``TombstoneIndex``'s
-own, from the store's ``tombstones_since(last_id)``): the erasures of one run, not of years.
+its pages sit once in shared memory. Each process keeps in memory only the tombstones made
+after the file (``TombstoneIndex``'s own, from the store's ``tombstones_since(last_id)``):
+the erasures of one run, not of years.
 
 The framing is ``mapped_file.py``'s (magic ``b"SGTOMBS\\n"``); the header holds count,
 last_id, built_at, key_ids (the distinct key ids, in order) and references_size. Then, one
