@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 _PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, CRC-32, reserved
-PREFIX_SIZE = _PREFIX.size
 _ALIGN = 8
 _Header = TypeVar("_Header")
 
@@ -45,7 +44,7 @@ _Header = TypeVar("_Header")
 class MappedFileError(Exception):
     """A shared file that must not be used (truncated, damaged, another format)."""
 
-    def __init__(self, path: str | os.PathLike[str], problem: str, what: str = "shared") -> None:
+    def __init__(self, path: str | os.PathLike[str], problem: str, what: str) -> None:
         super().__init__(f"{what} file {os.fspath(path)}: {problem}")
         self.path = Path(path)
         self.problem = problem

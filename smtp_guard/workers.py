@@ -119,9 +119,9 @@ async def _nothing(pid: int, instance_id: str | None) -> None:
 
 class WorkerPool:
     """``target(number, ready_connection, *args)`` is the worker's main (a module-level
-    function: it is pickled, by name, into the new process, and so are ``args``); ``grace`` is ``[smtp] shutdown_grace``;
-    ``on_exit(pid, instance_id)`` is awaited once a worker is gone; ``on_change(accepting)``
-    is called when the number of ready, alive workers changes."""
+    function: it is pickled, by name, into the new process, and so are ``args``); ``grace`` is
+    ``[smtp] shutdown_grace``; ``on_exit(pid, instance_id)`` is awaited once a worker is gone;
+    ``on_change(accepting)`` is called when the number of ready, alive workers changes."""
 
     def __init__(self, count: int, target: Callable[..., Any], args: tuple[Any, ...], grace: float,
                  on_exit: Callable[[int, str | None], Awaitable[None]] = _nothing,
