@@ -33,6 +33,7 @@ from .config import Config
 from .counters import RateCounters
 from .decision_service import DEFAULT_TIMEOUT as DECISION_TIMEOUT
 from .decision_service import DecisionServer, DecisionServiceError, LocalDecider, RemoteDecider, frame_limit
+from .fork_server import ForkServer
 from .index_share import SharedSnapshots
 from .logs import PseudonymFilter, configure_logging
 from .metrics import Metrics, forget_process, multiprocess_registry, use_multiprocess_files
@@ -246,10 +247,19 @@ class Supervisor(_GuardProcess):
     """The guard with ``[smtp] workers`` > 1, minus the workers' fronts: backends, enforcement
     (for the end-of-DATA decisions), the background role, the decision service and /metrics
     for all processes; then the workers. Runs in ``smtp-guard serve`` only: it switches this
-    process's metrics to multiprocess files."""
+    process's metrics to multiprocess files. ``fork_server``: forked by ``serve`` before anything
+    started (``fork_server.py``); the supervisor owns it. Without one, the pool starts a fresh
+    interpreter as its fork server: the workers then share less with the supervisor."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time,
+                 log_pseudonyms: PseudonymFilter | None = None, fork_server: ForkServer | None = None) -> None:
+        super().__init__(config, clock, log_pseudonyms)
+        self._fork_server = fork_server
 
     async def _start(self) -> None:
         config, run = self.config, self._running
+        if self._fork_server is not None:
+            run.push_async_callback(self._fork_server.close)  # the pool ends it too, unless the start fails first
         run_directory = RunDirectory(config.smtp.listen)
         paths = run_directory.claim()
         run.callback(run_directory.release)
@@ -274,7 +284,7 @@ class Supervisor(_GuardProcess):
         await self._follow_changes(self.backends, [*self.enforcement.change_steps, *self.background.change_steps])
         self.workers = WorkerPool(config.smtp.workers, run_worker, (config, paths), config.smtp.shutdown_grace,
                                   on_exit=lambda pid, instance_id: self._worker_gone(paths, pid, instance_id),
-                                  on_change=self._workers_accepting)
+                                  on_change=self._workers_accepting, fork_server=self._fork_server)
         await self.workers.start()
         run.push_async_callback(self._stop_workers)
         await self._serve_admin(self.backends, self.metrics)
@@ -320,7 +330,7 @@ class Worker(_GuardProcess):
                  log_pseudonyms: PseudonymFilter | None = None) -> None:
         super().__init__(config, clock, log_pseudonyms)  # its readiness is the roles' only: the supervisor answers
         self.paths = paths
-        self.metrics = Metrics()  # recorded into the supervisor's multiprocess files (inherited environment)
+        self.metrics = Metrics()  # recorded into the supervisor's multiprocess files (run_worker)
 
     @property
     def _name(self) -> str:
@@ -349,6 +359,7 @@ def run_worker(number: int, ready: Connection, config: Config, paths: RunPaths) 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     log_pseudonyms = configure_logging(config.logging)
+    use_multiprocess_files(paths.metrics)  # forked before the supervisor chose the directory
     worker = Worker(config, paths, log_pseudonyms=log_pseudonyms)
 
     def started(error: StartupError | None) -> None:
@@ -361,10 +372,12 @@ def run_worker(number: int, ready: Connection, config: Config, paths: RunPaths) 
                          stop_signals=(signal.SIGTERM,))
 
 
-def _parent_gone(supervisor: int) -> Callable[[], bool]:
-    """True once the supervisor is gone (killed with SIGKILL, it could not stop its workers):
-    a worker without it would keep the port and defer every message, so it drains and exits."""
-    return lambda: os.getppid() != supervisor
+def _parent_gone(parent: int) -> Callable[[], bool]:
+    """True once the worker's parent, the fork server, is gone. It ends its workers itself
+    when the supervisor goes (killed with SIGKILL, the supervisor could not), so this is the
+    fork server killed: the supervisor has already started replacements from a new one, and
+    a worker without either would keep the port and defer every message. It drains and exits."""
+    return lambda: os.getppid() != parent
 
 
 class _Service(Protocol):
@@ -443,7 +456,9 @@ def serve_forever(config: Config) -> None:
                     "set [upstream] mode = \"smtp\" and host to relay for real", config.store.data_dir / "sandbox")
     service: _Service
     if config.smtp.workers > 1:
-        service = Supervisor(config, log_pseudonyms=log_pseudonyms)
+        # Now, while this process runs no thread and no event loop: the workers are forked
+        # from this copy of it and share what it has imported.
+        service = Supervisor(config, log_pseudonyms=log_pseudonyms, fork_server=ForkServer.fork_here())
     else:
         service = Guard(config, log_pseudonyms=log_pseudonyms)
     _run_until_signalled(service, config)

@@ -1,8 +1,9 @@
 """The supervisor's worker processes: start N, restart one that dies, drain them all on stop.
 
-Workers are started fresh (``child_process.py``), never forked from the supervisor's running
-event loop: each runs ``worker_main``, its target and arguments pickled on its standard input
-(as multiprocessing's "spawn" does, without its resource tracker). Each gets a pipe on which
+Workers are forked by the fork server (``fork_server.py``), an idle copy of the supervisor made
+before its event loop started, never from the supervisor's running loop: each shares the
+imported package with it. A fork server that is gone (killed: its workers drain on their
+own) is replaced by a fresh one, and its workers count as dead. Each worker gets a pipe on which
 it says once whether it started: ``("ready", instance_id)`` after its listener is bound
 (``instance_id``: its change-sync row in the store, "" if it has none), or ``("failed",
 message)`` with the one-line StartupError. A start succeeds only when every worker is ready;
@@ -32,16 +33,12 @@ import asyncio
 import functools
 import logging
 import os
-import pickle
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Awaitable, Callable
 
-from . import child_process
+from .fork_server import ForkedProcess, ForkServer, ForkServerGone
 from .periodic import Periodic
 from .startup import StartupError
 
@@ -54,55 +51,16 @@ WATCH_INTERVAL = 0.2
 KILL_MARGIN = 5.0
 
 
-def worker_main(ready_fd: str) -> None:
-    """A worker process's entry (``child_process.start``): its target, number and arguments
-    come pickled on standard input (then /dev/null, as under multiprocessing); ``ready_fd`` is
-    the write end of the pipe it says "ready" or "failed" on."""
-    target, number, args = pickle.load(sys.stdin.buffer)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    target(number, Connection(int(ready_fd), readable=False), *args)
-
-
-class _Process:
-    """A worker process: a ``subprocess.Popen`` with the calls the pool makes of it."""
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self._popen = popen
-
-    @property
-    def pid(self) -> int:
-        return self._popen.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        """None while it runs; minus the signal's number if a signal ended it."""
-        return self._popen.poll()
-
-    def is_alive(self) -> bool:
-        return self._popen.poll() is None
-
-    def terminate(self) -> None:
-        """SIGTERM, then SIGCONT: a stopped process acts on the SIGTERM only once it runs again
-        (systemd sends the same pair). Neither reaches a process already reaped."""
-        self._popen.terminate()
-        self._popen.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        self._popen.kill()
-
-    def join(self, timeout: float) -> None:
-        try:
-            self._popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
+def _forked_main(ready_fd: int, target: Callable[..., Any], number: int, args: tuple[Any, ...]) -> None:
+    """A worker process's entry, in the process the fork server forked: ``ready_fd`` is the
+    write end of the pipe it says "ready" or "failed" on."""
+    target(number, Connection(ready_fd, readable=False), *args)
 
 
 @dataclass
 class _Worker:
     number: int
-    process: _Process
+    process: ForkedProcess
     ready: Connection
     ready_at: float | None = None  # when it said "ready"; None while it starts
     instance_id: str | None = None  # its change-sync row, from its "ready"
@@ -121,12 +79,15 @@ class WorkerPool:
     """``target(number, ready_connection, *args)`` is the worker's main (a module-level
     function: it is pickled, by name, into the new process, and so are ``args``); ``grace`` is
     ``[smtp] shutdown_grace``; ``on_exit(pid, instance_id)`` is awaited once a worker is gone;
-    ``on_change(accepting)`` is called when the number of ready, alive workers changes."""
+    ``on_change(accepting)`` is called when the number of ready, alive workers changes.
+    ``fork_server``: the one ``smtp-guard serve`` forked before its event loop started; without
+    it (or once it is gone), a fresh one that imports ``target``'s module. The pool owns it and
+    ends it at ``stop()``."""
 
     def __init__(self, count: int, target: Callable[..., Any], args: tuple[Any, ...], grace: float,
                  on_exit: Callable[[int, str | None], Awaitable[None]] = _nothing,
                  on_change: Callable[[int], None] = lambda accepting: None,
-                 start_timeout: float = START_TIMEOUT) -> None:
+                 start_timeout: float = START_TIMEOUT, fork_server: ForkServer | None = None) -> None:
         self.count = count
         self.target = target
         self.args = args
@@ -139,6 +100,7 @@ class WorkerPool:
         self._restarts: dict[int, asyncio.Task[None]] = {}
         self._accepting: int | None = None  # as last told to on_change
         self._watch: Periodic | None = None
+        self._fork_server = fork_server
 
     def __repr__(self) -> str:
         return (f"<WorkerPool {self.accepting}/{self.count} accepting, "
@@ -155,7 +117,7 @@ class WorkerPool:
         """Start every worker and wait until each is ready (StartupError if one is not)."""
         try:
             for number in range(1, self.count + 1):
-                self._workers[number] = self._spawn(number)
+                self._workers[number] = await self._spawn(number)
             for worker in list(self._workers.values()):
                 await self._wait_ready(worker)
         except BaseException:
@@ -165,22 +127,37 @@ class WorkerPool:
         self._watch = Periodic("workers", WATCH_INTERVAL, self._check, "could not check the worker processes")
         self._watch.start()
 
-    def _spawn(self, number: int) -> _Worker:
+    async def _spawn(self, number: int) -> _Worker:
+        server = await self._server()
         receive, send = os.pipe()
         try:
-            popen = child_process.start(f"{__name__}:worker_main", [str(send)],
-                                        pickle.dumps((self.target, number, self.args)), pass_fds=(send,))
+            process = await server.fork(_forked_main, (self.target, number, self.args), send)
+        except (ForkServerGone, OSError) as error:
+            os.close(receive)
+            raise StartupError(f"[smtp] workers: could not start worker {number}: {error}") from None
         except BaseException:
             os.close(receive)
             raise
         finally:
             os.close(send)  # the worker holds its end; ours would keep the pipe open after it died
-        log.info("worker %d started (pid %s)", number, popen.pid)
-        return _Worker(number, _Process(popen), Connection(receive, writable=False))
+        log.info("worker %d started (pid %s)", number, process.pid)
+        return _Worker(number, process, Connection(receive, writable=False))
+
+    async def _server(self) -> ForkServer:
+        """The fork server; a fresh one if there is none or it is gone."""
+        if self._fork_server is not None and self._fork_server.alive:
+            return self._fork_server
+        if self._fork_server is not None:
+            await self._fork_server.close()  # reaps it
+        self._fork_server = ForkServer.start_fresh(preload=(self.target.__module__,))
+        log.info("fork server started (pid %s, a fresh interpreter)", self._fork_server.pid)
+        return self._fork_server
 
     async def _wait_ready(self, worker: _Worker) -> None:
         status, message = await self._first_word(worker)
         if status != "ready":
+            if not message:
+                await worker.process.wait(1.0)  # its exit status comes from the fork server
             raise StartupError(message or f"worker {worker.number} exited while starting "
                                           f"(exit status {worker.process.exitcode}); see its log above")
         log.info("worker %d ready (pid %s)", worker.number, worker.process.pid)
@@ -237,7 +214,7 @@ class WorkerPool:
             await asyncio.sleep(pause)
             if self._stopping:
                 return
-            replacement = self._spawn(worker.number)
+            replacement = await self._spawn(worker.number)
             replacement.failures = failures
             self._workers[worker.number] = replacement
             status, message = await self._first_word(replacement)
@@ -257,8 +234,9 @@ class WorkerPool:
         failures = 0 if lived is not None and lived >= STABLE_AFTER else worker.failures + 1
         pause = 0.0 if failures == 0 else min(MAX_BACKOFF, 2.0 ** (failures - 1))
         how_long = "before it was ready" if lived is None else f"after {lived:.0f}s"
+        status = "unknown (its fork server is gone)" if worker.process.exitcode is None else worker.process.exitcode
         log.error("worker %d (pid %s) exited with status %s %s; starting it again%s", worker.number,
-                  worker.process.pid, worker.process.exitcode, how_long, f" in {pause:.0f}s" if pause else "")
+                  worker.process.pid, status, how_long, f" in {pause:.0f}s" if pause else "")
         return failures, pause
 
     async def _forget(self, worker: _Worker) -> None:
@@ -298,6 +276,8 @@ class WorkerPool:
             await _kill(worker, self.grace + KILL_MARGIN)
             await self._forget(worker)
         self._workers.clear()
+        if self._fork_server is not None:
+            await self._fork_server.close()
 
 
 async def _kill(worker: _Worker, waited: float) -> None:
@@ -306,4 +286,4 @@ async def _kill(worker: _Worker, waited: float) -> None:
         log.warning("worker %d (pid %s) still running %.0fs after SIGTERM; killing it",
                     worker.number, worker.process.pid, waited)
         worker.process.kill()
-    await asyncio.to_thread(worker.process.join, 5)
+    await worker.process.wait(5)

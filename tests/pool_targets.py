@@ -16,20 +16,44 @@ from pathlib import Path
 
 
 def serve(number: int, ready: Connection, control: Path) -> None:
-    """Say ("ready", "w<N>-<pid>"), then sleep until SIGTERM (default action: exit)."""
+    """Say ("ready", "w<N>-<pid>"), then sleep until SIGTERM (default action: exit) or until
+    its parent, the fork server, is gone (as ``app.run_worker`` does)."""
+    parent = os.getppid()
     hang = control / f"hang-{number}"
     if hang.exists():
         hang.unlink()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        while True:
-            time.sleep(60)
+        _sleep_while_parent_is(parent)
     delay = control / f"delay-{number}"
     if delay.exists():
         time.sleep(float(delay.read_text()))
     ready.send(("ready", f"w{number}-{os.getpid()}"))
     ready.close()
-    while True:
-        time.sleep(60)
+    _sleep_while_parent_is(parent)
+
+
+def _sleep_while_parent_is(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.05)
+
+
+# --- for test_fork_server.py: run as function(fd, *args) ----------------------------------------
+
+def introduce(fd: int, text: str) -> None:
+    """Write ``text``, this process's pid and its parent's pid to ``fd``; then sleep until a
+    signal ends it."""
+    os.write(fd, f"{text} {os.getpid()} {os.getppid()}".encode())
+    os.close(fd)
+    time.sleep(60)
+
+
+def exit_with(fd: int, how: str) -> None:
+    """End as ``how`` says: a number (sys.exit), "raise" (an exception) or "return"."""
+    os.close(fd)
+    if how == "raise":
+        raise RuntimeError("a worker's bug")
+    if how != "return":
+        raise SystemExit(int(how))
 
 
 def payload_size(status_offset: str) -> int:

@@ -118,3 +118,31 @@ async def test_backoff_counts_a_life_from_ready_not_from_spawn(
     os.kill(victim, signal.SIGKILL)
     await wait_until(lambda: f"(pid {victim}) exited" in caplog.text, timeout=10, what="the death to be noticed")
     assert f"worker 1 (pid {victim}) exited with status -9 after 0s; starting it again in 1s" in caplog.text
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+async def test_a_killed_fork_server_is_replaced_and_its_workers_started_again(
+        make_pool, caplog: pytest.LogCaptureFixture) -> None:
+    """Its workers see their parent go and stop (as app.run_worker drains); the pool counts them
+    as dead, with no exit status to give, and forks new ones from a new server."""
+    caplog.set_level(logging.INFO, logger="smtp_guard")
+    recorder = Recorder()
+    pool = make_pool(2, recorder)
+    await pool.start()
+    old_workers = pool.pids()
+    old_server = parent_of(old_workers[0])
+    assert parent_of(old_workers[1]) == old_server
+    os.kill(old_server, signal.SIGKILL)
+    await wait_until(lambda: len(recorder.accepting) >= 3 and recorder.accepting[-1] == 2, timeout=20,
+                     what="both workers to be started again")
+    new_workers = pool.pids()
+    assert not set(new_workers) & set(old_workers)
+    new_server = parent_of(new_workers[0])
+    assert new_server != old_server and parent_of(new_workers[1]) == new_server
+    await wait_until(lambda: not any(process_running(pid) for pid in old_workers), timeout=10,
+                     what="the orphaned workers to stop")
+    assert "exited with status unknown (its fork server is gone)" in caplog.text
+    assert sorted(pid for pid, _ in recorder.exits) == sorted(old_workers)

@@ -1,0 +1,401 @@
+"""The fork server: an idle copy of the supervisor that forks the worker processes.
+
+A worker started as a fresh interpreter imports the whole package again and keeps ~25 MiB
+of its own that no sharing removes. Forked from a process that has imported it, a worker
+shares those pages with that process, copy-on-write, and keeps ~10 MiB of its own
+(bench/README.md, "Memory"). The supervisor cannot fork itself once it runs, though: its
+event loop, the store's threads and their locks would be copied mid-use. So ``smtp-guard
+serve`` forks this server before the supervisor starts anything (``ForkServer.fork_here``),
+and the server forks every worker, the first ones and each restart. Started any other way
+(``ForkServer.start_fresh``: when the first one is gone, and in tests), it is a fresh
+interpreter that imports the modules it is told to first; its workers share its pages.
+
+The workers are the server's children. Only a process's parent knows when its pid is reaped
+and free for another process, so the server reports each worker's exit to the supervisor
+and sends the supervisor's signals on, to a worker it has not reaped yet.
+
+If the supervisor is gone (the server's socket ends), the server sends SIGTERM to its workers
+(they drain, as on a normal stop) and exits. If the server is gone, its workers see their
+parent change (``app._parent_gone``) and drain; the supervisor hears the socket end, counts
+each of them as exited and starts them again from a new server.
+
+Protocol: one SOCK_SEQPACKET socket pair, one pickled tuple per packet.
+* supervisor to server: ``("fork", request, function, args)`` with one file descriptor
+  (SCM_RIGHTS), run as ``function(fd, *args)`` in the new process; ``("signal", pid, signum)``.
+* server to supervisor: ``("forked", request, pid)``, ``("failed", request, reason)``,
+  ``("exited", pid, exit status)`` (minus the signal's number if a signal ended it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib
+import itertools
+import logging
+import os
+import pickle
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, NoReturn, Sequence
+
+from . import child_process
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1 << 20  # a request carries the worker's config: a few kB
+REPLY_TIMEOUT = 10.0  # a fork takes milliseconds; a server that says nothing this long is stuck
+CLOSE_TIMEOUT = 5.0
+
+
+class ForkServerGone(Exception):
+    """The fork server exited, or stopped answering."""
+
+
+class ForkedProcess:
+    """A process the fork server forked, as the supervisor sees it."""
+
+    def __init__(self, pid: int, server: "ForkServer") -> None:
+        self.pid = pid
+        self._server = server
+        self.exitcode: int | None = None  # from the server's report; None while it runs or if unknown
+        self._ended = asyncio.Event()
+
+    def is_alive(self) -> bool:
+        return not self._ended.is_set()
+
+    def terminate(self) -> None:
+        """SIGTERM, then SIGCONT: a stopped process acts on the SIGTERM only once it runs again
+        (systemd sends the same pair)."""
+        self._server.signal(self, signal.SIGTERM)
+        self._server.signal(self, signal.SIGCONT)
+
+    def kill(self) -> None:
+        self._server.signal(self, signal.SIGKILL)
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ended.wait()
+        except TimeoutError:
+            pass
+
+    def ended(self, exitcode: int | None) -> None:
+        self.exitcode = exitcode
+        self._ended.set()
+
+
+class ForkServer:
+    """The supervisor's end of a fork server (see the module's docstring)."""
+
+    def __init__(self, sock: socket.socket, poll: Callable[[], int | None], pid: int, how: str) -> None:
+        self._sock = sock
+        self._poll = poll  # the server process's exit status, None while it runs (reaps it)
+        self.pid = pid
+        self._how = how
+        self._requests: dict[int, asyncio.Future[tuple[str, Any]]] = {}
+        self._children: dict[int, ForkedProcess] = {}
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.alive = True
+
+    def __repr__(self) -> str:
+        return f"<ForkServer pid {self.pid} ({self._how}), {len(self._children)} children, alive={self.alive}>"
+
+    @classmethod
+    def fork_here(cls) -> "ForkServer":
+        """Fork the server from this process. Only before this process starts a thread or an
+        event loop: the server is a copy of it as it is now."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Frozen before the fork, the objects this process has (the imported package) are out
+        # of the collector's sight on both sides: collections here would otherwise write to
+        # every one of them and copy the pages this process shares with the workers.
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            _serve(theirs)
+        theirs.close()
+
+        def poll() -> int | None:
+            reaped, status = os.waitpid(pid, os.WNOHANG)
+            return os.waitstatus_to_exitcode(status) if reaped else None
+        return cls(ours, _remember_exit(poll), pid, "forked from the supervisor")
+
+    @classmethod
+    def start_fresh(cls, preload: Sequence[str]) -> "ForkServer":
+        """Start the server as a new interpreter that imports the modules ``preload`` names."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = child_process.start(f"{__name__}:serve_inherited", [str(theirs.fileno()), *preload],
+                                          pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        return cls(ours, process.poll, process.pid, "a fresh interpreter")
+
+    # --- forking and signalling ---------------------------------------------------------------
+
+    async def fork(self, function: Callable[..., Any], args: tuple[Any, ...], fd: int) -> ForkedProcess:
+        """Run ``function(fd, *args)`` in a new process forked by the server (``function`` and
+        ``args`` are pickled: module-level names). ``fd`` stays open here."""
+        self._attach()
+        if not self.alive:
+            raise ForkServerGone(f"the fork server (pid {self.pid}) is gone")
+        request = next(self._ids)
+        reply: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
+        self._requests[request] = reply
+        try:
+            socket.send_fds(self._sock, [pickle.dumps(("fork", request, function, args))], [fd])
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                kind, value = await reply
+        except TimeoutError:
+            raise ForkServerGone(f"the fork server (pid {self.pid}) did not answer within {REPLY_TIMEOUT:g}s") \
+                from None
+        except OSError as error:
+            raise ForkServerGone(f"the fork server (pid {self.pid}) is gone ({error})") from None
+        finally:
+            self._requests.pop(request, None)
+        if kind == "failed":
+            raise OSError(f"the fork server could not fork: {value}")
+        process = ForkedProcess(value, self)
+        self._children[process.pid] = process
+        return process
+
+    def signal(self, process: ForkedProcess, signum: int) -> None:
+        if not process.is_alive() or not self.alive:
+            return  # reaped (or lost with the server): its pid may be another process's by now
+        try:
+            self._sock.send(pickle.dumps(("signal", process.pid, signum)))
+        except OSError:
+            self._gone()
+
+    # --- the server's reports -----------------------------------------------------------------
+
+    def _attach(self) -> None:
+        if self._loop is None and self.alive:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._sock.fileno(), self._receive)
+
+    def _receive(self) -> None:
+        try:
+            data = self._sock.recv(MAX_MESSAGE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._gone()
+            return
+        kind, key, value = pickle.loads(data)
+        if kind == "exited":
+            process = self._children.pop(key, None)
+            if process is not None:
+                process.ended(value)
+        elif (reply := self._requests.get(key)) is not None and not reply.done():
+            reply.set_result((kind, value))
+
+    def _gone(self) -> None:
+        """The socket ended: the server exited. What it forked is on its own now (and drains,
+        seeing its parent change); none of it can be waited for or signalled any more."""
+        if not self.alive:
+            return
+        self.alive = False
+        self._detach()
+        status = self._poll()
+        log.error("the fork server (pid %s) exited (status %s); its %d workers stop on their own and are "
+                  "started again from a new one", self.pid, status, len(self._children))
+        for process in self._children.values():
+            process.ended(None)
+        self._children.clear()
+        for reply in self._requests.values():
+            if not reply.done():
+                reply.set_exception(ForkServerGone(f"the fork server (pid {self.pid}) exited"))
+
+    def _detach(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop = None
+
+    async def close(self) -> None:
+        """End the server (it SIGTERMs any process of its still running) and wait for it."""
+        self.alive = False
+        self._detach()
+        self._sock.close()
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        while self._poll() is None:
+            if time.monotonic() > deadline:
+                log.warning("the fork server (pid %s) did not exit within %.0fs; killing it", self.pid, CLOSE_TIMEOUT)
+                os.kill(self.pid, signal.SIGKILL)
+                await asyncio.to_thread(_wait_for, self._poll)
+                return
+            await asyncio.sleep(0.02)
+
+
+def _remember_exit(poll: Callable[[], int | None]) -> Callable[[], int | None]:
+    """``poll`` answering again after the process is reaped (waitpid answers only once)."""
+    status: list[int] = []
+
+    def remembered() -> int | None:
+        if not status and (code := poll()) is not None:
+            status.append(code)
+        return status[0] if status else None
+    return remembered
+
+
+def _wait_for(poll: Callable[[], int | None]) -> None:
+    while poll() is None:
+        time.sleep(0.01)
+
+
+# --- the server process -------------------------------------------------------------------------
+
+def serve_inherited(fd: str, *preload: str) -> NoReturn:
+    """The fresh interpreter's entry (``child_process``): import ``preload``, then serve."""
+    for module in preload:
+        importlib.import_module(module)
+    _serve(socket.socket(fileno=int(fd)))
+
+
+def _serve(sock: socket.socket) -> NoReturn:
+    """Fork on request until the supervisor's end of ``sock`` closes; never returns."""
+    try:
+        _Server(sock).run()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(1)
+
+
+class _Server:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.children: set[int] = set()
+        # Ctrl-C and a closed terminal reach the whole process group: the supervisor decides.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        _stdin_from_devnull()
+        self.wake, wake_write = socket.socketpair()
+        for end in (self.wake, wake_write):
+            end.setblocking(False)
+        self._wake_write = wake_write
+        signal.set_wakeup_fd(wake_write.fileno())  # a SIGCHLD wakes select() below
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(sock, selectors.EVENT_READ)
+        self.selector.register(self.wake, selectors.EVENT_READ)
+        # Everything imported so far is shared with the workers: out of the collector's sight,
+        # a worker's collections do not write to (and so copy) those pages.
+        gc.freeze()
+
+    def run(self) -> NoReturn:
+        while True:
+            for key, _ in self.selector.select():
+                if key.fileobj is self.wake:
+                    while _drain(self.wake):
+                        pass
+                else:
+                    self._request()
+            self._reap()
+
+    def _request(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+        except ConnectionResetError:
+            data, fds = b"", []
+        if not data:
+            self._orphaned()
+        message = pickle.loads(data)
+        if message[0] == "signal":
+            _, pid, signum = message
+            if pid in self.children:  # not reaped yet: still the process the supervisor means
+                os.kill(pid, signum)
+            return
+        _, request, function, args = message
+        try:
+            pid = os.fork()
+        except OSError as error:
+            self._send(("failed", request, str(error)))
+        else:
+            if pid == 0:
+                self._become(function, (fds[0], *args))
+            self.children.add(pid)
+            self._send(("forked", request, pid))
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _become(self, function: Callable[..., Any], args: tuple[Any, ...]) -> NoReturn:
+        """In the new process: drop the server's ends and signal handling, run ``function``."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.selector.close()
+        for end in (self.sock, self.wake, self._wake_write):
+            end.close()
+        _run(function, args)
+
+    def _reap(self) -> None:
+        while self.children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self._send(("exited", pid, os.waitstatus_to_exitcode(status)))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        try:
+            self.sock.send(pickle.dumps(message))
+        except OSError:
+            self._orphaned()
+
+    def _orphaned(self) -> NoReturn:
+        """The supervisor is gone: its workers drain (SIGTERM) and this server exits."""
+        for pid in self.children:
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)
+        os._exit(0)
+
+
+def _run(function: Callable[..., Any], args: tuple[Any, ...]) -> NoReturn:
+    """Run ``function`` and exit with the status ``sys.exit`` would give, as a fresh interpreter
+    running it would: a traceback and 1 for an exception. Non-daemon threads are joined first,
+    as at interpreter exit; the atexit handlers inherited from the supervisor never run."""
+    code = 1
+    try:
+        function(*args)
+        code = 0
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            for thread in threading.enumerate():
+                if thread is not threading.current_thread() and not thread.daemon:
+                    thread.join()
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _stdin_from_devnull() -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+
+def _drain(wake: socket.socket) -> bool:
+    try:
+        return bool(wake.recv(512))
+    except BlockingIOError:
+        return False
+

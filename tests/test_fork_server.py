@@ -1,0 +1,86 @@
+"""The fork server (``fork_server.py``): processes forked on request, their exits reported,
+signals passed on only while the pid is still theirs, and what happens when either end dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+
+import pool_targets
+from conftest import process_running, wait_until
+from smtp_guard.fork_server import ForkedProcess, ForkServer, ForkServerGone
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ForkServer]:
+    started = ForkServer.start_fresh(preload=("pool_targets",))
+    yield started
+    await started.close()
+
+
+async def fork(server: ForkServer, function, *args) -> tuple[ForkedProcess, int]:  # type: ignore[no-untyped-def]
+    """Fork ``function``; return the process and the read end of the pipe it got."""
+    receive, send = os.pipe()
+    try:
+        return await server.fork(function, args, send), receive
+    finally:
+        os.close(send)
+
+
+def read_all(fd: int) -> str:
+    with os.fdopen(fd, "rb") as reader:
+        return reader.read().decode()
+
+
+async def test_a_forked_process_runs_the_function_with_its_fd_as_the_servers_child(server: ForkServer) -> None:
+    process, receive = await fork(server, pool_targets.introduce, "hello")
+    text, pid, parent = read_all(receive).split()
+    assert (text, int(pid), int(parent)) == ("hello", process.pid, server.pid)
+    assert process.is_alive()
+    process.terminate()
+    await process.wait(10)
+    assert not process.is_alive() and process.exitcode == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("how, status", [("return", 0), ("0", 0), ("3", 3), ("raise", 1)])
+async def test_the_exit_status_is_what_a_fresh_interpreter_would_give(server: ForkServer, how: str,
+                                                                      status: int) -> None:
+    process, receive = await fork(server, pool_targets.exit_with, how)
+    os.close(receive)
+    await process.wait(10)
+    assert process.exitcode == status
+
+
+async def test_a_signal_after_the_exit_is_not_sent(server: ForkServer) -> None:
+    """Once reaped, the pid may belong to another process: the server must not signal it."""
+    process, receive = await fork(server, pool_targets.exit_with, "return")
+    os.close(receive)
+    await process.wait(10)
+    process.kill()  # a no-op; and the server, still serving, forks again:
+    again, receive = await fork(server, pool_targets.introduce, "again")
+    assert read_all(receive).split()[0] == "again"
+    again.kill()
+    await again.wait(10)
+    assert again.exitcode == -signal.SIGKILL
+
+
+async def test_when_the_supervisor_is_gone_the_forked_processes_get_sigterm(server: ForkServer) -> None:
+    process, receive = await fork(server, pool_targets.introduce, "orphan")
+    read_all(receive)
+    await server.close()  # what the supervisor's death looks like to the server: its socket ends
+    assert not process_running(server.pid)
+    await wait_until(lambda: not process_running(process.pid), timeout=10, what="the process to get SIGTERM")
+
+
+async def test_a_killed_server_ends_its_processes_here_and_refuses_further_forks(server: ForkServer) -> None:
+    process, receive = await fork(server, pool_targets.introduce, "left")
+    read_all(receive)
+    os.kill(server.pid, signal.SIGKILL)
+    await wait_until(lambda: not server.alive, timeout=10, what="the socket's end to be noticed")
+    assert not process.is_alive() and process.exitcode is None  # its status went with the server
+    with pytest.raises(ForkServerGone):
+        await fork(server, pool_targets.introduce, "too late")
+    os.kill(process.pid, signal.SIGKILL)  # the stand-in does not watch its parent
