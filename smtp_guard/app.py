@@ -364,9 +364,16 @@ def run_worker(number: int, ready: Connection, config: Config, paths: RunPaths) 
 
     def started(error: StartupError | None) -> None:
         # "ready" carries its change-sync row, which the supervisor removes if it dies
-        ready.send(("ready", worker.change_sync.instance.id) if error is None
-                   else ("failed", f"worker {number}: {error}"))
-        ready.close()
+        try:
+            ready.send(("ready", worker.change_sync.instance.id) if error is None
+                       else ("failed", f"worker {number}: {error}"))
+        except BrokenPipeError:
+            # The supervisor gave this start up (it is stopping, or gave up waiting) and its
+            # SIGTERM is on the way: stop as if it had come already.
+            log.info("worker %d: the supervisor no longer waits for this start; stopping", number)
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            ready.close()
 
     _run_until_signalled(worker, config, started, orphaned=_parent_gone(os.getppid()),
                          stop_signals=(signal.SIGTERM,))

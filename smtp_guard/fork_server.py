@@ -151,19 +151,23 @@ class ForkServer:
         self._requests[request] = reply
         try:
             socket.send_fds(self._sock, [pickle.dumps(("fork", request, function, args))], [fd])
-            async with asyncio.timeout(REPLY_TIMEOUT):
-                kind, value = await reply
-        except TimeoutError:
-            raise ForkServerGone(f"the fork server (pid {self.pid}) did not answer within {REPLY_TIMEOUT:g}s") \
-                from None
         except OSError as error:
+            del self._requests[request]
             raise ForkServerGone(f"the fork server (pid {self.pid}) is gone ({error})") from None
-        finally:
-            self._requests.pop(request, None)
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                kind, value = await asyncio.shield(reply)
+        except (asyncio.CancelledError, TimeoutError) as given_up:
+            # The request is out: a process may yet be forked for a caller that is gone (a
+            # start cancelled by SIGTERM). It is told to stop as soon as its pid is known.
+            reply.add_done_callback(self._unwanted)
+            if isinstance(given_up, TimeoutError):
+                raise ForkServerGone(f"the fork server (pid {self.pid}) did not answer within "
+                                     f"{REPLY_TIMEOUT:g}s") from None
+            raise
         if kind == "failed":
             raise OSError(f"the fork server could not fork: {value}")
-        process = ForkedProcess(value, self)
-        self._children[process.pid] = process
+        process: ForkedProcess = value
         return process
 
     def signal(self, process: ForkedProcess, signum: int) -> None:
@@ -196,8 +200,20 @@ class ForkServer:
             process = self._children.pop(key, None)
             if process is not None:
                 process.ended(value)
-        elif (reply := self._requests.get(key)) is not None and not reply.done():
+            return
+        if kind == "forked":
+            # Known from now on: its exit may be the very next report, before fork() resumes.
+            process = ForkedProcess(value, self)
+            self._children[process.pid] = value = process
+        if (reply := self._requests.pop(key, None)) is not None and not reply.done():
             reply.set_result((kind, value))
+
+    def _unwanted(self, reply: asyncio.Future[tuple[str, Any]]) -> None:
+        if reply.cancelled() or reply.exception() is not None or reply.result()[0] != "forked":
+            return
+        process: ForkedProcess = reply.result()[1]
+        log.info("pid %s was forked for a start given up meanwhile; stopping it", process.pid)
+        process.terminate()
 
     def _gone(self) -> None:
         """The socket ended: the server exited. What it forked is on its own now (and drains,
@@ -215,6 +231,7 @@ class ForkServer:
         for reply in self._requests.values():
             if not reply.done():
                 reply.set_exception(ForkServerGone(f"the fork server (pid {self.pid}) exited"))
+        self._requests.clear()
 
     def _detach(self) -> None:
         if self._loop is not None:

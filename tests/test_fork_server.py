@@ -84,3 +84,20 @@ async def test_a_killed_server_ends_its_processes_here_and_refuses_further_forks
     with pytest.raises(ForkServerGone):
         await fork(server, pool_targets.introduce, "too late")
     os.kill(process.pid, signal.SIGKILL)  # the stand-in does not watch its parent
+
+
+async def test_a_process_forked_for_a_cancelled_request_is_stopped(server: ForkServer) -> None:
+    """SIGTERM during the supervisor's start cancels a fork already asked for: the process
+    the server forks anyway must not run on unknown to the supervisor."""
+    import asyncio
+
+    receive, send = os.pipe()
+    request = asyncio.create_task(server.fork(pool_targets.introduce, ("unwanted",), send))
+    await asyncio.sleep(0)  # the request is sent; its answer not read yet
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    os.close(send)
+    _, pid, parent = read_all(receive).split()
+    assert int(parent) == server.pid
+    await wait_until(lambda: not process_running(int(pid)), timeout=10, what="the unwanted process to stop")
