@@ -135,8 +135,8 @@ async def phase_build(store_path: Path, directory: Path, count: int) -> dict[str
         snapshot = await get
         seconds = time.monotonic() - started
         peak = status_kb("VmHWM")
-        if shared.builds != 1 or len(snapshot.hashes) != count:
-            raise RuntimeError(f"expected one build of {count:,} addresses: {shared!r}, {len(snapshot.hashes):,}")
+        if shared.builds != 1 or len(snapshot.addresses) != count:
+            raise RuntimeError(f"expected one build of {count:,} addresses: {shared!r}, {len(snapshot.addresses):,}")
         gc.collect()
         result = {"build_seconds": seconds, "loop_stall_seconds": stall, "file_bytes": shared.path.stat().st_size,
                   "rss_growth_kb": status_kb("VmRSS") - before,

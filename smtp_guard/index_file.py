@@ -2,11 +2,13 @@
 
 The framing (magic ``b"SGINDEX\\n"``, version, JSON header, CRC-32, atomic writes) is
 ``mapped_file.py``'s. The header holds seq, next_expiry, built_at, list_priority, list_names,
-domains and count; after it come the sorted unique key hashes (int64, 8n bytes), then the list
-numbers (uint8, n bytes), so the file is exactly ``D + 9n`` bytes long (D: where the arrays
-start). ``map_snapshot`` checks magic, version, length and CRC (0.1 s for ten million
-addresses) before it hands out a snapshot whose arrays are memoryviews over the map: a damaged
-file is refused with an error naming it, never looked up in.
+domains, count, prefix_bytes and has_lists; after it comes the ``AddressTable`` as its
+``parts()`` (offsets, records, list numbers if several lists), so the file is exactly
+``D + AddressTable.size(...)`` bytes long (D: where the table starts). ``map_snapshot`` checks
+magic, version, length and CRC (0.1 s for ten million addresses) before it hands out a
+snapshot whose table reads the map: a damaged file is refused with an error naming it, never
+looked up in. Version 1 held the plain arrays (9 bytes per address); a version 1 file is
+refused like any other foreign file, and the supervisor builds a new one at every start.
 
 The header's ``seq`` and ``next_expiry`` become plain attributes of the returned snapshot;
 ``SuppressionIndex.apply`` moves them on without touching the mapped bytes.
@@ -18,11 +20,12 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from .mapped_file import FileKind, Framed, MappedFileError, as_bytes, map_file, read_file_header, write_file
+from .address_table import AddressTable
+from .mapped_file import FileKind, Framed, MappedFileError, map_file, read_file_header, write_file
 from .suppression_model import DomainRule, SuppressionSnapshot
 
 MAGIC = b"SGINDEX\n"
-VERSION = 1
+VERSION = 2
 
 
 class SnapshotFileError(MappedFileError):
@@ -43,28 +46,28 @@ class SnapshotHeader:
     list_names: tuple[str, ...]
     domains: dict[str, DomainRule]
     count: int
+    prefix_bytes: int
+    has_lists: bool
     data_offset: int
 
     @property
     def size(self) -> int:
         """The exact length of the file this header belongs to."""
-        return self.data_offset + 9 * self.count
+        return self.data_offset + AddressTable.size(self.count, self.prefix_bytes, self.has_lists)
 
 
 def write_snapshot(snapshot: SuppressionSnapshot, path: str | os.PathLike[str], *,
                    list_priority: Sequence[str] = (), built_at: float | None = None) -> int:
     """Write ``snapshot`` to ``path`` atomically (temp file, fsync, rename, directory fsync).
     ``list_priority`` and ``built_at`` record what it was built for. Returns the file size."""
-    count = len(snapshot.hashes)
-    if len(snapshot.lists) != count:
-        raise ValueError(f"{count} hashes but {len(snapshot.lists)} list numbers")
+    table = snapshot.addresses
     fields = {
         "seq": snapshot.seq, "next_expiry": snapshot.next_expiry, "built_at": built_at,
         "list_priority": list(list_priority), "list_names": list(snapshot.list_names),
         "domains": [[domain, rule.list_name, rule.include_subdomains] for domain, rule in snapshot.domains.items()],
-        "count": count,
+        "count": len(table), "prefix_bytes": table.prefix_bytes, "has_lists": table.has_lists,
     }
-    return write_file(SNAPSHOT_FILE, path, fields, [as_bytes(snapshot.hashes, "q"), as_bytes(snapshot.lists, "B")])
+    return write_file(SNAPSHOT_FILE, path, fields, table.parts())
 
 
 def read_header(path: str | os.PathLike[str]) -> SnapshotHeader:
@@ -74,14 +77,14 @@ def read_header(path: str | os.PathLike[str]) -> SnapshotHeader:
 
 
 def map_snapshot(path: str | os.PathLike[str]) -> SuppressionSnapshot:
-    """Map a snapshot file read-only and return a snapshot over the map: ``hashes`` is a
-    memoryview of int64 ('q'), ``lists`` of uint8 ('B'), both without copying. The map stays
-    as long as the snapshot does. Raises ``SnapshotFileError`` for a file that must not be
-    used; a missing file raises ``FileNotFoundError``."""
+    """Map a snapshot file read-only and return a snapshot whose address table reads the map,
+    without copying. The map stays as long as the snapshot does. Raises ``SnapshotFileError``
+    for a file that must not be used; a missing file raises ``FileNotFoundError``."""
     header, view = map_file(SNAPSHOT_FILE, path, lambda framed: _header(path, framed))
-    end = header.data_offset + 8 * header.count
-    return SuppressionSnapshot(view[header.data_offset:end].cast("q"), view[end:header.size],
-                               header.list_names, header.domains, seq=header.seq, next_expiry=header.next_expiry)
+    addresses = AddressTable.over(view.obj, header.data_offset, header.count, header.prefix_bytes,  # type: ignore[arg-type]
+                                  header.has_lists)
+    return SuppressionSnapshot(addresses, header.list_names, header.domains, seq=header.seq,
+                               next_expiry=header.next_expiry)
 
 
 def _header(path: str | os.PathLike[str], framed: Framed) -> SnapshotHeader:
@@ -97,10 +100,14 @@ def _header(path: str | os.PathLike[str], framed: Framed) -> SnapshotHeader:
             domains={str(domain): DomainRule(str(list_name), bool(subdomains))
                      for domain, list_name, subdomains in fields["domains"]},
             count=count,
+            prefix_bytes=int(fields["prefix_bytes"]),
+            has_lists=bool(fields["has_lists"]),
             data_offset=framed.data_offset,
         )
     except (ValueError, KeyError, TypeError) as error:
         raise SNAPSHOT_FILE.refuse(path, f"unreadable header ({error.__class__.__name__}: {error})") from None
+    if header.prefix_bytes not in (1, 2):
+        raise SNAPSHOT_FILE.refuse(path, f"prefix_bytes {header.prefix_bytes} (1 or 2)")
     if count < 0 or header.size != framed.size:
         raise SNAPSHOT_FILE.refuse(path, f"{framed.size} bytes, but its header describes {count:,} addresses in "
                                          f"{header.size} bytes (truncated or damaged)")

@@ -133,7 +133,7 @@ class SharedSnapshots:
         built = await self._store.load_snapshot(priority, now)
         loaded = time.monotonic()
         await asyncio.to_thread(self._write, built, priority, now)
-        count, seq = len(built.hashes), built.seq
+        count, seq = len(built.addresses), built.seq
         del built  # the arrays go; the map below replaces them
         snapshot = await asyncio.to_thread(map_snapshot, self.path)
         self.builds += 1

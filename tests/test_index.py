@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from array import array
 
+from smtp_guard.address_table import AddressTable
 from smtp_guard.addresses import key_hash
 from smtp_guard.index import SuppressionIndex
 from smtp_guard.suppression_model import DomainRule, SuppressionDelta, SuppressionSnapshot
@@ -13,10 +14,10 @@ LISTS = ("complained", "unsubscribed", "bounced")
 
 def snapshot(addresses: dict[str, str], domains: dict[str, DomainRule] | None = None, seq: int = 1,
              next_expiry: float | None = None) -> SuppressionSnapshot:
-    """A snapshot as the store builds it: sorted unique hashes, parallel list numbers."""
+    """A snapshot as the store builds it, from sorted unique hashes and parallel list numbers."""
     pairs = sorted((key_hash(key), LISTS.index(list_name)) for key, list_name in addresses.items())
-    return SuppressionSnapshot(array("q", [h for h, _ in pairs]), array("B", [n for _, n in pairs]), LISTS,
-                               dict(domains or {}), seq=seq, next_expiry=next_expiry)
+    table = AddressTable.build(array("q", [h for h, _ in pairs]), array("B", [n for _, n in pairs]))
+    return SuppressionSnapshot(table, LISTS, dict(domains or {}), seq=seq, next_expiry=next_expiry)
 
 
 def test_empty_index_finds_nothing() -> None:
@@ -108,8 +109,8 @@ def test_list_numbers_index_into_the_priority_ordered_names() -> None:
     """The snapshot stores one list per address: the store puts the winning list's number in
     ``lists``, and the index reports that list's name."""
     pairs = sorted([(key_hash("a@example.com"), 0), (key_hash("b@example.com"), 2)])
-    snap = SuppressionSnapshot(array("q", [h for h, _ in pairs]), array("B", [n for _, n in pairs]),
-                               ("complained", "unsubscribed", "legacy"), {}, seq=1, next_expiry=None)
+    table = AddressTable.build(array("q", [h for h, _ in pairs]), array("B", [n for _, n in pairs]))
+    snap = SuppressionSnapshot(table, ("complained", "unsubscribed", "legacy"), {}, seq=1, next_expiry=None)
     index = SuppressionIndex(snap)
     assert index.lookup_address(key_hash("a@example.com")) == "complained"
     assert index.lookup_address(key_hash("b@example.com")) == "legacy"

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import pytest
 
 from smtp_guard.addresses import key_hash
+from smtp_guard.address_table import AddressTable
 from smtp_guard.index import IndexReloader, SuppressionIndex
 from smtp_guard.index_file import SnapshotFileError, map_snapshot, read_header, write_snapshot
 from smtp_guard.index_share import SNAPSHOT_NAME, SharedSnapshots
@@ -32,15 +33,19 @@ DOMAINS = {"example.org": DomainRule("complained", True), "example.net": DomainR
 
 def array_snapshot(count: int, seq: int = 7, next_expiry: float | None = NOW + 60,
                    first: int = 0) -> SuppressionSnapshot:
-    """A snapshot as the store builds it: sorted unique hashes, parallel list numbers."""
+    """A snapshot as the store builds it, from sorted unique hashes and parallel list numbers."""
     pairs = sorted((key_hash(f"user{i}@example.com"), i % len(PRIORITY)) for i in range(first, first + count))
-    return SuppressionSnapshot(array("q", [h for h, _ in pairs]), array("B", [n for _, n in pairs]), PRIORITY,
-                               dict(DOMAINS), seq=seq, next_expiry=next_expiry)
+    addresses = AddressTable.build(array("q", [h for h, _ in pairs]), array("B", [n for _, n in pairs]))
+    return SuppressionSnapshot(addresses, PRIORITY, dict(DOMAINS), seq=seq, next_expiry=next_expiry)
+
+
+def hashes(snapshot: SuppressionSnapshot) -> list[int]:
+    return [key for key, _ in snapshot.addresses]
 
 
 def probes(snapshot: SuppressionSnapshot) -> list[int]:
     """Every stored hash, its neighbours on both sides, and hashes never stored."""
-    stored = list(snapshot.hashes)
+    stored = hashes(snapshot)
     return [*stored, *(h + 1 for h in stored), *(h - 1 for h in stored),
             *(key_hash(f"other{i}@example.com") for i in range(500))]
 
@@ -55,13 +60,11 @@ def test_round_trip_answers_every_lookup_as_the_arrays_do(tmp_path: Path) -> Non
     mapped = map_snapshot(path)
 
     header = read_header(path)
-    assert size == path.stat().st_size == header.data_offset + 9 * 2000  # 9 bytes an address after the header
-    # Zero copy: views over the map, not arrays read from the file.
-    assert isinstance(mapped.hashes, memoryview) and isinstance(mapped.hashes.obj, mmap.mmap)
-    assert mapped.hashes.format == "q" and mapped.lists.format == "B"  # type: ignore[attr-defined]
+    # 1 KiB of offsets (one-byte prefixes below 131,072 addresses), then 7 + 1 bytes an address
+    assert size == path.stat().st_size == header.data_offset + 4 * 257 + 8 * 2000
     assert (mapped.seq, mapped.next_expiry, mapped.list_names, mapped.domains) == (
         7, NOW + 60, PRIORITY, DOMAINS)
-    assert list(mapped.hashes) == list(original.hashes) and list(mapped.lists) == list(original.lists)
+    assert list(mapped.addresses) == list(original.addresses)
     from_file, from_arrays = SuppressionIndex(mapped), SuppressionIndex(original)
     answers = [(from_file.lookup_address(h), from_arrays.lookup_address(h)) for h in probes(original)]
     assert all(a == b for a, b in answers) and sum(a is not None for a, _ in answers) == 2000
@@ -71,10 +74,10 @@ def test_round_trip_answers_every_lookup_as_the_arrays_do(tmp_path: Path) -> Non
 
 
 def test_empty_snapshot_round_trips(tmp_path: Path) -> None:
-    empty = SuppressionSnapshot(array("q"), array("B"), (), {}, seq=0, next_expiry=None)
+    empty = SuppressionSnapshot(AddressTable.empty(), (), {}, seq=0, next_expiry=None)
     write_snapshot(empty, tmp_path / "empty.snapshot")
     mapped = map_snapshot(tmp_path / "empty.snapshot")
-    assert len(mapped.hashes) == 0 and mapped.seq == 0 and mapped.next_expiry is None
+    assert len(mapped.addresses) == 0 and mapped.seq == 0 and mapped.next_expiry is None
     assert SuppressionIndex(mapped).lookup_address(key_hash("a@example.com")) is None
 
 
@@ -105,7 +108,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path, mon
     with pytest.raises(OSError, match="No space left"):
         write_snapshot(array_snapshot(20, seq=2), path)
     monkeypatch.undo()
-    assert map_snapshot(path).seq == 1 and len(map_snapshot(path).hashes) == 10
+    assert map_snapshot(path).seq == 1 and len(map_snapshot(path).addresses) == 10
     assert [p.name for p in tmp_path.iterdir()] == ["index.snapshot"]
 
 
@@ -124,7 +127,9 @@ DAMAGE: dict[str, tuple[Callable[[bytes], bytes], str, bool]] = {
     "cut in the arrays": (lambda data: data[:-1], "truncated or damaged", True),
     "bytes appended": (lambda data: data + b"\0", "truncated or damaged", True),
     "another file": (lambda data: b"SQLite format 3\0" + data[16:], "not a suppression snapshot file", True),
-    "newer format": (lambda data: data[:8] + (2).to_bytes(4, "little") + data[12:], "format version 2", True),
+    "newer format": (lambda data: data[:8] + (3).to_bytes(4, "little") + data[12:], "format version 3", True),
+    "older format (plain arrays)": (lambda data: data[:8] + (1).to_bytes(4, "little") + data[12:], "format version 1",
+                                    True),
     "garbled header": (lambda data: data[:24] + b"!" + data[25:], "unreadable header", True),
     "a bit flipped in a hash": (_flip(-1000), "CRC-32 mismatch", False),
     "a bit flipped in a list number": (_flip(-1), "CRC-32 mismatch", False),
@@ -156,11 +161,11 @@ def test_a_reader_keeps_its_map_when_the_file_is_replaced_and_unlinked(tmp_path:
 
     expected = SuppressionIndex(old)
     assert all(reader.lookup_address(h) == expected.lookup_address(h) for h in probes(old))
-    assert reader.seq == 1 and reader.lookup_address(new.hashes[0]) is None
+    assert reader.seq == 1 and reader.lookup_address(hashes(new)[0]) is None
     swapped = SuppressionIndex(map_snapshot(path))
-    assert swapped.seq == 2 and swapped.lookup_address(new.hashes[0]) is not None
+    assert swapped.seq == 2 and swapped.lookup_address(hashes(new)[0]) is not None
     path.unlink()
-    assert all(reader.lookup_address(h) == expected.lookup_address(h) for h in old.hashes)
+    assert all(reader.lookup_address(h) == expected.lookup_address(h) for h in hashes(old))
 
 
 # --- SharedSnapshots on a real store ---------------------------------------------------------------
@@ -181,7 +186,7 @@ async def test_the_first_get_builds_the_next_maps_the_same_file(store: SQLiteSup
     built = await first.get(PRIORITY, NOW)
     mapped = await second.get(PRIORITY, NOW)
     assert (first.builds, first.maps, second.builds, second.maps) == (1, 0, 0, 1)
-    assert list(mapped.hashes) == list(built.hashes) and mapped.seq == built.seq == await store.current_seq()
+    assert list(mapped.addresses) == list(built.addresses) and mapped.seq == built.seq == await store.current_seq()
     assert SuppressionIndex(mapped).lookup_address(key_hash("user7@example.com")) == "unsubscribed"
     assert stat.S_IMODE((tmp_path / "index").stat().st_mode) == 0o700
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["suppressions.lock", SNAPSHOT_NAME]
@@ -234,7 +239,7 @@ async def test_a_file_ahead_of_the_store_is_not_used(tmp_path: Path) -> None:
         await SharedSnapshots(tmp_path / "index", live_store).get(PRIORITY, NOW)
         restored = SharedSnapshots(tmp_path / "index", backup_store)
         snapshot = await restored.get(PRIORITY, NOW)
-        assert restored.builds == 1 and len(snapshot.hashes) == 1
+        assert restored.builds == 1 and len(snapshot.addresses) == 1
 
 
 async def test_a_damaged_file_is_logged_and_replaced(store: SQLiteSuppressionStore, tmp_path: Path,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Iterable, Literal, Sequence, TextIO
 
+from ..address_table import AddressTable
 from ..addresses import InvalidAddress, key_hash, parse_mailbox
 from ..audit_model import AuditRecord
 from ..index import SuppressionIndex
@@ -214,8 +215,8 @@ def _snapshot(entries: Iterable[SuppressionEntry], priority: Sequence[str]) -> S
         else:
             domains[entry.value] = DomainRule(entry.list_name, entry.include_subdomains)
     hashes = sorted(best)
-    return SuppressionSnapshot(array("q", hashes), array("B", (best[h] for h in hashes)), order, domains,
-                               seq=0, next_expiry=None)
+    return SuppressionSnapshot(AddressTable.build(array("q", hashes), array("B", (best[h] for h in hashes))),
+                               order, domains, seq=0, next_expiry=None)
 
 
 async def list_entries(ctx: AdminContext, filters: SuppressionFilter, limit: int | None = 100) -> list[SuppressionEntry]:

@@ -13,10 +13,12 @@ order.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from array import array
 from typing import Any, AsyncIterator, Callable, Sequence
 
+from ...address_table import AddressTable
 from ...addresses import key_hash
 from ...suppression_model import (
     MAX_DELTA,
@@ -213,7 +215,9 @@ class PostgresSuppressionStore:
                         domains[domain] = DomainRule(list_name, bool(subdomains))
                 (next_expiry,) = await (await conn.execute(
                     "SELECT MIN(expires_at) FROM suppressions WHERE expires_at > %s", (now,))).fetchone() or (None,)
-        return SuppressionSnapshot(hashes, lists, order, domains, seq=int(seq), next_expiry=next_expiry)
+        # Half a second at ten million addresses: in a thread, not in the event loop's.
+        addresses = await asyncio.to_thread(AddressTable.build, hashes, lists)
+        return SuppressionSnapshot(addresses, order, domains, seq=int(seq), next_expiry=next_expiry)
 
     async def current_seq(self) -> int:
         (latest,) = await self._db.fetchone("SELECT COALESCE(MAX(seq), 0) FROM suppression_changes")

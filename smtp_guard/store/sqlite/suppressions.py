@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import aiosqlite
 
+from ...address_table import AddressTable
 from ...addresses import key_hash
 from ...suppression_model import (
     MAX_DELTA,
@@ -289,7 +290,8 @@ def _load_snapshot(path: Any, priority: tuple[str, ...], now: float, busy_timeou
         connection.execute("COMMIT")
     finally:
         connection.close()
-    return SuppressionSnapshot(hashes, lists, order, domains, seq=int(seq), next_expiry=next_expiry)
+    return SuppressionSnapshot(AddressTable.build(hashes, lists), order, domains, seq=int(seq),
+                               next_expiry=next_expiry)
 
 
 def _count_by_list(path: Any, now: float, busy_timeout: float) -> dict[str, int]:
