@@ -36,6 +36,7 @@ from .decision_service import DecisionServer, DecisionServiceError, LocalDecider
 from .fork_server import ForkServer
 from .index_share import SharedSnapshots
 from .logs import PseudonymFilter, configure_logging
+from .malloc_tuning import return_large_blocks
 from .metrics import Metrics, forget_process, multiprocess_registry, use_multiprocess_files
 from .policy.default import default_pipeline
 from .readiness import Readiness
@@ -457,6 +458,7 @@ def _upstream_text(config: Config) -> str:
 
 def serve_forever(config: Config) -> None:
     """``smtp-guard serve``: run until SIGTERM, SIGINT or SIGHUP, then shut down gracefully."""
+    return_large_blocks()  # the snapshot's arrays, once freed, go back to the system
     log_pseudonyms = configure_logging(config.logging)
     if config.upstream.mode == "sandbox":
         log.warning("upstream is the SANDBOX: mail is captured in %s and not delivered; "
