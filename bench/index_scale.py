@@ -171,7 +171,7 @@ async def measure(store_path: Path, count: int, lookups: int) -> dict:
             "rss_growth_bytes": (rss_after - rss_before) * 1024,
             "rss_bytes_per_address": (rss_after - rss_before) * 1024 / max(1, len(index)),
             "peak_growth_bytes": (peak - rss_before) * 1024 if peak_reset else None,
-            "table_bytes": AddressTable.size(len(table), table.prefix_bytes, table.has_lists),
+            "table_bytes": AddressTable.size(len(table), table.prefix_bytes, table.list_bits),
         })
         if len(index) != count:
             raise RuntimeError(f"index holds {len(index):,} addresses, expected {count:,}")

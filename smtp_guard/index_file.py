@@ -2,8 +2,8 @@
 
 The framing (magic ``b"SGINDEX\\n"``, version, JSON header, CRC-32, atomic writes) is
 ``mapped_file.py``'s. The header holds seq, next_expiry, built_at, list_priority, list_names,
-domains, count, prefix_bytes and has_lists; after it comes the ``AddressTable`` as its
-``parts()`` (offsets, records, list numbers if several lists), so the file is exactly
+domains, count, prefix_bytes and list_bits; after it comes the ``AddressTable`` as its
+``parts()`` (offsets, records, packed list numbers), so the file is exactly
 ``D + AddressTable.size(...)`` bytes long (D: where the table starts). ``map_snapshot`` checks
 magic, version, length and CRC (0.1 s for ten million addresses) before it hands out a
 snapshot whose table reads the map: a damaged file is refused with an error naming it, never
@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from .address_table import AddressTable
+from .address_table import LIST_BITS, AddressTable
 from .mapped_file import FileKind, Framed, MappedFileError, map_file, read_file_header, write_file
 from .suppression_model import DomainRule, SuppressionSnapshot
 
@@ -47,13 +47,13 @@ class SnapshotHeader:
     domains: dict[str, DomainRule]
     count: int
     prefix_bytes: int
-    has_lists: bool
+    list_bits: int
     data_offset: int
 
     @property
     def size(self) -> int:
         """The exact length of the file this header belongs to."""
-        return self.data_offset + AddressTable.size(self.count, self.prefix_bytes, self.has_lists)
+        return self.data_offset + AddressTable.size(self.count, self.prefix_bytes, self.list_bits)
 
 
 def write_snapshot(snapshot: SuppressionSnapshot, path: str | os.PathLike[str], *,
@@ -65,7 +65,7 @@ def write_snapshot(snapshot: SuppressionSnapshot, path: str | os.PathLike[str], 
         "seq": snapshot.seq, "next_expiry": snapshot.next_expiry, "built_at": built_at,
         "list_priority": list(list_priority), "list_names": list(snapshot.list_names),
         "domains": [[domain, rule.list_name, rule.include_subdomains] for domain, rule in snapshot.domains.items()],
-        "count": len(table), "prefix_bytes": table.prefix_bytes, "has_lists": table.has_lists,
+        "count": len(table), "prefix_bytes": table.prefix_bytes, "list_bits": table.list_bits,
     }
     return write_file(SNAPSHOT_FILE, path, fields, table.parts())
 
@@ -82,7 +82,7 @@ def map_snapshot(path: str | os.PathLike[str]) -> SuppressionSnapshot:
     for a file that must not be used; a missing file raises ``FileNotFoundError``."""
     header, view = map_file(SNAPSHOT_FILE, path, lambda framed: _header(path, framed))
     addresses = AddressTable.over(view.obj, header.data_offset, header.count, header.prefix_bytes,  # type: ignore[arg-type]
-                                  header.has_lists)
+                                  header.list_bits)
     return SuppressionSnapshot(addresses, header.list_names, header.domains, seq=header.seq,
                                next_expiry=header.next_expiry)
 
@@ -101,13 +101,14 @@ def _header(path: str | os.PathLike[str], framed: Framed) -> SnapshotHeader:
                      for domain, list_name, subdomains in fields["domains"]},
             count=count,
             prefix_bytes=int(fields["prefix_bytes"]),
-            has_lists=bool(fields["has_lists"]),
+            list_bits=int(fields["list_bits"]),
             data_offset=framed.data_offset,
         )
     except (ValueError, KeyError, TypeError) as error:
         raise SNAPSHOT_FILE.refuse(path, f"unreadable header ({error.__class__.__name__}: {error})") from None
-    if header.prefix_bytes not in (1, 2):
-        raise SNAPSHOT_FILE.refuse(path, f"prefix_bytes {header.prefix_bytes} (1 or 2)")
+    if header.prefix_bytes not in (1, 2) or header.list_bits not in LIST_BITS:
+        raise SNAPSHOT_FILE.refuse(path, f"prefix_bytes {header.prefix_bytes}, list_bits {header.list_bits} "
+                                         f"(1 or 2; one of {LIST_BITS})")
     if count < 0 or header.size != framed.size:
         raise SNAPSHOT_FILE.refuse(path, f"{framed.size} bytes, but its header describes {count:,} addresses in "
                                          f"{header.size} bytes (truncated or damaged)")

@@ -57,12 +57,14 @@ def prefixes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 # The fixture only sets the prefix width for the whole test: nothing to reset between examples.
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(entries=st.dictionaries(signed_hashes, st.integers(0, 3), max_size=300),
+@given(entries=st.sampled_from([0, 1, 3, 15, 255]).flatmap(  # highest list number: 0, 1, 2, 4, 8 bits
+           lambda top: st.dictionaries(signed_hashes, st.integers(0, top), max_size=300)),
        others=st.lists(signed_hashes, max_size=50))
 def test_a_lookup_answers_as_a_dict_of_the_same_hashes(prefixes: str, entries: dict[int, int],
                                                        others: list[int]) -> None:
     table = table_of(entries)
     assert table.prefix_bytes == (2 if prefixes == "two-byte prefixes" else 1)
+    assert table.list_bits == next(bits for bits in (0, 1, 2, 4, 8) if max(entries.values(), default=0) < 2 ** bits)
     assert len(table) == len(entries)
     for key in [*entries, *others, *straddling(table), *(k + 1 for k in entries if k < HIGHEST)]:
         assert table.list_number(key) == entries.get(key)
@@ -72,21 +74,22 @@ def test_a_lookup_answers_as_a_dict_of_the_same_hashes(prefixes: str, entries: d
 
 def test_one_list_keeps_no_list_numbers_and_answers_zero() -> None:
     table = table_of({k: 0 for k in EDGES})
-    assert not table.has_lists
+    assert table.list_bits == 0
     assert all(table.list_number(k) == 0 for k in EDGES) and table.list_number(2) is None
-    assert AddressTable.size(len(EDGES), 1, False) == 4 * 257 + 7 * len(EDGES)
+    assert AddressTable.size(len(EDGES), 1, 0) == 4 * 257 + 7 * len(EDGES)
 
 
-def test_the_parts_mapped_from_a_file_answer_as_the_table(prefixes: str, tmp_path: Path) -> None:
-    entries = {k: i % 3 for i, k in enumerate(EDGES)}
+@pytest.mark.parametrize("lists", [1, 2, 3, 5, 17])
+def test_the_parts_mapped_from_a_file_answer_as_the_table(prefixes: str, tmp_path: Path, lists: int) -> None:
+    entries = {k: i % lists for i, k in enumerate(EDGES)}
     table = table_of(entries)
     path = tmp_path / "table"
     header = b"H" * 16  # what a file's header would be: the table starts after it
     path.write_bytes(header + b"".join(bytes(part) for part in table.parts()))
-    assert path.stat().st_size == len(header) + AddressTable.size(len(table), table.prefix_bytes, True)
+    assert path.stat().st_size == len(header) + AddressTable.size(len(table), table.prefix_bytes, table.list_bits)
     with path.open("rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    over = AddressTable.over(mapped, len(header), len(table), table.prefix_bytes, True)
+    over = AddressTable.over(mapped, len(header), len(table), table.prefix_bytes, table.list_bits)
     assert list(over) == list(table)
     assert all(over.list_number(k) == v for k, v in entries.items()) and over.list_number(2) is None
 

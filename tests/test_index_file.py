@@ -60,8 +60,9 @@ def test_round_trip_answers_every_lookup_as_the_arrays_do(tmp_path: Path) -> Non
     mapped = map_snapshot(path)
 
     header = read_header(path)
-    # 1 KiB of offsets (one-byte prefixes below 131,072 addresses), then 7 + 1 bytes an address
-    assert size == path.stat().st_size == header.data_offset + 4 * 257 + 8 * 2000
+    # 1 KiB of offsets (one-byte prefixes below 131,072 addresses), then 7 bytes an address and
+    # its list number in 2 bits (three lists)
+    assert size == path.stat().st_size == header.data_offset + 4 * 257 + 7 * 2000 + 2000 // 4
     assert (mapped.seq, mapped.next_expiry, mapped.list_names, mapped.domains) == (
         7, NOW + 60, PRIORITY, DOMAINS)
     assert list(mapped.addresses) == list(original.addresses)
