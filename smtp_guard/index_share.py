@@ -1,7 +1,7 @@
 """One suppression snapshot for every worker process: built once, mapped by all.
 
-With ``[smtp] workers = N`` each worker would otherwise load its own 90 MB of arrays (at ten
-million addresses). ``SharedSnapshots`` keeps the snapshot as a file in a directory of its own
+With ``[smtp] workers = N`` each worker would otherwise load its own 60 MiB address table (at
+ten million addresses). ``SharedSnapshots`` keeps the snapshot as a file in a directory of its own
 (``index_file.py`` format, one file, always the same name) and hands out read-only maps of it:
 the pages sit once in the page cache and are shared by every process that maps them.
 
