@@ -467,7 +467,9 @@ def serve_forever(config: Config) -> None:
     if config.smtp.workers > 1:
         # Now, while this process runs no thread and no event loop: the workers are forked
         # from this copy of it and share what it has imported.
-        service = Supervisor(config, log_pseudonyms=log_pseudonyms, fork_server=ForkServer.fork_here())
+        with naming_setting(f"[smtp] workers {config.smtp.workers} (fork server)", True, OSError):
+            fork_server = ForkServer.fork_here()
+        service = Supervisor(config, log_pseudonyms=log_pseudonyms, fork_server=fork_server)
     else:
         service = Guard(config, log_pseudonyms=log_pseudonyms)
     _run_until_signalled(service, config)

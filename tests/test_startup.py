@@ -134,3 +134,20 @@ async def test_readyz_is_not_ready_while_the_upstream_refuses_connections(start_
         return (await readyz(guard))[0] == 200
 
     await wait_until(upstream_back, what="/readyz to be ready again once the upstream accepts")
+
+
+def test_workers_that_cannot_be_forked_exit_non_zero_naming_the_setting(tmp_path: Path) -> None:
+    """No process left (a full process table, RLIMIT_NPROC): the fork server cannot be forked."""
+    config_file = write_config(tmp_path, free_port(), free_port(), "")
+    config_file.write_text(config_file.read_text().replace("[smtp]\n", "[smtp]\nworkers = 2\n", 1))
+    refuse_fork = ("import errno, os\n"
+                   "def fork(): raise OSError(errno.EAGAIN, 'Resource temporarily unavailable')\n"
+                   "os.fork = fork\n"
+                   "from smtp_guard.cli.main import main\n"
+                   f"main(['serve', '--config', {str(config_file)!r}], prog_name='smtp-guard')\n")
+    result = subprocess.run([sys.executable, "-c", refuse_fork], capture_output=True, text=True, timeout=10,
+                            stdin=subprocess.DEVNULL, env={**os.environ, "SMTP_GUARD_CONFIG": ""})
+    assert result.returncode == 1
+    assert last_line(result) == ("Error: cannot start: [smtp] workers 2 (fork server): [Errno 11] Resource "
+                                 "temporarily unavailable")
+    assert "Traceback" not in result.stderr
