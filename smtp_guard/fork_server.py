@@ -2,8 +2,8 @@
 
 A worker started as a fresh interpreter imports the whole package again and keeps ~25 MiB
 of its own that no sharing removes. Forked from a process that has imported it, a worker
-shares those pages with that process, copy-on-write, and keeps ~10 MiB of its own
-(bench/README.md, "Memory"). The supervisor cannot fork itself once it runs, though: its
+shares those pages with that process, copy-on-write, and keeps ~11 MiB of its own
+(bench/README.md, "whole guard at ten million addresses"). The supervisor cannot fork itself once it runs, though: its
 event loop, the store's threads and their locks would be copied mid-use. So ``smtp-guard
 serve`` forks this server before the supervisor starts anything (``ForkServer.fork_here``),
 and the server forks every worker, the first ones and each restart. Started any other way
