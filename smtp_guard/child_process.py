@@ -1,6 +1,6 @@
 """Child processes that run one function of this package in a fresh interpreter.
 
-Used for the worker processes (``workers.py``) and the snapshot's parallel load
+Used for a fork server started afresh (``fork_server.py``) and the snapshot's parallel load
 (``store/sqlite/snapshot_addresses.py``) instead of multiprocessing: its "spawn" children
 come with a resource tracker, a process of its own that stays for the parent's whole life
 (8 MiB) to clean up semaphores and shared memory the guard never asks it for.
