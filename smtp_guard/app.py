@@ -37,6 +37,7 @@ from .fork_server import ForkServer
 from .index_share import SharedSnapshots
 from .logs import PseudonymFilter, configure_logging
 from .malloc_tuning import return_large_blocks
+from .process_name import name_process
 from .metrics import Metrics, forget_process, multiprocess_registry, use_multiprocess_files
 from .policy.default import default_pipeline
 from .readiness import Readiness
@@ -459,6 +460,7 @@ def _upstream_text(config: Config) -> str:
 def serve_forever(config: Config) -> None:
     """``smtp-guard serve``: run until SIGTERM, SIGINT or SIGHUP, then shut down gracefully."""
     return_large_blocks()  # the snapshot's arrays, once freed, go back to the system
+    name_process("smtp-guard")
     log_pseudonyms = configure_logging(config.logging)
     if config.upstream.mode == "sandbox":
         log.warning("upstream is the SANDBOX: mail is captured in %s and not delivered; "

@@ -45,6 +45,7 @@ import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import child_process
+from .process_name import name_process
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +293,7 @@ class _Server:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.children: set[int] = set()
+        name_process("smtp-guard-fork")
         # Ctrl-C and a closed terminal reach the whole process group: the supervisor decides.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

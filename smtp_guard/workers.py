@@ -40,6 +40,7 @@ from typing import Any, Awaitable, Callable
 
 from .fork_server import ForkedProcess, ForkServer, ForkServerGone
 from .periodic import Periodic
+from .process_name import name_process
 from .startup import StartupError
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ KILL_MARGIN = 5.0
 def _forked_main(ready_fd: int, target: Callable[..., Any], number: int, args: tuple[Any, ...]) -> None:
     """A worker process's entry, in the process the fork server forked: ``ready_fd`` is the
     write end of the pipe it says "ready" or "failed" on."""
+    name_process(f"smtp-guard-w{number}")
     target(number, Connection(ready_fd, readable=False), *args)
 
 

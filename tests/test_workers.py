@@ -190,6 +190,10 @@ async def test_two_workers_serve_one_port_and_one_scrape_counts_both(supervised,
     assert _children(guard.fork_server_pid()) == guard.worker_pids()
     for pid in guard.worker_pids():
         assert shared_anonymous_kib(pid) > 8 * 1024
+    # ps -e, top and pgrep tell them apart (ps aux shows one command line for all)
+    names = [Path(f"/proc/{pid}/comm").read_text().strip()
+             for pid in [guard.process.pid, guard.fork_server_pid(), *guard.worker_pids()]]  # type: ignore[union-attr]
+    assert sorted(names) == ["smtp-guard", "smtp-guard-fork", "smtp-guard-w1", "smtp-guard-w2"]
     assert guard.process is not None  # the supervisor serves /metrics: aiohttp is mapped there ...
     assert "aiohttp" in Path(f"/proc/{guard.process.pid}/maps").read_text()
     for pid in guard.worker_pids():  # ... and not in the workers, which serve no HTTP (~10 MiB each)

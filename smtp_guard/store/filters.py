@@ -1,12 +1,22 @@
-"""The WHERE clauses of the listing queries, one definition for both engines. Each passes its
-own parameter mark ("?" for sqlite3, "%s" for psycopg) and its substring test, the one place
-their SQL differs here."""
+"""SQL both engines share: the WHERE clauses of the listing queries, and the query for the
+list names. Each engine passes its own parameter mark ("?" for sqlite3, "%s" for psycopg) and
+its substring test, the one place their SQL differs here."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..suppression_model import SuppressionFilter
+
+
+# The distinct list names, one index seek each (both engines index list_name): SELECT DISTINCT
+# reads the whole index to find a handful of names, 0.7 s of a start at ten million addresses.
+LIST_NAMES = """
+    WITH RECURSIVE names(name) AS (
+        SELECT MIN(list_name) FROM suppressions
+        UNION ALL
+        SELECT (SELECT MIN(list_name) FROM suppressions WHERE list_name > name) FROM names WHERE name IS NOT NULL)
+    SELECT name FROM names WHERE name IS NOT NULL"""
 
 
 def live(mark: str) -> str:

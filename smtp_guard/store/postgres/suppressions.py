@@ -33,7 +33,7 @@ from ...suppression_model import (
     SuppressionSnapshot,
 )
 from ..base import StoreError
-from ..filters import live, suppression_where
+from ..filters import LIST_NAMES, live, suppression_where
 from .db import Connection, PostgresDatabase
 
 _FETCH_CHUNK = 50_000
@@ -190,8 +190,7 @@ class PostgresSuppressionStore:
                 await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 (seq,) = await (await conn.execute("SELECT COALESCE(MAX(seq), 0) FROM suppression_changes")).fetchone() \
                     or (0,)
-                names = [name for (name,) in await (await conn.execute(
-                    "SELECT DISTINCT list_name FROM suppressions")).fetchall()]
+                names = [name for (name,) in await (await conn.execute(LIST_NAMES)).fetchall()]
                 order = list_order(list_priority, names)
                 if len(order) > 256:
                     raise StoreError(f"{len(order)} suppression lists; the index holds at most 256")

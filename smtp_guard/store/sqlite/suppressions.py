@@ -35,7 +35,7 @@ from ...suppression_model import (
     SuppressionSnapshot,
 )
 from ..base import StoreError
-from ..filters import live, suppression_where
+from ..filters import LIST_NAMES, live, suppression_where
 from .db import Database, connect_sync, store_error
 from .snapshot_addresses import address_arrays
 
@@ -264,16 +264,6 @@ class SQLiteSuppressionStore:
                                 next_expiry=min(expiries, default=None))
 
 
-# The distinct list names, one index seek each: SELECT DISTINCT scans the whole list_name index
-# (0.7 s of a start at ten million addresses) to find a handful of names.
-_LIST_NAMES = """
-    WITH RECURSIVE names(name) AS (
-        SELECT MIN(list_name) FROM suppressions
-        UNION ALL
-        SELECT (SELECT MIN(list_name) FROM suppressions WHERE list_name > name) FROM names WHERE name IS NOT NULL)
-    SELECT name FROM names WHERE name IS NOT NULL"""
-
-
 def _load_snapshot(path: Any, priority: tuple[str, ...], now: float, busy_timeout: float) -> SuppressionSnapshot:
     """Build the snapshot: the change log position, the list names, domains and next expiry on
     a private connection in one read transaction; the addresses by ``address_arrays`` (in
@@ -282,7 +272,7 @@ def _load_snapshot(path: Any, priority: tuple[str, ...], now: float, busy_timeou
     try:
         connection.execute("BEGIN")
         (seq,) = connection.execute("SELECT COALESCE(MAX(seq), 0) FROM suppression_changes").fetchone()
-        names = [name for (name,) in connection.execute(_LIST_NAMES)]
+        names = [name for (name,) in connection.execute(LIST_NAMES)]
         order = list_order(priority, names)
         if len(order) > 256:
             raise StoreError(f"{len(order)} suppression lists; the index holds at most 256")
