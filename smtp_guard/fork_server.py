@@ -294,9 +294,11 @@ class _Server:
         self.sock = sock
         self.children: set[int] = set()
         name_process("smtp-guard-fork")
-        # Ctrl-C and a closed terminal reach the whole process group: the supervisor decides.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Ctrl-C, a closed terminal and `systemctl stop` (SIGTERM to the whole control group)
+        # reach every process: the supervisor decides, and still needs this server to signal
+        # and wait for its workers. It ends when the supervisor's end of the socket closes.
+        self.dispositions = {signum: signal.signal(signum, signal.SIG_IGN)
+                             for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)}
         _stdin_from_devnull()
         self.wake, wake_write = socket.socketpair()
         for end in (self.wake, wake_write):
@@ -352,6 +354,8 @@ class _Server:
         """In the new process: drop the server's ends and signal handling, run ``function``."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for signum, disposition in self.dispositions.items():
+            signal.signal(signum, signal.SIG_DFL if disposition is None else disposition)
         self.selector.close()
         for end in (self.sock, self.wake, self._wake_write):
             end.close()

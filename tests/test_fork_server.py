@@ -101,3 +101,17 @@ async def test_a_process_forked_for_a_cancelled_request_is_stopped(server: ForkS
     _, pid, parent = read_all(receive).split()
     assert int(parent) == server.pid
     await wait_until(lambda: not process_running(int(pid)), timeout=10, what="the unwanted process to stop")
+
+
+async def test_sigterm_to_the_whole_group_leaves_the_server_to_the_supervisor(server: ForkServer) -> None:
+    """``systemctl stop`` sends SIGTERM to every process of the service: the server stays, so
+    the supervisor can still signal and wait for its workers; what it forks has SIGTERM back."""
+    before, receive = await fork(server, pool_targets.introduce, "before")  # the server is serving
+    read_all(receive)
+    os.kill(server.pid, signal.SIGTERM)
+    process, receive = await fork(server, pool_targets.introduce, "after")
+    assert read_all(receive).split()[0] == "after" and process_running(server.pid)
+    process.terminate()
+    await process.wait(10)
+    assert process.exitcode == -signal.SIGTERM
+    before.kill()

@@ -426,10 +426,13 @@ async def test_a_change_right_after_a_worker_crash_does_not_wait_for_the_dead_wo
     assert all(o.rcpt["gone@example.com"].startswith("550") for o in outcomes)  # the replacement too
 
 
-@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM])
 async def test_a_terminal_signal_to_the_process_group_drains_like_sigterm(supervised, sink: Sink, signum) -> None:
     """Ctrl-C and a closed terminal reach every process of the group: the workers ignore them
-    and the supervisor stops them gracefully, so sessions in flight finish."""
+    and the supervisor stops them gracefully, so sessions in flight finish. SIGTERM to the
+    whole group is what ``systemctl stop`` sends (KillMode=control-group, the default): the
+    workers drain at once, the fork server stays for the supervisor to end, and the supervisor
+    waits for the workers."""
     guard = await supervised(own_session=True)
     pids = guard.worker_pids()
     sink.hang_on, sink.hang_seconds = "data", 1.5
@@ -442,6 +445,7 @@ async def test_a_terminal_signal_to_the_process_group_drains_like_sigterm(superv
     assert await asyncio.to_thread(guard.process.wait, 30) == 0
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
     assert "starting it again" not in guard.output()
+    assert "fork server" not in guard.output()  # it neither died nor was replaced
     assert len(sink.messages) == 8
 
 
