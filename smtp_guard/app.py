@@ -37,7 +37,7 @@ from .fork_server import ForkServer
 from .index_share import SharedSnapshots
 from .logs import PseudonymFilter, configure_logging
 from .malloc_tuning import return_large_blocks
-from .process_name import name_process
+from .prctl import name_process
 from .metrics import Metrics, forget_process, multiprocess_registry, use_multiprocess_files
 from .policy.default import default_pipeline
 from .readiness import Readiness

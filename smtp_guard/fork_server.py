@@ -15,20 +15,25 @@ and free for another process, so the server reports each worker's exit to the su
 and sends the supervisor's signals on, to a worker it has not reaped yet.
 
 If the supervisor is gone (the server's socket ends), the server sends SIGTERM to its workers
-(they drain, as on a normal stop) and exits. If the server is gone, its workers see their
-parent change (``app._parent_gone``) and drain; the supervisor hears the socket end, counts
-each of them as exited and starts them again from a new server.
+(they drain, as on a normal stop) and exits. If the server is gone, the kernel sends its
+workers SIGTERM (PR_SET_PDEATHSIG; elsewhere they see their parent change, ``app._parent_gone``)
+and they drain; the supervisor hears the socket end, counts each of them as exited and starts
+them again from a new server.
 
-Protocol: one SOCK_SEQPACKET socket pair, one pickled tuple per packet.
-* supervisor to server: ``("fork", request, function, args)`` with one file descriptor
-  (SCM_RIGHTS), run as ``function(fd, *args)`` in the new process; ``("signal", pid, signum)``.
+Protocol: one SOCK_SEQPACKET socket pair, one pickled tuple per packet. A process is known
+by the request it was forked for, never by its pid alone (a reaped pid may be reused).
+* supervisor to server: ``("fork", request, pickled (function, args))`` with one file
+  descriptor (SCM_RIGHTS), run as ``function(fd, *args)`` in the new process (a payload the
+  server cannot load is a "failed" answer, not the server's end); ``("signal", request, (pid,
+  signum))``.
 * server to supervisor: ``("forked", request, pid)``, ``("failed", request, reason)``,
-  ``("exited", pid, exit status)`` (minus the signal's number if a signal ended it).
+  ``("exited", request, exit status)`` (minus the signal's number if a signal ended it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib
 import itertools
@@ -45,7 +50,7 @@ import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import child_process
-from .process_name import name_process
+from .prctl import name_process, signal_when_parent_dies
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +66,9 @@ class ForkServerGone(Exception):
 class ForkedProcess:
     """A process the fork server forked, as the supervisor sees it."""
 
-    def __init__(self, pid: int, server: "ForkServer") -> None:
+    def __init__(self, pid: int, request: int, server: "ForkServer") -> None:
         self.pid = pid
+        self.request = request  # what the server knows it by: a pid alone may be reused
         self._server = server
         self.exitcode: int | None = None  # from the server's report; None while it runs or if unknown
         self._ended = asyncio.Event()
@@ -92,15 +98,20 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """The supervisor's end of a fork server (see the module's docstring)."""
+    """The supervisor's end of a fork server (see the module's docstring).
+
+    Its socket never blocks the supervisor's event loop: a server that stops reading (stopped
+    with SIGSTOP, hung) or answering within ``REPLY_TIMEOUT`` is killed and counts as gone;
+    its processes, told by the kernel (PR_SET_PDEATHSIG), drain and stop."""
 
     def __init__(self, sock: socket.socket, poll: Callable[[], int | None], pid: int, how: str) -> None:
+        sock.setblocking(False)
         self._sock = sock
         self._poll = poll  # the server process's exit status, None while it runs (reaps it)
         self.pid = pid
         self._how = how
         self._requests: dict[int, asyncio.Future[tuple[str, Any]]] = {}
-        self._children: dict[int, ForkedProcess] = {}
+        self._children: dict[int, ForkedProcess] = {}  # by request
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = True
@@ -145,39 +156,43 @@ class ForkServer:
         """Run ``function(fd, *args)`` in a new process forked by the server (``function`` and
         ``args`` are pickled: module-level names). ``fd`` stays open here."""
         self._attach()
-        if not self.alive:
-            raise ForkServerGone(f"the fork server (pid {self.pid}) is gone")
         request = next(self._ids)
+        self._send(("fork", request, pickle.dumps((function, args))), [fd])
         reply: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
-        self._requests[request] = reply
-        try:
-            socket.send_fds(self._sock, [pickle.dumps(("fork", request, function, args))], [fd])
-        except OSError as error:
-            del self._requests[request]
-            raise ForkServerGone(f"the fork server (pid {self.pid}) is gone ({error})") from None
+        self._requests[request] = reply  # before the answer can be read: not before this returns
         try:
             async with asyncio.timeout(REPLY_TIMEOUT):
                 kind, value = await asyncio.shield(reply)
-        except (asyncio.CancelledError, TimeoutError) as given_up:
+        except asyncio.CancelledError:
             # The request is out: a process may yet be forked for a caller that is gone (a
             # start cancelled by SIGTERM). It is told to stop as soon as its pid is known.
             reply.add_done_callback(self._unwanted)
-            if isinstance(given_up, TimeoutError):
-                raise ForkServerGone(f"the fork server (pid {self.pid}) did not answer within "
-                                     f"{REPLY_TIMEOUT:g}s") from None
             raise
+        except TimeoutError:
+            if not reply.done():  # the answer may have come in the same turn of the loop
+                self._give_up(f"it did not answer a fork within {REPLY_TIMEOUT:g}s")
+            kind, value = reply.result()  # ForkServerGone if given up
         if kind == "failed":
             raise OSError(f"the fork server could not fork: {value}")
         process: ForkedProcess = value
         return process
 
     def signal(self, process: ForkedProcess, signum: int) -> None:
-        if not process.is_alive() or not self.alive:
-            return  # reaped (or lost with the server): its pid may be another process's by now
+        if process.is_alive() and self.alive:  # else reaped, or lost with the server
+            with contextlib.suppress(ForkServerGone):  # then it has ended here too
+                self._send(("signal", process.request, (process.pid, signum)))
+
+    def _send(self, message: tuple[Any, ...], fds: Sequence[int] = ()) -> None:
+        if not self.alive:
+            raise ForkServerGone(f"the fork server (pid {self.pid}) is gone")
         try:
-            self._sock.send(pickle.dumps(("signal", process.pid, signum)))
-        except OSError:
-            self._gone()
+            socket.send_fds(self._sock, [pickle.dumps(message)], list(fds))
+        except BlockingIOError:
+            self._give_up("it stopped reading its socket (stopped or hung)")
+        except OSError as error:
+            self._gone(f"its socket failed ({error})")
+        if not self.alive:
+            raise ForkServerGone(f"the fork server (pid {self.pid}) is gone")
 
     # --- the server's reports -----------------------------------------------------------------
 
@@ -194,19 +209,19 @@ class ForkServer:
         except OSError:
             data = b""
         if not data:
-            self._gone()
+            self._gone("it exited")
             return
-        kind, key, value = pickle.loads(data)
+        kind, request, value = pickle.loads(data)
         if kind == "exited":
-            process = self._children.pop(key, None)
+            process = self._children.pop(request, None)
             if process is not None:
                 process.ended(value)
             return
         if kind == "forked":
             # Known from now on: its exit may be the very next report, before fork() resumes.
-            process = ForkedProcess(value, self)
-            self._children[process.pid] = value = process
-        if (reply := self._requests.pop(key, None)) is not None and not reply.done():
+            process = self._children[request] = ForkedProcess(value, request, self)
+            value = process
+        if (reply := self._requests.pop(request, None)) is not None and not reply.done():
             reply.set_result((kind, value))
 
     def _unwanted(self, reply: asyncio.Future[tuple[str, Any]]) -> None:
@@ -216,22 +231,27 @@ class ForkServer:
         log.info("pid %s was forked for a start given up meanwhile; stopping it", process.pid)
         process.terminate()
 
-    def _gone(self) -> None:
-        """The socket ended: the server exited. What it forked is on its own now (and drains,
-        seeing its parent change); none of it can be waited for or signalled any more."""
+    def _give_up(self, why: str) -> None:
+        """Kill a server that no longer serves; its processes get SIGTERM from the kernel."""
+        if self.alive:
+            os.kill(self.pid, signal.SIGKILL)  # not reaped yet (only close() reaps): still ours
+            self._gone(f"{why}; killed")
+
+    def _gone(self, why: str) -> None:
+        """The server is gone. What it forked is on its own now (and drains, told by the kernel
+        or seeing its parent change); none of it can be waited for or signalled any more."""
         if not self.alive:
             return
         self.alive = False
         self._detach()
-        status = self._poll()
-        log.error("the fork server (pid %s) exited (status %s); its %d workers stop on their own and are "
-                  "started again from a new one", self.pid, status, len(self._children))
+        log.error("the fork server (pid %s) is gone: %s; its %d workers stop on their own and are "
+                  "started again from a new one", self.pid, why, len(self._children))
         for process in self._children.values():
             process.ended(None)
         self._children.clear()
         for reply in self._requests.values():
             if not reply.done():
-                reply.set_exception(ForkServerGone(f"the fork server (pid {self.pid}) exited"))
+                reply.set_exception(ForkServerGone(f"the fork server (pid {self.pid}) is gone: {why}"))
         self._requests.clear()
 
     def _detach(self) -> None:
@@ -292,7 +312,8 @@ def _serve(sock: socket.socket) -> NoReturn:
 class _Server:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.children: set[int] = set()
+        self.pid = os.getpid()
+        self.children: dict[int, int] = {}  # pid -> the request it was forked for, until reaped
         name_process("smtp-guard-fork")
         # Ctrl-C, a closed terminal and `systemctl stop` (SIGTERM to the whole control group)
         # reach every process: the supervisor decides, and still needs this server to signal
@@ -330,25 +351,31 @@ class _Server:
             data, fds = b"", []
         if not data:
             self._orphaned()
-        message = pickle.loads(data)
-        if message[0] == "signal":
-            _, pid, signum = message
-            if pid in self.children:  # not reaped yet: still the process the supervisor means
-                os.kill(pid, signum)
-            return
-        _, request, function, args = message
+        kind, request, detail = pickle.loads(data)
         try:
-            pid = os.fork()
-        except OSError as error:
-            self._send(("failed", request, str(error)))
-        else:
-            if pid == 0:
-                self._become(function, (fds[0], *args))
-            self.children.add(pid)
-            self._send(("forked", request, pid))
+            if kind == "signal":
+                pid, signum = detail
+                # Only a child not reaped yet, forked for that request: a pid reaped since may
+                # already be another process's.
+                if self.children.get(pid) == request:
+                    os.kill(pid, signum)
+            else:
+                self._fork(request, detail, fds)
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _fork(self, request: int, payload: bytes, fds: list[int]) -> None:
+        try:
+            function, args = pickle.loads(payload)
+            pid = os.fork()
+        except Exception as error:  # a payload this copy cannot load, or no process left
+            self._send(("failed", request, f"{error.__class__.__name__}: {error}"))
+            return
+        if pid == 0:
+            self._become(function, (fds[0], *args))
+        self.children[pid] = request
+        self._send(("forked", request, pid))
 
     def _become(self, function: Callable[..., Any], args: tuple[Any, ...]) -> NoReturn:
         """In the new process: drop the server's ends and signal handling, run ``function``."""
@@ -359,6 +386,11 @@ class _Server:
         self.selector.close()
         for end in (self.sock, self.wake, self._wake_write):
             end.close()
+        # The server killed: this process drains now (SIGTERM), not at its next look at its
+        # parent; and if that happened already, before the line above, it stops here.
+        signal_when_parent_dies(signal.SIGTERM)
+        if os.getppid() != self.pid:
+            os._exit(1)
         _run(function, args)
 
     def _reap(self) -> None:
@@ -366,8 +398,8 @@ class _Server:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
-            self.children.discard(pid)
-            self._send(("exited", pid, os.waitstatus_to_exitcode(status)))
+            request = self.children.pop(pid)
+            self._send(("exited", request, os.waitstatus_to_exitcode(status)))
 
     def _send(self, message: tuple[Any, ...]) -> None:
         try:

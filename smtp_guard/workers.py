@@ -40,7 +40,7 @@ from typing import Any, Awaitable, Callable
 
 from .fork_server import ForkedProcess, ForkServer, ForkServerGone
 from .periodic import Periodic
-from .process_name import name_process
+from .prctl import name_process
 from .startup import StartupError
 
 log = logging.getLogger(__name__)
@@ -208,15 +208,23 @@ class WorkerPool:
                       exc_info=task.exception())
 
     async def _restart(self, worker: _Worker) -> None:
-        """Start ``worker``'s number again (it is dead), until a replacement says "ready"."""
+        """Start ``worker``'s number again (it is dead), until a replacement says "ready". A
+        start that fails before there is a process (the fork server could not fork) counts as
+        one more death of that number, with its pause; the dead worker is forgotten once."""
+        self._report_accepting()
+        failures, pause = self._after_death(worker)
+        await self._forget(worker)
         while True:
-            self._report_accepting()
-            failures, pause = self._after_death(worker)
-            await self._forget(worker)
             await asyncio.sleep(pause)
             if self._stopping:
                 return
-            replacement = await self._spawn(worker.number)
+            try:
+                replacement = await self._spawn(worker.number)
+            except StartupError as error:
+                failures += 1
+                pause = _backoff(failures)
+                log.error("%s; trying again in %.0fs", error, pause)
+                continue
             replacement.failures = failures
             self._workers[worker.number] = replacement
             status, message = await self._first_word(replacement)
@@ -226,6 +234,9 @@ class WorkerPool:
                 return
             log.error("worker %d did not start again: %s", worker.number, message or "it exited")
             await self._end(replacement, KILL_MARGIN)
+            self._report_accepting()
+            failures, pause = self._after_death(replacement)
+            await self._forget(replacement)
             worker = replacement
 
     def _after_death(self, worker: _Worker) -> tuple[int, float]:
@@ -234,7 +245,7 @@ class WorkerPool:
         now = time.monotonic()
         lived = None if worker.ready_at is None else now - worker.ready_at
         failures = 0 if lived is not None and lived >= STABLE_AFTER else worker.failures + 1
-        pause = 0.0 if failures == 0 else min(MAX_BACKOFF, 2.0 ** (failures - 1))
+        pause = _backoff(failures)
         how_long = "before it was ready" if lived is None else f"after {lived:.0f}s"
         status = "unknown (its fork server is gone)" if worker.process.exitcode is None else worker.process.exitcode
         log.error("worker %d (pid %s) exited with status %s %s; starting it again%s", worker.number,
@@ -280,6 +291,12 @@ class WorkerPool:
         self._workers.clear()
         if self._fork_server is not None:
             await self._fork_server.close()
+
+
+def _backoff(failures: int) -> float:
+    """The pause before the next start after ``failures`` deaths in a row: none after the
+    first death of a worker that had lived, then 1, 2, 4 … seconds up to ``MAX_BACKOFF``."""
+    return 0.0 if failures == 0 else min(MAX_BACKOFF, 2.0 ** (failures - 1))
 
 
 async def _kill(worker: _Worker, waited: float) -> None:

@@ -62,3 +62,13 @@ def payload_size(status_offset: str) -> int:
     import sys
 
     return len(sys.stdin.buffer.read()) + int(status_offset)
+
+
+def refuse_to_load() -> None:
+    """Raises when unpickled: a payload the fork server cannot load."""
+    raise RuntimeError("cannot be loaded here")
+
+
+class Unloadable:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return refuse_to_load, ()

@@ -83,7 +83,8 @@ async def test_a_killed_server_ends_its_processes_here_and_refuses_further_forks
     assert not process.is_alive() and process.exitcode is None  # its status went with the server
     with pytest.raises(ForkServerGone):
         await fork(server, pool_targets.introduce, "too late")
-    os.kill(process.pid, signal.SIGKILL)  # the stand-in does not watch its parent
+    # The stand-in does not watch its parent: the kernel's SIGTERM (PR_SET_PDEATHSIG) ends it.
+    await wait_until(lambda: not process_running(process.pid), timeout=10, what="the orphan to get SIGTERM")
 
 
 async def test_a_process_forked_for_a_cancelled_request_is_stopped(server: ForkServer) -> None:
@@ -115,3 +116,46 @@ async def test_sigterm_to_the_whole_group_leaves_the_server_to_the_supervisor(se
     await process.wait(10)
     assert process.exitcode == -signal.SIGTERM
     before.kill()
+
+
+async def test_a_payload_the_server_cannot_load_fails_that_fork_only(server: ForkServer) -> None:
+    with pytest.raises(OSError, match="could not fork: RuntimeError: cannot be loaded here"):
+        await fork(server, pool_targets.introduce, pool_targets.Unloadable())
+    process, receive = await fork(server, pool_targets.introduce, "serving")
+    assert read_all(receive).split()[0] == "serving"
+    process.kill()
+    await process.wait(10)
+
+
+async def test_a_stopped_server_never_blocks_the_supervisor(server: ForkServer) -> None:
+    """SIGSTOP: it reads nothing more. Signals for its processes fill its socket; the next one
+    finds it full and gives the server up (killed) instead of blocking the event loop. Its
+    processes get SIGTERM from the kernel."""
+    import time
+
+    process, receive = await fork(server, pool_targets.introduce, "before")
+    read_all(receive)
+    os.kill(server.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    while server.alive and time.monotonic() - started < 5:
+        process.kill()  # each a packet the stopped server does not read
+    assert not server.alive and time.monotonic() - started < 5
+    assert not process.is_alive()
+    await wait_until(lambda: not process_running(server.pid), timeout=10, what="the stopped server to be killed")
+    await wait_until(lambda: not process_running(process.pid), timeout=10, what="its process to get SIGTERM")
+    with pytest.raises(ForkServerGone):
+        await fork(server, pool_targets.introduce, "too late")
+
+
+async def test_a_server_that_does_not_answer_a_fork_is_given_up(server: ForkServer,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from smtp_guard import fork_server
+
+    monkeypatch.setattr(fork_server, "REPLY_TIMEOUT", 0.5)
+    _, receive = await fork(server, pool_targets.introduce, "before")
+    read_all(receive)
+    os.kill(server.pid, signal.SIGSTOP)
+    with pytest.raises(ForkServerGone, match="did not answer a fork within 0.5s; killed"):
+        await fork(server, pool_targets.introduce, "unanswered")
+    assert not server.alive
+    await wait_until(lambda: not process_running(server.pid), timeout=10, what="the server to be killed")

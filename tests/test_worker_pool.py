@@ -146,3 +146,30 @@ async def test_a_killed_fork_server_is_replaced_and_its_workers_started_again(
                      what="the orphaned workers to stop")
     assert "exited with status unknown (its fork server is gone)" in caplog.text
     assert sorted(pid for pid, _ in recorder.exits) == sorted(old_workers)
+
+
+async def test_a_restart_that_cannot_fork_backs_off_and_forgets_the_dead_worker_once(
+        make_pool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from smtp_guard.fork_server import ForkServer
+
+    monkeypatch.setattr(workers, "STABLE_AFTER", 0.0)  # the death itself: no pause
+    caplog.set_level(logging.INFO, logger="smtp_guard.workers")
+    recorder = Recorder()
+    pool = make_pool(1, recorder)
+    await pool.start()
+    real_fork, refusals = ForkServer.fork, []
+
+    async def fork(self, *args):  # type: ignore[no-untyped-def]
+        if len(refusals) < 2:  # no process left, twice
+            refusals.append(args)
+            raise OSError("the fork server could not fork: [Errno 11] Resource temporarily unavailable")
+        return await real_fork(self, *args)
+
+    monkeypatch.setattr(ForkServer, "fork", fork)
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    await wait_until(lambda: recorder.accepting[-1:] == [1] and len(recorder.accepting) == 3, timeout=20,
+                     what="the worker to be started again after two failed forks")
+    assert recorder.exits == [(victim, f"w1-{victim}")]  # forgotten once, not once per attempt
+    assert "could not start worker 1: the fork server could not fork" in caplog.text
+    assert "trying again in 1s" in caplog.text and "trying again in 2s" in caplog.text
