@@ -318,8 +318,9 @@ class _Server:
         # Ctrl-C, a closed terminal and `systemctl stop` (SIGTERM to the whole control group)
         # reach every process: the supervisor decides, and still needs this server to signal
         # and wait for its workers. It ends when the supervisor's end of the socket closes.
-        self.dispositions = {signum: signal.signal(signum, signal.SIG_IGN)
-                             for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)}
+        # Blocked, not ignored: a process just forked inherits the mask, and a SIGTERM sent to
+        # it before it unblocks waits for it instead of being discarded.
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGHUP, signal.SIGTERM})
         _stdin_from_devnull()
         self.wake, wake_write = socket.socketpair()
         for end in (self.wake, wake_write):
@@ -381,8 +382,6 @@ class _Server:
         """In the new process: drop the server's ends and signal handling, run ``function``."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for signum, disposition in self.dispositions.items():
-            signal.signal(signum, signal.SIG_DFL if disposition is None else disposition)
         self.selector.close()
         for end in (self.sock, self.wake, self._wake_write):
             end.close()
@@ -391,6 +390,7 @@ class _Server:
         signal_when_parent_dies(signal.SIGTERM)
         if os.getppid() != self.pid:
             os._exit(1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)  # what came meanwhile is delivered now
         _run(function, args)
 
     def _reap(self) -> None:
