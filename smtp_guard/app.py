@@ -37,9 +37,9 @@ from .fork_server import ForkServer
 from .index_share import SharedSnapshots
 from .logs import PseudonymFilter, configure_logging
 from .malloc_tuning import return_large_blocks
-from .prctl import name_process
 from .metrics import Metrics, forget_process, multiprocess_registry, use_multiprocess_files
 from .policy.default import default_pipeline
+from .prctl import name_process
 from .readiness import Readiness
 from .relay.base import Upstream
 from .relay.pool import SMTPUpstream

@@ -11,9 +11,6 @@ with the process for its whole life. With the threshold fixed, glibc stops adjus
 from __future__ import annotations
 
 import ctypes
-import logging
-
-log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 LARGE_BLOCK = 1 << 20  # from 1 MiB on: a mapping's cost (two system calls) is nothing next to the copy
