@@ -23,7 +23,7 @@ import mmap
 import sys
 from array import array
 from bisect import bisect_left
-from typing import Iterator, Literal, Sequence, Union
+from typing import Iterator, Literal, Union
 
 Searchable = Union[bytes, bytearray, mmap.mmap]  # has ``find(sub, start, end)``
 
@@ -37,7 +37,7 @@ LIST_BITS = (0, 1, 2, 4, 8)  # bits per list number: the fewest that hold the hi
 class AddressTable:
     """Sorted key hashes with their list numbers (see the module's docstring)."""
 
-    def __init__(self, count: int, prefix_bytes: int, offsets: Sequence[int], records: Searchable,
+    def __init__(self, count: int, prefix_bytes: int, offsets: array[int] | memoryview, records: Searchable,
                  records_at: int, lists: bytes | memoryview, list_bits: int) -> None:
         """``records`` from ``records_at`` on (a shared file's map holds the whole file);
         ``lists``: the list numbers, ``list_bits`` each, packed from the low bits of each byte."""
@@ -112,7 +112,7 @@ class AddressTable:
             target[column::columns] = source[skip + column::8 // size]
         del source, target
         shift = 64 - 8 * prefix_bytes
-        offsets = array("I", [0]) * ((1 << (8 * prefix_bytes)) + 1)
+        offsets = array("I", [0]) * _offset_count(prefix_bytes)
         for prefix in range(1 << (8 * prefix_bytes)):
             lowest = prefix << shift  # the first unsigned hash with this prefix
             if lowest < 1 << 63:
@@ -134,24 +134,22 @@ class AddressTable:
     @staticmethod
     def size(count: int, prefix_bytes: int, list_bits: int) -> int:
         """Bytes ``parts()`` takes for a table of this shape."""
-        return 4 * ((1 << (8 * prefix_bytes)) + 1) + (8 - prefix_bytes) * count + _packed_size(count, list_bits)
+        return _lists_at(count, prefix_bytes) + _packed_size(count, list_bits)
 
     def parts(self) -> list[bytes | memoryview]:
         """The table as bytes to write, in the order ``over`` reads them: offsets (uint32,
         native order), records, list numbers."""
-        offsets = self._offsets if isinstance(self._offsets, (array, memoryview)) else array("I", self._offsets)
         records = memoryview(self._records)[self._at:self._at + self._width * self._count]
-        return [memoryview(offsets).cast("B"), records, memoryview(self._lists)]
+        return [memoryview(self._offsets).cast("B"), records, memoryview(self._lists)]
 
     @classmethod
     def over(cls, mapped: mmap.mmap, at: int, count: int, prefix_bytes: int, list_bits: int) -> "AddressTable":
         """The table written (``parts()``) at ``at`` in a mapped file, without copying: lookups
         read the mapped pages."""
         view = memoryview(mapped)
-        offsets_at = at
-        records_at = offsets_at + 4 * ((1 << (8 * prefix_bytes)) + 1)
-        lists_at = records_at + (8 - prefix_bytes) * count
-        return cls(count, prefix_bytes, view[offsets_at:records_at].cast("I"), mapped, records_at,
+        records_at = at + 4 * _offset_count(prefix_bytes)
+        lists_at = at + _lists_at(count, prefix_bytes)
+        return cls(count, prefix_bytes, view[at:records_at].cast("I"), mapped, records_at,
                    view[lists_at:lists_at + _packed_size(count, list_bits)], list_bits)
 
     def __len__(self) -> int:
@@ -166,6 +164,16 @@ class AddressTable:
                 unsigned = prefix << rest_bits | int.from_bytes(self._records[start:start + width], "big")
                 signed = unsigned - (1 << 64) if unsigned >= 1 << 63 else unsigned
                 yield signed, self._list_at(position)
+
+
+def _offset_count(prefix_bytes: int) -> int:
+    """One offset per possible prefix, and one past the last."""
+    return (1 << (8 * prefix_bytes)) + 1
+
+
+def _lists_at(count: int, prefix_bytes: int) -> int:
+    """Where the list numbers start, after the offsets (uint32) and the records."""
+    return 4 * _offset_count(prefix_bytes) + (8 - prefix_bytes) * count
 
 
 def _packed_size(count: int, list_bits: int) -> int:

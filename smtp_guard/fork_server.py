@@ -133,11 +133,16 @@ class ForkServer:
             ours.close()
             _serve(theirs)
         theirs.close()
+        exited: list[int] = []
 
         def poll() -> int | None:
-            reaped, status = os.waitpid(pid, os.WNOHANG)
-            return os.waitstatus_to_exitcode(status) if reaped else None
-        return cls(ours, _remember_exit(poll), pid, "forked from the supervisor")
+            """As ``Popen.poll``: the exit status once reaped, and again after (waitpid answers once)."""
+            if not exited:
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+                if reaped:
+                    exited.append(os.waitstatus_to_exitcode(status))
+            return exited[0] if exited else None
+        return cls(ours, poll, pid, "forked from the supervisor")
 
     @classmethod
     def start_fresh(cls, preload: Sequence[str]) -> "ForkServer":
@@ -264,30 +269,13 @@ class ForkServer:
         self.alive = False
         self._detach()
         self._sock.close()
-        deadline = time.monotonic() + CLOSE_TIMEOUT
+        deadline, killed = time.monotonic() + CLOSE_TIMEOUT, False
         while self._poll() is None:
-            if time.monotonic() > deadline:
+            if not killed and time.monotonic() > deadline:
                 log.warning("the fork server (pid %s) did not exit within %.0fs; killing it", self.pid, CLOSE_TIMEOUT)
                 os.kill(self.pid, signal.SIGKILL)
-                await asyncio.to_thread(_wait_for, self._poll)
-                return
+                killed = True
             await asyncio.sleep(0.02)
-
-
-def _remember_exit(poll: Callable[[], int | None]) -> Callable[[], int | None]:
-    """``poll`` answering again after the process is reaped (waitpid answers only once)."""
-    status: list[int] = []
-
-    def remembered() -> int | None:
-        if not status and (code := poll()) is not None:
-            status.append(code)
-        return status[0] if status else None
-    return remembered
-
-
-def _wait_for(poll: Callable[[], int | None]) -> None:
-    while poll() is None:
-        time.sleep(0.01)
 
 
 # --- the server process -------------------------------------------------------------------------
