@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import logging
 import os
 import signal
@@ -457,6 +458,16 @@ def _upstream_text(config: Config) -> str:
     return "the sandbox (captured, not delivered)" if up.mode == "sandbox" else f"{up.host}:{up.port} (tls {up.tls})"
 
 
+def _import_what_workers_import(config: Config) -> None:
+    """Import what each worker would otherwise import for itself as it starts, so that the
+    fork server's image has it and every worker shares one copy: 1.4 MiB per worker
+    (bench/README.md). A worker that imports anything else after its fork shows in
+    tests/test_workers.py."""
+    event_loop.loop_factory(config.smtp.event_loop)  # uvloop (a StartupError now if it is asked for and missing)
+    importlib.import_module("concurrent.futures.thread")  # asyncio's default executor (to_thread)
+    importlib.import_module("encodings.idna")  # host names, as listeners bind and upstreams connect
+
+
 def serve_forever(config: Config) -> None:
     """``smtp-guard serve``: run until SIGTERM, SIGINT or SIGHUP, then shut down gracefully."""
     return_large_blocks()  # the snapshot's arrays, once freed, go back to the system
@@ -469,6 +480,7 @@ def serve_forever(config: Config) -> None:
     if config.smtp.workers > 1:
         # Now, while this process runs no thread and no event loop: the workers are forked
         # from this copy of it and share what it has imported.
+        _import_what_workers_import(config)
         with naming_setting(f"[smtp] workers {config.smtp.workers} (fork server)", True, OSError):
             fork_server = ForkServer.fork_here()
         service = Supervisor(config, log_pseudonyms=log_pseudonyms, fork_server=fork_server)

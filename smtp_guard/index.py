@@ -22,6 +22,7 @@ import time
 from typing import Callable, Protocol, Sequence
 
 from .address_table import AddressTable
+from .malloc_tuning import give_back_free_memory
 from .periodic import Periodic
 from .suppression_model import DomainRule, SuppressionDelta, SuppressionSnapshot, SuppressionStore
 
@@ -148,6 +149,8 @@ class IndexReloader:
             self.index.replace(snapshot)
         else:
             snapshot = await self._load_shared(self._snapshots, at_least)
+        # What loading freed (the rows, the previous arrays or mapping) goes back to the system.
+        give_back_free_memory()
         log.info("suppression index loaded: %d addresses, %d domains in %.2fs",
                  len(snapshot.addresses), len(snapshot.domains), time.monotonic() - started)
         self.on_reload()

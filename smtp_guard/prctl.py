@@ -13,6 +13,8 @@ import ctypes
 import signal
 from typing import Any
 
+from .libc import libc_function
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PR_SET_NAME = 15
 MAX_NAME = 15  # bytes, the terminating NUL aside
@@ -29,8 +31,6 @@ def signal_when_parent_dies(signum: signal.Signals) -> None:
 
 
 def _prctl(option: int, argument: Any) -> None:
-    try:
-        prctl = ctypes.CDLL(None).prctl
-    except (OSError, AttributeError):
-        return
-    prctl(option, argument, 0, 0, 0)
+    prctl = libc_function("prctl")
+    if prctl is not None:
+        prctl(option, argument, 0, 0, 0)
