@@ -50,6 +50,7 @@ import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import child_process
+from .malloc_tuning import give_back_free_memory
 from .prctl import name_process, signal_when_parent_dies
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,11 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # Frozen before the fork, the objects this process has (the imported package) are out
         # of the collector's sight on both sides: collections here would otherwise write to
-        # every one of them and copy the pages this process shares with the workers.
+        # every one of them and copy the pages this process shares with the workers. What the
+        # imports left as garbage goes first, and the pages it freed go back to the system,
+        # not into the copy every worker starts from (1 MiB, bench/README.md).
+        gc.collect()
+        give_back_free_memory()
         gc.freeze()
         pid = os.fork()
         if pid == 0:
