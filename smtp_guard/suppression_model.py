@@ -132,6 +132,9 @@ class SuppressionStore(Protocol):
     async def count_by_list(self, now: float) -> dict[str, int]:
         """Live (unexpired) entries per list."""
 
+    async def next_expiry(self, now: float) -> float | None:
+        """When the first entry still live at ``now`` expires (None: none ever does)."""
+
     async def load_snapshot(self, list_priority: Sequence[str], now: float) -> SuppressionSnapshot:
         """Build the compact index from all unexpired entries. When an address is on several
         lists, the first list in ``list_priority`` wins."""

@@ -13,7 +13,7 @@ from smtp_guard import replies
 from smtp_guard.app import Guard
 from smtp_guard.suppression_model import SuppressionEntry
 
-from conftest import wait_until
+from conftest import ManualClock, wait_until
 from smtp_client import message, send
 
 SENDER = "news@shop.test"
@@ -139,3 +139,35 @@ async def test_health_and_readiness_through_shutdown(start_guard, sink):
         client.close()
     await stopping
     assert sink.delivered_to() == ["a@example.com"]
+
+
+async def test_list_sizes_are_counted_again_only_after_a_change_or_an_expiry(start_guard, monkeypatch):
+    # Counting scans the whole table (seconds at ten million entries): a count that cannot
+    # have changed is not made again.
+    clock = ManualClock(time.time())
+    guard = await start_guard(clock=clock)
+    suppressions = guard.backends.suppressions
+    scans: list[float] = []
+    count_by_list = suppressions.count_by_list
+
+    async def counted(now: float) -> dict[str, int]:
+        scans.append(now)
+        return await count_by_list(now)
+
+    monkeypatch.setattr(suppressions, "count_by_list", counted)
+
+    async def entries(list_name: str) -> float:
+        await guard.background.update_list_sizes()
+        return value(await scrape(guard), "smtp_guard_suppression_entries", list=list_name)
+
+    await suppressions.add([
+        SuppressionEntry("address", "soon@example.com", "bounced", created_at=clock.now, expires_at=clock.now + 60),
+        SuppressionEntry("address", "kept@example.com", "bounced", created_at=clock.now)])
+    assert await entries("bounced") == 2 and len(scans) == 1
+    assert await entries("bounced") == 2 and len(scans) == 1, "nothing changed: no scan"
+    clock.advance(61)  # an entry expired: nothing was logged, yet the count is not the same
+    assert await entries("bounced") == 1 and len(scans) == 2
+    clock.advance(3600)
+    assert await entries("bounced") == 1 and len(scans) == 2, "no entry left to expire: no scan"
+    await suppressions.remove("address", "kept@example.com", "bounced")
+    assert await entries("bounced") == 0 and len(scans) == 3, "an emptied list reads 0, not its last count"

@@ -173,6 +173,15 @@ async def test_count_by_list_counts_live_entries(store) -> None:
     assert await store.count_by_list(NOW) == {"bounced": 1, "complained": 1}
 
 
+async def test_next_expiry_is_that_of_the_first_entry_still_live(store) -> None:
+    assert await store.next_expiry(NOW) is None
+    await store.add([address("a@example.com", expires_at=NOW - 1), address("b@example.com"),
+                     address("c@example.com", expires_at=NOW + 20), domain("example.org", "complained", expires_at=NOW + 10)])
+    assert await store.next_expiry(NOW) == NOW + 10
+    assert await store.next_expiry(NOW + 10) == NOW + 20
+    assert await store.next_expiry(NOW + 20) is None
+
+
 # --- snapshot and change log ----------------------------------------------------------------------
 
 

@@ -180,6 +180,11 @@ class PostgresSuppressionStore:
             (now,))
         return {name: int(count) for name, count in rows}
 
+    async def next_expiry(self, now: float) -> float | None:
+        (first,) = await self._db.fetchone(
+            "SELECT MIN(expires_at) FROM suppressions WHERE expires_at > %s", (now,))  # suppressions_by_expiry
+        return first  # type: ignore[no-any-return]
+
     # --- reads for the running server -----------------------------------------------------------
 
     async def load_snapshot(self, list_priority: Sequence[str], now: float) -> SuppressionSnapshot:

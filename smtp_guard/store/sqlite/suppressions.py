@@ -206,6 +206,11 @@ class SQLiteSuppressionStore:
         except sqlite3.Error as error:
             raise store_error(error, "cannot count the suppression lists") from error
 
+    async def next_expiry(self, now: float) -> float | None:
+        (first,) = await self._db.fetchone(
+            "SELECT MIN(expires_at) FROM suppressions WHERE expires_at > ?", (now,))  # suppressions_by_expiry
+        return first  # type: ignore[no-any-return]
+
     # --- reads for the running server -----------------------------------------------------------
 
     async def load_snapshot(self, list_priority: Sequence[str], now: float) -> SuppressionSnapshot:
