@@ -53,7 +53,7 @@ from .services.context import AdminContext, StoreNotFound
 from .services.propagation import STALE_AFTER
 from .startup import StartupError, naming_setting
 from .store.base import StoreError
-from .workers import WorkerPool
+from .workers import WorkerPool, heartbeat, ready_to_beat
 
 if TYPE_CHECKING:
     from .admin.http import HTTPListener
@@ -375,19 +375,25 @@ def run_worker(number: int, ready: Connection, config: Config, paths: RunPaths) 
             # SIGTERM is on the way: stop as if it had come already.
             log.info("worker %d: the supervisor no longer waits for this start; stopping", number)
             os.kill(os.getpid(), signal.SIGTERM)
-        finally:
             ready.close()
+            return
+        if error is not None:
+            ready.close()
+            return
+        ready_to_beat(ready)  # the same pipe carries its heartbeats from now on
 
-    _run_until_signalled(worker, config, started, orphaned=_parent_gone(os.getppid()),
+    _run_until_signalled(worker, config, started, orphaned=_on_its_own(os.getppid(), ready),
                          stop_signals=(signal.SIGTERM,))
 
 
-def _parent_gone(parent: int) -> Callable[[], bool]:
-    """True once the worker's parent, the fork server, is gone. It ends its workers itself
-    when the supervisor goes (killed with SIGKILL, the supervisor could not), so this is the
-    fork server killed: the supervisor has already started replacements from a new one, and
-    a worker without either would keep the port and defer every message. It drains and exits."""
-    return lambda: os.getppid() != parent
+def _on_its_own(parent: int, ready: Connection) -> Callable[[], bool]:
+    """Called every ORPHAN_CHECK_INTERVAL once the worker is ready: its heartbeat to the
+    supervisor (``workers.heartbeat``); True once nobody supervises it any more, and it drains
+    and exits. Either its parent, the fork server, is gone (the supervisor has already started
+    replacements from a new one: a worker without either would keep the port and defer every
+    message), or the supervisor is (SIGKILLed while the fork server, stopped, could not end
+    the workers itself)."""
+    return lambda: os.getppid() != parent or ready.closed or not heartbeat(ready)
 
 
 class _Service(Protocol):

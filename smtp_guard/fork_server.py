@@ -25,9 +25,12 @@ by the request it was forked for, never by its pid alone (a reaped pid may be re
 * supervisor to server: ``("fork", request, pickled (function, args))`` with one file
   descriptor (SCM_RIGHTS), run as ``function(fd, *args)`` in the new process (a payload the
   server cannot load is a "failed" answer, not the server's end); ``("signal", request, (pid,
-  signum))``.
+  signum))``; ``("ping", request, None)``, which the supervisor sends every few seconds: a
+  server that does not answer it within REPLY_TIMEOUT (stopped or hung: its workers' exits
+  would go unreported) is killed and replaced.
 * server to supervisor: ``("forked", request, pid)``, ``("failed", request, reason)``,
-  ``("exited", request, exit status)`` (minus the signal's number if a signal ended it).
+  ``("exited", request, exit status)`` (minus the signal's number if a signal ended it),
+  ``("pong", request, None)``.
 """
 
 from __future__ import annotations
@@ -165,27 +168,40 @@ class ForkServer:
     async def fork(self, function: Callable[..., Any], args: tuple[Any, ...], fd: int) -> ForkedProcess:
         """Run ``function(fd, *args)`` in a new process forked by the server (``function`` and
         ``args`` are pickled: module-level names). ``fd`` stays open here."""
-        self._attach()
-        request = next(self._ids)
-        self._send(("fork", request, pickle.dumps((function, args))), [fd])
-        reply: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
-        self._requests[request] = reply  # before the answer can be read: not before this returns
-        try:
-            async with asyncio.timeout(REPLY_TIMEOUT):
-                kind, value = await asyncio.shield(reply)
-        except asyncio.CancelledError:
-            # The request is out: a process may yet be forked for a caller that is gone (a
-            # start cancelled by SIGTERM). It is told to stop as soon as its pid is known.
-            reply.add_done_callback(self._unwanted)
-            raise
-        except TimeoutError:
-            if not reply.done():  # the answer may have come in the same turn of the loop
-                self._give_up(f"it did not answer a fork within {REPLY_TIMEOUT:g}s")
-            kind, value = reply.result()  # ForkServerGone if given up
+        # A request cancelled once it is out (a start cancelled by SIGTERM) may yet fork a
+        # process for a caller that is gone: it is told to stop as soon as its pid is known.
+        kind, value = await self._ask("fork", pickle.dumps((function, args)), [fd], if_cancelled=self._unwanted)
         if kind == "failed":
             raise OSError(f"the fork server could not fork: {value}")
         process: ForkedProcess = value
         return process
+
+    async def ping(self) -> None:
+        """Ask the server for a sign of life. One that does not answer within REPLY_TIMEOUT
+        (stopped, or hung) is killed, and this raises ForkServerGone: without it, the workers'
+        exits would go unreported and their replacements unforked."""
+        await self._ask("ping", None)
+
+    async def _ask(self, kind: str, detail: Any, fds: Sequence[int] = (),
+                   if_cancelled: Callable[[asyncio.Future[tuple[str, Any]]], None] | None = None) -> tuple[str, Any]:
+        """Send a request; its answer, or ForkServerGone (the server is killed if it gives none
+        within REPLY_TIMEOUT)."""
+        self._attach()
+        request = next(self._ids)
+        self._send((kind, request, detail), fds)
+        reply: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
+        self._requests[request] = reply  # before the answer can be read: not before this returns
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                return await asyncio.shield(reply)
+        except asyncio.CancelledError:
+            if if_cancelled is not None:
+                reply.add_done_callback(if_cancelled)
+            raise
+        except TimeoutError:
+            if not reply.done():  # the answer may have come in the same turn of the loop
+                self._give_up(f"it did not answer a {kind} within {REPLY_TIMEOUT:g}s")
+            return reply.result()  # ForkServerGone if given up
 
     def signal(self, process: ForkedProcess, signum: int) -> None:
         if process.is_alive() and self.alive:  # else reaped, or lost with the server
@@ -347,7 +363,9 @@ class _Server:
             self._orphaned()
         kind, request, detail = pickle.loads(data)
         try:
-            if kind == "signal":
+            if kind == "ping":
+                self._send(("pong", request, None))
+            elif kind == "signal":
                 pid, signum = detail
                 # Only a child not reaped yet, forked for that request: a pid reaped since may
                 # already be another process's.

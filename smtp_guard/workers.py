@@ -30,6 +30,7 @@ margin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -50,6 +51,9 @@ STABLE_AFTER = 10.0
 MAX_BACKOFF = 30.0
 WATCH_INTERVAL = 0.2
 KILL_MARGIN = 5.0
+PING_INTERVAL = 5.0  # how often the fork server is asked for a sign of life
+HUNG_AFTER = 10.0  # a ready worker silent this long (no heartbeat) is stopped or hung: killed
+HEARTBEAT = b"."
 
 
 def _forked_main(ready_fd: int, target: Callable[..., Any], number: int, args: tuple[Any, ...]) -> None:
@@ -59,18 +63,51 @@ def _forked_main(ready_fd: int, target: Callable[..., Any], number: int, args: t
     target(number, Connection(ready_fd, readable=False), *args)
 
 
+def heartbeat(ready: Connection) -> bool:
+    """A ready worker's sign of life, written on its pipe at least every second: one silent for
+    HUNG_AFTER is killed. Call ``ready_to_beat`` after sending "ready". False once the
+    supervisor is gone (nobody reads the pipe any more), even while the fork server, stopped,
+    cannot say so."""
+    try:
+        os.write(ready.fileno(), HEARTBEAT)
+    except BlockingIOError:
+        pass  # the supervisor is not reading (stopped, or busy): gone it is not
+    except BrokenPipeError:
+        return False
+    return True
+
+
+def ready_to_beat(ready: Connection) -> None:
+    """After "ready": heartbeats never wait for a supervisor that does not read them."""
+    os.set_blocking(ready.fileno(), False)
+
+
 @dataclass
 class _Worker:
     number: int
     process: ForkedProcess
     ready: Connection
     ready_at: float | None = None  # when it said "ready"; None while it starts
+    heard_at: float = 0.0  # when its last heartbeat (or "ready") was read
     instance_id: str | None = None  # its change-sync row, from its "ready"
     failures: int = 0  # deaths in a row within STABLE_AFTER of becoming ready (or before it)
 
     @property
     def is_accepting(self) -> bool:
         return self.ready_at is not None and self.process.is_alive()
+
+    def is_silent(self, now: float) -> bool:
+        """Ready, and no heartbeat for HUNG_AFTER: stopped (SIGSTOP), or its event loop stuck."""
+        if self.ready_at is None:
+            return False
+        while self.ready.poll():  # what it wrote since the last look (or the end of the pipe)
+            try:
+                if not os.read(self.ready.fileno(), 4096):
+                    break  # exited: the fork server reports it
+            except OSError:
+                break
+            self.heard_at = now
+        return now - self.heard_at > HUNG_AFTER
 
 
 async def _nothing(pid: int, instance_id: str | None) -> None:
@@ -102,6 +139,7 @@ class WorkerPool:
         self._restarts: dict[int, asyncio.Task[None]] = {}
         self._accepting: int | None = None  # as last told to on_change
         self._watch: Periodic | None = None
+        self._ping: Periodic | None = None
         self._fork_server = fork_server
 
     def __repr__(self) -> str:
@@ -128,6 +166,8 @@ class WorkerPool:
         self._report_accepting()
         self._watch = Periodic("workers", WATCH_INTERVAL, self._check, "could not check the worker processes")
         self._watch.start()
+        self._ping = Periodic("fork-server", PING_INTERVAL, self._ping_fork_server, "could not ask the fork server")
+        self._ping.start()
 
     async def _spawn(self, number: int) -> _Worker:
         server = await self._server()
@@ -175,7 +215,7 @@ class WorkerPool:
                 except EOFError:  # exited before saying anything
                     return "failed", ""
                 if status == "ready":
-                    worker.ready_at = time.monotonic()
+                    worker.ready_at = worker.heard_at = time.monotonic()
                     worker.instance_id = str(message) or None
                 return str(status), str(message)
             await asyncio.sleep(0.02)
@@ -190,15 +230,31 @@ class WorkerPool:
             self.on_change(accepting)
 
     async def _check(self) -> None:
+        now = time.monotonic()
         for number, worker in list(self._workers.items()):
             if self._stopping:
                 return
-            if number in self._restarts or worker.process.is_alive():
+            if number in self._restarts:
+                continue
+            if worker.process.is_alive():
+                if worker.is_silent(now):
+                    log.error("worker %d (pid %s) has sent no heartbeat for %.0fs (stopped, or its event loop "
+                              "is stuck); killing it", number, worker.process.pid, now - worker.heard_at)
+                    worker.process.kill()  # its exit, once reported, starts it again
+                    worker.heard_at = now
                 continue
             task = asyncio.create_task(self._restart(worker), name=f"restart worker {number}")
             self._restarts[number] = task
             task.add_done_callback(functools.partial(self._restart_done, number))
         self._report_accepting()
+
+    async def _ping_fork_server(self) -> None:
+        """A fork server that stopped answering is killed (``ForkServer.ping``): its workers
+        then count as dead, the next check restarts them from a new one."""
+        server = self._fork_server
+        if server is not None and server.alive:
+            with contextlib.suppress(ForkServerGone):  # logged where it was found gone
+                await server.ping()
 
     def _restart_done(self, number: int, task: asyncio.Task[None]) -> None:
         if self._restarts.get(number) is task:
@@ -272,8 +328,9 @@ class WorkerPool:
     async def stop(self) -> None:
         """SIGTERM every worker, wait for the drain, SIGKILL what is left."""
         self._stopping = True
-        if self._watch is not None:
-            await self._watch.stop()
+        for loop in (self._watch, self._ping):
+            if loop is not None:
+                await loop.stop()
         restarts = list(self._restarts.values())
         for task in restarts:
             task.cancel()

@@ -14,6 +14,8 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from smtp_guard.workers import heartbeat, ready_to_beat
+
 
 def serve(number: int, ready: Connection, control: Path) -> None:
     """Say ("ready", "w<N>-<pid>"), then sleep until SIGTERM (default action: exit) or until
@@ -28,12 +30,13 @@ def serve(number: int, ready: Connection, control: Path) -> None:
     if delay.exists():
         time.sleep(float(delay.read_text()))
     ready.send(("ready", f"w{number}-{os.getpid()}"))
-    ready.close()
-    _sleep_while_parent_is(parent)
+    ready_to_beat(ready)
+    _sleep_while_parent_is(parent, ready)
 
 
-def _sleep_while_parent_is(parent: int) -> None:
-    while os.getppid() == parent:
+def _sleep_while_parent_is(parent: int, ready: Connection | None = None) -> None:
+    """With ``ready``: heartbeats meanwhile, as a ready worker's event loop sends them."""
+    while os.getppid() == parent and (ready is None or heartbeat(ready)):
         time.sleep(0.05)
 
 

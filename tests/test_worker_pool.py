@@ -173,3 +173,46 @@ async def test_a_restart_that_cannot_fork_backs_off_and_forgets_the_dead_worker_
     assert recorder.exits == [(victim, f"w1-{victim}")]  # forgotten once, not once per attempt
     assert "could not start worker 1: the fork server could not fork" in caplog.text
     assert "trying again in 1s" in caplog.text and "trying again in 2s" in caplog.text
+
+
+async def test_a_stopped_fork_server_is_killed_and_its_workers_started_again(
+        make_pool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Stopped, the server reports no exit: a worker that died meanwhile would stay dead, and
+    /readyz would count it. Its silence to a ping is what gives it away."""
+    from smtp_guard import fork_server
+
+    monkeypatch.setattr(workers, "PING_INTERVAL", 0.2)
+    monkeypatch.setattr(fork_server, "REPLY_TIMEOUT", 1.0)
+    caplog.set_level(logging.INFO, logger="smtp_guard")
+    recorder = Recorder()
+    pool = make_pool(2, recorder)
+    await pool.start()
+    old_workers = pool.pids()
+    old_server = parent_of(old_workers[0])
+    os.kill(old_server, signal.SIGSTOP)
+    os.kill(old_workers[0], signal.SIGKILL)  # a zombie its stopped parent does not report
+    await wait_until(lambda: len(pool.pids()) == 2 and not set(pool.pids()) & set(old_workers)
+                     and recorder.accepting[-1] == 2, timeout=20, what="both workers started again")
+    assert parent_of(pool.pids()[0]) != old_server
+    assert "it did not answer a ping within 1s; killed" in caplog.text
+    await wait_until(lambda: not process_running(old_workers[1]), timeout=10,
+                     what="the stopped server's other worker to stop")
+
+
+async def test_a_stopped_worker_is_killed_and_started_again(
+        make_pool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that stops sending heartbeats (SIGSTOP here; an event loop stuck in a lock
+    another stopped worker holds, in production) keeps its share of new connections and
+    answers none of them: it is killed and replaced."""
+    monkeypatch.setattr(workers, "HUNG_AFTER", 1.0)
+    caplog.set_level(logging.INFO, logger="smtp_guard.workers")
+    recorder = Recorder()
+    pool = make_pool(2, recorder)
+    await pool.start()
+    stopped, other = pool.pids()
+    os.kill(stopped, signal.SIGSTOP)
+    await wait_until(lambda: stopped not in pool.pids() and len(recorder.accepting) >= 3
+                     and recorder.accepting[-1] == 2, timeout=20, what="the stopped worker to be replaced")
+    assert other in pool.pids(), "the one sending heartbeats is left alone"
+    assert not process_running(stopped)
+    assert "worker 1 (pid %d) has sent no heartbeat for 1s" % stopped in caplog.text

@@ -353,6 +353,25 @@ async def test_workers_of_a_killed_supervisor_stop_and_free_the_port(supervised,
 
 
 
+async def test_workers_of_a_killed_supervisor_stop_even_while_their_fork_server_is_stopped(
+        supervised, sink: Sink) -> None:
+    """The fork server, stopped, cannot pass on the supervisor's end; the workers find it out
+    themselves (their heartbeat pipe has no reader any more) instead of serving on, deferring
+    every message, and sharing the port with the next supervisor."""
+    guard = await supervised()
+    pids, fork_server = guard.worker_pids(), guard.fork_server_pid()
+    assert guard.process is not None
+    os.kill(fork_server, signal.SIGSTOP)
+    try:
+        guard.process.kill()
+        guard.process.wait()
+        await wait_until(lambda: all(not process_running(pid) for pid in pids), timeout=20,
+                         what="the workers to exit on their own")
+    finally:
+        os.kill(fork_server, signal.SIGKILL)
+    shutil.rmtree(f"/dev/shm/smtp-guard.127.0.0.1-{guard.smtp_port}", ignore_errors=True)  # what it left
+
+
 async def test_a_second_supervisor_on_the_same_address_is_refused(supervised, tmp_path: Path) -> None:
     """SO_REUSEPORT would let it share the port, with rate limits and a breaker of its own."""
     guard = await supervised()
