@@ -18,6 +18,13 @@ stopped process) is terminated, killed if it does not exit, and counts as one mo
 Each worker number has at most one restart in flight, and restarts of different numbers run
 side by side: a worker in its backoff pause never delays another's restart.
 
+Hung processes are found by their silence. A ready worker writes a heartbeat on its pipe
+every second (``heartbeat``); one silent for HUNG_AFTER (stopped, or its event loop stuck) is
+killed and started again like a dead one. The fork server is pinged every PING_INTERVAL; one
+that does not answer (stopped: it would report no worker's death) is killed and replaced, and
+its workers count as dead. A worker whose heartbeat finds nobody reading (the supervisor was
+killed while its fork server could not pass that on) drains and exits.
+
 ``on_exit`` hears of every worker that is gone (its pid and change-sync row id), so the
 supervisor can drop what the dead process left behind; ``on_change`` hears the number of
 workers accepting connections (ready and alive) whenever it changes, for ``/readyz``.
