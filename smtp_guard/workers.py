@@ -41,6 +41,7 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -61,6 +62,10 @@ KILL_MARGIN = 5.0
 PING_INTERVAL = 5.0  # how often the fork server is asked for a sign of life
 HUNG_AFTER = 10.0  # a ready worker silent this long (no heartbeat) is stopped or hung: killed
 HEARTBEAT = b"."
+# A worker's shared files (metrics, rate counters, the index) are memory maps in the run
+# directory; a page the file system cannot give when first written is a SIGBUS, not an error.
+_SIGBUS_HINT = (" (SIGBUS: a file it maps could not grow; is the file system of its run directory, "
+                "/dev/shm by default, full? See df)")
 
 
 def _forked_main(ready_fd: int, target: Callable[..., Any], number: int, args: tuple[Any, ...]) -> None:
@@ -311,8 +316,9 @@ class WorkerPool:
         pause = _backoff(failures)
         how_long = "before it was ready" if lived is None else f"after {lived:.0f}s"
         status = "unknown (its fork server is gone)" if worker.process.exitcode is None else worker.process.exitcode
-        log.error("worker %d (pid %s) exited with status %s %s; starting it again%s", worker.number,
-                  worker.process.pid, status, how_long, f" in {pause:.0f}s" if pause else "")
+        log.error("worker %d (pid %s) exited with status %s %s; starting it again%s%s", worker.number,
+                  worker.process.pid, status, how_long, f" in {pause:.0f}s" if pause else "",
+                  _SIGBUS_HINT if worker.process.exitcode == -signal.SIGBUS else "")
         return failures, pause
 
     async def _forget(self, worker: _Worker) -> None:

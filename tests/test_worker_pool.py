@@ -216,3 +216,17 @@ async def test_a_stopped_worker_is_killed_and_started_again(
     assert other in pool.pids(), "the one sending heartbeats is left alone"
     assert not process_running(stopped)
     assert "worker 1 (pid %d) has sent no heartbeat for 1s" % stopped in caplog.text
+
+
+async def test_a_worker_ended_by_sigbus_is_logged_with_what_to_check(
+        make_pool, caplog: pytest.LogCaptureFixture) -> None:
+    """What a full /dev/shm does to a worker writing a new page of a mapped file."""
+    caplog.set_level(logging.INFO, logger="smtp_guard.workers")
+    recorder = Recorder()
+    pool = make_pool(1, recorder)
+    await pool.start()
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGBUS)
+    await wait_until(lambda: recorder.exits, timeout=10, what="the worker's death to be noticed")
+    assert f"worker 1 (pid {victim}) exited with status -7" in caplog.text
+    assert "SIGBUS: a file it maps could not grow; is the file system of its run directory" in caplog.text
