@@ -11,17 +11,20 @@ a lock on it for its whole life. That does two jobs:
 * **one supervisor per address.** Workers bind with SO_REUSEPORT, which would let a second
   guard started with the same ``listen`` share the port silently — each with its own rate-limit
   table, breaker and release worker, so every limit would double. The second start is refused,
-  naming the first one's pid;
+  naming the first one's pid. The same port written as another address (``localhost``,
+  ``0.0.0.0``) has another directory: a test bind of the port refuses it;
 * **nothing left behind.** A supervisor killed with SIGKILL cannot remove its directory (up to
   a whole suppression snapshot); the next start on that address finds it unlocked and empties it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -91,6 +94,11 @@ class RunDirectory:
                                "this address with workers; stop it first, or choose another address") from None
         self._lock = lock
         try:
+            _refuse_if_port_taken(self._listen)
+        except StartupError:
+            self.release()
+            raise
+        try:
             os.ftruncate(lock, 0)
             os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
             for leftover in root.iterdir():  # from a supervisor that was killed
@@ -120,3 +128,35 @@ class RunDirectory:
         shutil.rmtree(self.paths.root, ignore_errors=True)
         os.close(self._lock)
         self._lock = None
+
+
+def _refuse_if_port_taken(listen: ListenAddress) -> None:
+    """StartupError if something already listens where the workers would bind.
+
+    The lock covers a second guard with the same ``listen``; this covers the same port written
+    otherwise (``localhost`` for ``127.0.0.1``, ``0.0.0.0`` over any address), whose run
+    directory has another name. A socket bound without SO_REUSEPORT is refused wherever any
+    socket listens on an overlapping address and port; addresses that do not overlap (two
+    guards on two IP addresses of one host) stay possible. Two such starts within the same
+    moment can still both pass."""
+    if listen.port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(listen.host or None, listen.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise StartupError(f"[smtp] listen {listen}: {error.strerror}") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what asyncio's listeners set
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds it
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise StartupError(f"[smtp] listen {listen}: {error.strerror or error}") from None
+                raise StartupError(
+                    f"[smtp] listen {listen}: port {listen.port} is in use on {address[0]} already (another "
+                    "smtp-guard with workers, written as another address, or another server); stop it "
+                    "first, or choose another port") from None

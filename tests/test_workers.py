@@ -384,6 +384,23 @@ async def test_a_second_supervisor_on_the_same_address_is_refused(supervised, tm
     assert await guard.ready()  # the first one is untouched
 
 
+@pytest.mark.parametrize("spelling", ["localhost", "0.0.0.0"])
+async def test_a_second_supervisor_on_the_same_port_written_otherwise_is_refused(
+        supervised, tmp_path: Path, spelling: str) -> None:
+    """Its run directory has another name, so the lock does not see it; the port does."""
+    guard = await supervised()
+    second_config = tmp_path / "second.toml"
+    second_config.write_text(guard.config_file.read_text()
+                             .replace(f'"127.0.0.1:{guard.smtp_port}"', f'"{spelling}:{guard.smtp_port}"')
+                             .replace(f'"127.0.0.1:{guard.metrics_port}"', '"127.0.0.1:0"'))
+    second = subprocess.run([sys.executable, "-m", "smtp_guard", "serve", "--config", str(second_config)],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert second.returncode == 1, second.stderr
+    assert f"[smtp] listen {spelling}:{guard.smtp_port}: port {guard.smtp_port} is in use on" in second.stderr
+    assert not Path(f"/dev/shm/smtp-guard.{spelling}-{guard.smtp_port}").exists()  # its own, removed
+    assert await guard.ready()  # the first one is untouched
+
+
 async def test_a_killed_supervisor_leaves_its_run_directory_to_the_next_start(supervised) -> None:
     guard = await supervised()
     assert guard.process is not None
