@@ -35,6 +35,7 @@ from .startup import StartupError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
 LOCK_NAME = "supervisor.lock"
+CLAIM_ATTEMPTS = 3  # a directory removed under a start that is claiming it is claimed again
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,28 @@ class RunDirectory:
         """Take the directory for this supervisor, empty, or raise StartupError."""
         root = self.paths.root
         setting = f"[smtp] listen {self._listen} (run directory {root})"
-        try:
-            root.mkdir(mode=0o700, exist_ok=True)
-            self._check_private(root, setting)
-            lock = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except OSError as error:
-            raise StartupError(f"{setting}: {error.strerror or error}") from error
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(lock, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        for _ in range(CLAIM_ATTEMPTS):
+            try:
+                root.mkdir(mode=0o700, exist_ok=True)
+                self._check_private(root, setting)
+                lock = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            except OSError as error:
+                raise StartupError(f"{setting}: {error.strerror or error}") from error
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = os.pread(lock, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(lock)
+                raise StartupError(f"[smtp] listen {self._listen}: another smtp-guard (pid {other}) already "
+                                   "serves this address with workers; stop it first, or choose another "
+                                   "address") from None
+            if _is_linked_at(lock, root / LOCK_NAME):
+                break
+            # The supervisor that held it removed the directory between this open and this lock
+            # (``release``): a lock on the removed file would exclude nobody. Once more.
             os.close(lock)
-            raise StartupError(f"[smtp] listen {self._listen}: another smtp-guard (pid {other}) already serves "
-                               "this address with workers; stop it first, or choose another address") from None
+        else:
+            raise StartupError(f"{setting}: removed again and again while this start claimed it; try again")
         self._lock = lock
         try:
             _refuse_if_port_taken(self._listen)
@@ -128,6 +138,15 @@ class RunDirectory:
         shutil.rmtree(self.paths.root, ignore_errors=True)
         os.close(self._lock)
         self._lock = None
+
+
+def _is_linked_at(descriptor: int, path: Path) -> bool:
+    """Whether the open file is (still) the one at ``path``."""
+    try:
+        here, there = os.fstat(descriptor), os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _refuse_if_port_taken(listen: ListenAddress) -> None:
