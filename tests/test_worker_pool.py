@@ -124,17 +124,23 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+async def two_workers(make_pool) -> tuple[WorkerPool, Recorder, list[int], int]:  # type: ignore[no-untyped-def]
+    """A started pool of two workers, their pids and their fork server's."""
+    recorder = Recorder()
+    pool = make_pool(2, recorder)
+    await pool.start()
+    pids = pool.pids()
+    server = parent_of(pids[0])
+    assert parent_of(pids[1]) == server
+    return pool, recorder, pids, server
+
+
 async def test_a_killed_fork_server_is_replaced_and_its_workers_started_again(
         make_pool, caplog: pytest.LogCaptureFixture) -> None:
     """Its workers see their parent go and stop (as app.run_worker drains); the pool counts them
     as dead, with no exit status to give, and forks new ones from a new server."""
     caplog.set_level(logging.INFO, logger="smtp_guard")
-    recorder = Recorder()
-    pool = make_pool(2, recorder)
-    await pool.start()
-    old_workers = pool.pids()
-    old_server = parent_of(old_workers[0])
-    assert parent_of(old_workers[1]) == old_server
+    pool, recorder, old_workers, old_server = await two_workers(make_pool)
     os.kill(old_server, signal.SIGKILL)
     await wait_until(lambda: len(recorder.accepting) >= 3 and recorder.accepting[-1] == 2, timeout=20,
                      what="both workers to be started again")
@@ -184,11 +190,7 @@ async def test_a_stopped_fork_server_is_killed_and_its_workers_started_again(
     monkeypatch.setattr(workers, "PING_INTERVAL", 0.2)
     monkeypatch.setattr(fork_server, "REPLY_TIMEOUT", 1.0)
     caplog.set_level(logging.INFO, logger="smtp_guard")
-    recorder = Recorder()
-    pool = make_pool(2, recorder)
-    await pool.start()
-    old_workers = pool.pids()
-    old_server = parent_of(old_workers[0])
+    pool, recorder, old_workers, old_server = await two_workers(make_pool)
     os.kill(old_server, signal.SIGSTOP)
     os.kill(old_workers[0], signal.SIGKILL)  # a zombie its stopped parent does not report
     await wait_until(lambda: len(pool.pids()) == 2 and not set(pool.pids()) & set(old_workers)
