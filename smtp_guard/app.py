@@ -467,8 +467,7 @@ def _upstream_text(config: Config) -> str:
 def _import_what_workers_import(config: Config) -> None:
     """Import what each worker would otherwise import for itself as it starts, so that the
     fork server's image has it and every worker shares one copy: 1.4 MiB per worker
-    (bench/README.md). A worker that imports anything else after its fork shows in
-    tests/test_workers.py."""
+    (bench/README.md; tests/test_workers.py checks that the fork server has the event loop)."""
     event_loop.loop_factory(config.smtp.event_loop)  # uvloop (a StartupError now if it is asked for and missing)
     importlib.import_module("concurrent.futures.thread")  # asyncio's default executor (to_thread)
     importlib.import_module("encodings.idna")  # host names, as listeners bind and upstreams connect
