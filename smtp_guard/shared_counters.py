@@ -38,7 +38,10 @@ its time, or a moved bucket present twice): counts slightly off, never a broken 
 alternatives are worse: ``multiprocessing.Lock`` (a semaphore) is passed only by inheritance
 and stays taken when its holder is killed; ``fcntl.lockf`` record locks cost ~40 % more and
 are dropped when the process closes any descriptor of the file; a spin lock in the mapping
-needs atomic instructions the standard library does not have.
+needs atomic instructions the standard library does not have. The server's ``settle`` never blocks its event loop on the lock: a few tries, then polls, and
+after LOCK_WAIT (2 s) the recipient is deferred with 451 4.3.5. A worker stopped while holding
+the lock would otherwise have frozen every other worker's loop until it went on; the supervisor
+kills a worker whose heartbeat stops (``workers.py``), and the kernel drops its lock.
 
 **Capacity**: an idle bucket that is full again is the same as no bucket, and its slot is
 reused. A new key takes a free slot — or one met on its probe chain whose bucket is full
@@ -58,15 +61,18 @@ takes 2 x capacity / 256 refusals, and ends with an exact bound).
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import mmap
 import os
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
 from .addresses import key_hash
-from .counters import Bucket, CountersFull, Request, Settlement, Take, reserve_from, settle_on, take_from
+from .counters import (Bucket, CountersFull, CountersUnavailable, Request, Settlement, Take, reserve_from, settle_on,
+                       take_from)
 
 _MAGIC = int.from_bytes(b"SGRATE01", "little")  # read back in native order: also an endianness check
 _VERSION = 1
@@ -85,6 +91,9 @@ _HIGH_WATER = 7 / 8  # above this share of the capacity, each new key moves the 
 _STEP = 16  # ... over this many slots: 2 x capacity slots swept while the last eighth fills
 _FULL_SCAN = 256  # slots the hand may look at for a new key when the table is full (~50 µs)
 _HASH_CACHE = 4096  # key hashes remembered per process (blake2b would add ~0.7 µs per key)
+LOCK_SPINS = 100  # tries for the lock, each after yielding the CPU, before polling it from the loop
+LOCK_POLL = 0.001  # seconds between tries from then on
+LOCK_WAIT = 2.0  # seconds a request waits for a lock held that long (its holder stopped): then 451
 
 
 class SharedCounters:
@@ -162,8 +171,8 @@ class SharedCounters:
             raise
 
     async def settle(self, request: Request, now: float) -> Settlement:
-        # Never suspends: the flock is held for the whole request and never across an await.
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        # The flock is held for the whole request and never across an await.
+        await self._lock()
         try:
             self._table.begin(now)
             try:
@@ -172,6 +181,34 @@ class SharedCounters:
                 self._table.end()
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    async def _lock(self) -> None:
+        """Take the lock without blocking the event loop behind a holder that stopped.
+
+        A holder keeps it for microseconds: a few tries, yielding the CPU in between, take it
+        at once. Past them it is polled from the event loop, whose sessions and heartbeat go
+        on; after LOCK_WAIT the request fails (``CountersUnavailable``: 451 4.3.5). A worker
+        stopped (SIGSTOP) or stuck while holding it is killed by the supervisor for its silent
+        heartbeat, and the kernel drops its lock. A blocking flock here had frozen every
+        worker behind it instead."""
+        for _ in range(LOCK_SPINS):
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                os.sched_yield()
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            await asyncio.sleep(LOCK_POLL)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise CountersUnavailable(
+                        f"rate counters {self.path}: the table's lock was held for over {LOCK_WAIT:g}s "
+                        "(a worker stopped or stuck while holding it is killed when its heartbeat stops)"
+                    ) from None
 
     async def probe(self) -> str | None:
         return None

@@ -176,6 +176,39 @@ def test_a_worker_killed_holding_the_lock_does_not_block_the_others(table: Share
     assert table.take("k", 1.0, 1.0, T0)
 
 
+async def test_settle_waits_for_the_lock_without_blocking_the_loop_and_gives_up_after_a_while(
+        table: SharedCounters, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker stopped while holding the lock (SIGSTOP) must not freeze the others' event loops:
+    their sessions and heartbeats go on, and the request is deferred (451) after LOCK_WAIT."""
+    import asyncio
+
+    from smtp_guard import shared_counters
+    from smtp_guard.counters import CountersUnavailable, Request
+
+    monkeypatch.setattr(shared_counters, "LOCK_WAIT", 0.3)
+    request = Request(take_all=(Take("k", 1.0, 5.0),))
+    holder = os.open(path, os.O_RDWR)  # another open file description: another process's lock
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(CountersUnavailable, match="lock was held for over 0.3s"):
+            await table.settle(request, T0)
+        assert ticks >= 10, "the event loop ran while the request waited"
+        asyncio.get_running_loop().call_later(0.05, fcntl.flock, holder, fcntl.LOCK_UN)  # a short hold
+        assert (await table.settle(request, T0)).short is None
+    finally:
+        ticker.cancel()
+        os.close(holder)
+
+
 # --- capacity ------------------------------------------------------------------------------------
 
 def test_a_full_table_refuses_new_keys_and_takes_nothing(table: SharedCounters) -> None:
