@@ -38,10 +38,11 @@ its time, or a moved bucket present twice): counts slightly off, never a broken 
 alternatives are worse: ``multiprocessing.Lock`` (a semaphore) is passed only by inheritance
 and stays taken when its holder is killed; ``fcntl.lockf`` record locks cost ~40 % more and
 are dropped when the process closes any descriptor of the file; a spin lock in the mapping
-needs atomic instructions the standard library does not have. The server's ``settle`` never blocks its event loop on the lock: a few tries, then polls, and
-after LOCK_WAIT (2 s) the recipient is deferred with 451 4.3.5. A worker stopped while holding
-the lock would otherwise have frozen every other worker's loop until it went on; the supervisor
-kills a worker whose heartbeat stops (``workers.py``), and the kernel drops its lock.
+needs atomic instructions the standard library does not have. The server's ``settle`` never
+blocks its event loop on the lock: a few tries, then polls, and after LOCK_WAIT (2 s) the
+recipient is deferred with 451 4.3.5. A worker stopped while holding the lock would otherwise
+have frozen every other worker's loop until it went on; the supervisor kills a worker whose
+heartbeat stops (``workers.py``), and the kernel drops its lock.
 
 **Capacity**: an idle bucket that is full again is the same as no bucket, and its slot is
 reused. A new key takes a free slot — or one met on its probe chain whose bucket is full
