@@ -166,7 +166,11 @@ def _refuse_if_port_taken(listen: ListenAddress) -> None:
     except socket.gaierror as error:
         raise StartupError(f"[smtp] listen {listen}: {error.strerror}") from None
     for family, kind, protocol, _, address in addresses:
-        with socket.socket(family, kind, protocol) as probe:
+        try:
+            probe = socket.socket(family, kind, protocol)
+        except OSError:
+            continue  # a family this host lacks (no IPv6): asyncio skips it when binding too
+        with probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what asyncio's listeners set
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds it
