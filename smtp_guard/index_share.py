@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import logging
 import os
 import time
@@ -37,6 +36,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Sequence
 
+from .file_lock import lock_polled
 from .index_file import SnapshotFileError, SnapshotHeader, map_snapshot, read_header, write_snapshot
 from .store.base import StoreError, StoreFull
 from .suppression_model import SuppressionSnapshot, SuppressionStore
@@ -93,16 +93,7 @@ class SharedSnapshots:
             self._prepare_directory()
             descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                delay = _LOCK_POLL_FIRST
-                while True:
-                    try:
-                        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        # Non-blocking and polled: a thread blocked in flock would keep the lock
-                        # it finally gets after this task was cancelled.
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, _LOCK_POLL_MAX)
+                await lock_polled(descriptor, _LOCK_POLL_FIRST, _LOCK_POLL_MAX)
                 yield
             finally:
                 os.close(descriptor)  # releases the lock

@@ -20,7 +20,6 @@ a lock on it for its whole life. That does two jobs:
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ListenAddress
+from .file_lock import try_lock
 from .startup import StartupError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
@@ -87,14 +87,11 @@ class RunDirectory:
                 lock = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             except OSError as error:
                 raise StartupError(f"{setting}: {error.strerror or error}") from error
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not try_lock(lock):
                 other = os.pread(lock, 32, 0).decode("ascii", "replace").strip() or "unknown"
                 os.close(lock)
                 raise StartupError(f"[smtp] listen {self._listen}: another smtp-guard (pid {other}) already "
-                                   "serves this address with workers; stop it first, or choose another "
-                                   "address") from None
+                                   "serves this address with workers; stop it first, or choose another address")
             if _is_linked_at(lock, root / LOCK_NAME):
                 break
             # The supervisor that held it removed the directory between this open and this lock

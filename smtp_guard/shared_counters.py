@@ -62,11 +62,9 @@ takes 2 x capacity / 256 refusals, and ends with an exact bound).
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import mmap
 import os
-import time
 import weakref
 from pathlib import Path
 from typing import Any, Sequence
@@ -74,6 +72,7 @@ from typing import Any, Sequence
 from .addresses import key_hash
 from .counters import (Bucket, CountersFull, CountersUnavailable, Request, Settlement, Take, reserve_from, settle_on,
                        take_from)
+from .file_lock import lock_polled, try_lock
 
 _MAGIC = int.from_bytes(b"SGRATE01", "little")  # read back in native order: also an endianness check
 _VERSION = 1
@@ -193,23 +192,13 @@ class SharedCounters:
         heartbeat, and the kernel drops its lock. A blocking flock here had frozen every
         worker behind it instead."""
         for _ in range(LOCK_SPINS):
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if try_lock(self._fd):
                 return
-            except BlockingIOError:
-                os.sched_yield()
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            await asyncio.sleep(LOCK_POLL)
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise CountersUnavailable(
-                        f"rate counters {self.path}: the table's lock was held for over {LOCK_WAIT:g}s "
-                        "(a worker stopped or stuck while holding it is killed when its heartbeat stops)"
-                    ) from None
+            os.sched_yield()
+        if not await lock_polled(self._fd, LOCK_POLL, LOCK_POLL, LOCK_WAIT):
+            raise CountersUnavailable(
+                f"rate counters {self.path}: the table's lock was held for over {LOCK_WAIT:g}s "
+                "(a worker stopped or stuck while holding it is killed when its heartbeat stops)")
 
     async def probe(self) -> str | None:
         return None

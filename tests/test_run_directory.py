@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smtp_guard import run_directory
+from smtp_guard import file_lock
 from smtp_guard.config import ListenAddress
 from smtp_guard.run_directory import LOCK_NAME, RunDirectory
 from smtp_guard.startup import StartupError
@@ -34,7 +34,7 @@ def test_a_claim_whose_directory_is_removed_under_it_claims_the_new_one(tmp_path
             first.release()
         real_flock(descriptor, operation)
 
-    monkeypatch.setattr(run_directory.fcntl, "flock", flock)
+    monkeypatch.setattr(file_lock.fcntl, "flock", flock)
     second = RunDirectory(listen, tmp_path)
     paths = second.claim()
     assert released and paths.root.is_dir()
