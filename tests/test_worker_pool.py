@@ -71,8 +71,11 @@ async def test_a_replacement_that_hangs_at_start_is_killed_and_started_again(
     pool = make_pool(1, recorder, start_timeout=1.0)
     await pool.start()
     (tmp_path / "hang-1").touch()
-    os.kill(pool.pids()[0], signal.SIGKILL)
-    await wait_until(lambda: not (tmp_path / "hang-1").exists(), timeout=10, what="the replacement to hang")
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    # the replacement removes the file as it starts, which can be before the pool has its pid
+    await wait_until(lambda: not (tmp_path / "hang-1").exists() and pool.pids() not in ([], [victim]),
+                     timeout=10, what="the replacement to hang")
     hung = pool.pids()[0]
     await wait_until(lambda: recorder.accepting[-1:] == [1] and len(recorder.accepting) == 3, timeout=10,
                      what="a second replacement to start")
@@ -93,10 +96,13 @@ async def test_restarts_of_two_workers_run_side_by_side_and_stop_cancels_them(
     await pool.start()
     (tmp_path / "hang-1").touch()  # worker 1's replacement will hang for the whole start timeout
     killed_at = time.monotonic()
-    for pid in pool.pids():
+    killed = pool.pids()
+    for pid in killed:
         os.kill(pid, signal.SIGKILL)
     await wait_until(lambda: recorder.accepting[-1:] == [1], timeout=10, what="worker 2 to be ready again")
     assert time.monotonic() - killed_at < 10  # not behind worker 1's 30 s start
+    await wait_until(lambda: not (tmp_path / "hang-1").exists() and len(pool.pids()) == 2
+                     and pool.pids()[0] not in killed, timeout=10, what="worker 1's replacement to hang")
     hung = pool.pids()[0]
     assert process_running(hung)
     started = time.monotonic()
