@@ -14,7 +14,10 @@ common upstream) and, in front of it:
   queue fsync, relayed afterwards), with the same ``check_recipient_access`` map;
 * **guard-w1** — ``smtp-guard serve`` with the shipped defaults plus ``[upstream] mode = "smtp"``
   to the sink and ``[breaker] enabled = false``, the same list bulk-loaded into its store;
-* **guard-w2** — the same with ``[smtp] workers = 2`` (a supervisor and two workers).
+* **guard-w2** — the same with ``[smtp] workers = 2`` (a supervisor and two workers);
+* **lib-floor** — ``library_floor.py``: aiosmtpd and aiosmtplib alone, relaying lock-step on
+  uvloop with no policy (and no suppression list): what the guard's libraries cost before the
+  guard does anything (``--no-floor`` to skip it).
 
 Loads, each 20 sessions and --messages messages of --size bytes: ``1rcpt-new`` (smtp-source,
 one connection per message), ``10rcpt`` (smtp-source -r 10), ``1rcpt-kept`` (smtp-source -d:
@@ -52,11 +55,13 @@ from pathlib import Path
 
 from checkout import code_version, cpu_model  # also puts this checkout first on sys.path
 from peers import POSTFIX, RECIPIENT, SENDER, SMTP_SINK, SMTP_SOURCE, GuardProcess, PostfixInstance, SinkDump, \
-    preload_suppressions, require, stop_all, stop_process, tree_cpu_seconds, tree_memory_kib, wait_for
+    free_port, preload_suppressions, require, stop_all, stop_process, tree_cpu_seconds, tree_memory_kib, wait_for
 
 LOAD_CLIENT = Path(__file__).resolve().parent / "smtp_load.py"
+FLOOR_RELAY = Path(__file__).resolve().parent / "library_floor.py"
 SESSIONS = 20
 SUPPRESSED_DOMAIN = "suppressed.bench.test"  # the addresses preload_suppressions writes
+UNFILTERED = ("direct", "lib-floor")  # the systems without the suppression list
 LOADS = {  # name: (recipients per message, smtp-source extra flags or None for the pipelining client)
     "1rcpt-new": (1, []),
     "10rcpt": (10, []),
@@ -301,6 +306,21 @@ def postfix_instances(binary: str, workdir: Path, sink_port: int, table: Path) -
     }
 
 
+class FloorRelay:
+    """``library_floor.py`` on a loopback port, relaying to the sink."""
+
+    def __init__(self, sink_port: int) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, str(FLOOR_RELAY), "--port", str(self.port),
+                                         "--upstream-port", str(sink_port)],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, env=python_env())
+        if self.process.stdout is None or self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"{FLOOR_RELAY.name} did not start (exit status {self.process.poll()})")
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
 def guard_settings(workers: int | None) -> dict[str, dict[str, object]]:
     settings: dict[str, dict[str, object]] = {"breaker": {"enabled": False}}
     if workers is not None:
@@ -314,7 +334,7 @@ def check_semantics(system: System, sink: SinkDump, suppressions: int) -> None:
     (allowing the sink 0.2 s to write its dump)."""
     with smtplib.SMTP("127.0.0.1", system.port, local_hostname="check.bench.test", timeout=30) as client:
         client.ehlo()
-        if suppressions and system.name != "direct":
+        if suppressions and system.name not in UNFILTERED:
             client.mail(SENDER)
             code, reply = client.rcpt(f"user00000000@{SUPPRESSED_DOMAIN}")
             if code // 100 != 5:
@@ -397,6 +417,8 @@ def report(args, table: dict, extra: dict, runs: list[Measurement]) -> str:
         "daemons), per message incl. probe messages. RSS/PSS: peak of the tree's summed smaps_rollup,",
         "sampled every 0.25 s. Latency: MAIL written -> reply to the final '.' read; pipelining load:",
         f"every transaction; smtp-source loads: a lock-step probe session, 1 message / {args.probe_interval:g} s.",
+        "lib-floor: aiosmtpd and aiosmtplib alone (bench/library_floor.py), no policy and no list: the",
+        "guard's CPU minus lib-floor's is what the guard's own work costs per message.",
     ]
     failed = [r for r in runs if r.errors]
     if failed:
@@ -430,6 +452,8 @@ def main() -> int:
     parser.add_argument("--half-load-rate", type=float, metavar="MSG_PER_S",
                         help="the half-load run's rate instead of half guard-w1's 1rcpt-kept msg/s (to compare "
                              "latency across runs and code versions at one rate)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="do not run lib-floor (aiosmtpd and aiosmtplib alone, bench/library_floor.py)")
     parser.add_argument("--json", metavar="FILE", help="also write every measurement and the medians as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = parser.parse_args()
@@ -481,6 +505,10 @@ def main() -> int:
             started.append(guard)
             guard.start()
             systems.append(System(name, guard.port, guard.process.pid))
+        if args.floor:
+            floor = FloorRelay(sink.port)
+            started.append(floor)
+            systems.append(System("lib-floor", floor.port, floor.process.pid))
         print(f"temp dir {workdir}; " + ", ".join(f"{s.name} :{s.port}" for s in systems), file=sys.stderr)
 
         for system in systems:
