@@ -18,6 +18,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import AsyncIterator, Sequence
@@ -338,3 +339,29 @@ async def test_a_cancellation_sweep_that_failed_is_retried_at_the_next_sync(tmp_
         assert (await holds.stream_counts("s")) == {"held": 1}
         await sync.sync()
         assert (await holds.stream_counts("s")) == {"discarded": 1}
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 8])
+def test_an_open_cancelled_part_way_leaves_no_thread_to_die_after_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """A stop signal during start-up cancels the store's open at any point (``steps`` turns
+    of the loop in: while connecting, setting pragmas, migrating). aiosqlite's thread finishes
+    the step it runs regardless; the open waits for it and closes what it opened, so the thread
+    neither outlives the event loop nor dies on it ("Event loop is closed" on stderr)."""
+    died: list[BaseException | None] = []
+    monkeypatch.setattr("threading.excepthook", lambda args: died.append(args.exc_value))
+
+    async def cancel_open() -> None:
+        database = Database(tmp_path / f"guard-{steps}.sqlite3")
+        opening = asyncio.create_task(database.open())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        assert database._connection is None
+
+    asyncio.run(cancel_open())  # a loop of its own, closed when this returns
+    time.sleep(0.2)
+    assert died == []
+    assert not [t for t in threading.enumerate() if "_connection_worker_thread" in t.name]

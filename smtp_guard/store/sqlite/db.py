@@ -347,6 +347,20 @@ class Database:
                     raise store_error(error) from error
 
     async def open(self) -> "Database":
+        """Connect, set the pragmas and migrate. Cancelled part way (a stop signal during
+        start-up), it still waits for the step aiosqlite's thread is running and closes what it
+        opened: that thread finishes its step whatever the caller does, and if the event loop
+        has closed by then it dies with "Event loop is closed" on stderr."""
+        opening = asyncio.ensure_future(self._open())
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            await asyncio.wait({opening})
+            if not opening.cancelled() and opening.exception() is None:
+                await self.close()
+            raise
+
+    async def _open(self) -> "Database":
         try:
             prepare_files(self.path)
             self._connection = await aiosqlite.connect(self.path, isolation_level=None)
@@ -355,6 +369,9 @@ class Database:
         except (sqlite3.Error, OSError) as error:
             await self.close()
             raise store_error(error, f"cannot open the store at {self.path}") from error
+        except BaseException:  # a store too new for this version, say: nobody would close it
+            await self.close()
+            raise
         return self
 
     async def _set_up(self) -> None:
