@@ -298,3 +298,20 @@ async def test_invalid_utf8_is_a_bad_row_not_a_failed_file(ctx, tmp_path) -> Non
     result, bad = await run_import(ctx, path, list_name="manual")
     assert (result.new, result.bad) == (1, 1)
     assert bad[0].startswith(f"{path}:2: ")
+
+
+async def test_a_small_import_is_logged_entry_by_entry_and_a_large_one_as_one_reload(ctx, tmp_path, monkeypatch) -> None:
+    """A running server applies a small import to its index in place; only a large one makes it
+    reload the whole index."""
+    monkeypatch.setattr(importers, "INCREMENTAL_MAX", 3)
+    lists = list(ctx.config.lists)
+    start = await ctx.suppressions.current_seq()
+    await run_import(ctx, write(tmp_path, "few.csv", "a@example.com\nb@example.com\n@example.org\n"),
+                     list_name="bounced")
+    small = await ctx.suppressions.changes_since(start, lists, NOW)
+    assert not small.full_reload
+    assert sorted(small.addresses.values()) == ["bounced", "bounced"] and list(small.domains) == ["example.org"]
+    await run_import(ctx, write(tmp_path, "many.csv", "".join(f"user{i}@example.com\n" for i in range(4))),
+                     list_name="bounced")
+    large = await ctx.suppressions.changes_since(small.seq, lists, NOW)
+    assert large.full_reload and large.seq == small.seq + 1  # one marker for the four
