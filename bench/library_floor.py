@@ -40,8 +40,10 @@ class FloorHandler:
         return responses[:-1] + ["250-PIPELINING", responses[-1]]
 
     async def _session(self) -> aiosmtplib.SMTP:
-        if self.idle:
-            return self.idle.pop()
+        while self.idle:
+            client = self.idle.pop()
+            if client.is_connected:  # the upstream may have closed it while idle
+                return client
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.upstream_port, timeout=60, start_tls=False,
                                  local_hostname="floor.bench.test")
         await client.connect()
