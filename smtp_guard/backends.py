@@ -98,7 +98,8 @@ def make_private_directory(directory: Path) -> None:
     """The guard's local directory beside a PostgreSQL store (erasure key, sandbox, uploads),
     created 0700 at start as a SQLite store's directory is: it holds a secret and addresses."""
     if not directory.is_dir():
-        directory.mkdir(parents=True, mode=0o700)
+        # exist_ok: two instances starting together on one directory both get here
+        directory.mkdir(parents=True, mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
+from smtp_guard.backends import make_private_directory
 from smtp_guard.startup import StartupError
 from smtp_guard.erasure.keys import ErasureKeyError, create_key_ring
 
@@ -366,12 +367,43 @@ def test_the_data_directory_is_the_one_directory_created_for_the_key_file(tmp_pa
     assert not (tmp_path / "other").exists()
 
 
-def test_guards_creating_the_key_at_once_on_one_directory_end_up_with_one_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("directory_exists", [True, False])
+def test_guards_creating_the_key_at_once_on_one_directory_end_up_with_one_key(tmp_path: Path,
+                                                                              directory_exists: bool) -> None:
     """Two instances started together on a shared directory: the first key file written wins,
-    the others load it (an earlier fixed temporary name made the second start fail)."""
+    the others load it (an earlier fixed temporary name made the second start fail). Neither
+    fails when the data directory is still to be made (the second's mkdir found the first's)."""
     path = tmp_path / "data" / "erasure.key"
-    path.parent.mkdir(mode=0o700)
+    if directory_exists:
+        path.parent.mkdir(mode=0o700)
     with ThreadPoolExecutor(8) as pool:
         rings = list(pool.map(lambda _: create_key_ring(path, path.parent), range(16)))
     assert len({ring.primary.id for ring in rings}) == 1
     assert [p.name for p in path.parent.iterdir()] == ["erasure.key"]  # no temporary left behind
+
+
+def test_a_data_directory_another_guard_made_after_the_check_is_used(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window between "is it there?" and mkdir, made certain: two instances starting
+    together on a new directory, the other one's mkdir first. Neither start may fail on it
+    (it did, "[Errno 17] File exists", for an instance beside a PostgreSQL store)."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    real_is_dir = Path.is_dir
+
+    def not_there_when_checked() -> None:
+        asked: list[Path] = []
+
+        def is_dir(path: Path) -> bool:
+            if path == data and not asked:  # the check; mkdir's own look afterwards is real
+                asked.append(path)
+                return False
+            return real_is_dir(path)
+        monkeypatch.setattr(Path, "is_dir", is_dir)
+
+    not_there_when_checked()
+    make_private_directory(data)
+    not_there_when_checked()
+    ring = create_key_ring(data / "erasure.key", data_dir=data)
+    monkeypatch.undo()
+    assert ring.path.is_file() and data.stat().st_mode & 0o777 == 0o700
