@@ -119,6 +119,9 @@ UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Upstream mail server unavailable, tr
 UPSTREAM_TIMEOUT = Reply(451, "4.4.2", "Upstream mail server timed out, try again later")
 UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to upstream lost, try again later")
 UPSTREAM_BUSY = Reply(451, "4.4.5", "All upstream connections busy, try again later")
+# A 1xx-3xx where the command has its own success reply (250 to DATA instead of 354, 354 to the
+# final dot): the upstream is out of step, and what it did with the message is unknown.
+UPSTREAM_OUT_OF_PROTOCOL = Reply(451, "4.5.0", "Upstream mail server answered out of protocol, try again later")
 # The store stayed locked past [store] busy_timeout, or could not be written at all.
 STORE_UNAVAILABLE = Reply(451, "4.3.0", "Message store unavailable, try again later")
 # The disk holding the hold queue or the sandbox is full: RFC 3463 4.3.1, RFC 5321 452.

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _CONNECTION_ERRORS = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, ConnectionError, OSError)
 _TIMEOUTS = (aiosmtplib.SMTPTimeoutError, asyncio.TimeoutError, TimeoutError)
 _PLAIN_ADDRESS = re.compile(PLAIN_ADDRESS)
+_RCPT_ACCEPTED = (250, 251)  # RFC 5321 4.2.5 ("user not local; will forward")
 
 
 @dataclass
@@ -55,6 +56,15 @@ class _TLSHandshakeFailed(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(repr(error))
         self.error = error
+
+
+def _is_refusal(code: int) -> bool:
+    return 400 <= code < 600
+
+
+def _log_out_of_protocol(command: str, code: int, message: str) -> None:
+    log.warning("upstream answered %s with %d %s, which that command cannot get; closing the session "
+                "and deferring (451 4.5.0)", command, code, " ".join(message.split())[:200])
 
 
 def _failure_reply(error: BaseException) -> Reply:
@@ -108,10 +118,11 @@ class SMTPUpstream:
             try:
                 await _mail(session.client, sender, options)
                 return session
-            except aiosmtplib.SMTPSenderRefused as error:
-                await self._reset_and_park(session)
-                raise UpstreamError(replies.upstream_reply(error.code, error.message)) from None
-            except aiosmtplib.SMTPResponseException as error:
+            except aiosmtplib.SMTPResponseException as error:  # SMTPSenderRefused among them
+                if not _is_refusal(error.code):
+                    _log_out_of_protocol("MAIL", error.code, error.message)
+                    await self._discard(session)
+                    raise UpstreamError(replies.UPSTREAM_OUT_OF_PROTOCOL, "upstream MAIL out of protocol") from None
                 await self._reset_and_park(session)
                 raise UpstreamError(replies.upstream_reply(error.code, error.message)) from None
             except asyncio.CancelledError:
@@ -262,12 +273,14 @@ class SMTPTransaction:
                 response = await self._session.client.rcpt(address, encoding="utf-8")
         except aiosmtplib.SMTPResponseException as error:
             self._in_flight = False
-            return replies.upstream_reply(error.code, error.message)
+            return self._refusal("RCPT", error.code, error.message)
         except (*_CONNECTION_ERRORS, *_TIMEOUTS) as error:
             self._broken = True
             log.warning("upstream lost during RCPT: %r", error)
             return _failure_reply(error)
         self._in_flight = False
+        if response.code not in _RCPT_ACCEPTED:
+            return self._refusal("RCPT", response.code, response.message)
         return replies.upstream_reply(response.code, response.message)
 
     async def data(self, content: bytes) -> Reply:
@@ -276,9 +289,9 @@ class SMTPTransaction:
         self._in_flight = True
         try:
             response = await _data(self._session.client, content)
-        except aiosmtplib.SMTPResponseException as error:
+        except aiosmtplib.SMTPResponseException as error:  # not 354 to DATA, or not 250 to the dot
             self._in_flight = False
-            return replies.upstream_reply(error.code, error.message)
+            return self._refusal("DATA", error.code, error.message)
         except (*_CONNECTION_ERRORS, *_TIMEOUTS) as error:
             # The upstream may or may not have the message: answering 4xx risks a duplicate on
             # retry, answering 250 would risk losing it. Never lie.
@@ -288,6 +301,18 @@ class SMTPTransaction:
         self._in_flight = False
         self._delivered = True
         return replies.upstream_reply(response.code, response.message)
+
+    def _refusal(self, command: str, code: int, message: str) -> Reply:
+        """The client's reply when the upstream did not accept ``command``: its own 4xx or 5xx,
+        passed on. Anything else — a 250 to DATA instead of 354, a 354 to the final dot, a 221 —
+        says it is out of step with this session, and passing that 2xx or 3xx on would tell the
+        client its mail was taken when it was not: the session is dropped and the client told
+        to retry."""
+        if _is_refusal(code):
+            return replies.upstream_reply(code, message)
+        _log_out_of_protocol(command, code, message)
+        self._broken = True
+        return replies.UPSTREAM_OUT_OF_PROTOCOL
 
     async def finish(self) -> None:
         if self._finished:

@@ -508,7 +508,8 @@ class Transaction:
         self._parts.metrics.recipients.labels(verdict.value, rule).inc()
 
     def _count_upstream_error(self, reply: Reply) -> None:
-        if reply in (replies.UPSTREAM_LOST, replies.UPSTREAM_UNAVAILABLE, replies.UPSTREAM_BUSY):
+        if reply in (replies.UPSTREAM_LOST, replies.UPSTREAM_UNAVAILABLE, replies.UPSTREAM_BUSY,
+                     replies.UPSTREAM_OUT_OF_PROTOCOL):  # the session is dropped, as for a lost one
             error_class = "connection"
         elif reply is replies.UPSTREAM_TIMEOUT:
             error_class = "timeout"
