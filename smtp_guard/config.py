@@ -1171,6 +1171,10 @@ def _validate(config: Config, where: str) -> None:
             f"{where}: [upstream] host = {up.host!r} is set but mode is \"sandbox\", so mail would be "
             "captured locally and never delivered; add mode = \"smtp\" to relay to it, or remove host"
         )
+    if not 0 < up.port <= 65535:
+        # The socket layer would take it modulo 65536: port 99999 relayed to 34463.
+        raise ConfigError(f"{where}: [upstream] port {up.port} is out of range 1-65535")
+    _validate_listeners(config, where)
     wide = config.access.open_networks()
     if wide and not config.access.allow_open_relay:
         raise ConfigError(
@@ -1219,6 +1223,24 @@ def _validate(config: Config, where: str) -> None:
     if config.upstream.max_connections < 1:
         raise ConfigError(f"{where}: [upstream] max_connections must be at least 1")
     _validate_counters(config.counters, where)
+
+
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def _validate_listeners(config: Config, where: str) -> None:
+    """Two of the guard's own listeners on one port would make the second fail at start with
+    "address already in use", blaming another process."""
+    listeners = [(name, address) for name, address in (
+        ("[smtp] listen", config.smtp.listen), ("[metrics] listen", config.metrics.listen),
+        ("[admin] listen", config.admin.listen), ("[unsubscribe] listen", config.unsubscribe.listen))
+        if address is not None and address.port != 0]  # port 0: the kernel picks a free one
+    for number, (name, address) in enumerate(listeners):
+        for other_name, other in listeners[:number]:
+            if address.port == other.port and (address.host == other.host or address.host in _WILDCARD_HOSTS
+                                               or other.host in _WILDCARD_HOSTS):
+                raise ConfigError(f"{where}: {name} {address} and {other_name} {other} are the same port; "
+                                  "give each listener a port of its own")
 
 
 _COUNTERS_SCHEMES = ("redis", "rediss", "unix")

@@ -143,6 +143,13 @@ def test_metrics_listener_can_be_turned_off(value: str) -> None:
     ({"upstream": {"tls": "ssl"}}, "is not one of none, opportunistic, starttls, implicit"),
     ({"upstream": {"tls_verify": "yes"}}, "expected true or false"),
     ({"upstream": {"max_connections": 0}}, "max_connections must be at least 1"),
+    # A socket would take 99999 modulo 65536: relayed to port 34463, with no error anywhere.
+    ({"upstream": {"mode": "smtp", "host": "mx.example.net", "port": 99999}},
+     "[upstream] port 99999 is out of range 1-65535"),
+    ({"upstream": {"mode": "smtp", "host": "mx.example.net", "port": 0}}, "[upstream] port 0 is out of range"),
+    ({"smtp": {"listen": "127.0.0.1:2600"}, "metrics": {"listen": "127.0.0.1:2600"}},
+     "[metrics] listen 127.0.0.1:2600 and [smtp] listen 127.0.0.1:2600 are the same port"),
+    ({"smtp": {"listen": "0.0.0.0:25"}, "admin": {"listen": "127.0.0.1:25"}}, "[admin] listen 127.0.0.1:25 and [smtp]"),
     ({"upstream": {"username": "relay"}}, "username and password must be set together"),
     ({"lists": {"bounced": {"action": "bounce"}}}, "is not one of reject, drop, hold"),
     ({"lists": {"Bad Name": {}}}, "list names are lower-case"),
@@ -162,6 +169,14 @@ def test_metrics_listener_can_be_turned_off(value: str) -> None:
 def test_invalid_values_are_refused_with_the_key(data: dict[str, Any], fragment: str) -> None:
     message = config_error(data)
     assert message.startswith("guard.toml: ") and fragment in message
+
+
+def test_listeners_on_distinct_ports_or_addresses_or_port_0_are_fine() -> None:
+    config = build_config({"smtp": {"listen": "127.0.0.1:2600"}, "metrics": {"listen": "127.0.0.2:2600"},
+                           "admin": {"listen": "127.0.0.1:0"}, "unsubscribe": {"listen": "127.0.0.1:0",
+                                                                               "base_url": "https://u.example.com/u"}},
+                          "t")
+    assert config.metrics.listen == ListenAddress("127.0.0.2", 2600)
 
 
 def test_smtp_mode_without_host_is_refused() -> None:
