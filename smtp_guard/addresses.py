@@ -57,6 +57,17 @@ class Mailbox:
     domain: str  # as given (may be U-label or address literal)
 
 
+def routes_elsewhere(mailbox: Mailbox) -> bool:
+    """A local part that an MTA may read as another address: the percent hack
+    (``jane%example.com@relay``), a UUCP bang path (``example.com!jane@relay``) or a quoted
+    address (``"jane@example.com"@relay``). Postfix rewrites these for trusted clients by
+    default (``allow_percent_hack``, ``swap_bangpath``, ``resolve_dequoted_address``), and a
+    relay's smarthost trusts the relay: such a recipient could reach a suppressed or erased
+    address its own key does not match."""
+    local = mailbox.local
+    return "%" in local or "!" in local or (local.startswith('"') and "@" in local)
+
+
 def parse_mailbox(text: str) -> Mailbox:
     """Validate an envelope mailbox (no angle brackets). Raises InvalidAddress."""
     if not text or len(text) > MAX_ADDRESS:

@@ -106,6 +106,9 @@ AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed authentication attempts fr
 # --- syntax and limits -------------------------------------------------------------------------
 BAD_SENDER = Reply(553, "5.1.7", "Sender address is not valid")
 BAD_RECIPIENT = Reply(553, "5.1.3", "Recipient address is not valid")
+# addresses.routes_elsewhere: an upstream could route it past the suppression lists.
+ROUTED_RECIPIENT = Reply(553, "5.1.3", "Recipient local part with %, ! or a quoted @ is not relayed "
+                                       "(an upstream may route it to another address)")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long (RFC 5321 4.5.3.1.6)")
 # A command line must end in CRLF and hold neither CR, LF nor NUL elsewhere (RFC 5321 2.3.8):

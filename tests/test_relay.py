@@ -102,6 +102,19 @@ async def test_invalid_recipient_syntax_is_553_not_a_crash(start_guard, sink):
     assert answers[5].startswith("250")
 
 
+@pytest.mark.parametrize("recipient", ["jane%example.com@relay.test", "example.com!jane@relay.test",
+                                       '"jane@example.com"@relay.test', '"jane%example.com"@relay.test'])
+async def test_a_local_part_an_upstream_may_route_elsewhere_is_refused(start_guard, sink, recipient):
+    """Postfix's defaults for a trusted client (the guard is one) turn each of these into
+    jane@example.com: a suppression of jane@example.com must not be walked around that way."""
+    guard = await start_guard()
+    await suppress(guard, "jane@example.com")
+    outcome = await send(guard.smtp_address, SENDER, [recipient, "ok@example.com"], message())
+    assert outcome.rcpt[recipient] == str(replies.ROUTED_RECIPIENT)
+    assert outcome.data is not None and outcome.data.startswith("250")
+    assert sink.delivered_to() == ["ok@example.com"]
+
+
 async def test_upstream_down_is_451(start_guard, sink):
     guard = await start_guard()
     await sink.stop()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Awaitable, Callable, Literal, Sequence
 
 from .. import replies
-from ..addresses import AddressNormalizer, InvalidAddress, Mailbox, key_hash, parse_mailbox
+from ..addresses import AddressNormalizer, InvalidAddress, Mailbox, key_hash, parse_mailbox, routes_elsewhere
 from ..classify import MessageClassifier, strip_headers
 from ..config import BareLineEndings
 from ..decision_service import MessageDecider
@@ -186,6 +186,12 @@ class Transaction:
             self.refused += 1
             self._count(Verdict.REJECT, "address.invalid")
             return replies.BAD_RECIPIENT
+        if routes_elsewhere(mailbox):
+            self.refused += 1
+            self._record(mailbox.text, Decision(Verdict.REJECT, "address.routing",
+                                                "local part routes elsewhere (%, ! or a quoted @)",
+                                                replies.ROUTED_RECIPIENT))
+            return replies.ROUTED_RECIPIENT
         context = RecipientContext(
             mailbox=mailbox, key=key, key_hash=key_hash(key), domain_chain=chain,
             sender=self.mail_from, client_ip=self.client, auth_user=self.auth_user,
