@@ -48,7 +48,7 @@ from .relay.sandbox import SandboxUpstream
 from .roles.background import Background
 from .roles.enforcement import Enforcement
 from .roles.front import Front
-from .run_directory import RunDirectory, RunPaths
+from .run_directory import RunDirectory, RunPaths, hold_while_alive
 from .services.context import AdminContext, StoreNotFound
 from .services.propagation import STALE_AFTER
 from .startup import StartupError, naming_setting
@@ -362,6 +362,7 @@ def run_worker(number: int, ready: Connection, config: Config, paths: RunPaths) 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     log_pseudonyms = configure_logging(config.logging)
+    hold_while_alive(paths)  # a supervisor started while this one drains is refused
     use_multiprocess_files(paths.metrics)  # forked before the supervisor chose the directory
     worker = Worker(config, paths, log_pseudonyms=log_pseudonyms)
 

@@ -15,11 +15,18 @@ a lock on it for its whole life. That does two jobs:
   ``0.0.0.0``) has another directory: a test bind of the port refuses it;
 * **nothing left behind.** A supervisor killed with SIGKILL cannot remove its directory (up to
   a whole suppression snapshot); the next start on that address finds it unlocked and empties it.
+
+Its workers cannot hold the supervisor's lock (they are forked from a fork server made before
+it), so each holds a shared lock on ``workers.lock`` for its life (``hold_while_alive``). The
+workers of a supervisor killed with SIGKILL drain for up to ``shutdown_grace``, still using the
+directory; a start in that time finds that lock held and is refused, instead of emptying the
+directory under them (a second rate-limit table, counts split between two).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -35,6 +42,7 @@ from .startup import StartupError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
 LOCK_NAME = "supervisor.lock"
+WORKERS_LOCK_NAME = "workers.lock"
 CLAIM_ATTEMPTS = 3  # a directory removed under a start that is claiming it is claimed again
 
 
@@ -63,6 +71,10 @@ class RunPaths:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics"
+
+    @property
+    def workers_lock(self) -> Path:
+        return self.root / WORKERS_LOCK_NAME
 
 
 class RunDirectory:
@@ -99,6 +111,17 @@ class RunDirectory:
             os.close(lock)
         else:
             raise StartupError(f"{setting}: removed again and again while this start claimed it; try again")
+        try:
+            draining = _is_held(self.paths.workers_lock)
+        except OSError as error:
+            os.close(lock)
+            raise StartupError(f"{setting}: {error.strerror or error}") from error
+        if draining:
+            os.close(lock)  # not release(): the directory is theirs until they are done
+            raise StartupError(
+                f"[smtp] listen {self._listen}: workers of an earlier smtp-guard on this address (stopped "
+                "without stopping them, e.g. killed with SIGKILL) are still finishing their sessions; they "
+                "exit within its [smtp] shutdown_grace: start again then (systemd's Restart= does)")
         self._lock = lock
         try:
             _refuse_if_port_taken(self._listen)
@@ -135,6 +158,27 @@ class RunDirectory:
         shutil.rmtree(self.paths.root, ignore_errors=True)
         os.close(self._lock)
         self._lock = None
+
+
+def hold_while_alive(paths: RunPaths) -> None:
+    """Take a shared lock on the run directory's ``workers.lock`` for the rest of this worker's
+    life: its descriptor is never closed, and the kernel drops the lock when the process ends.
+    A start that tests the lock holds it exclusively for an instant only, so waiting here is
+    short."""
+    descriptor = os.open(paths.workers_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_SH)
+
+
+def _is_held(path: Path) -> bool:
+    """Some process (a worker, ``hold_while_alive``) holds a lock on ``path``."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        return not try_lock(descriptor)
+    finally:
+        os.close(descriptor)  # drops the lock try_lock may have taken
 
 
 def _is_linked_at(descriptor: int, path: Path) -> bool:

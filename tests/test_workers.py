@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import aiosmtplib
 import pytest
 from click.testing import CliRunner
 
@@ -529,3 +530,31 @@ async def test_the_admin_api_and_one_click_unsubscribe_serve_from_the_supervisor
             assert response.status == 200
     outcomes = await send_each(guard, ["jane@example.com"] * CONNECTIONS)
     assert all(o.rcpt["jane@example.com"].startswith("550") for o in outcomes)
+
+
+async def test_a_start_while_a_killed_supervisors_workers_still_drain_is_refused(supervised, sink: Sink) -> None:
+    """They still use the run directory (rate-limit table, metrics); emptying it under them
+    would split every count between two tables. The next start is refused until they exit."""
+    guard = await supervised()
+    assert guard.process is not None
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=guard.smtp_port, start_tls=False, timeout=30)
+    await client.connect()
+    await client.mail(SENDER)  # a session in a transaction: its worker drains until it ends
+    await client.rcpt("d@example.com")
+    guard.process.kill()
+    guard.process.wait()
+    second = subprocess.run([sys.executable, "-m", "smtp_guard", "serve", "--config", str(guard.config_file)],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert second.returncode == 1, second.stderr
+    assert (f"[smtp] listen 127.0.0.1:{guard.smtp_port}: workers of an earlier smtp-guard on this address "
+            "(stopped without stopping them") in second.stderr
+    assert Path(f"/dev/shm/smtp-guard.127.0.0.1-{guard.smtp_port}/counters").exists()  # not emptied
+    # The draining worker still answers the message: 451, as the end-of-DATA decisions were
+    # the dead supervisor's to make (never a 250 it cannot stand behind).
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await client.data(message())
+    assert refused.value.code == 451
+    await client.quit()
+    run_directory = Path(f"/dev/shm/smtp-guard.127.0.0.1-{guard.smtp_port}")
+    await wait_until(lambda: not _pids_using(run_directory), timeout=20, what="the drained workers to exit")
+    await guard.start()  # now it starts
