@@ -82,6 +82,18 @@ async def test_size_parameter_above_limit_is_552(start_guard, sink):
     assert sink.smtp_sessions == 0
 
 
+async def test_a_size_in_digits_other_than_ascii_is_501_not_an_internal_error(start_guard, sink, caplog):
+    """aiosmtpd took "²" and "١٢" for digits, then failed in int(): 451 and a traceback per command."""
+    guard = await start_guard()
+    answers = await dialogue(guard.smtp_address, [
+        b"EHLO client.test", f"MAIL FROM:<{SENDER}> SIZE=\u00b2".encode(),
+        f"MAIL FROM:<{SENDER}> SIZE=\u0661\u0662".encode(), f"MAIL FROM:<{SENDER}> SIZE=abc".encode(), b"QUIT",
+    ])
+    assert answers[1] == answers[2] == answers[3]
+    assert answers[1].startswith("501 5.5.4 ")
+    assert "Traceback" not in caplog.text and "ERROR" not in caplog.text
+
+
 async def test_nul_byte_in_data_is_refused(start_guard, sink):
     guard = await start_guard()
     async with raw(guard.smtp_address) as (reader, writer):

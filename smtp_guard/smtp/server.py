@@ -441,6 +441,17 @@ class GuardSMTP(SMTP):
             return super()._getaddr(arg)  # ... and comments, which are left to it
         return match.group(1), rest
 
+    def _getparams(self, params: Any) -> dict[str, str | bool] | None:
+        """MAIL and RCPT parameters as aiosmtpd reads them, except that a SIZE with anything but
+        ASCII digits counts as no number. aiosmtpd takes every Unicode digit (``SIZE=²``) for
+        one, then fails in ``int()``: a 451 and an ERROR traceback in the log per command, for
+        any client to repeat. Given no number, aiosmtpd answers 501 as for ``SIZE=abc``."""
+        result: dict[str, str | bool] | None = super()._getparams(params)
+        size = None if result is None else result.get("SIZE")
+        if result is not None and isinstance(size, str) and not (size.isascii() and size.isdigit()):
+            result["SIZE"] = True
+        return result
+
     def _create_session(self) -> Session:
         return GuardSession(self.loop)
 
