@@ -87,6 +87,11 @@ def test_errors_say_what_to_type_next(cli) -> None:
     assert invalid.exit_code == 1 and "jane@example.com" in invalid.output
     duration = cli("add", "jane@example.com", "--list", "manual", "--expires-in", "soon")
     assert duration.exit_code == 2 and "30s" in duration.output
+    # A well-written target that may not be stored gets no lesson in spelling.
+    address_with_subdomains = cli("add", "jane@example.com", "--list", "manual", "--include-subdomains")
+    assert address_with_subdomains.exit_code == 1
+    assert "applies to @domain targets only." in address_with_subdomains.output
+    assert "Write an address like" not in address_with_subdomains.output
 
 
 def test_list_with_filters(cli) -> None:

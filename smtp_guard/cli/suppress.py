@@ -47,8 +47,8 @@ def _call(coroutine: Awaitable[T]) -> T:
         raise click.ClickException(
             f"{error}. Pick one with --list, or add [lists.{error.name}] to your config.") from None
     except service.InvalidTarget as error:
-        raise click.ClickException(
-            f"{error}. Write an address like jane@example.com or a domain like @example.com.") from None
+        example = " Write an address like jane@example.com or a domain like @example.com." if error.misspelled else ""
+        raise click.ClickException(f"{error}.{example}") from None
 
 
 def _filters(list_name: str | None, kind: str | None, source: str | None, contains: str | None,

@@ -46,11 +46,14 @@ _CURSOR_PREFIX = "r"
 
 
 class InvalidTarget(ValueError):
-    """A target that is neither an address nor ``@domain``; the message names it and says why."""
+    """A target that is neither an address nor ``@domain``, or one that may not be stored; the
+    message names it and says why. ``misspelled``: the text itself is wrong (an example of a
+    right one helps), not what it names (an erased address)."""
 
-    def __init__(self, value: str, why: str) -> None:
+    def __init__(self, value: str, why: str, misspelled: bool = True) -> None:
         super().__init__(f"{value!r} {why}")
         self.value = value
+        self.misspelled = misspelled
 
 
 class InvalidCursor(ValueError):
@@ -151,11 +154,11 @@ async def add(ctx: AdminContext, targets: Sequence[str], list_name: str, reason:
     parsed = [parse_target(ctx, text) for text in targets]
     if include_subdomains and any(t.kind == "address" for t in parsed):
         raise InvalidTarget(next(t for t in targets if not t.strip().startswith("@")),
-                            "is an address; include_subdomains applies to @domain targets only")
+                            "is an address; include_subdomains applies to @domain targets only", misspelled=False)
     for text, target in zip(targets, parsed):
         if target.kind == "address" and ctx.tombstones.lookup(target.value) is not None:
             raise InvalidTarget(text, "was erased; it is refused already and must not be stored again "
-                                      "(smtp-guard erase verify ADDRESS shows the erasure)")
+                                      "(smtp-guard erase verify ADDRESS shows the erasure)", misspelled=False)
     now = ctx.clock()
     expires_at = expiry(ctx, list_name, now, lifetime)
     entries = tuple(SuppressionEntry(t.kind, t.value, list_name, reason, source, now, expires_at,
