@@ -40,6 +40,10 @@ CountersOnError = Literal["defer", "allow"]
 EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
 
 
+# Config.source of a config built from no file.
+EMBEDDED_DEFAULTS = "<embedded defaults>"
+
+
 class ConfigError(Exception):
     """A configuration problem, phrased for the operator: where it is and how to fix it."""
 
@@ -614,7 +618,7 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
     audit: AuditConfig = AuditConfig()
-    source: str = "<embedded defaults>"
+    source: str = EMBEDDED_DEFAULTS
 
     @property
     def list_priority(self) -> list[str]:
@@ -1259,7 +1263,7 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
     """Load FILE (or the embedded defaults when None), apply env overrides, validate, freeze."""
     environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
-    source = "<embedded defaults>"
+    source = EMBEDDED_DEFAULTS
     if path is not None:
         source = str(path)
         try:

@@ -45,11 +45,13 @@ def test_every_command_has_help_with_an_example() -> None:
         assert suppress.commands[name].short_help or suppress.commands[name].help
 
 
-def test_add_check_remove(cli) -> None:
+def test_add_check_remove(cli, config_file: Path) -> None:
     added = cli("add", "Jane.Doe+news@GoogleMail.com", "--list", "unsubscribed", "--reason", "asked by phone")
     assert added.exit_code == 0, added.output
     assert "janedoe@gmail.com on unsubscribed" in added.output
     assert "Added 1 new entry" in added.output
+    # The hint names the same config: pasted, it reads the same store, not the default one.
+    assert f"Verify: smtp-guard suppress check janedoe@gmail.com --config {config_file}" in added.output
 
     checked = cli("check", "jane.doe@gmail.com")
     assert checked.exit_code == 0

@@ -12,7 +12,7 @@ import click
 from ..audit_model import AuditFilter, AuditKind, AuditRecord
 from ..config import Config
 from ..services.audit import BadTime, format_time, parse_time, query_audit
-from .common import admin_context, print_table, run, with_config
+from .common import admin_context, follow_up, print_table, run, with_config
 
 KINDS: tuple[AuditKind, ...] = ("decision", "admin", "delivery")
 
@@ -63,7 +63,7 @@ def list_command(config: Config, since: str | None, until: str | None, kind: str
         click.echo(json.dumps([_as_json(r) for r in records], indent=2))
         return
     if not records:
-        click.echo("No audit records match. Widen the search, e.g. `smtp-guard audit list --since 7d`.")
+        click.echo(f"No audit records match. Widen the search, e.g. `{follow_up(config, 'audit list --since 7d')}`.")
         return
     rows = [("TIME (UTC)", "KIND", "VERDICT", "RULE", "RECIPIENT", "SENDER", "TXN", "ACTOR", "REASON")]
     for r in records:

@@ -9,7 +9,7 @@ from ..breaker import service
 from ..breaker.model import BreakerStatus
 from ..config import Config
 from ..services.audit import format_time
-from .common import admin_context, confirm_in_force, print_table, run, wait_option, with_config
+from .common import admin_context, confirm_in_force, follow_up, print_table, run, wait_option, with_config
 
 STATUSES = ("tripped", "approved", "cancelled")
 
@@ -48,7 +48,7 @@ def list_command(config: Config, status: str, limit: int) -> None:
         click.echo(f"No {status} streams." if wanted else "No stream has tripped a breaker or gate.")
         if wanted == "tripped":
             click.echo("Streams appear here when a breaker or gate stops them; "
-                       "`smtp-guard breaker list --status all` shows decided ones.")
+                       f"`{follow_up(config, 'breaker list --status all')}` shows decided ones.")
         return
     rows = [("STREAM", "STATUS", "RULE", "CLASS", "RECIPIENTS", "LIMIT", "HELD", "TRIPPED AT (UTC)", "SENDER")]
     for s in summaries:
@@ -59,7 +59,7 @@ def list_command(config: Config, status: str, limit: int) -> None:
     print_table(rows)
     if len(summaries) == limit:
         click.echo(f"(first {limit}; use --limit to see more)")
-    click.echo("Details and sample messages: smtp-guard breaker show STREAM")
+    click.echo(f"Details and sample messages: {follow_up(config, 'breaker show STREAM')}")
 
 
 @breaker.command("show")
@@ -96,10 +96,10 @@ def show_command(config: Config, stream: str, samples: int) -> None:
         click.echo(f"  Subject: {sample.subject}")
         click.echo(f"  From:    {sample.from_header}")
         click.echo(f"  To:      {', '.join(sample.recipients)}" + (f" and {more} more" if more > 0 else ""))
-        click.echo(f"  Whole message: smtp-guard hold show {sample.hold_id}")
+        click.echo(f"  Whole message: {follow_up(config, f'hold show {sample.hold_id}')}")
     if r.status != "cancelled":
-        click.echo(f"\nApprove:  smtp-guard breaker approve {_quoted(r.stream)} --ceiling {r.recipients}")
-        click.echo(f"Cancel:   smtp-guard breaker cancel {_quoted(r.stream)}")
+        click.echo(f"\nApprove:  {follow_up(config, f'breaker approve {_quoted(r.stream)} --ceiling {r.recipients}')}")
+        click.echo(f"Cancel:   {follow_up(config, f'breaker cancel {_quoted(r.stream)}')}")
 
 
 @breaker.command("approve")
@@ -122,7 +122,7 @@ def approve_command(config: Config, stream: str, ceiling: int, wait: bool) -> No
     """
     action = run(_approve(config, stream, ceiling))
     click.echo(f"Approved stream {stream!r} up to {ceiling} recipients; released {action.changed} held "
-               f"recipient(s) for delivery. Follow with `smtp-guard breaker show {_quoted(stream)}`.")
+               f"recipient(s) for delivery. Follow with `{follow_up(config, f'breaker show {_quoted(stream)}')}`.")
     confirm_in_force(config, wait)
 
 
@@ -174,8 +174,8 @@ async def _approve(config: Config, stream: str, ceiling: int) -> service.Breaker
         except service.CeilingTooLow as error:
             raise click.ClickException(
                 f"stream {stream!r} already has {error.record.recipients} recipients; a ceiling below that would "
-                f"trip it again at once. Type: smtp-guard breaker approve {_quoted(stream)} "
-                f"--ceiling {error.record.recipients}") from None
+                f"trip it again at once. Type: "
+                f"{follow_up(config, f'breaker approve {_quoted(stream)} --ceiling {error.record.recipients}')}") from None
 
 
 async def _cancel(config: Config, stream: str) -> service.BreakerAction:

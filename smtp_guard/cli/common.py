@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import getpass
+import shlex
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import click
 
-from ..config import Config, ConfigError, load_config
+from ..config import EMBEDDED_DEFAULTS, Config, ConfigError, load_config
 from ..erasure.keys import ErasureKeyError
 from ..services import propagation
 from ..services.context import AdminContext, StoreNotFound
@@ -77,6 +78,14 @@ def with_config(function: Callable[..., Any]) -> Callable[..., Any]:
         return function(load(config_path), **kwargs)
 
     return wrapper
+
+
+def follow_up(config: Config, arguments: str) -> str:
+    """``smtp-guard ARGUMENTS`` as a hint for the next command: with this command's config file
+    when it had one, so that the hint, pasted, acts on the same store (not the default one)."""
+    if config.source == EMBEDDED_DEFAULTS:
+        return f"smtp-guard {arguments}"
+    return f"smtp-guard {arguments} --config {shlex.quote(config.source)}"
 
 
 wait_option = click.option(

@@ -14,7 +14,7 @@ from ..config import Config
 from ..erasure.model import ErasureReceipt
 from ..services import erasure as service
 from ..services.audit import BadTime, format_time, parse_time
-from .common import admin_context, confirm_in_force, print_table, run, wait_option, with_config
+from .common import admin_context, confirm_in_force, follow_up, print_table, run, wait_option, with_config
 
 
 class _EraseGroup(click.Group):
@@ -77,7 +77,7 @@ def add_command(config: Config, addresses: Sequence[str], reference: str, files:
         for receipt in receipts:
             _print_receipt(receipt)
         if receipts:
-            click.echo("Prove it: smtp-guard erase verify ADDRESS   (scans every file in the data directory)")
+            click.echo(f"Prove it: {follow_up(config, 'erase verify ADDRESS')}   (scans every file in the data directory)")
     if receipts:
         confirm_in_force(config, wait)
     if problems:
@@ -136,7 +136,7 @@ def verify_command(config: Config, address: str) -> None:
                    f"a recipient {address} gets: {result.decision.reply}")
     else:
         click.echo(f"NOT ENFORCED: no tombstone matches {address}; erase it with: "
-                   f"smtp-guard erase {address} --ref REFERENCE")
+                   f"{follow_up(config, f'erase {address} --ref REFERENCE')}")
     if result.is_clean:
         tables = f" nor any table of {config.store.location}" if config.store.is_postgresql else ""
         click.echo(f"NO COPIES: no file under {config.store.data_dir}{tables} contains any spelling of the address.")
@@ -145,7 +145,7 @@ def verify_command(config: Config, address: str) -> None:
         for finding in result.findings[:50]:
             click.echo(f"  {finding.location}: {finding.text}")
         click.echo("Held messages still addressed to others may mention it; discard or release them "
-                   "(smtp-guard hold list), then erase again.")
+                   f"({follow_up(config, 'hold list')}), then erase again.")
     if not result.ok:
         raise SystemExit(1)
 
@@ -174,7 +174,7 @@ def receipts_command(config: Config, limit: int, as_json: bool) -> None:
         click.echo(json.dumps([r.as_dict() for r in receipts], indent=2))
         return
     if not receipts:
-        click.echo("No erasures yet. Erase with: smtp-guard erase ADDRESS --ref REFERENCE")
+        click.echo(f"No erasures yet. Erase with: {follow_up(config, 'erase ADDRESS --ref REFERENCE')}")
         return
     rows = [("RECEIPT", "TIME (UTC)", "REFERENCE", "TOMBSTONE", "PURGED")]
     for receipt in receipts:
@@ -201,7 +201,7 @@ def receipt_command(config: Config, receipt_id: str) -> None:
     """
     found = run(_receipt(config, receipt_id))
     if found is None:
-        raise click.ClickException(f"no receipt {receipt_id}; run `smtp-guard erase receipts` to see the ids")
+        raise click.ClickException(f"no receipt {receipt_id}; run `{follow_up(config, 'erase receipts')}` to see the ids")
     click.echo(json.dumps(found.as_dict(), indent=2))
 
 

@@ -11,7 +11,7 @@ from ..config import Config
 from ..hold.model import HeldMessage, RecipientState
 from ..services import holds as service
 from ..services.audit import format_time
-from .common import admin_context, confirm_in_force, print_table, run, wait_option, with_config
+from .common import admin_context, confirm_in_force, follow_up, print_table, run, wait_option, with_config
 
 STATES = ("held", "released", "delivered", "failed", "discarded")
 
@@ -45,7 +45,7 @@ def list_command(config: Config, state: str, limit: int) -> None:
     if not messages:
         click.echo(f"No messages with {state} recipients." if wanted else "The hold queue is empty.")
         if state == "held":
-            click.echo("Mail a policy holds appears here; `smtp-guard audit list --verdict hold` shows past holds.")
+            click.echo(f"Mail a policy holds appears here; `{follow_up(config, 'audit list --verdict hold')}` shows past holds.")
         return
     rows = [("ID", "HELD AT (UTC)", "SENDER", "RECIPIENTS", "RULE")]
     for message in messages:
@@ -54,7 +54,7 @@ def list_command(config: Config, state: str, limit: int) -> None:
     print_table(rows)
     if len(messages) == limit:
         click.echo(f"(first {limit}; use --limit to see more)")
-    click.echo("Details: smtp-guard hold show ID")
+    click.echo(f"Details: {follow_up(config, 'hold show ID')}")
 
 
 @hold.command("show")
@@ -75,7 +75,7 @@ def show_command(config: Config, hold_id: str, raw: bool) -> None:
         if message.content is None:
             raise click.ClickException(
                 f"the content of hold {hold_id} was deleted: no recipient waits for it any more. "
-                f"`smtp-guard hold show {hold_id}` shows what happened to each recipient."
+                f"`{follow_up(config, f'hold show {hold_id}')}` shows what happened to each recipient."
             )
         click.echo(message.content, nl=False)
         return
@@ -99,7 +99,8 @@ def show_command(config: Config, hold_id: str, raw: bool) -> None:
     for (rule, reason), count in Counter((r.rule, r.reason) for r in message.recipients).items():
         click.echo(f"  {rule}: {reason} ({count} recipient{'s' if count != 1 else ''})")
     if any(r.state == "held" for r in message.recipients):
-        click.echo(f"\nDeliver: smtp-guard hold release {message.id}    Discard: smtp-guard hold discard {message.id}")
+        click.echo(f"\nDeliver: {follow_up(config, f'hold release {message.id}')}    "
+               f"Discard: {follow_up(config, f'hold discard {message.id}')}")
 
 
 @hold.command("release")
@@ -123,10 +124,10 @@ def release_command(config: Config, hold_id: str, recipients: tuple[str, ...], w
     action = run(_release(config, hold_id, recipients))
     if action.changed == 0:
         click.echo(f"Nothing to release: no {_named(recipients)}recipient of hold {hold_id} is held "
-                   f"({_states(action.message)}). See `smtp-guard hold show {hold_id}`.")
+                   f"({_states(action.message)}). See `{follow_up(config, f'hold show {hold_id}')}`.")
         return
     click.echo(f"Released {action.changed} recipient(s) of hold {hold_id}. The running server's release worker "
-               f"delivers them within a second or two; follow with `smtp-guard hold show {hold_id}`.")
+               f"delivers them within a second or two; follow with `{follow_up(config, f'hold show {hold_id}')}`.")
     confirm_in_force(config, wait)
 
 
@@ -159,7 +160,7 @@ def discard_command(config: Config, hold_id: str, recipients: tuple[str, ...], y
     action = run(_discard(config, hold_id, recipients))
     if action.changed == 0:
         click.echo(f"Nothing to discard: no {_named(recipients)}recipient of hold {hold_id} is waiting "
-                   f"({_states(action.message)}). See `smtp-guard hold show {hold_id}`.")
+                   f"({_states(action.message)}). See `{follow_up(config, f'hold show {hold_id}')}`.")
         return
     click.echo(f"Discarded {action.changed} recipient(s) of hold {hold_id}.")
     confirm_in_force(config, wait)

@@ -17,7 +17,7 @@ from ..services import importers
 from ..services.audit import BadTime, parse_time
 from ..services import suppressions as service
 from ..suppression_model import EntryKind, SuppressionEntry, SuppressionFilter
-from .common import admin_context, confirm_in_force, run, wait_option, with_config
+from .common import admin_context, confirm_in_force, follow_up, run, wait_option, with_config
 
 T = TypeVar("T")
 
@@ -114,7 +114,7 @@ def add_command(config: Config, targets: tuple[str, ...], list_name: str, reason
     first = result.entries[0]
     example = first.value if first.kind == "address" else f"someone@{first.value}"
     click.echo(f"Added {result.new} new entr{'y' if result.new == 1 else 'ies'}"
-               f"{f', updated {updated} existing' if updated else ''}. Verify: smtp-guard suppress check {example}")
+               f"{f', updated {updated} existing' if updated else ''}. Verify: {follow_up(config, f'suppress check {example}')}")
     confirm_in_force(config, wait)
 
 
@@ -157,7 +157,7 @@ def remove_command(config: Config, targets: tuple[str, ...], list_name: str | No
         if count:
             click.echo(f"{shown}: removed from {count} list{'s' if count != 1 else ''}")
         else:
-            click.echo(f"{shown}: not on {where} (see `smtp-guard suppress list --contains {target.value}`)")
+            click.echo(f"{shown}: not on {where} (see `{follow_up(config, f'suppress list --contains {target.value}')}`)")
     click.echo(f"Removed {result.total} entr{'y' if result.total == 1 else 'ies'}.")
     if result.total:
         confirm_in_force(config, wait)
@@ -199,7 +199,7 @@ def check_command(config: Config, address: str) -> None:
     _print_entries(result.entries, indent="  ")
     click.echo("\nLift:")
     for entry in result.entries:
-        click.echo(f"  smtp-guard suppress remove {_target(entry.kind, entry.value)} --list {entry.list_name}")
+        click.echo(f"  {follow_up(config, f'suppress remove {_target(entry.kind, entry.value)} --list {entry.list_name}')}")
 
 
 async def _check(config: Config, address: str) -> service.CheckResult:
@@ -225,11 +225,11 @@ def list_command(config: Config, list_name: str | None, kind: str | None, source
     """
     entries = _call(_list(config, _filters(list_name, kind, source, contains, include_expired, since), limit))
     if not entries:
-        click.echo("No entries match. Add one: smtp-guard suppress add jane@example.com --list unsubscribed")
+        click.echo(f"No entries match. Add one: {follow_up(config, 'suppress add jane@example.com --list unsubscribed')}")
         return
     _print_entries(entries)
     if len(entries) == limit:
-        click.echo(f"(first {limit}; use --limit for more, or `smtp-guard suppress export` for all)")
+        click.echo(f"(first {limit}; use --limit for more, or `{follow_up(config, 'suppress export')}` for all)")
 
 
 async def _list(config: Config, filters: SuppressionFilter, limit: int) -> list[SuppressionEntry]:

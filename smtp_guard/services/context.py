@@ -11,7 +11,7 @@ from ..addresses import AddressNormalizer
 from ..audit_model import AuditStore
 from ..breaker.model import BreakerStore
 from ..change_model import ChangeStore
-from ..config import Config
+from ..config import EMBEDDED_DEFAULTS, Config
 from ..erasure.index import TombstoneIndex
 from ..erasure.keys import KeyRing
 from ..erasure.model import ErasureStore
@@ -49,7 +49,7 @@ class StoreNotFound(Exception):
                 "migrate --config FILE`, or start the guard with that config (smtp-guard serve --config FILE).")
             return
         hints = [f"--config {known}" for known in well_known_configs
-                 if known.is_file() and config.source == "<embedded defaults>"]
+                 if known.is_file() and config.source == EMBEDDED_DEFAULTS]
         hint = f" (did you mean {' or '.join(hints)}?)" if hints else ""
         super().__init__(
             f"no store at {config.store.path} ([store] path from {config.source}){hint}. Admin commands never create "
