@@ -15,6 +15,7 @@ when it parses as one (``25``, ``true``, ``["10.0.0.0/8"]``) and as a plain stri
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -23,7 +24,7 @@ import tomllib
 import urllib.parse
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 ENV_PREFIX = "SMTP_GUARD__"
 
@@ -699,21 +700,27 @@ def _coerce(value: Any, default: Any, annotation: str, where: str, minimum: int 
         if literal:
             choices = [c.strip().strip("'\"") for c in literal.group(1).split(",")]
             if value not in choices:
-                raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+                raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}"
+                                  f"{_did_you_mean(value, choices, quoted=True)}")
         return value
     raise ConfigError(f"{where}: unsupported value {value!r}")
 
 
+def _did_you_mean(word: str, choices: Iterable[str], quoted: bool = False) -> str:
+    """`` (did you mean port?)`` for a near miss of one of ``choices``, else nothing."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close and quoted else f" (did you mean {close[0]}?)" if close else ""
+
+
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
+    named = ", ".join(f"{key}{_did_you_mean(key, allowed)}" for key in unknown)
     variables = [name for key in unknown for name in _env_names(table[key])]
     if variables:
-        raise ConfigError(f"environment {', '.join(variables)}: unknown key(s) {', '.join(unknown)} in {where}; "
+        raise ConfigError(f"environment {', '.join(variables)}: unknown key(s) {named} in {where}; "
                           f"known keys are {', '.join(sorted(allowed))}")
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(allowed))}"
-        )
+        raise ConfigError(f"{where}: unknown key(s) {named}; known keys are {', '.join(sorted(allowed))}")
 
 
 _ALIASES = {

@@ -79,6 +79,14 @@ def test_unknown_key_names_file_and_key(tmp_path: Path, text: str, key: str) -> 
     assert message.startswith(str(path)) and key in message and "known keys" in message
 
 
+def test_a_near_miss_gets_a_suggestion() -> None:
+    assert "unknown key(s) prot (did you mean port?); known keys are" in config_error({"upstream": {"prot": 25}})
+    assert "unknown key(s) smpt (did you mean smtp?)" in config_error({"smpt": {}})
+    assert ("'startls' is not one of none, opportunistic, starttls, implicit (did you mean 'starttls'?)"
+            in config_error({"upstream": {"tls": "startls"}}))
+    assert "did you mean" not in config_error({"upstream": {"colour": "blue"}})
+
+
 def test_missing_file_and_bad_toml_are_explained(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"no such file; `smtp-guard config example > .*missing.toml` writes"):
         load_config(tmp_path / "missing.toml", environ={})
