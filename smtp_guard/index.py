@@ -151,8 +151,11 @@ class IndexReloader:
             snapshot = await self._load_shared(self._snapshots, at_least)
         # What loading freed (the rows, the previous arrays or mapping) goes back to the system.
         give_back_free_memory()
-        log.info("suppression index loaded: %d addresses, %d domains in %.2fs",
-                 len(snapshot.addresses), len(snapshot.domains), time.monotonic() - started)
+        # A shared snapshot may be a few changes older than the store: they are in the overlay.
+        since = self.index.overlay_size
+        log.info("suppression index loaded: %d addresses, %d domains%s in %.2fs", len(snapshot.addresses),
+                 len(snapshot.domains), f" (and {since} address changes since its snapshot)" if since else "",
+                 time.monotonic() - started)
         self.on_reload()
 
     async def _load_shared(self, snapshots: SnapshotSource, at_least: int) -> SuppressionSnapshot:
