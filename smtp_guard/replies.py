@@ -105,6 +105,12 @@ AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed authentication attempts fr
 
 # --- syntax and limits -------------------------------------------------------------------------
 BAD_SENDER = Reply(553, "5.1.7", "Sender address is not valid")
+# RFC 6531 3.4, 3.7.1: a non-ASCII address only in a transaction that asked for SMTPUTF8, and
+# only to an upstream that offers it.
+NON_ASCII_SENDER = Reply(553, "5.6.7", "Non-ASCII sender address needs MAIL FROM ... SMTPUTF8 (RFC 6531)")
+NON_ASCII_RECIPIENT = Reply(553, "5.6.7", "Non-ASCII recipient address needs MAIL FROM ... SMTPUTF8 (RFC 6531)")
+UPSTREAM_NO_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address not accepted: the upstream mail server does "
+                                          "not offer SMTPUTF8")
 BAD_RECIPIENT = Reply(553, "5.1.3", "Recipient address is not valid")
 # addresses.routes_elsewhere: an upstream could route it past the suppression lists.
 ROUTED_RECIPIENT = Reply(553, "5.1.3", "Recipient local part with %, ! or a quoted @ is not relayed "

@@ -115,6 +115,19 @@ async def test_a_local_part_an_upstream_may_route_elsewhere_is_refused(start_gua
     assert sink.delivered_to() == ["ok@example.com"]
 
 
+async def test_a_non_ascii_address_needs_smtputf8(start_guard, sink):
+    """RFC 6531: without SMTPUTF8 on MAIL, UTF-8 addresses are refused, not relayed raw."""
+    guard = await start_guard()
+    answers = await dialogue(guard.smtp_address, [
+        b"EHLO client.test", "MAIL FROM:<jörg@bücher.example>".encode(), f"MAIL FROM:<{SENDER}>".encode(),
+        "RCPT TO:<jörg@bücher.example>".encode(), b"RSET",
+        "MAIL FROM:<jörg@bücher.example> SMTPUTF8".encode(), "RCPT TO:<jörg@bücher.example>".encode(), b"QUIT",
+    ])
+    assert answers[1] == str(replies.NON_ASCII_SENDER)
+    assert answers[3] == str(replies.NON_ASCII_RECIPIENT)
+    assert answers[5].startswith("250") and answers[6].startswith("250")
+
+
 async def test_upstream_down_is_451(start_guard, sink):
     guard = await start_guard()
     await sink.stop()

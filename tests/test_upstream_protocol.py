@@ -4,6 +4,9 @@ answer the client with a success: the client would believe its mail taken when t
 never received it (or received it in an unknown state). Every such reply becomes 451 4.5.0 and
 the upstream session is dropped, not reused.
 
+An upstream that offers no SMTPUTF8 is never sent a non-ASCII address (RFC 6531): that
+recipient gets 553 5.6.7, the others of the message still go.
+
 The upstream here is a scripted one on loopback (asyncio streams): aiosmtpd, as every real
 server, always answers DATA with 354, so it cannot play these faults.
 """
@@ -129,6 +132,18 @@ async def test_a_251_to_rcpt_is_an_acceptance(guard_before) -> None:
         assert outcome.rcpt["a@example.com"].startswith("251")
         assert outcome.data == "250 2.0.0 queued"
         assert len(upstream.messages) == 1
+
+
+async def test_an_upstream_without_smtputf8_gets_no_non_ascii_address(guard_before) -> None:
+    """Its EHLO offers no SMTPUTF8 (the scripted upstream's does not): a UTF-8 recipient is
+    refused here, never sent as raw bytes; an ASCII one in the same message still goes."""
+    async with ScriptedUpstream({}) as upstream:
+        guard = await guard_before(upstream)
+        outcome = await send(guard.smtp_address, SENDER, ["jörg@bücher.example", "a@example.com"], message())
+        assert outcome.rcpt["jörg@bücher.example"] == str(replies.UPSTREAM_NO_SMTPUTF8)
+        assert outcome.rcpt["a@example.com"].startswith("250")
+        assert outcome.data == "250 2.0.0 queued"
+        assert upstream.commands.count("RCPT") == 1
 
 
 async def test_a_mail_reply_other_than_250_is_451_for_the_recipient_not_a_success(guard_before) -> None:

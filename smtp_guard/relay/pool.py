@@ -113,6 +113,9 @@ class SMTPUpstream:
         # retried once on a fresh connection before the client hears about it.
         for attempt in (1, 2):
             session = self._take_idle() or await self._connect()
+            if not sender.isascii() and "smtputf8" not in session.client.esmtp_extensions:
+                await self._reset_and_park(session)
+                raise UpstreamError(replies.UPSTREAM_NO_SMTPUTF8, "upstream offers no SMTPUTF8")
             options = [o for o in mail_options if o.split("=")[0].lower() in session.client.esmtp_extensions
                        or o.upper().startswith("BODY=") and "8bitmime" in session.client.esmtp_extensions]
             try:
@@ -261,6 +264,8 @@ class SMTPTransaction:
     async def rcpt(self, address: str) -> Reply:
         if self._broken:
             return replies.UPSTREAM_LOST
+        if not address.isascii() and "smtputf8" not in self._session.client.esmtp_extensions:
+            return replies.UPSTREAM_NO_SMTPUTF8  # nothing sent: the session stays as it was
         self._in_flight = True
         try:
             if _PLAIN_ADDRESS.fullmatch(address):

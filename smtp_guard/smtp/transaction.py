@@ -154,6 +154,8 @@ class Transaction:
                 sender = parse_mailbox(address)
             except InvalidAddress:
                 return replies.BAD_SENDER
+            if not sender.text.isascii() and not _asks_for_smtputf8(options):
+                return replies.NON_ASCII_SENDER
         self.sender = sender
         self.mail_from = "<>" if sender is None else sender.text
         self.mail_options = options
@@ -186,6 +188,10 @@ class Transaction:
             self.refused += 1
             self._count(Verdict.REJECT, "address.invalid")
             return replies.BAD_RECIPIENT
+        if not mailbox.text.isascii() and not _asks_for_smtputf8(self.mail_options):
+            self.refused += 1
+            self._count(Verdict.REJECT, "address.non_ascii")
+            return replies.NON_ASCII_RECIPIENT
         if routes_elsewhere(mailbox):
             self.refused += 1
             self._record(mailbox.text, Decision(Verdict.REJECT, "address.routing",
@@ -534,6 +540,10 @@ def _held_recipient(address: str, decision: Decision) -> HeldRecipient:
 def _upstream_decision(reply: Reply, rule: str) -> Decision:
     verdict = Verdict.DEFER if reply.is_temporary else Verdict.REJECT
     return Decision(verdict, rule, f"upstream answered {reply}", reply)
+
+
+def _asks_for_smtputf8(mail_options: Sequence[str]) -> bool:
+    return any(option.upper() == "SMTPUTF8" for option in mail_options)
 
 
 def _relayable_options(mail_options: Sequence[str]) -> list[str]:
