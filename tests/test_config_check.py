@@ -88,3 +88,13 @@ def test_check_names_readable_files_anywhere_in_the_data_directory(tmp_path: Pat
     assert len(warnings) == 6  # five named one by one, then how many more
     assert any(f"{data / 'guard.sqlite3-wal'} has mode 0644" in line for line in warnings)
     assert warnings[-1] == f"warning: [store] path: 4 more files under {data} can be read by others: chmod -R go-rwx {data}"
+
+
+def test_check_says_which_settings_the_environment_overrides(tmp_path: Path) -> None:
+    config_file = tmp_path / "guard.toml"
+    config_file.write_text('[smtp]\nlisten = "127.0.0.1:2525"\n')
+    result = CliRunner().invoke(main, ["config", "check", "--config", str(config_file)],
+                                env={"SMTP_GUARD_CONFIG": None, "SMTP_GUARD__SMTP__LISTEN": "127.0.0.1:2600"})
+    assert result.exit_code == 0, result.output
+    assert "SMTP on 127.0.0.1:2600" in result.output
+    assert "Set by the environment, over the file: SMTP_GUARD__SMTP__LISTEN." in result.output

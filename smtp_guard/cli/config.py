@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 
 import click
 
-from ..config import Config
+from ..config import ENV_PREFIX, Config
 from .common import with_config
 
 EXAMPLE = "config_example.toml"
@@ -59,6 +60,9 @@ def check(config: Config, strict: bool) -> None:
                + ("sandbox (captured, not delivered)" if config.upstream.mode == "sandbox"
                   else f"{config.upstream.host}:{config.upstream.port} tls={config.upstream.tls}")
                + f"; SMTP on {config.smtp.listen}.")
+    overrides = sorted(name for name in os.environ if name.startswith(ENV_PREFIX))
+    if overrides:  # they win over the file, and nothing else in the output says which came from where
+        click.echo(f"Set by the environment, over the file: {', '.join(overrides)}.")
     for danger in found:
         click.echo(f"warning: {danger}", err=True)
     if found:
