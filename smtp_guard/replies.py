@@ -41,10 +41,14 @@ def upstream_reply(code: int, message: str) -> Reply:
     Multi-line replies are folded to one line; the enhanced code, if the upstream sent one,
     stays at the front of the text.
     """
-    text = " ".join(line.strip() for line in message.splitlines() if line.strip()) or "upstream reply"
-    parts = text.split(" ", 1)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    parts = (lines[0] if lines else "").split(" ", 1)
     if len(parts[0].split(".")) == 3 and parts[0][0] in "245" and parts[0][0] == str(code)[0]:
-        return Reply(code, parts[0], parts[1] if len(parts) > 1 else "")
+        # RFC 2034: every line of a multi-line reply repeats the code; it is said once here.
+        repeated = parts[0] + " "
+        rest = [parts[1] if len(parts) > 1 else ""] + [line.removeprefix(repeated) for line in lines[1:]]
+        return Reply(code, parts[0], " ".join(line for line in rest if line))
+    text = " ".join(lines) or "upstream reply"
     enhanced = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "")
     return Reply(code, enhanced, text)
 

@@ -68,6 +68,9 @@ def test_reply_without_enhanced_code_formats_without_it() -> None:
     (450, "5.1.1 odd upstream", Reply(450, "4.0.0", "5.1.1 odd upstream")),
     # Multi-line replies fold into one line; empty text gets a placeholder.
     (452, "4.5.3 too many\n  recipients  \n", Reply(452, "4.5.3", "too many recipients")),
+    # ... and the enhanced code each line repeats (RFC 2034) is said once.
+    (250, "2.0.0 first\n2.0.0 queued as X", Reply(250, "2.0.0", "first queued as X")),
+    (250, "2.0.0\n2.0.0 queued", Reply(250, "2.0.0", "queued")),
     (550, "", Reply(550, "5.0.0", "upstream reply")),
 ])
 def test_upstream_reply_keeps_class_and_enhanced_code(code: int, message: str, expected: Reply) -> None:
