@@ -114,7 +114,7 @@ class SMTPUpstream:
         for attempt in (1, 2):
             session = self._take_idle() or await self._connect()
             if not sender.isascii() and "smtputf8" not in session.client.esmtp_extensions:
-                await self._reset_and_park(session)
+                self._park(session)  # nothing was sent on it
                 raise UpstreamError(replies.UPSTREAM_NO_SMTPUTF8, "upstream offers no SMTPUTF8")
             options = [o for o in mail_options if o.split("=")[0].lower() in session.client.esmtp_extensions
                        or o.upper().startswith("BODY=") and "8bitmime" in session.client.esmtp_extensions]
@@ -210,6 +210,9 @@ class SMTPUpstream:
         except Exception:
             await quietly_close(session.client)
             return
+        self._park(session)
+
+    def _park(self, session: _Session) -> None:
         session.idle_since = self._clock()
         self._idle.append(session)
 
@@ -228,8 +231,7 @@ class SMTPUpstream:
             if reusable and session.client.is_connected:
                 session.transactions += 1
                 if delivered:
-                    session.idle_since = self._clock()
-                    self._idle.append(session)
+                    self._park(session)
                 else:
                     await self._reset_and_park(session)
             else:
