@@ -709,7 +709,9 @@ def _coerce(value: Any, default: Any, annotation: str, where: str, minimum: int 
 def _did_you_mean(word: str, choices: Iterable[str], quoted: bool = False) -> str:
     """`` (did you mean port?)`` for a near miss of one of ``choices``, else nothing."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
-    return f" (did you mean {close[0]!r}?)" if close and quoted else f" (did you mean {close[0]}?)" if close else ""
+    if not close:
+        return ""
+    return f" (did you mean {close[0]!r}?)" if quoted else f" (did you mean {close[0]}?)"
 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
