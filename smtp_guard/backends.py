@@ -13,7 +13,6 @@ and for admin commands alike.
 from __future__ import annotations
 
 import asyncio
-import os
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from .erasure.index import TombstoneIndex
 from .erasure.keys import ErasureKeyError, open_key_ring
 from .erasure.pseudonyms import Pseudonymizer, PseudonymizingAuditStore
 from .erasure.tombstone_file import TombstoneFileError, map_tombstones, write_tombstones
+from .private_directory import make_private_directory
 from .startup import naming_setting
 from .breaker.model import BreakerStore
 from .change_model import ChangeStore
@@ -92,15 +92,6 @@ async def open_stores(config: Config, *, migrate: bool, metrics: Metrics | None 
         async with Database(config.store.path, config.store.busy_timeout) as sqlite:
             yield Stores(SQLiteSuppressionStore(sqlite), SQLiteHoldStore(sqlite), SQLiteErasureStore(sqlite),
                          SQLiteBreakerStore(sqlite), SQLiteChangeStore(sqlite), SQLiteAuditStore(sqlite))
-
-
-def make_private_directory(directory: Path) -> None:
-    """The guard's local directory beside a PostgreSQL store (erasure key, sandbox, uploads),
-    created 0700 at start as a SQLite store's directory is: it holds a secret and addresses."""
-    if not directory.is_dir():
-        # exist_ok: two instances starting together on one directory both get here
-        directory.mkdir(parents=True, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
 
 
 def postgres_database(config: Config, metrics: Metrics | None = None) -> PostgresDatabase:

@@ -19,7 +19,7 @@ import pytest
 
 from smtp_guard import replies
 from smtp_guard.app import Guard
-from smtp_guard.backends import make_private_directory
+from smtp_guard.private_directory import make_private_directory
 from smtp_guard.startup import StartupError
 from smtp_guard.erasure.keys import ErasureKeyError, create_key_ring
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from ..addresses import AddressNormalizer, InvalidAddress
+from ..private_directory import make_private_directory
 
 if TYPE_CHECKING:
     from .model import ErasureStore
@@ -170,9 +171,7 @@ def create_key_ring(path: Path, data_dir: Path | None = None) -> KeyRing:
                 f"the directory (mode 0700) first — only the data directory ({data_dir}) is created on its own"
                 if data_dir is not None else
                 f"{path}: the directory {directory} does not exist; correct [erasure] key_file")
-        # exist_ok: two guards starting together on one data directory both get here
-        directory.mkdir(parents=True, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+        make_private_directory(directory)
     key = new_key()
     try:
         _write_key_file(path, (key,), exclusive=True)

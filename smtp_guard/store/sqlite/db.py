@@ -37,13 +37,13 @@ from typing import Any, AsyncIterator, Iterable
 
 import aiosqlite
 
+from ...private_directory import DIRECTORY_MODE, make_private_directory
 from ..base import StoreBusy, StoreError, StoreFull
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 FILE_MODE = 0o600
-DIRECTORY_MODE = 0o700
 # Files next to the database that SQLite creates with the database file's mode.
 _COMPANIONS = ("-wal", "-shm", "-journal")
 
@@ -234,8 +234,7 @@ def prepare_files(path: Path) -> None:
     their modes do not depend on the umask; tighten an existing store that others can read."""
     directory = path.parent
     if not directory.exists():
-        directory.mkdir(parents=True, mode=DIRECTORY_MODE, exist_ok=True)
-        os.chmod(directory, DIRECTORY_MODE)  # mkdir's mode is filtered by the umask
+        make_private_directory(directory)
     elif _is_open_to_others(directory) and _is_dedicated(directory, path):
         log.warning("store directory %s was accessible to other users (mode %o); set it to 0700",
                     directory, stat.S_IMODE(directory.stat().st_mode))
