@@ -62,6 +62,11 @@ def _is_refusal(code: int) -> bool:
     return 400 <= code < 600
 
 
+def _cannot_take(client: aiosmtplib.SMTP, address: str) -> bool:
+    """A non-ASCII address for an upstream that does not offer SMTPUTF8 (RFC 6531)."""
+    return not address.isascii() and "smtputf8" not in client.esmtp_extensions
+
+
 def _log_out_of_protocol(command: str, code: int, message: str) -> None:
     log.warning("upstream answered %s with %d %s, which that command cannot get; closing the session "
                 "and deferring (451 4.5.0)", command, code, " ".join(message.split())[:200])
@@ -113,7 +118,7 @@ class SMTPUpstream:
         # retried once on a fresh connection before the client hears about it.
         for attempt in (1, 2):
             session = self._take_idle() or await self._connect()
-            if not sender.isascii() and "smtputf8" not in session.client.esmtp_extensions:
+            if _cannot_take(session.client, sender):
                 self._park(session)  # nothing was sent on it
                 raise UpstreamError(replies.UPSTREAM_NO_SMTPUTF8, "upstream offers no SMTPUTF8")
             options = [o for o in mail_options if o.split("=")[0].lower() in session.client.esmtp_extensions
@@ -266,7 +271,7 @@ class SMTPTransaction:
     async def rcpt(self, address: str) -> Reply:
         if self._broken:
             return replies.UPSTREAM_LOST
-        if not address.isascii() and "smtputf8" not in self._session.client.esmtp_extensions:
+        if _cannot_take(self._session.client, address):
             return replies.UPSTREAM_NO_SMTPUTF8  # nothing sent: the session stays as it was
         self._in_flight = True
         try:
